@@ -1,0 +1,769 @@
+//! Commit: a directory's content becomes the next generation of a key. Changes are found against
+//! the restored base by `stat` alone (size, mtime, ctime, inode); only files that may have
+//! changed are read and hashed; only chunks the scope does not already have are compressed and
+//! uploaded. Order: packs, then the generation object (create-only), then the head hint. A crash
+//! anywhere leaves the previous generation readable; what it uploaded is garbage for GC.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Read;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::task::JoinSet;
+
+use super::error::{Error, Result};
+use super::format::{
+    self, BaseRef, ChunkRef, Digest, Entry, Generation, Kind, PackBuilder, Provenance, Totals,
+};
+use super::localstate::{self, DirState, Stat};
+use super::scan::{self, Scanned};
+use super::{io_concurrency, names, Engine, PACK_TARGET};
+
+/// Content-defined chunking of file data: files below the minimum are one chunk.
+const CDC_MIN: u32 = 128 << 10;
+const CDC_AVG: u32 = 512 << 10;
+const CDC_MAX: u32 = 2 << 20;
+/// The manifest stream is chunked finer, so a small change re-uploads little of it.
+const MANIFEST_CDC: (u32, u32, u32) = (16 << 10, 64 << 10, 256 << 10);
+/// Files up to this size are read whole; larger ones are streamed through the chunker.
+const READ_WHOLE: u64 = 8 << 20;
+const MAX_ATTEMPTS: u32 = 64;
+
+/// What happens when another writer created the generation this commit wanted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Merge {
+    /// Last writer wins whole: this commit takes the next free generation.
+    #[default]
+    Replace,
+    /// This commit's changes are merged file by file into the newer head, then retried.
+    Union,
+}
+
+#[derive(Clone, Debug)]
+pub struct CommitOptions {
+    pub merge: Merge,
+    /// Only the generation right after the restored one may be created (a lock holder's
+    /// commit): if it is taken, the commit is refused with `Error::Fenced`.
+    pub fence: bool,
+    /// Refuse the commit when the tree is larger than this many bytes.
+    pub budget: Option<u64>,
+    pub writer: String,
+    pub note: Option<String>,
+}
+
+impl Default for CommitOptions {
+    fn default() -> Self {
+        CommitOptions {
+            merge: Merge::Replace,
+            fence: false,
+            budget: None,
+            writer: super::default_writer(),
+            note: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase", tag = "outcome")]
+pub enum CommitOutcome {
+    /// A new generation was written.
+    Committed { generation: u64 },
+    /// The directory equals its base: nothing was uploaded.
+    Unchanged { generation: Option<u64> },
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CommitReport {
+    #[serde(flatten)]
+    pub outcome: CommitOutcome,
+    pub key: String,
+    pub files: u64,
+    pub bytes: u64,
+    /// Files read and hashed because they may have changed.
+    pub files_read: u64,
+    /// Bytes written to the store: packs, generation object, head.
+    pub uploaded: u64,
+    pub new_chunks: u64,
+    /// How many times another writer's generation was merged in (union).
+    pub merged: u32,
+    pub seconds: f64,
+}
+
+/// A file's content as chunk digests and lengths, before the chunks' locations are known.
+type Digests = Vec<(Digest, u32)>;
+
+/// Crash points for tests of crash safety (`CACHEVOL_FAULT=after-packs|after-manifest`): the
+/// process aborts there, as a kill -9 would.
+fn fault(point: &str) {
+    if std::env::var("CACHEVOL_FAULT").as_deref() == Ok(point) {
+        eprintln!("cachevol: CACHEVOL_FAULT={point}: aborting");
+        std::process::abort();
+    }
+}
+
+impl Engine {
+    pub async fn commit(&self, key: &str, dir: &Path, opts: &CommitOptions) -> Result<CommitReport> {
+        let started = Instant::now();
+        names::key(key)?;
+        let dir = localstate::canonical(dir)?;
+        let state = DirState::load(&self.state_dir, &dir, self.store.display_url(), &self.scope);
+        let base = state.as_ref().and_then(|s| s.header.base.clone());
+        let scan_dir = dir.clone();
+        let scanned = tokio::task::spawn_blocking(move || scan::scan(&scan_dir))
+            .await
+            .expect("scan does not panic")?;
+
+        let total_bytes: u64 = scanned
+            .iter()
+            .filter(|s| s.kind == Kind::File)
+            .map(|s| s.stat.size)
+            .sum();
+        if let Some(budget) = opts.budget {
+            if total_bytes > budget {
+                return Err(Error::OverBudget {
+                    key: key.to_string(),
+                    size: total_bytes,
+                    budget,
+                });
+            }
+        }
+
+        // Pair each scanned entry with its base entry; unchanged files keep their chunks.
+        let base_index: HashMap<&str, usize> = state
+            .as_ref()
+            .map(|s| s.entries.iter().enumerate().map(|(i, e)| (e.path.as_str(), i)).collect())
+            .unwrap_or_default();
+        let mut entries: Vec<Entry> = Vec::with_capacity(scanned.len());
+        let mut to_read: Vec<usize> = Vec::new();
+        for (i, s) in scanned.iter().enumerate() {
+            let reuse = state.as_ref().and_then(|st| {
+                let &b = base_index.get(s.path.as_str())?;
+                let be = &st.entries[b];
+                (s.kind == Kind::File && be.kind == Kind::File && st.stats[b] == Some(s.stat))
+                    .then(|| be.chunks.clone())
+            });
+            if s.kind == Kind::File && reuse.is_none() {
+                to_read.push(i);
+            }
+            entries.push(entry_of(s, reuse.unwrap_or_default()));
+        }
+
+        let same_key_base = base.as_ref().filter(|b| b.key == key).map(|b| b.generation);
+        // A tree equal to what was restored (even an empty miss) is unchanged: nothing uploads.
+        if to_read.is_empty() && same_tree(state.as_ref(), &entries) {
+            return Ok(CommitReport {
+                outcome: CommitOutcome::Unchanged {
+                    generation: same_key_base,
+                },
+                key: key.to_string(),
+                files: entries.iter().filter(|e| e.kind == Kind::File).count() as u64,
+                bytes: total_bytes,
+                files_read: 0,
+                uploaded: 0,
+                new_chunks: 0,
+                merged: 0,
+                seconds: started.elapsed().as_secs_f64(),
+            });
+        }
+
+        // What the scope already has: the base's chunks, and (without a record of this dir)
+        // the key's newest generation. Packs that have vanished (GC) are not relied on.
+        let mut known: HashMap<Digest, ChunkRef> = HashMap::new();
+        let mut base_manifest: Vec<ChunkRef> = Vec::new();
+        if let Some(st) = &state {
+            for r in st.entries.iter().flat_map(|e| &e.chunks).chain(&st.header.manifest) {
+                known.entry(r.h).or_insert_with(|| r.clone());
+            }
+            base_manifest = st.header.manifest.clone();
+        }
+        if state.as_ref().map_or(true, |s| s.header.base.is_none()) {
+            if let Some(n) = self.newest(key).await? {
+                let g = self.load_generation(key, n).await?;
+                for e in self.load_entries(&g).await? {
+                    for r in e.chunks {
+                        known.entry(r.h).or_insert(r);
+                    }
+                }
+            }
+        }
+        let missing = self.missing_packs(&known).await?;
+        if !missing.is_empty() {
+            tracing::warn!(cache.key = key, packs = missing.len(), "packs of the base are gone from the store; their chunks will be uploaded again");
+            known.retain(|_, r| !missing.contains(&r.p));
+            for (i, e) in entries.iter_mut().enumerate() {
+                if e.kind == Kind::File && e.chunks.iter().any(|r| missing.contains(&r.p)) {
+                    e.chunks.clear();
+                    to_read.push(i);
+                }
+            }
+            to_read.sort_unstable();
+            to_read.dedup();
+        }
+
+        // Read, chunk, hash and compress what may have changed; pack and upload what is new.
+        let read_bytes: u64 = to_read.iter().map(|&i| scanned[i].stat.size).sum();
+        self.progress.start("commit", read_bytes);
+        let mut packer = Packer::new(self);
+        let (digests, vanished) = self
+            .chunk_files(&dir, &scanned, &to_read, &known, &mut packer)
+            .await?;
+        let mut read_stats: HashMap<usize, Stat> = HashMap::new();
+        for (i, d) in digests {
+            entries[i].size = d.iter().map(|(_, n)| *n as u64).sum();
+            read_stats.insert(i, scanned[i].stat);
+            entries[i].chunks = d
+                .into_iter()
+                .map(|(h, n)| ChunkRef {
+                    h,
+                    p: Digest([0; 32]),
+                    o: 0,
+                    c: 0,
+                    n,
+                })
+                .collect();
+        }
+        let (keep, stats): (Vec<Entry>, Vec<Option<Stat>>) = entries
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| !vanished.contains(i))
+            .map(|(i, e)| {
+                let st = (e.kind == Kind::File).then_some(scanned[i].stat);
+                (e, st)
+            })
+            .unzip();
+        let mut entries = keep;
+        let new_refs = packer.finish_data().await?;
+        for e in entries.iter_mut() {
+            for r in e.chunks.iter_mut() {
+                if r.c == 0 {
+                    *r = new_refs
+                        .get(&r.h)
+                        .or_else(|| known.get(&r.h))
+                        .cloned()
+                        .expect("every chunk was packed or known");
+                }
+            }
+        }
+        self.progress.finish();
+
+        if same_tree(state.as_ref(), &entries) {
+            // Touched but identical: nothing new was packed, nothing is written.
+            self.save_state(&dir, base.clone(), base_manifest, &entries, stats)?;
+            return Ok(CommitReport {
+                outcome: CommitOutcome::Unchanged {
+                    generation: same_key_base,
+                },
+                key: key.to_string(),
+                files: entries.iter().filter(|e| e.kind == Kind::File).count() as u64,
+                bytes: total_bytes,
+                files_read: read_stats.len() as u64,
+                uploaded: packer.uploaded,
+                new_chunks: packer.new_chunks,
+                merged: 0,
+                seconds: started.elapsed().as_secs_f64(),
+            });
+        }
+        fault("after-packs");
+
+        // The generation: created only if nobody else has it; on a collision, replace takes the
+        // next number, union merges into the newer head, a fenced commit is refused.
+        let mut target = match (opts.fence, same_key_base) {
+            (true, b) => b.unwrap_or(0) + 1,
+            (false, b) => self.newest(key).await?.unwrap_or(0).max(b.unwrap_or(0)) + 1,
+        };
+        let ours = entries.clone();
+        let changed: HashSet<String> = changed_paths(state.as_ref(), &ours);
+        let mut merged = 0;
+        let mut attempts = 0;
+        let (generation, manifest_refs) = loop {
+            attempts += 1;
+            let (manifest_refs, stream_hash, stream_len) =
+                self.pack_manifest(&entries, &known, &base_manifest, &mut packer).await?;
+            let g = Generation {
+                key: key.to_string(),
+                generation: target,
+                provenance: Provenance {
+                    time: super::now_unix(),
+                    writer: opts.writer.clone(),
+                    base: base.clone(),
+                    note: opts.note.clone(),
+                },
+                totals: Totals::of(&entries),
+                manifest_hash: stream_hash,
+                manifest_len: stream_len,
+                manifest: manifest_refs.clone(),
+            };
+            let body = Bytes::from(g.encode());
+            let len = body.len() as u64;
+            if self.store.put_create(&self.layout.generation(key, target), body).await? {
+                packer.uploaded += len;
+                break (target, manifest_refs);
+            }
+            let taken = self.newest(key).await?.unwrap_or(target).max(target);
+            if opts.fence {
+                return Err(Error::Fenced {
+                    key: key.to_string(),
+                    restored: same_key_base.unwrap_or(0),
+                    taken: target,
+                });
+            }
+            if attempts >= MAX_ATTEMPTS {
+                return Err(Error::TooManyConflicts {
+                    key: key.to_string(),
+                    attempts,
+                });
+            }
+            if opts.merge == Merge::Union {
+                let theirs = self.load_generation(key, taken).await?;
+                let theirs = self.load_entries(&theirs).await?;
+                entries = union(&theirs, &ours, &changed);
+                merged += 1;
+            }
+            target = taken + 1;
+            // Spread colliding writers apart a little.
+            let jitter = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos() as u64 % 20);
+            tokio::time::sleep(Duration::from_millis(jitter)).await;
+        };
+        fault("after-manifest");
+        self.advance_head(key, generation).await?;
+
+        self.save_state(
+            &dir,
+            Some(BaseRef {
+                key: key.to_string(),
+                generation,
+            }),
+            manifest_refs,
+            &ours,
+            stats,
+        )?;
+        Ok(CommitReport {
+            outcome: CommitOutcome::Committed { generation },
+            key: key.to_string(),
+            files: ours.iter().filter(|e| e.kind == Kind::File).count() as u64,
+            bytes: total_bytes,
+            files_read: read_stats.len() as u64,
+            uploaded: packer.uploaded,
+            new_chunks: packer.new_chunks,
+            merged,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn save_state(
+        &self,
+        dir: &Path,
+        base: Option<BaseRef>,
+        manifest: Vec<ChunkRef>,
+        entries: &[Entry],
+        stats: Vec<Option<Stat>>,
+    ) -> Result<()> {
+        DirState {
+            header: self.header(dir, base, manifest),
+            entries: entries.to_vec(),
+            stats,
+        }
+        .save(&self.state_dir)
+    }
+
+    /// The packs among `known`'s that the store no longer has.
+    async fn missing_packs(&self, known: &HashMap<Digest, ChunkRef>) -> Result<HashSet<Digest>> {
+        let packs: HashSet<Digest> = known.values().map(|r| r.p).collect();
+        let results: Vec<Result<Option<Digest>>> = futures::stream::iter(packs)
+            .map(|p| async move {
+                let present = self.store.head(&self.layout.pack(&p.to_hex())).await?;
+                Ok(present.is_none().then_some(p))
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        let mut missing = HashSet::new();
+        for r in results {
+            if let Some(p) = r? {
+                missing.insert(p);
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Chunks the files `to_read` on worker threads; new chunks go to the packer as they come.
+    /// Returns each file's digests, and the files that vanished since the scan.
+    async fn chunk_files(
+        &self,
+        dir: &Path,
+        scanned: &[Scanned],
+        to_read: &[usize],
+        known: &HashMap<Digest, ChunkRef>,
+        packer: &mut Packer<'_>,
+    ) -> Result<(HashMap<usize, Digests>, HashSet<usize>)> {
+        let jobs: Arc<Vec<(usize, std::path::PathBuf, u64)>> = Arc::new(
+            to_read
+                .iter()
+                .map(|&i| (i, dir.join(&scanned[i].path), scanned[i].stat.size))
+                .collect(),
+        );
+        let known: Arc<HashSet<Digest>> = Arc::new(known.keys().copied().collect());
+        let claimed: Arc<Mutex<HashSet<Digest>>> = Arc::default();
+        let next = Arc::new(AtomicUsize::new(0));
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Msg>(16);
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).min(8);
+        let mut handles = Vec::new();
+        for _ in 0..workers {
+            let (jobs, known, claimed, next, tx) =
+                (jobs.clone(), known.clone(), claimed.clone(), next.clone(), tx.clone());
+            handles.push(tokio::task::spawn_blocking(move || loop {
+                let j = next.fetch_add(1, Ordering::Relaxed);
+                let Some((i, path, size)) = jobs.get(j) else {
+                    return;
+                };
+                let res = chunk_file(path, *size, &mut |digest, raw| {
+                    let new = !known.contains(&digest) && claimed.lock().expect("not poisoned").insert(digest);
+                    let data = new.then(|| format::compress_chunk(raw));
+                    tx.blocking_send(Msg::Chunk {
+                        file: *i,
+                        digest,
+                        n: raw.len() as u32,
+                        data,
+                    })
+                    .is_ok()
+                });
+                if tx.blocking_send(Msg::Done { file: *i, result: res }).is_err() {
+                    return;
+                }
+            }));
+        }
+        drop(tx);
+        let mut digests: HashMap<usize, Digests> = HashMap::new();
+        let mut vanished = HashSet::new();
+        let mut failure = None;
+        while let Some(msg) = rx.recv().await {
+            match msg {
+                Msg::Chunk { file, digest, n, data } => {
+                    digests.entry(file).or_default().push((digest, n));
+                    if let Some(data) = data {
+                        packer.add(digest, n, data).await?;
+                    }
+                    self.progress.advance(n as u64);
+                }
+                Msg::Done { file, result } => match result {
+                    Ok(()) => {
+                        digests.entry(file).or_default();
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        digests.remove(&file);
+                        vanished.insert(file);
+                    }
+                    Err(e) => {
+                        failure.get_or_insert(Error::Io {
+                            op: "read",
+                            path: dir.join(&scanned[file].path),
+                            source: e,
+                        });
+                        rx.close();
+                    }
+                },
+            }
+        }
+        for h in handles {
+            h.await.expect("chunk worker does not panic");
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok((digests, vanished)),
+        }
+    }
+
+    /// Encodes the manifest stream, chunks it, packs the chunks the base does not have, and
+    /// returns the refs of its chunks and the stream's digest and length.
+    async fn pack_manifest(
+        &self,
+        entries: &[Entry],
+        known: &HashMap<Digest, ChunkRef>,
+        base_manifest: &[ChunkRef],
+        packer: &mut Packer<'_>,
+    ) -> Result<(Vec<ChunkRef>, Digest, u64)> {
+        let stream = format::encode_entries(entries);
+        let mut reusable: HashMap<Digest, ChunkRef> =
+            base_manifest.iter().map(|r| (r.h, r.clone())).collect();
+        for (h, r) in known {
+            reusable.entry(*h).or_insert_with(|| r.clone());
+        }
+        let (min, avg, max) = MANIFEST_CDC;
+        let mut order = Vec::new();
+        for c in fastcdc::v2020::FastCDC::new(&stream, min, avg, max) {
+            let raw = &stream[c.offset..c.offset + c.length];
+            let h = Digest::of(raw);
+            if !reusable.contains_key(&h) && !packer.has(&h) {
+                packer.add(h, raw.len() as u32, format::compress_chunk(raw)).await?;
+            }
+            order.push(h);
+        }
+        let new_refs = packer.finish_data().await?;
+        let refs = order
+            .into_iter()
+            .map(|h| {
+                new_refs
+                    .get(&h)
+                    .or_else(|| reusable.get(&h))
+                    .cloned()
+                    .expect("every manifest chunk was packed or known")
+            })
+            .collect();
+        Ok((refs, Digest::of(&stream), stream.len() as u64))
+    }
+}
+
+enum Msg {
+    Chunk {
+        file: usize,
+        digest: Digest,
+        n: u32,
+        data: Option<Vec<u8>>,
+    },
+    Done {
+        file: usize,
+        result: std::io::Result<()>,
+    },
+}
+
+/// Splits one file into chunks, calling `emit(digest, raw)` for each in order; `emit` returns
+/// false to stop early.
+fn chunk_file(
+    path: &Path,
+    size: u64,
+    emit: &mut dyn FnMut(Digest, &[u8]) -> bool,
+) -> std::io::Result<()> {
+    let mut f = std::fs::File::open(path)?;
+    if size <= READ_WHOLE {
+        let mut buf = Vec::with_capacity(size as usize);
+        f.read_to_end(&mut buf)?;
+        if buf.len() < CDC_MIN as usize {
+            if !buf.is_empty() {
+                emit(Digest::of(&buf), &buf);
+            }
+            return Ok(());
+        }
+        for c in fastcdc::v2020::FastCDC::new(&buf, CDC_MIN, CDC_AVG, CDC_MAX) {
+            let raw = &buf[c.offset..c.offset + c.length];
+            if !emit(Digest::of(raw), raw) {
+                break;
+            }
+        }
+        return Ok(());
+    }
+    for c in fastcdc::v2020::StreamCDC::new(f, CDC_MIN, CDC_AVG, CDC_MAX) {
+        let c = c.map_err(|e| match e {
+            fastcdc::v2020::Error::IoError(e) => e,
+            other => std::io::Error::other(other.to_string()),
+        })?;
+        if !emit(Digest::of(&c.data), &c.data) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn entry_of(s: &Scanned, chunks: Vec<ChunkRef>) -> Entry {
+    Entry {
+        path: s.path.clone(),
+        kind: s.kind,
+        mode: s.mode,
+        size: if s.kind == Kind::File { s.stat.size } else { 0 },
+        mtime: s.stat.mtime,
+        target: s.target.clone(),
+        chunks,
+    }
+}
+
+/// Whether `entries` has the same content as the recorded base tree.
+fn same_tree(state: Option<&DirState>, entries: &[Entry]) -> bool {
+    let Some(st) = state else {
+        return false;
+    };
+    st.entries.len() == entries.len()
+        && st
+            .entries
+            .iter()
+            .zip(entries)
+            .all(|(a, b)| a.same_content(b))
+}
+
+/// Paths whose entry differs from the base (or that the base lacks).
+fn changed_paths(state: Option<&DirState>, entries: &[Entry]) -> HashSet<String> {
+    let base: HashMap<&str, &Entry> = state
+        .map(|s| s.entries.iter().map(|e| (e.path.as_str(), e)).collect())
+        .unwrap_or_default();
+    entries
+        .iter()
+        .filter(|e| base.get(e.path.as_str()).is_none_or(|b| !b.same_content(e)))
+        .map(|e| e.path.clone())
+        .collect()
+}
+
+/// Merges our tree into theirs file by file: their entries, then every entry we changed or
+/// that they lack (ours is the later commit). Where a file and a directory collide, ours wins
+/// and what of theirs stood in its way goes. Deletions are not merged: it is a union.
+fn union(theirs: &[Entry], ours: &[Entry], changed: &HashSet<String>) -> Vec<Entry> {
+    let mut tree: BTreeMap<String, Entry> =
+        theirs.iter().map(|e| (e.path.clone(), e.clone())).collect();
+    let ours_by_path: HashMap<&str, &Entry> = ours.iter().map(|e| (e.path.as_str(), e)).collect();
+    for e in ours {
+        if !(changed.contains(&e.path) || !tree.contains_key(&e.path)) {
+            continue;
+        }
+        // Every ancestor must be a directory: take ours where theirs has something else.
+        let mut p = e.path.as_str();
+        while let Some((parent, _)) = p.rsplit_once('/') {
+            if tree.get(parent).is_none_or(|t| t.kind != Kind::Dir) {
+                let d = ours_by_path[parent];
+                remove_under(&mut tree, parent);
+                tree.insert(parent.to_string(), d.clone());
+            }
+            p = parent;
+        }
+        if e.kind != Kind::Dir {
+            remove_under(&mut tree, &e.path);
+        }
+        tree.insert(e.path.clone(), e.clone());
+    }
+    tree.into_values().collect()
+}
+
+/// Removes `path`'s descendants from the tree.
+fn remove_under(tree: &mut BTreeMap<String, Entry>, path: &str) {
+    let prefix = format!("{path}/");
+    let doomed: Vec<String> = tree
+        .range(prefix.clone()..)
+        .take_while(|(k, _)| k.starts_with(&prefix))
+        .map(|(k, _)| k.clone())
+        .collect();
+    for k in doomed {
+        tree.remove(&k);
+    }
+}
+
+/// Builds packs from new chunks and uploads them a few at a time while chunking goes on.
+struct Packer<'a> {
+    engine: &'a Engine,
+    current: PackBuilder,
+    pending: Vec<Digest>,
+    refs: HashMap<Digest, ChunkRef>,
+    uploads: JoinSet<Result<(Vec<ChunkRef>, u64)>>,
+    uploaded: u64,
+    new_chunks: u64,
+}
+
+impl<'a> Packer<'a> {
+    fn new(engine: &'a Engine) -> Packer<'a> {
+        Packer {
+            engine,
+            current: PackBuilder::new(),
+            pending: Vec::new(),
+            refs: HashMap::new(),
+            uploads: JoinSet::new(),
+            uploaded: 0,
+            new_chunks: 0,
+        }
+    }
+
+    fn has(&self, h: &Digest) -> bool {
+        self.refs.contains_key(h) || self.pending.contains(h)
+    }
+
+    async fn add(&mut self, digest: Digest, n: u32, compressed: Vec<u8>) -> Result<()> {
+        self.current.push(digest, n, &compressed);
+        self.pending.push(digest);
+        self.new_chunks += 1;
+        if self.current.len() >= PACK_TARGET {
+            self.seal().await?;
+        }
+        Ok(())
+    }
+
+    /// Closes the current pack and starts its upload, waiting if too many are in flight.
+    async fn seal(&mut self) -> Result<()> {
+        if self.current.is_empty() {
+            return Ok(());
+        }
+        self.pending.clear();
+        let (id, data, refs) = std::mem::take(&mut self.current).finish();
+        while self.uploads.len() >= io_concurrency().min(4) {
+            self.collect_one().await?;
+        }
+        let store = self.engine.store.clone();
+        let loc = self.engine.layout.pack(&id.to_hex());
+        self.uploads.spawn(async move {
+            let len = data.len() as u64;
+            let created = store.put_create(&loc, Bytes::from(data)).await?;
+            Ok((refs, if created { len } else { 0 }))
+        });
+        Ok(())
+    }
+
+    async fn collect_one(&mut self) -> Result<()> {
+        if let Some(done) = self.uploads.join_next().await {
+            let (refs, len) = done.expect("upload task does not panic")?;
+            self.uploaded += len;
+            for r in refs {
+                self.refs.insert(r.h, r);
+            }
+        }
+        Ok(())
+    }
+
+    /// Seals and uploads everything added so far; returns the refs of every chunk packed.
+    async fn finish_data(&mut self) -> Result<HashMap<Digest, ChunkRef>> {
+        self.seal().await?;
+        while !self.uploads.is_empty() {
+            self.collect_one().await?;
+        }
+        Ok(self.refs.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(path: &str, kind: Kind, tag: u8) -> Entry {
+        Entry {
+            path: path.into(),
+            kind,
+            mode: 0o644,
+            size: 0,
+            mtime: tag as i64,
+            target: (kind == Kind::Symlink).then(|| "t".into()),
+            chunks: vec![],
+        }
+    }
+
+    #[test]
+    fn union_keeps_both_sides_and_prefers_our_changes() {
+        let theirs = vec![e("a", Kind::File, 1), e("b", Kind::File, 1), e("d", Kind::Dir, 1), e("d/x", Kind::File, 1)];
+        let ours = vec![e("a", Kind::File, 1), e("b", Kind::File, 2), e("c", Kind::File, 2), e("d", Kind::File, 2)];
+        let changed: HashSet<String> = ["b", "c", "d"].iter().map(|s| s.to_string()).collect();
+        let m = union(&theirs, &ours, &changed);
+        let got: Vec<(&str, i64)> = m.iter().map(|e| (e.path.as_str(), e.mtime)).collect();
+        assert_eq!(got, vec![("a", 1), ("b", 2), ("c", 2), ("d", 2)]);
+        let mut m = m;
+        format::validate_tree("t", &mut m).unwrap();
+    }
+
+    #[test]
+    fn union_replaces_their_file_where_we_have_a_directory() {
+        let theirs = vec![e("d", Kind::File, 1)];
+        let ours = vec![e("d", Kind::Dir, 2), e("d/y", Kind::File, 2)];
+        let changed: HashSet<String> = ["d/y"].iter().map(|s| s.to_string()).collect();
+        let mut m = union(&theirs, &ours, &changed);
+        format::validate_tree("t", &mut m).unwrap();
+        assert_eq!(m.len(), 2);
+    }
+}

@@ -1,0 +1,108 @@
+//! The engine's error type: one enum whose variants say what went wrong in terms a user can act
+//! on, so the CLI and the CSI adapters can map them to exit codes and gRPC codes in one place.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid {what} {value:?}: {why}")]
+    InvalidName {
+        what: &'static str,
+        value: String,
+        why: &'static str,
+    },
+
+    #[error("invalid store URL {url:?}: {why}")]
+    InvalidStore { url: String, why: String },
+
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("store {op} {location}: {source}")]
+    Store {
+        op: &'static str,
+        location: String,
+        #[source]
+        source: object_store::Error,
+    },
+
+    #[error("store {op} {location}: timed out after {seconds}s")]
+    StoreTimeout {
+        op: &'static str,
+        location: String,
+        seconds: u64,
+    },
+
+    /// The store holds something that is not a valid snapshot: refused before anything is written.
+    #[error("refusing snapshot {location}: {why}")]
+    Corrupt { location: String, why: String },
+
+    #[error("snapshot {location} has format version {found}; this cachevol reads versions up to {supported}: upgrade cachevol")]
+    UnsupportedVersion {
+        location: String,
+        found: u32,
+        supported: u32,
+    },
+
+    #[error("cache {key:?} has no generation {generation}")]
+    NoSuchGeneration { key: String, generation: u64 },
+
+    #[error("cache {key:?} has no snapshot in scope {scope:?}")]
+    NoSuchKey { scope: String, key: String },
+
+    /// A fenced commit lost its claim on the next generation.
+    #[error("commit of {key:?} fenced: it restored generation {restored}, but generation {taken} was already written by another writer; this commit is refused so it cannot overwrite newer data")]
+    Fenced {
+        key: String,
+        restored: u64,
+        taken: u64,
+    },
+
+    #[error("cache {key:?} is {size} bytes, over its budget of {budget} bytes: commit refused, nothing uploaded")]
+    OverBudget { key: String, size: u64, budget: u64 },
+
+    #[error("cannot commit {path}: {why}")]
+    Unsupported { path: PathBuf, why: String },
+
+    #[error("commit of {key:?} gave up after {attempts} conflicting attempts")]
+    TooManyConflicts { key: String, attempts: u32 },
+
+    #[error("{0}")]
+    Lock(String),
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io { op, path, source }
+    }
+
+    pub(crate) fn corrupt(location: impl Into<String>, why: impl Into<String>) -> Error {
+        Error::Corrupt {
+            location: location.into(),
+            why: why.into(),
+        }
+    }
+
+    /// True for errors that mean the store could not be reached or answered badly, as opposed to
+    /// errors in the data or the request: callers degrade to a stale or empty cache on these.
+    pub fn is_store_unavailable(&self) -> bool {
+        match self {
+            Error::StoreTimeout { .. } => true,
+            Error::Store { source, .. } => !matches!(
+                source,
+                object_store::Error::NotFound { .. }
+                    | object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::Precondition { .. }
+            ),
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,515 @@
+//! The on-store format, version 1: chunk digests, packs, manifests and generation objects, their
+//! encodings, and the validation every one of them passes on read. Anything here that a newer
+//! cachevol changes must bump `FORMAT_VERSION` and keep reading the older versions.
+//!
+//! - A **pack** is `CVPACK01` followed by zstd frames, one per chunk, back to back. Chunk refs
+//!   name the pack, the frame's offset and length, and the chunk's BLAKE3 digest and raw length;
+//!   every chunk is verified against its digest after decompression.
+//! - A **manifest** is the list of entries of one tree, one JSON object per line, sorted by path.
+//!   It is itself content-defined-chunked and stored in packs like file data, so a small change
+//!   to a large tree uploads only the manifest chunks around the change.
+//! - A **generation object** is `CVGEN\0\0\0`, a little-endian u32 format version, the BLAKE3
+//!   digest of the body, then the zstd-compressed JSON body: provenance, totals and the refs of
+//!   the manifest's chunks. It is created with a create-only put at a name that depends only on
+//!   the key and the generation number, so two writers of one generation collide.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{Error, Result};
+
+pub const FORMAT_VERSION: u32 = 1;
+pub const PACK_MAGIC: &[u8; 8] = b"CVPACK01";
+pub const GEN_MAGIC: &[u8; 8] = b"CVGEN\0\0\0";
+/// Refuse absurd inputs before allocating for them.
+pub const MAX_CHUNK_LEN: u32 = 64 << 20;
+pub const MAX_GENERATION_OBJECT: usize = 64 << 20;
+
+/// A BLAKE3 digest, written as 64 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    pub fn of(data: &[u8]) -> Digest {
+        Digest(*blake3::hash(data).as_bytes())
+    }
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+    pub fn from_hex(s: &str) -> Option<Digest> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).ok()?;
+        Some(Digest(out))
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", &self.to_hex()[..16])
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let mut buf = [0u8; 64];
+        hex::encode_to_slice(self.0, &mut buf).expect("64 bytes");
+        s.serialize_str(std::str::from_utf8(&buf).expect("hex is ascii"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Digest;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("64 hex digits")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Digest, E> {
+                Digest::from_hex(v).ok_or_else(|| E::custom("a digest must be 64 hex digits"))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Where one chunk lives: the pack, the byte range of its zstd frame, and what it must hash to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ChunkRef {
+    /// BLAKE3 of the raw chunk.
+    pub h: Digest,
+    /// The pack's id (BLAKE3 of the whole pack object).
+    pub p: Digest,
+    /// Offset of the compressed frame in the pack.
+    pub o: u64,
+    /// Compressed length.
+    pub c: u32,
+    /// Raw length.
+    pub n: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+}
+
+/// One entry of a tree. Paths are relative, `/`-separated, UTF-8, without `.` or `..`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub path: String,
+    pub kind: Kind,
+    /// Permission bits; setuid and setgid are never stored or restored.
+    pub mode: u32,
+    #[serde(default)]
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chunks: Vec<ChunkRef>,
+}
+
+/// The mode bits cachevol keeps: permissions and the sticky bit; never setuid or setgid.
+pub const MODE_MASK: u32 = 0o1777;
+
+impl Entry {
+    /// Whether `other` is the same content and metadata (chunk locations may differ).
+    pub fn same_content(&self, other: &Entry) -> bool {
+        self.path == other.path
+            && self.kind == other.kind
+            && self.mode == other.mode
+            && self.size == other.size
+            && self.target == other.target
+            && (self.kind == Kind::Dir || self.mtime == other.mtime)
+            && self.chunks.len() == other.chunks.len()
+            && self
+                .chunks
+                .iter()
+                .zip(&other.chunks)
+                .all(|(a, b)| a.h == b.h && a.n == b.n)
+    }
+}
+
+/// Who wrote a generation, from what, and what it holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// Unix seconds.
+    pub time: i64,
+    /// Free text: a pod, a host, a user.
+    pub writer: String,
+    /// The generation this tree was restored from, if any (possibly of another key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseRef {
+    pub key: String,
+    pub generation: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    /// Sum of file sizes.
+    pub bytes: u64,
+}
+
+impl Totals {
+    pub fn of(entries: &[Entry]) -> Totals {
+        let mut t = Totals::default();
+        for e in entries {
+            match e.kind {
+                Kind::File => {
+                    t.files += 1;
+                    t.bytes += e.size;
+                }
+                Kind::Dir => t.dirs += 1,
+                Kind::Symlink => t.symlinks += 1,
+            }
+        }
+        t
+    }
+}
+
+/// The body of a generation object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Generation {
+    pub key: String,
+    pub generation: u64,
+    pub provenance: Provenance,
+    pub totals: Totals,
+    /// BLAKE3 and length of the whole manifest stream.
+    pub manifest_hash: Digest,
+    pub manifest_len: u64,
+    /// The manifest stream's chunks, in order.
+    pub manifest: Vec<ChunkRef>,
+}
+
+impl Generation {
+    pub fn encode(&self) -> Vec<u8> {
+        let json = serde_json::to_vec(self).expect("generation serializes");
+        let body = zstd::bulk::compress(&json, 3).expect("zstd compresses in memory");
+        let mut out = Vec::with_capacity(body.len() + 44);
+        out.extend_from_slice(GEN_MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&Digest::of(&body).0);
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Decodes and checks a generation object read from `location`.
+    pub fn decode(location: &str, data: &[u8]) -> Result<Generation> {
+        let bad = |why: &str| Error::corrupt(location, why);
+        if data.len() < 44 || &data[..8] != GEN_MAGIC {
+            return Err(bad("not a cachevol generation object (bad magic)"));
+        }
+        let version = u32::from_le_bytes(data[8..12].try_into().expect("4 bytes"));
+        if version != FORMAT_VERSION {
+            return Err(Error::UnsupportedVersion {
+                location: location.to_string(),
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let body = &data[44..];
+        if Digest::of(body).0[..] != data[12..44] {
+            return Err(bad("generation object does not match its digest (truncated or altered)"));
+        }
+        let json = zstd::bulk::decompress(body, MAX_GENERATION_OBJECT)
+            .map_err(|e| bad(&format!("generation body does not decompress: {e}")))?;
+        let g: Generation = serde_json::from_slice(&json)
+            .map_err(|e| bad(&format!("generation body is not valid: {e}")))?;
+        if g.manifest.iter().map(|c| c.n as u64).sum::<u64>() != g.manifest_len {
+            return Err(bad("manifest chunk lengths do not add up to the manifest length"));
+        }
+        for c in &g.manifest {
+            check_chunk_ref(location, c)?;
+        }
+        Ok(g)
+    }
+}
+
+/// The head hint: names the newest generation of a key. Never trusted over the generations.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Head {
+    pub generation: u64,
+    pub time: i64,
+}
+
+fn check_chunk_ref(location: &str, c: &ChunkRef) -> Result<()> {
+    if c.n > MAX_CHUNK_LEN || c.c > MAX_CHUNK_LEN || c.c == 0 || c.o < PACK_MAGIC.len() as u64 {
+        return Err(Error::corrupt(
+            location,
+            format!("chunk {:?} has an impossible location or size", c.h),
+        ));
+    }
+    Ok(())
+}
+
+/// Serializes entries (already sorted by path) as the manifest stream.
+pub fn encode_entries(entries: &[Entry]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entries.len() * 160);
+    for e in entries {
+        serde_json::to_writer(&mut out, e).expect("entry serializes");
+        out.push(b'\n');
+    }
+    out
+}
+
+/// Parses a manifest stream and validates the tree it describes: every path relative and
+/// normal, sorted and unique, every parent a directory of the tree (never a symlink, so no entry
+/// is reached through a link), sizes consistent with chunks, no special files, no setuid/setgid.
+pub fn decode_entries(location: &str, stream: &[u8]) -> Result<Vec<Entry>> {
+    let mut entries = Vec::new();
+    for (i, line) in stream.split(|b| *b == b'\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let e: Entry = serde_json::from_slice(line).map_err(|e| {
+            Error::corrupt(location, format!("manifest line {}: {e}", i + 1))
+        })?;
+        entries.push(e);
+    }
+    validate_tree(location, &mut entries)?;
+    Ok(entries)
+}
+
+/// Checks one path: relative, `/`-separated, no empty, `.` or `..` components, no NUL.
+pub fn check_path(path: &str) -> std::result::Result<(), &'static str> {
+    if path.is_empty() {
+        return Err("empty path");
+    }
+    if path.starts_with('/') {
+        return Err("absolute path");
+    }
+    if path.contains('\0') {
+        return Err("NUL in path");
+    }
+    for part in path.split('/') {
+        match part {
+            "" => return Err("empty path component"),
+            "." | ".." => return Err("'.' or '..' in path"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+pub fn validate_tree(location: &str, entries: &mut [Entry]) -> Result<()> {
+    let mut dirs: HashSet<&str> = HashSet::new();
+    let mut prev: Option<&str> = None;
+    for e in entries.iter_mut() {
+        e.mode &= MODE_MASK;
+    }
+    for e in entries.iter() {
+        let bad = |why: String| Error::corrupt(location, format!("entry {:?}: {why}", e.path));
+        check_path(&e.path).map_err(|w| bad(w.to_string()))?;
+        if let Some(p) = prev {
+            if p >= e.path.as_str() {
+                return Err(bad("entries are not sorted or not unique".into()));
+            }
+        }
+        prev = Some(&e.path);
+        if let Some((parent, _)) = e.path.rsplit_once('/') {
+            if !dirs.contains(parent) {
+                return Err(bad(format!(
+                    "its parent {parent:?} is not a directory of the snapshot (a path through a symlink or a missing directory)"
+                )));
+            }
+        }
+        match e.kind {
+            Kind::Dir => {
+                if e.size != 0 || !e.chunks.is_empty() || e.target.is_some() {
+                    return Err(bad("a directory with content".into()));
+                }
+                dirs.insert(&e.path);
+            }
+            Kind::Symlink => {
+                let t = e.target.as_deref().unwrap_or("");
+                if t.is_empty() || t.contains('\0') || !e.chunks.is_empty() {
+                    return Err(bad("a symlink without a valid target".into()));
+                }
+            }
+            Kind::File => {
+                if e.target.is_some() {
+                    return Err(bad("a file with a link target".into()));
+                }
+                let sum: u64 = e.chunks.iter().map(|c| c.n as u64).sum();
+                if sum != e.size {
+                    return Err(bad(format!(
+                        "size {} but its chunks hold {sum} bytes",
+                        e.size
+                    )));
+                }
+                for c in &e.chunks {
+                    check_chunk_ref(location, c)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Appends chunks to a pack being built.
+pub struct PackBuilder {
+    buf: Vec<u8>,
+    chunks: Vec<(Digest, u64, u32, u32)>,
+}
+
+impl Default for PackBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PackBuilder {
+    pub fn new() -> PackBuilder {
+        let mut buf = Vec::with_capacity(9 << 20);
+        buf.extend_from_slice(PACK_MAGIC);
+        PackBuilder {
+            buf,
+            chunks: Vec::new(),
+        }
+    }
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+    /// Adds an already compressed chunk.
+    pub fn push(&mut self, digest: Digest, raw_len: u32, compressed: &[u8]) {
+        let offset = self.buf.len() as u64;
+        self.buf.extend_from_slice(compressed);
+        self.chunks
+            .push((digest, offset, compressed.len() as u32, raw_len));
+    }
+    /// The pack's bytes, its id, and a ref for each chunk in it.
+    pub fn finish(self) -> (Digest, Vec<u8>, Vec<ChunkRef>) {
+        let id = Digest::of(&self.buf);
+        let refs = self
+            .chunks
+            .into_iter()
+            .map(|(h, o, c, n)| ChunkRef { h, p: id, o, c, n })
+            .collect();
+        (id, self.buf, refs)
+    }
+}
+
+/// Decompresses one chunk's frame and checks it against its ref.
+pub fn open_chunk(location: &str, r: &ChunkRef, frame: &[u8]) -> Result<Vec<u8>> {
+    let raw = zstd::bulk::decompress(frame, r.n as usize).map_err(|e| {
+        Error::corrupt(
+            location,
+            format!("chunk {} at offset {} does not decompress: {e}", r.h, r.o),
+        )
+    })?;
+    if raw.len() != r.n as usize || Digest::of(&raw) != r.h {
+        return Err(Error::corrupt(
+            location,
+            format!("chunk {} at offset {} does not match its digest", r.h, r.o),
+        ));
+    }
+    Ok(raw)
+}
+
+pub fn compress_chunk(raw: &[u8]) -> Vec<u8> {
+    zstd::bulk::compress(raw, 3).expect("zstd compresses in memory")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(p: &str) -> Entry {
+        Entry {
+            path: p.into(),
+            kind: Kind::Dir,
+            mode: 0o755,
+            size: 0,
+            mtime: 0,
+            target: None,
+            chunks: vec![],
+        }
+    }
+
+    #[test]
+    fn generation_round_trips_and_detects_tampering() {
+        let g = Generation {
+            key: "npm".into(),
+            generation: 3,
+            provenance: Provenance {
+                time: 1,
+                writer: "w".into(),
+                base: None,
+                note: None,
+            },
+            totals: Totals::default(),
+            manifest_hash: Digest::of(b""),
+            manifest_len: 0,
+            manifest: vec![],
+        };
+        let enc = g.encode();
+        assert_eq!(Generation::decode("x", &enc).unwrap(), g);
+        let mut bad = enc.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        assert!(Generation::decode("x", &bad).is_err());
+        let mut newer = enc.clone();
+        newer[8] = 2;
+        let err = Generation::decode("x", &newer).unwrap_err().to_string();
+        assert!(err.contains("format version 2"), "{err}");
+    }
+
+    #[test]
+    fn tree_validation_refuses_escapes() {
+        let mut link = dir("a");
+        link.kind = Kind::Symlink;
+        link.target = Some("/etc".into());
+        let cases: Vec<(Vec<Entry>, &str)> = vec![
+            (vec![dir("/abs")], "absolute"),
+            (vec![dir("a"), dir("a/../b")], "'..'"),
+            (vec![link.clone(), dir("a/x")], "not a directory"),
+            (vec![dir("b"), dir("a")], "sorted"),
+            (vec![dir("x/y")], "not a directory"),
+        ];
+        for (mut entries, want) in cases {
+            let err = validate_tree("m", &mut entries).unwrap_err().to_string();
+            assert!(err.contains(want), "{err} should mention {want}");
+        }
+        let mut ok = vec![dir("a"), dir("a/b"), link];
+        ok[2].path = "b".into();
+        validate_tree("m", &mut ok).unwrap();
+    }
+
+    #[test]
+    fn unknown_kind_is_refused() {
+        let line = br#"{"path":"dev","kind":"chardev","mode":420,"mtime":0}"#;
+        let err = decode_entries("m", line).unwrap_err().to_string();
+        assert!(err.contains("unknown variant"), "{err}");
+    }
+
+    #[test]
+    fn setuid_is_stripped() {
+        let mut e = vec![dir("a")];
+        e[0].mode = 0o4755;
+        validate_tree("m", &mut e).unwrap();
+        assert_eq!(e[0].mode, 0o755);
+    }
+}

@@ -1,0 +1,233 @@
+//! Retention and garbage collection of one scope: drop keys unused for a TTL, keep the last N
+//! generations of each key, evict least recently used keys while the scope is over its byte
+//! budget, then delete packs that no kept generation references and that are older than a grace
+//! period, so a commit still uploading (or about to reference a pack) is never broken.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use serde::Serialize;
+
+use super::error::{Error, Result};
+use super::format::Digest;
+use super::store::parse_generation;
+use super::Engine;
+
+#[derive(Clone, Debug)]
+pub struct GcPolicy {
+    /// Generations kept per key (at least 1: the newest is never deleted by this rule).
+    pub keep_last: usize,
+    /// Keys not restored or committed for this long are dropped whole.
+    pub ttl: Option<Duration>,
+    /// Past this many stored bytes, whole keys are evicted, least recently used first.
+    pub scope_budget: Option<u64>,
+    /// Unreferenced packs younger than this are left alone.
+    pub grace: Duration,
+    pub dry_run: bool,
+}
+
+impl Default for GcPolicy {
+    fn default() -> Self {
+        GcPolicy {
+            keep_last: 3,
+            ttl: Some(Duration::from_secs(30 * 86400)),
+            scope_budget: None,
+            grace: Duration::from_secs(3600),
+            dry_run: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GcReport {
+    pub dry_run: bool,
+    pub keys_expired: Vec<String>,
+    pub keys_evicted: Vec<String>,
+    pub generations_deleted: usize,
+    pub packs_deleted: usize,
+    pub bytes_freed: u64,
+    pub packs_kept: usize,
+    pub bytes_kept: u64,
+    /// Unreferenced packs left for a later run because they are younger than the grace period.
+    pub packs_young: usize,
+    /// Set when packs were not swept (a generation this version cannot read).
+    pub sweep_skipped: Option<String>,
+}
+
+struct KeyState {
+    gens: Vec<u64>,
+    last_used: i64,
+}
+
+impl Engine {
+    pub async fn gc(&self, policy: &GcPolicy) -> Result<GcReport> {
+        let now = super::now_unix();
+        let mut report = GcReport {
+            dry_run: policy.dry_run,
+            ..Default::default()
+        };
+
+        // Every generation object and every last-use marker, in two listings.
+        let mut keys: BTreeMap<String, KeyState> = BTreeMap::new();
+        for m in self.store.list(&self.layout.manifests()).await? {
+            let (Some(g), Some(key)) = (
+                parse_generation(&m.location),
+                m.location.parts().rev().nth(1).map(|p| p.as_ref().to_string()),
+            ) else {
+                continue;
+            };
+            let k = keys.entry(key).or_insert(KeyState {
+                gens: vec![],
+                last_used: 0,
+            });
+            k.gens.push(g);
+            k.last_used = k.last_used.max(m.last_modified.timestamp());
+        }
+        for (key, k) in keys.iter_mut() {
+            k.gens.sort_unstable();
+            if let Some(t) = self.last_used(key).await? {
+                k.last_used = k.last_used.max(t);
+            }
+        }
+
+        // TTL: whole keys.
+        if let Some(ttl) = policy.ttl {
+            let expired: Vec<String> = keys
+                .iter()
+                .filter(|(_, k)| now - k.last_used > ttl.as_secs() as i64)
+                .map(|(key, _)| key.clone())
+                .collect();
+            for key in expired {
+                let k = keys.remove(&key).expect("listed");
+                self.drop_key(&key, &k.gens, policy.dry_run).await?;
+                report.generations_deleted += k.gens.len();
+                report.keys_expired.push(key);
+            }
+        }
+
+        // Keep the last N generations of each key.
+        let keep = policy.keep_last.max(1);
+        for (key, k) in keys.iter_mut() {
+            if k.gens.len() > keep {
+                let old: Vec<u64> = k.gens.drain(..k.gens.len() - keep).collect();
+                for g in &old {
+                    if !policy.dry_run {
+                        self.store.delete(&self.layout.generation(key, *g)).await?;
+                    }
+                }
+                report.generations_deleted += old.len();
+            }
+        }
+
+        // What each key's kept generations reference: (pack, offset) -> compressed size.
+        let mut refs: HashMap<String, HashMap<(Digest, u64), u64>> = HashMap::new();
+        let mut unreadable: Option<String> = None;
+        for (key, k) in &keys {
+            let mut mine = HashMap::new();
+            for &g in &k.gens {
+                match self.generation_refs(key, g).await {
+                    Ok(r) => mine.extend(r),
+                    Err(e @ Error::UnsupportedVersion { .. }) => {
+                        unreadable.get_or_insert(e.to_string());
+                    }
+                    // An unreadable generation can never be restored: it protects nothing.
+                    Err(e @ Error::Corrupt { .. }) => {
+                        tracing::warn!(cache.key = %key, generation = g, error = %e, "skipping corrupt generation");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            refs.insert(key.clone(), mine);
+        }
+
+        // Scope budget: evict least recently used keys while the distinct bytes are over it.
+        if let Some(budget) = policy.scope_budget {
+            let mut count: HashMap<(Digest, u64), (u32, u64)> = HashMap::new();
+            for m in refs.values() {
+                for (loc, size) in m {
+                    count.entry(*loc).or_insert((0, *size)).0 += 1;
+                }
+            }
+            let mut total: u64 = count.values().map(|(_, s)| s).sum();
+            let mut lru: Vec<(i64, String)> =
+                keys.iter().map(|(key, k)| (k.last_used, key.clone())).collect();
+            lru.sort();
+            for (_, key) in lru {
+                if total <= budget {
+                    break;
+                }
+                for loc in refs[&key].keys() {
+                    let c = count.get_mut(loc).expect("counted");
+                    c.0 -= 1;
+                    if c.0 == 0 {
+                        total -= c.1;
+                    }
+                }
+                refs.remove(&key);
+                let k = keys.remove(&key).expect("listed");
+                self.drop_key(&key, &k.gens, policy.dry_run).await?;
+                report.generations_deleted += k.gens.len();
+                report.keys_evicted.push(key);
+            }
+        }
+
+        // Sweep packs nothing kept references, once they are past the grace period.
+        if let Some(why) = unreadable {
+            report.sweep_skipped = Some(why);
+            return Ok(report);
+        }
+        let live: HashSet<Digest> = refs.values().flat_map(|m| m.keys().map(|(p, _)| *p)).collect();
+        let packs = self.store.list(&self.layout.packs()).await?;
+        let mut doomed = Vec::new();
+        for m in packs {
+            let id = m.location.filename().and_then(Digest::from_hex);
+            match id {
+                Some(id) if live.contains(&id) => {
+                    report.packs_kept += 1;
+                    report.bytes_kept += m.size;
+                }
+                _ if now - m.last_modified.timestamp() < policy.grace.as_secs() as i64 => {
+                    report.packs_young += 1;
+                }
+                _ => {
+                    report.packs_deleted += 1;
+                    report.bytes_freed += m.size;
+                    doomed.push(m.location);
+                }
+            }
+        }
+        if !policy.dry_run {
+            futures::stream::iter(doomed)
+                .map(|loc| async move { self.store.delete(&loc).await })
+                .buffer_unordered(16)
+                .try_collect::<Vec<()>>()
+                .await?;
+        }
+        Ok(report)
+    }
+
+    async fn generation_refs(&self, key: &str, generation: u64) -> Result<HashMap<(Digest, u64), u64>> {
+        let g = self.load_generation(key, generation).await?;
+        let entries = self.load_entries(&g).await?;
+        Ok(entries
+            .iter()
+            .flat_map(|e| &e.chunks)
+            .chain(&g.manifest)
+            .map(|r| ((r.p, r.o), r.c as u64))
+            .collect())
+    }
+
+    /// Deletes a key whole: its generations, then its head hint and last-use marker.
+    async fn drop_key(&self, key: &str, gens: &[u64], dry_run: bool) -> Result<()> {
+        if dry_run {
+            return Ok(());
+        }
+        for g in gens {
+            self.store.delete(&self.layout.generation(key, *g)).await?;
+        }
+        self.store.delete(&self.layout.head(key)).await?;
+        self.store.delete(&self.layout.used(key)).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,400 @@
+//! Restore: the newest generation of a key (else of the first restore key that has one, else
+//! nothing) materialized into a directory. Packs are fetched in parallel with ranged reads, every
+//! chunk is verified before a byte of it is written, and nothing is ever written through a
+//! symlink or outside the directory. The record of what was restored goes to the state dir.
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use serde::Serialize;
+
+use super::error::{Error, Result};
+use super::format::{self, BaseRef, ChunkRef, Digest, Entry, Kind};
+use super::localstate::{self, DirState, Header, Stat};
+use super::{io_concurrency, names, Engine};
+
+/// Where a restore's content came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "level", rename_all = "kebab-case")]
+pub enum RestoreSource {
+    /// The key itself had a snapshot.
+    Key { key: String, generation: u64 },
+    /// The key had none; a restore key had.
+    RestoreKey { key: String, generation: u64 },
+    /// Nothing to restore: the directory starts empty.
+    Miss,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RestoreReport {
+    pub source: RestoreSource,
+    pub files: u64,
+    pub bytes: u64,
+    /// Compressed bytes fetched from the store.
+    pub downloaded: u64,
+    pub seconds: f64,
+}
+
+impl Engine {
+    /// Restores into `dir` (created if missing; existing entries that the snapshot also has are
+    /// replaced, others are left as they are, as `tar -x` would).
+    pub async fn restore(
+        &self,
+        key: &str,
+        restore_keys: &[String],
+        dir: &Path,
+    ) -> Result<RestoreReport> {
+        let started = Instant::now();
+        names::key(key)?;
+        for k in restore_keys {
+            names::key(k)?;
+        }
+        std::fs::create_dir_all(dir).map_err(Error::io("create", dir))?;
+        let dir = localstate::canonical(dir)?;
+
+        let mut found = None;
+        for (i, k) in std::iter::once(key).chain(restore_keys.iter().map(String::as_str)).enumerate() {
+            if let Some(g) = self.newest(k).await? {
+                found = Some((i, k.to_string(), g));
+                break;
+            }
+        }
+        let Some((level, from_key, generation)) = found else {
+            DirState {
+                header: self.header(&dir, None, vec![]),
+                entries: vec![],
+                stats: vec![],
+            }
+            .save(&self.state_dir)?;
+            return Ok(RestoreReport {
+                source: RestoreSource::Miss,
+                files: 0,
+                bytes: 0,
+                downloaded: 0,
+                seconds: started.elapsed().as_secs_f64(),
+            });
+        };
+
+        let g = self.load_generation(&from_key, generation).await?;
+        let entries = self.load_entries(&g).await?;
+        let touch = self.touch_used(&from_key);
+        let (materialized, _) = futures::join!(self.materialize(&dir, &entries), touch);
+        let (stats, downloaded) = materialized?;
+        DirState {
+            header: self.header(
+                &dir,
+                Some(BaseRef {
+                    key: from_key.clone(),
+                    generation,
+                }),
+                g.manifest.clone(),
+            ),
+            entries,
+            stats,
+        }
+        .save(&self.state_dir)?;
+        let source = if level == 0 {
+            RestoreSource::Key {
+                key: from_key,
+                generation,
+            }
+        } else {
+            RestoreSource::RestoreKey {
+                key: from_key,
+                generation,
+            }
+        };
+        Ok(RestoreReport {
+            source,
+            files: g.totals.files,
+            bytes: g.totals.bytes,
+            downloaded,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    pub(crate) fn header(&self, dir: &Path, base: Option<BaseRef>, manifest: Vec<ChunkRef>) -> Header {
+        Header {
+            store: self.store.display_url().to_string(),
+            scope: self.scope.clone(),
+            dir: dir.to_path_buf(),
+            base,
+            manifest,
+        }
+    }
+
+    /// Records that `key` was used now, for TTL and LRU retention. Best effort: a read-only
+    /// credential or a flaky store must not fail a restore.
+    async fn touch_used(&self, key: &str) {
+        let body = Bytes::from(super::now_unix().to_string());
+        if let Err(e) = self.store.put(&self.layout.used(key), body).await {
+            tracing::debug!(cache.key = key, error = %e, "could not record last use");
+        }
+    }
+
+    /// Writes `entries` under `dir`; returns each entry's stat after writing and the number of
+    /// compressed bytes fetched.
+    async fn materialize(&self, dir: &Path, entries: &[Entry]) -> Result<(Vec<Option<Stat>>, u64)> {
+        let total: u64 = entries.iter().map(|e| e.size).sum();
+        self.progress.start("restore", total);
+
+        // Plan: which file gets which chunk at which offset, grouped by pack.
+        let mut by_pack: HashMap<Digest, HashMap<u64, Need>> = HashMap::new();
+        let mut remaining: Vec<AtomicU32> = Vec::with_capacity(entries.len());
+        for (i, e) in entries.iter().enumerate() {
+            remaining.push(AtomicU32::new(e.chunks.len() as u32));
+            let mut offset = 0u64;
+            for c in &e.chunks {
+                by_pack
+                    .entry(c.p)
+                    .or_default()
+                    .entry(c.o)
+                    .or_insert_with(|| Need {
+                        r: c.clone(),
+                        targets: Vec::new(),
+                    })
+                    .targets
+                    .push((i, offset));
+                offset += c.n as u64;
+            }
+        }
+
+        let shared = Arc::new(Writer {
+            root: dir.to_path_buf(),
+            entries: entries.to_vec(),
+            remaining,
+            stats: Mutex::new(vec![None; entries.len()]),
+        });
+        let w = shared.clone();
+        tokio::task::spawn_blocking(move || w.prepare())
+            .await
+            .expect("prepare does not panic")?;
+
+        let downloaded: u64 = futures::stream::iter(by_pack)
+            .map(|(pack, needs)| {
+                let w = shared.clone();
+                async move {
+                    let needs: Vec<Need> = needs.into_values().collect();
+                    let refs: Vec<ChunkRef> = needs.iter().map(|n| n.r.clone()).collect();
+                    let frames = self.read_frames(pack, refs).await?;
+                    let bytes: u64 = frames.iter().map(|(r, _)| r.c as u64).sum();
+                    let location = self.layout.pack(&pack.to_hex()).to_string();
+                    let progress = self.progress.clone();
+                    tokio::task::spawn_blocking(move || {
+                        w.write_pack(&location, needs, frames, progress.as_ref())
+                    })
+                    .await
+                    .expect("writer does not panic")?;
+                    Ok::<u64, Error>(bytes)
+                }
+            })
+            .buffer_unordered(io_concurrency())
+            .try_fold(0u64, |a, b| async move { Ok(a + b) })
+            .await?;
+
+        let w = shared.clone();
+        tokio::task::spawn_blocking(move || w.finish_dirs())
+            .await
+            .expect("finish does not panic")?;
+        self.progress.finish();
+        let stats = std::mem::take(&mut *shared.stats.lock().expect("not poisoned"));
+        Ok((stats, downloaded))
+    }
+}
+
+struct Need {
+    r: ChunkRef,
+    /// (entry index, offset in the file)
+    targets: Vec<(usize, u64)>,
+}
+
+/// The blocking side of a restore: creates the tree and writes chunks into files.
+struct Writer {
+    root: PathBuf,
+    entries: Vec<Entry>,
+    remaining: Vec<AtomicU32>,
+    stats: Mutex<Vec<Option<Stat>>>,
+}
+
+
+/// Removes whatever is at `path` (file, symlink or tree) so the snapshot's entry can take its
+/// place. Never follows a symlink.
+fn clear(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("stat", path)(e)),
+        Ok(md) if md.is_dir() => std::fs::remove_dir_all(path).map_err(Error::io("remove", path)),
+        Ok(_) => std::fs::remove_file(path).map_err(Error::io("remove", path)),
+    }
+}
+
+fn timespec(ns: i64) -> libc::timespec {
+    libc::timespec {
+        tv_sec: ns.div_euclid(1_000_000_000) as libc::time_t,
+        tv_nsec: ns.rem_euclid(1_000_000_000) as _,
+    }
+}
+
+fn stat_of(md: &std::fs::Metadata) -> Stat {
+    use std::os::unix::fs::MetadataExt;
+    Stat {
+        ino: md.ino(),
+        size: md.size(),
+        mtime: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+        ctime: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+    }
+}
+
+impl Writer {
+    fn path(&self, i: usize) -> PathBuf {
+        self.root.join(&self.entries[i].path)
+    }
+
+    /// Opens a file of the snapshot for writing, replacing whatever was there. O_NOFOLLOW:
+    /// a symlink planted at the path is never written through.
+    fn create(&self, path: &Path, truncate: bool) -> Result<std::fs::File> {
+        let open = || {
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(truncate)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(path)
+        };
+        match open() {
+            Ok(f) => Ok(f),
+            Err(e)
+                if e.raw_os_error() == Some(libc::ELOOP)
+                    || e.raw_os_error() == Some(libc::EISDIR)
+                    || e.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                clear(path)?;
+                open().map_err(Error::io("create", path))
+            }
+            Err(e) => Err(Error::io("create", path)(e)),
+        }
+    }
+
+    /// Sets mode and mtime of a completely written file and records its stat.
+    fn seal(&self, i: usize, f: &std::fs::File, path: &Path) -> Result<()> {
+        let e = &self.entries[i];
+        let fd = f.as_raw_fd();
+        let times = [timespec(e.mtime), timespec(e.mtime)];
+        // SAFETY: fd is an open descriptor owned by `f`; `times` outlives the call.
+        let rc = unsafe {
+            libc::fchmod(fd, e.mode as libc::mode_t);
+            libc::futimens(fd, times.as_ptr())
+        };
+        if rc != 0 {
+            return Err(Error::io("set times of", path)(std::io::Error::last_os_error()));
+        }
+        let md = f.metadata().map_err(Error::io("stat", path))?;
+        self.stats.lock().expect("not poisoned")[i] = Some(stat_of(&md));
+        Ok(())
+    }
+
+    /// Creates directories and symlinks, empty files, and the files that span several chunks
+    /// (at their full size, so chunks can land in any order).
+    fn prepare(&self) -> Result<()> {
+        for (i, e) in self.entries.iter().enumerate() {
+            let path = self.path(i);
+            match e.kind {
+                Kind::Dir => match std::fs::create_dir(&path) {
+                    Ok(()) => {}
+                    Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+                        let md = std::fs::symlink_metadata(&path).map_err(Error::io("stat", &path))?;
+                        if !md.is_dir() {
+                            clear(&path)?;
+                            std::fs::create_dir(&path).map_err(Error::io("create", &path))?;
+                        }
+                    }
+                    Err(err) => return Err(Error::io("create", &path)(err)),
+                },
+                Kind::Symlink => {
+                    let target = e.target.as_deref().expect("validated");
+                    clear(&path)?;
+                    std::os::unix::fs::symlink(target, &path).map_err(Error::io("symlink", &path))?;
+                }
+                Kind::File if e.chunks.is_empty() => {
+                    let f = self.create(&path, true)?;
+                    self.seal(i, &f, &path)?;
+                }
+                Kind::File if e.chunks.len() > 1 => {
+                    let f = self.create(&path, true)?;
+                    f.set_len(e.size).map_err(Error::io("allocate", &path))?;
+                }
+                Kind::File => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Verifies and writes the chunks fetched from one pack.
+    fn write_pack(
+        &self,
+        location: &str,
+        needs: Vec<Need>,
+        frames: Vec<(ChunkRef, Bytes)>,
+        progress: &dyn super::Progress,
+    ) -> Result<()> {
+        let frames: HashMap<u64, Bytes> = frames.into_iter().map(|(r, b)| (r.o, b)).collect();
+        for need in needs {
+            let frame = frames.get(&need.r.o).expect("every need was fetched");
+            let raw = format::open_chunk(location, &need.r, frame)?;
+            for &(i, offset) in &need.targets {
+                let path = self.path(i);
+                if self.entries[i].chunks.len() == 1 {
+                    let mut f = self.create(&path, true)?;
+                    std::io::Write::write_all(&mut f, &raw).map_err(Error::io("write", &path))?;
+                    self.seal(i, &f, &path)?;
+                } else {
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                        .open(&path)
+                        .map_err(Error::io("open", &path))?;
+                    f.write_all_at(&raw, offset).map_err(Error::io("write", &path))?;
+                    if self.remaining[i].fetch_sub(1, Ordering::AcqRel) == 1 {
+                        self.seal(i, &f, &path)?;
+                    }
+                }
+                progress.advance(raw.len() as u64);
+            }
+        }
+        Ok(())
+    }
+
+    /// Directory modes and mtimes last, deepest first: writing into a directory changes its
+    /// mtime, and a read-only directory could not be filled. Symlink mtimes too.
+    fn finish_dirs(&self) -> Result<()> {
+        for (i, e) in self.entries.iter().enumerate().rev() {
+            if e.kind == Kind::File {
+                continue;
+            }
+            let path = self.path(i);
+            let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+                .expect("validated paths have no NUL");
+            let times = [timespec(e.mtime), timespec(e.mtime)];
+            // SAFETY: `c` is a valid NUL-terminated path and `times` outlives the call.
+            let rc = unsafe {
+                if e.kind == Kind::Dir {
+                    libc::chmod(c.as_ptr(), e.mode as libc::mode_t);
+                }
+                libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+            };
+            if rc != 0 {
+                return Err(Error::io("set times of", &path)(std::io::Error::last_os_error()));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,429 @@
+//! The object store: opening one from a URL (file://, s3://, gs://, az://), the layout of a scope
+//! inside it, and the few operations the engine needs, each with a timeout and an error that
+//! names the object. Credentials come from the usual environment variables and never appear in
+//! logs or errors: the URL is kept only in redacted form.
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{
+    ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion,
+};
+
+use super::error::{Error, Result};
+use super::names;
+
+/// Default per-request timeout; `CACHEVOL_STORE_TIMEOUT` (seconds) overrides it.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    root: Path,
+    display: String,
+    local_root: Option<PathBuf>,
+    timeout: Duration,
+    conditional_update: bool,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("url", &self.display).finish()
+    }
+}
+
+/// A URL with any user info, query string and fragment removed (SAS tokens, keys).
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.set_query(None);
+            u.set_fragment(None);
+            u.to_string()
+        }
+        // A bare local path carries no secret, but an unparseable URL might: show only its scheme.
+        Err(_) if !url.contains("://") => url.to_string(),
+        Err(_) => format!("{}://<redacted>", url.split("://").next().unwrap_or("?")),
+    }
+}
+
+impl Store {
+    /// Opens a store from a URL: `file:///abs/dir` (or a plain path), `s3://bucket/prefix`,
+    /// `gs://bucket/prefix`, `az://container/prefix`. Cloud credentials and endpoints come from
+    /// the environment (`AWS_*`, `GOOGLE_*`, `AZURE_*`) as their SDKs define them.
+    pub fn open(url: &str) -> Result<Store> {
+        let timeout = std::env::var("CACHEVOL_STORE_TIMEOUT")
+            .ok()
+            .and_then(|s| s.parse::<f64>().ok())
+            .filter(|s| *s > 0.0)
+            .map(Duration::from_secs_f64)
+            .unwrap_or(DEFAULT_TIMEOUT);
+        let invalid = |why: String| Error::InvalidStore {
+            url: redact_url(url),
+            why,
+        };
+        if !url.contains("://") {
+            return Self::open_local(PathBuf::from(url), timeout);
+        }
+        let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
+        let prefix = Path::parse(parsed.path().trim_start_matches('/'))
+            .map_err(|e| invalid(e.to_string()))?;
+        let (inner, conditional_update): (Arc<dyn ObjectStore>, bool) = match parsed.scheme() {
+            "file" => {
+                let path = parsed
+                    .to_file_path()
+                    .map_err(|_| invalid("a file:// URL needs an absolute path".into()))?;
+                return Self::open_local(path, timeout);
+            }
+            "s3" | "s3a" => {
+                let s3 = object_store::aws::AmazonS3Builder::from_env()
+                    .with_url(url)
+                    .with_conditional_put(object_store::aws::S3ConditionalPut::ETagMatch)
+                    .build()
+                    .map_err(|e| invalid(e.to_string()))?;
+                (Arc::new(s3), true)
+            }
+            "gs" => {
+                let gcs = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_url(url)
+                    .build()
+                    .map_err(|e| invalid(e.to_string()))?;
+                (Arc::new(gcs), true)
+            }
+            "az" | "azure" | "abfs" | "abfss" => {
+                let az = object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_url(url)
+                    .build()
+                    .map_err(|e| invalid(e.to_string()))?;
+                (Arc::new(az), true)
+            }
+            other => {
+                return Err(invalid(format!(
+                    "unsupported scheme {other:?} (use file://, s3://, gs:// or az://)"
+                )))
+            }
+        };
+        Ok(Store {
+            inner,
+            root: prefix,
+            display: redact_url(url),
+            local_root: None,
+            timeout,
+            conditional_update,
+        })
+    }
+
+    fn open_local(path: PathBuf, timeout: Duration) -> Result<Store> {
+        let path = if path.is_absolute() {
+            path
+        } else {
+            std::env::current_dir()
+                .map_err(Error::io("resolve", &path))?
+                .join(path)
+        };
+        std::fs::create_dir_all(&path).map_err(Error::io("create store directory", &path))?;
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(&path)
+            .map_err(|e| Error::InvalidStore {
+                url: path.display().to_string(),
+                why: e.to_string(),
+            })?
+            .with_automatic_cleanup(true);
+        Ok(Store {
+            inner: Arc::new(fs),
+            root: Path::default(),
+            display: format!("file://{}", path.display()),
+            local_root: Some(path),
+            timeout,
+            conditional_update: false,
+        })
+    }
+
+    /// The store's URL without secrets, for logs and output.
+    pub fn display_url(&self) -> &str {
+        &self.display
+    }
+
+    /// The directory behind a `file://` store.
+    pub fn local_root(&self) -> Option<&std::path::Path> {
+        self.local_root.as_deref()
+    }
+
+    /// Whether the store offers compare-and-swap on an existing object (S3 with conditional put,
+    /// GCS, Azure). The local file system offers only create-only puts.
+    pub fn has_conditional_update(&self) -> bool {
+        self.conditional_update
+    }
+
+    pub fn layout(&self, scope: &str) -> Result<Layout> {
+        names::scope(scope)?;
+        Ok(Layout {
+            base: self.root.clone().join(scope),
+        })
+    }
+
+    /// The scopes that hold anything in this store.
+    pub async fn scopes(&self) -> Result<Vec<String>> {
+        self.list_dirs(&self.root).await
+    }
+
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        location: &Path,
+        fut: impl std::future::Future<Output = object_store::Result<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(source)) => Err(Error::Store {
+                op,
+                location: location.to_string(),
+                source,
+            }),
+            Err(_) => Err(Error::StoreTimeout {
+                op,
+                location: location.to_string(),
+                seconds: self.timeout.as_secs(),
+            }),
+        }
+    }
+
+    /// The whole object, with its version for a later conditional update; `None` when absent.
+    pub async fn get(&self, location: &Path) -> Result<Option<(Bytes, UpdateVersion)>> {
+        let res = self
+            .timed("get", location, async {
+                let r = self.inner.get(location).await?;
+                let version = UpdateVersion {
+                    e_tag: r.meta.e_tag.clone(),
+                    version: r.meta.version.clone(),
+                };
+                Ok((r.bytes().await?, version))
+            })
+            .await;
+        not_found_is_none(res)
+    }
+
+    pub async fn get_range(&self, location: &Path, range: Range<u64>) -> Result<Bytes> {
+        let want = range.end - range.start;
+        let bytes = self
+            .timed("get", location, self.inner.get_range(location, range))
+            .await?;
+        if bytes.len() as u64 != want {
+            return Err(Error::corrupt(
+                location.to_string(),
+                format!("short read: wanted {want} bytes, got {}", bytes.len()),
+            ));
+        }
+        Ok(bytes)
+    }
+
+    pub async fn head(&self, location: &Path) -> Result<Option<ObjectMeta>> {
+        not_found_is_none(self.timed("head", location, self.inner.head(location)).await)
+    }
+
+    /// Creates the object only if nothing is there yet; `Ok(false)` when it already existed.
+    pub async fn put_create(&self, location: &Path, data: Bytes) -> Result<bool> {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        let res = self
+            .timed(
+                "create",
+                location,
+                self.inner
+                    .put_opts(location, PutPayload::from_bytes(data), opts),
+            )
+            .await;
+        match res {
+            Ok(_) => Ok(true),
+            Err(Error::Store {
+                source: object_store::Error::AlreadyExists { .. },
+                ..
+            }) => Ok(false),
+            // Some S3 implementations answer a lost If-None-Match race with 412 instead of 409.
+            Err(Error::Store {
+                source: object_store::Error::Precondition { .. },
+                ..
+            }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Replaces the object if it is still at `expected` (or creates it if `expected` is None and
+    /// nothing is there). `Ok(false)` when someone else changed it first. On stores without
+    /// compare-and-swap this is a plain overwrite: callers use it only for hints.
+    pub async fn put_swap(
+        &self,
+        location: &Path,
+        data: Bytes,
+        expected: Option<UpdateVersion>,
+    ) -> Result<bool> {
+        let mode = match (self.conditional_update, expected) {
+            (false, _) => PutMode::Overwrite,
+            (true, Some(v)) => PutMode::Update(v),
+            (true, None) => PutMode::Create,
+        };
+        let opts = PutOptions {
+            mode,
+            ..Default::default()
+        };
+        let res = self
+            .timed(
+                "swap",
+                location,
+                self.inner
+                    .put_opts(location, PutPayload::from_bytes(data), opts),
+            )
+            .await;
+        match res {
+            Ok(_) => Ok(true),
+            Err(Error::Store {
+                source:
+                    object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. },
+                ..
+            }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn put(&self, location: &Path, data: Bytes) -> Result<()> {
+        self.timed(
+            "put",
+            location,
+            self.inner.put(location, PutPayload::from_bytes(data)),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Deletes the object; deleting something already gone is fine.
+    pub async fn delete(&self, location: &Path) -> Result<()> {
+        match self
+            .timed("delete", location, self.inner.delete(location))
+            .await
+        {
+            Err(Error::Store {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Every object below `prefix`, recursively.
+    pub async fn list(&self, prefix: &Path) -> Result<Vec<ObjectMeta>> {
+        self.timed(
+            "list",
+            prefix,
+            self.inner.list(Some(prefix)).try_collect::<Vec<_>>(),
+        )
+        .await
+    }
+
+    /// The names of the "directories" directly below `prefix`.
+    pub async fn list_dirs(&self, prefix: &Path) -> Result<Vec<String>> {
+        let res = self
+            .timed("list", prefix, self.inner.list_with_delimiter(Some(prefix)))
+            .await?;
+        let mut out: Vec<String> = res
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+}
+
+fn not_found_is_none<T>(res: Result<T>) -> Result<Option<T>> {
+    match res {
+        Ok(v) => Ok(Some(v)),
+        Err(Error::Store {
+            source: object_store::Error::NotFound { .. },
+            ..
+        }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Where a scope's objects live:
+/// `<prefix>/<scope>/manifests/<key>/<generation, 20 digits>` (create-only; the truth),
+/// `<prefix>/<scope>/heads/<key>` (a hint naming the newest generation),
+/// `<prefix>/<scope>/used/<key>` (last restore, for TTL and LRU retention),
+/// `<prefix>/<scope>/packs/<hh>/<pack hash>`.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    base: Path,
+}
+
+impl Layout {
+    pub fn manifests(&self) -> Path {
+        self.base.clone().join("manifests")
+    }
+    pub fn generations(&self, key: &str) -> Path {
+        self.manifests().join(key)
+    }
+    pub fn generation(&self, key: &str, generation: u64) -> Path {
+        self.generations(key).join(format!("{generation:020}"))
+    }
+    pub fn heads(&self) -> Path {
+        self.base.clone().join("heads")
+    }
+    pub fn head(&self, key: &str) -> Path {
+        self.heads().join(key)
+    }
+    pub fn used(&self, key: &str) -> Path {
+        self.base.clone().join("used").join(key)
+    }
+    pub fn packs(&self) -> Path {
+        self.base.clone().join("packs")
+    }
+    pub fn pack(&self, id: &str) -> Path {
+        self.packs().join(&id[..2]).join(id)
+    }
+}
+
+/// The generation number a manifest object's name encodes.
+pub fn parse_generation(location: &Path) -> Option<u64> {
+    let name = location.filename()?;
+    if name.len() != 20 || !name.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    name.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_credentials() {
+        assert_eq!(
+            redact_url("s3://AKIA:secret@bucket/p?x-amz-security-token=abc"),
+            "s3://bucket/p"
+        );
+        assert_eq!(
+            redact_url("az://container/p?sv=2020&sig=SECRET"),
+            "az://container/p"
+        );
+        assert_eq!(redact_url("/var/cache"), "/var/cache");
+    }
+
+    #[test]
+    fn generation_names_sort_numerically() {
+        let l = Layout {
+            base: Path::from("root/s"),
+        };
+        let a = l.generation("k", 9).to_string();
+        let b = l.generation("k", 10).to_string();
+        assert!(a < b);
+        assert_eq!(parse_generation(&l.generation("k", 42)), Some(42));
+        assert_eq!(parse_generation(&Path::from("x/12")), None);
+    }
+}
