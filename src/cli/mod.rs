@@ -1,1 +1,375 @@
-pub fn main() -> i32 { 0 }
+//! The `cachevol` command line: the engine for a person or a CI step, with no cluster needed.
+//! Exit codes mean something (see `ExitCode`), `--json` prints machine-readable reports, and
+//! long operations draw progress bars when stderr is a terminal.
+
+mod bench;
+mod output;
+mod run;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::engine::{self, CommitOptions, Engine, Error, GcPolicy, Merge, Store};
+use output::{Bars, Out};
+
+/// Exit codes of `cachevol` (besides `run`, which exits with its command's status).
+pub mod exit {
+    pub const OK: i32 = 0;
+    /// Any other failure (I/O on the local side, a bug).
+    pub const ERROR: i32 = 1;
+    /// The command line is wrong (also clap's own code).
+    pub const USAGE: i32 = 2;
+    /// No such cache or generation.
+    pub const NOT_FOUND: i32 = 3;
+    /// Refused on purpose: fenced, over budget, too many conflicts, lock unavailable.
+    pub const REFUSED: i32 = 4;
+    /// The store holds something invalid: a corrupt, hostile or too new snapshot.
+    pub const CORRUPT: i32 = 5;
+    /// The store could not be reached or timed out.
+    pub const UNAVAILABLE: i32 = 6;
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "cachevol", version, about = "Persistent, incremental cache volumes for CI", long_about = None)]
+pub struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// Object store URL: file:///dir (default: ~/.cache/cachevol/store), s3://bucket/prefix,
+    /// gs://bucket/prefix, az://container/prefix. Credentials come from the environment.
+    #[arg(long, global = true, env = "CACHEVOL_STORE")]
+    store: Option<String>,
+    /// Scope of the caches (a tenant: caches of different scopes share nothing).
+    #[arg(long, global = true, env = "CACHEVOL_SCOPE", default_value = "default")]
+    scope: String,
+    /// Where records of restored directories are kept (default: ~/.local/state/cachevol).
+    #[arg(long, global = true, env = "CACHEVOL_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Print machine-readable JSON on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// No progress bars and no informational lines.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Restore caches, run a command, commit the caches per policy and the command's status.
+    Run(run::RunArgs),
+    /// Restore the newest snapshot of KEY (or of a restore key) into DIR.
+    Restore {
+        key: String,
+        dir: PathBuf,
+        /// Fallback keys, tried in order when KEY has no snapshot.
+        #[arg(long = "restore-key")]
+        restore_keys: Vec<String>,
+    },
+    /// Commit DIR as the next generation of KEY (uploads only what changed).
+    Commit {
+        key: String,
+        dir: PathBuf,
+        #[command(flatten)]
+        opts: CommitArgs,
+    },
+    /// List the caches of the scope.
+    Ls,
+    /// Show a generation: provenance, totals and files.
+    Show {
+        key: String,
+        #[arg(long)]
+        generation: Option<u64>,
+        /// Do not list the files.
+        #[arg(long)]
+        summary: bool,
+    },
+    /// Apply retention and delete what nothing references.
+    Gc(GcArgs),
+    /// Make generation N the newest again (as a new generation; history is kept).
+    Rollback {
+        key: String,
+        #[arg(long)]
+        to: u64,
+    },
+    /// Fetch every pack of a generation and check every chunk's hash.
+    Verify {
+        key: String,
+        #[arg(long)]
+        generation: Option<u64>,
+    },
+    /// Measure restore and commit against tar+zstd on real trees.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CommitArgs {
+    /// What happens when another commit to the key landed first.
+    #[arg(long, value_enum, default_value_t = Merge::Replace)]
+    merge: Merge,
+    /// Refuse the commit when the tree is larger than this (e.g. 10Gi, 500M).
+    #[arg(long, value_parser = parse_size)]
+    budget: Option<u64>,
+    /// Free text recorded as the writer of the generation (default: user@host).
+    #[arg(long, env = "CACHEVOL_WRITER")]
+    writer: Option<String>,
+    /// Only create the generation right after the restored one; refuse otherwise.
+    #[arg(long)]
+    fence: bool,
+    /// A note recorded with the generation (e.g. a pipeline URL).
+    #[arg(long)]
+    note: Option<String>,
+}
+
+impl CommitArgs {
+    fn options(&self) -> CommitOptions {
+        CommitOptions {
+            merge: self.merge,
+            fence: self.fence,
+            budget: self.budget,
+            writer: self.writer.clone().unwrap_or_else(engine::default_writer),
+            note: self.note.clone(),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct GcArgs {
+    /// Report what would be deleted, delete nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Generations kept per key.
+    #[arg(long, default_value_t = 3)]
+    keep_last: usize,
+    /// Drop keys unused for this long (e.g. 30d; 0 disables).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30d")]
+    ttl: Duration,
+    /// Evict least recently used keys while the scope stores more than this (e.g. 50Gi).
+    #[arg(long, value_parser = parse_size)]
+    scope_budget: Option<u64>,
+    /// Unreferenced packs younger than this are kept (in-flight commits).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+    grace: Duration,
+    /// Collect every scope of the store, not only --scope.
+    #[arg(long)]
+    all_scopes: bool,
+}
+
+/// Parses `10Gi`, `500M`, `1.5G`, `4096` into bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    let mult: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "K" | "k" | "KB" => 1e3,
+        "M" | "MB" => 1e6,
+        "G" | "GB" => 1e9,
+        "T" | "TB" => 1e12,
+        "Ki" | "KiB" => 1024.0,
+        "Mi" | "MiB" => 1024f64.powi(2),
+        "Gi" | "GiB" => 1024f64.powi(3),
+        "Ti" | "TiB" => 1024f64.powi(4),
+        u => {
+            return Err(format!(
+                "unknown size unit {u:?} (use K, M, G, T, Ki, Mi, Gi, Ti)"
+            ))
+        }
+    };
+    Ok((n * mult) as u64)
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+}
+
+impl Global {
+    pub fn store_url(&self) -> String {
+        self.store.clone().unwrap_or_else(|| {
+            let base = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| home().join(".cache"));
+            format!("file://{}", base.join("cachevol").join("store").display())
+        })
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir.clone().unwrap_or_else(|| {
+            std::env::var_os("XDG_STATE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| home().join(".local").join("state"))
+                .join("cachevol")
+        })
+    }
+
+    fn engine(&self, bars: &Arc<Bars>) -> Result<Engine, Error> {
+        let store = Store::open(&self.store_url())?;
+        Ok(Engine::new(store, &self.scope, self.state_dir())?.with_progress(bars.clone()))
+    }
+}
+
+/// The exit code for an engine error.
+pub fn exit_code(e: &Error) -> i32 {
+    match e {
+        Error::InvalidName { .. } | Error::InvalidStore { .. } => exit::USAGE,
+        Error::NoSuchGeneration { .. } | Error::NoSuchKey { .. } => exit::NOT_FOUND,
+        Error::Fenced { .. }
+        | Error::OverBudget { .. }
+        | Error::TooManyConflicts { .. }
+        | Error::Lock(_)
+        | Error::Unsupported { .. } => exit::REFUSED,
+        Error::Corrupt { .. } | Error::UnsupportedVersion { .. } => exit::CORRUPT,
+        e if e.is_store_unavailable() => exit::UNAVAILABLE,
+        _ => exit::ERROR,
+    }
+}
+
+/// Entry point of the binary: returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    init_tracing();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let out = Out::new(cli.global.json, cli.global.quiet);
+    match rt.block_on(dispatch(cli, &out)) {
+        Ok(code) => code,
+        Err(e) => {
+            out.error(&e);
+            exit_code(&e)
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CACHEVOL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Error> {
+    let g = cli.global;
+    let bars = Arc::new(Bars::new(out.bars_enabled()));
+    match cli.command {
+        Command::Run(args) => run::run(&g, args, out, bars).await,
+        Command::Bench(args) => bench::run(&g, args, out).await,
+        Command::Restore {
+            key,
+            dir,
+            restore_keys,
+        } => {
+            let engine = g.engine(&bars)?;
+            let report = engine.restore(&key, &restore_keys, &dir).await?;
+            out.restore(&key, &report);
+            Ok(exit::OK)
+        }
+        Command::Commit { key, dir, opts } => {
+            let engine = g.engine(&bars)?;
+            let report = engine.commit(&key, &dir, &opts.options()).await?;
+            out.commit(&report);
+            Ok(exit::OK)
+        }
+        Command::Ls => {
+            let engine = g.engine(&bars)?;
+            out.keys(engine.scope(), &engine.list_keys().await?);
+            Ok(exit::OK)
+        }
+        Command::Show {
+            key,
+            generation,
+            summary,
+        } => {
+            let engine = g.engine(&bars)?;
+            let gen = engine.show(&key, generation).await?;
+            let entries = if summary {
+                vec![]
+            } else {
+                engine.load_entries(&gen).await?
+            };
+            out.show(&gen, &entries);
+            Ok(exit::OK)
+        }
+        Command::Gc(a) => {
+            let policy = GcPolicy {
+                keep_last: a.keep_last,
+                ttl: (!a.ttl.is_zero()).then_some(a.ttl),
+                scope_budget: a.scope_budget,
+                grace: a.grace,
+                dry_run: a.dry_run,
+            };
+            let store = Store::open(&g.store_url())?;
+            let scopes = if a.all_scopes {
+                store.scopes().await?
+            } else {
+                vec![g.scope.clone()]
+            };
+            for scope in scopes {
+                let engine = Engine::new(store.clone(), &scope, g.state_dir())?;
+                out.gc(&scope, &engine.gc(&policy).await?);
+            }
+            Ok(exit::OK)
+        }
+        Command::Rollback { key, to } => {
+            let engine = g.engine(&bars)?;
+            let gen = engine.rollback(&key, to, &engine::default_writer()).await?;
+            out.line(
+                &format!("{key}: generation {gen} now holds the tree of generation {to}"),
+                &serde_json::json!({"key": key, "generation": gen, "rollback_of": to}),
+            );
+            Ok(exit::OK)
+        }
+        Command::Verify { key, generation } => {
+            let engine = g.engine(&bars)?;
+            let r = engine.verify(&key, generation).await?;
+            out.line(
+                &format!(
+                    "{}: generation {} verified: {} packs, {} chunks, {} in {:.2}s",
+                    r.key,
+                    r.generation,
+                    r.packs,
+                    r.chunks,
+                    output::human_bytes(r.bytes),
+                    r.seconds
+                ),
+                &r,
+            );
+            Ok(exit::OK)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("10Gi").unwrap(), 10 << 30);
+        assert_eq!(parse_size("500M").unwrap(), 500_000_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("12 parsecs").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

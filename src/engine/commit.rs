@@ -108,7 +108,12 @@ fn fault(point: &str) {
 }
 
 impl Engine {
-    pub async fn commit(&self, key: &str, dir: &Path, opts: &CommitOptions) -> Result<CommitReport> {
+    pub async fn commit(
+        &self,
+        key: &str,
+        dir: &Path,
+        opts: &CommitOptions,
+    ) -> Result<CommitReport> {
         let started = Instant::now();
         names::key(key)?;
         let dir = localstate::canonical(dir)?;
@@ -137,7 +142,13 @@ impl Engine {
         // Pair each scanned entry with its base entry; unchanged files keep their chunks.
         let base_index: HashMap<&str, usize> = state
             .as_ref()
-            .map(|s| s.entries.iter().enumerate().map(|(i, e)| (e.path.as_str(), i)).collect())
+            .map(|s| {
+                s.entries
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| (e.path.as_str(), i))
+                    .collect()
+            })
             .unwrap_or_default();
         let mut entries: Vec<Entry> = Vec::with_capacity(scanned.len());
         let mut to_read: Vec<usize> = Vec::new();
@@ -177,7 +188,12 @@ impl Engine {
         let mut known: HashMap<Digest, ChunkRef> = HashMap::new();
         let mut base_manifest: Vec<ChunkRef> = Vec::new();
         if let Some(st) = &state {
-            for r in st.entries.iter().flat_map(|e| &e.chunks).chain(&st.header.manifest) {
+            for r in st
+                .entries
+                .iter()
+                .flat_map(|e| &e.chunks)
+                .chain(&st.header.manifest)
+            {
                 known.entry(r.h).or_insert_with(|| r.clone());
             }
             base_manifest = st.header.manifest.clone();
@@ -194,7 +210,11 @@ impl Engine {
         }
         let missing = self.missing_packs(&known).await?;
         if !missing.is_empty() {
-            tracing::warn!(cache.key = key, packs = missing.len(), "packs of the base are gone from the store; their chunks will be uploaded again");
+            tracing::warn!(
+                cache.key = key,
+                packs = missing.len(),
+                "packs of the base are gone from the store; their chunks will be uploaded again"
+            );
             known.retain(|_, r| !missing.contains(&r.p));
             for (i, e) in entries.iter_mut().enumerate() {
                 if e.kind == Kind::File && e.chunks.iter().any(|r| missing.contains(&r.p)) {
@@ -283,8 +303,9 @@ impl Engine {
         let mut attempts = 0;
         let (generation, manifest_refs) = loop {
             attempts += 1;
-            let (manifest_refs, stream_hash, stream_len) =
-                self.pack_manifest(&entries, &known, &base_manifest, &mut packer).await?;
+            let (manifest_refs, stream_hash, stream_len) = self
+                .pack_manifest(&entries, &known, &base_manifest, &mut packer)
+                .await?;
             let g = Generation {
                 key: key.to_string(),
                 generation: target,
@@ -301,7 +322,11 @@ impl Engine {
             };
             let body = Bytes::from(g.encode());
             let len = body.len() as u64;
-            if self.store.put_create(&self.layout.generation(key, target), body).await? {
+            if self
+                .store
+                .put_create(&self.layout.generation(key, target), body)
+                .await?
+            {
                 packer.uploaded += len;
                 break (target, manifest_refs);
             }
@@ -414,18 +439,26 @@ impl Engine {
         let claimed: Arc<Mutex<HashSet<Digest>>> = Arc::default();
         let next = Arc::new(AtomicUsize::new(0));
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Msg>(16);
-        let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).min(8);
+        let workers = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .min(8);
         let mut handles = Vec::new();
         for _ in 0..workers {
-            let (jobs, known, claimed, next, tx) =
-                (jobs.clone(), known.clone(), claimed.clone(), next.clone(), tx.clone());
+            let (jobs, known, claimed, next, tx) = (
+                jobs.clone(),
+                known.clone(),
+                claimed.clone(),
+                next.clone(),
+                tx.clone(),
+            );
             handles.push(tokio::task::spawn_blocking(move || loop {
                 let j = next.fetch_add(1, Ordering::Relaxed);
                 let Some((i, path, size)) = jobs.get(j) else {
                     return;
                 };
                 let res = chunk_file(path, *size, &mut |digest, raw| {
-                    let new = !known.contains(&digest) && claimed.lock().expect("not poisoned").insert(digest);
+                    let new = !known.contains(&digest)
+                        && claimed.lock().expect("not poisoned").insert(digest);
                     let data = new.then(|| format::compress_chunk(raw));
                     tx.blocking_send(Msg::Chunk {
                         file: *i,
@@ -435,7 +468,13 @@ impl Engine {
                     })
                     .is_ok()
                 });
-                if tx.blocking_send(Msg::Done { file: *i, result: res }).is_err() {
+                if tx
+                    .blocking_send(Msg::Done {
+                        file: *i,
+                        result: res,
+                    })
+                    .is_err()
+                {
                     return;
                 }
             }));
@@ -446,7 +485,12 @@ impl Engine {
         let mut failure = None;
         while let Some(msg) = rx.recv().await {
             match msg {
-                Msg::Chunk { file, digest, n, data } => {
+                Msg::Chunk {
+                    file,
+                    digest,
+                    n,
+                    data,
+                } => {
                     digests.entry(file).or_default().push((digest, n));
                     if let Some(data) = data {
                         packer.add(digest, n, data).await?;
@@ -502,7 +546,9 @@ impl Engine {
             let raw = &stream[c.offset..c.offset + c.length];
             let h = Digest::of(raw);
             if !reusable.contains_key(&h) && !packer.has(&h) {
-                packer.add(h, raw.len() as u32, format::compress_chunk(raw)).await?;
+                packer
+                    .add(h, raw.len() as u32, format::compress_chunk(raw))
+                    .await?;
             }
             order.push(h);
         }
@@ -747,8 +793,18 @@ mod tests {
 
     #[test]
     fn union_keeps_both_sides_and_prefers_our_changes() {
-        let theirs = vec![e("a", Kind::File, 1), e("b", Kind::File, 1), e("d", Kind::Dir, 1), e("d/x", Kind::File, 1)];
-        let ours = vec![e("a", Kind::File, 1), e("b", Kind::File, 2), e("c", Kind::File, 2), e("d", Kind::File, 2)];
+        let theirs = vec![
+            e("a", Kind::File, 1),
+            e("b", Kind::File, 1),
+            e("d", Kind::Dir, 1),
+            e("d/x", Kind::File, 1),
+        ];
+        let ours = vec![
+            e("a", Kind::File, 1),
+            e("b", Kind::File, 2),
+            e("c", Kind::File, 2),
+            e("d", Kind::File, 2),
+        ];
         let changed: HashSet<String> = ["b", "c", "d"].iter().map(|s| s.to_string()).collect();
         let m = union(&theirs, &ours, &changed);
         let got: Vec<(&str, i64)> = m.iter().map(|e| (e.path.as_str(), e.mtime)).collect();

@@ -230,14 +230,18 @@ impl Generation {
         }
         let body = &data[44..];
         if Digest::of(body).0[..] != data[12..44] {
-            return Err(bad("generation object does not match its digest (truncated or altered)"));
+            return Err(bad(
+                "generation object does not match its digest (truncated or altered)",
+            ));
         }
         let json = zstd::bulk::decompress(body, MAX_GENERATION_OBJECT)
             .map_err(|e| bad(&format!("generation body does not decompress: {e}")))?;
         let g: Generation = serde_json::from_slice(&json)
             .map_err(|e| bad(&format!("generation body is not valid: {e}")))?;
         if g.manifest.iter().map(|c| c.n as u64).sum::<u64>() != g.manifest_len {
-            return Err(bad("manifest chunk lengths do not add up to the manifest length"));
+            return Err(bad(
+                "manifest chunk lengths do not add up to the manifest length",
+            ));
         }
         for c in &g.manifest {
             check_chunk_ref(location, c)?;
@@ -282,9 +286,8 @@ pub fn decode_entries(location: &str, stream: &[u8]) -> Result<Vec<Entry>> {
         if line.is_empty() {
             continue;
         }
-        let e: Entry = serde_json::from_slice(line).map_err(|e| {
-            Error::corrupt(location, format!("manifest line {}: {e}", i + 1))
-        })?;
+        let e: Entry = serde_json::from_slice(line)
+            .map_err(|e| Error::corrupt(location, format!("manifest line {}: {e}", i + 1)))?;
         entries.push(e);
     }
     validate_tree(location, &mut entries)?;

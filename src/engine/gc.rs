@@ -73,7 +73,11 @@ impl Engine {
         for m in self.store.list(&self.layout.manifests()).await? {
             let (Some(g), Some(key)) = (
                 parse_generation(&m.location),
-                m.location.parts().rev().nth(1).map(|p| p.as_ref().to_string()),
+                m.location
+                    .parts()
+                    .rev()
+                    .nth(1)
+                    .map(|p| p.as_ref().to_string()),
             ) else {
                 continue;
             };
@@ -150,8 +154,10 @@ impl Engine {
                 }
             }
             let mut total: u64 = count.values().map(|(_, s)| s).sum();
-            let mut lru: Vec<(i64, String)> =
-                keys.iter().map(|(key, k)| (k.last_used, key.clone())).collect();
+            let mut lru: Vec<(i64, String)> = keys
+                .iter()
+                .map(|(key, k)| (k.last_used, key.clone()))
+                .collect();
             lru.sort();
             for (_, key) in lru {
                 if total <= budget {
@@ -177,7 +183,10 @@ impl Engine {
             report.sweep_skipped = Some(why);
             return Ok(report);
         }
-        let live: HashSet<Digest> = refs.values().flat_map(|m| m.keys().map(|(p, _)| *p)).collect();
+        let live: HashSet<Digest> = refs
+            .values()
+            .flat_map(|m| m.keys().map(|(p, _)| *p))
+            .collect();
         let packs = self.store.list(&self.layout.packs()).await?;
         let mut doomed = Vec::new();
         for m in packs {
@@ -207,7 +216,11 @@ impl Engine {
         Ok(report)
     }
 
-    async fn generation_refs(&self, key: &str, generation: u64) -> Result<HashMap<(Digest, u64), u64>> {
+    async fn generation_refs(
+        &self,
+        key: &str,
+        generation: u64,
+    ) -> Result<HashMap<(Digest, u64), u64>> {
         let g = self.load_generation(key, generation).await?;
         let entries = self.load_entries(&g).await?;
         Ok(entries

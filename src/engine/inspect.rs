@@ -108,7 +108,9 @@ impl Engine {
                     .expect("check does not panic")
             })
             .buffer_unordered(io_concurrency())
-            .try_fold((0usize, 0u64), |(c, b), (c2, b2)| async move { Ok((c + c2, b + b2)) })
+            .try_fold((0usize, 0u64), |(c, b), (c2, b2)| async move {
+                Ok((c + c2, b + b2))
+            })
             .await?;
         Ok(VerifyReport {
             key: key.to_string(),
@@ -133,10 +135,17 @@ impl Engine {
             .map(|r| r.p)
             .collect();
         for p in packs {
-            if self.store.head(&self.layout.pack(&p.to_hex())).await?.is_none() {
+            if self
+                .store
+                .head(&self.layout.pack(&p.to_hex()))
+                .await?
+                .is_none()
+            {
                 return Err(Error::corrupt(
                     self.layout.pack(&p.to_hex()).to_string(),
-                    format!("generation {to} can no longer be restored: a pack it needs was collected"),
+                    format!(
+                        "generation {to} can no longer be restored: a pack it needs was collected"
+                    ),
                 ));
             }
         }
@@ -173,7 +182,10 @@ impl Engine {
 
 fn check_pack(loc: &str, id: Digest, data: &[u8], refs: Vec<ChunkRef>) -> Result<(usize, u64)> {
     if Digest::of(data) != id {
-        return Err(Error::corrupt(loc, "pack does not match its id (altered or truncated)"));
+        return Err(Error::corrupt(
+            loc,
+            "pack does not match its id (altered or truncated)",
+        ));
     }
     if data.len() < 8 || &data[..8] != super::format::PACK_MAGIC {
         return Err(Error::corrupt(loc, "not a cachevol pack (bad magic)"));
@@ -186,7 +198,10 @@ fn check_pack(loc: &str, id: Digest, data: &[u8], refs: Vec<ChunkRef>) -> Result
         }
         let end = r.o as usize + r.c as usize;
         let frame = data.get(r.o as usize..end).ok_or_else(|| {
-            Error::corrupt(loc, format!("chunk {} lies beyond the end of the pack", r.h))
+            Error::corrupt(
+                loc,
+                format!("chunk {} lies beyond the end of the pack", r.h),
+            )
         })?;
         bytes += super::format::open_chunk(loc, r, frame)?.len() as u64;
     }

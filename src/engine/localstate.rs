@@ -55,7 +55,9 @@ impl DirState {
         let data = std::fs::read(&path).ok()?;
         let parsed = Self::decode(&data);
         match parsed {
-            Some(s) if s.header.store == store && s.header.scope == scope && s.header.dir == dir => {
+            Some(s)
+                if s.header.store == store && s.header.scope == scope && s.header.dir == dir =>
+            {
                 Some(s)
             }
             Some(_) => None,
@@ -77,6 +79,10 @@ impl DirState {
             entries,
             stats,
         })
+    }
+
+    pub fn remove(state_dir: &Path, dir: &Path) {
+        let _ = std::fs::remove_file(record_path(state_dir, dir));
     }
 
     pub fn save(&self, state_dir: &Path) -> Result<()> {

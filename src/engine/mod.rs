@@ -154,7 +154,10 @@ impl Engine {
             }
         }
         // The hint stays behind; readers find the newest generation by probing anyway.
-        tracing::warn!(cache.key = key, "head hint not moved after 20 conflicting attempts");
+        tracing::warn!(
+            cache.key = key,
+            "head hint not moved after 20 conflicting attempts"
+        );
         Ok(())
     }
 
@@ -192,7 +195,10 @@ impl Engine {
             stream.extend_from_slice(&c);
         }
         if Digest::of(&stream) != g.manifest_hash {
-            return Err(Error::corrupt(location, "manifest does not match its digest"));
+            return Err(Error::corrupt(
+                location,
+                "manifest does not match its digest",
+            ));
         }
         format::decode_entries(&location, &stream)
     }
@@ -216,7 +222,11 @@ impl Engine {
         }
         Ok(refs
             .iter()
-            .map(|r| raw.get(&(r.p, r.o)).cloned().expect("every ref was fetched"))
+            .map(|r| {
+                raw.get(&(r.p, r.o))
+                    .cloned()
+                    .expect("every ref was fetched")
+            })
             .collect())
     }
 
@@ -241,16 +251,20 @@ impl Engine {
                 end = end.max(needs[j].o + needs[j].c as u64);
                 j += 1;
             }
-            let data = self.store.get_range(&loc, start..end).await.map_err(|e| match e {
-                Error::Store {
-                    source: object_store::Error::NotFound { .. },
-                    ..
-                } => Error::corrupt(loc.to_string(), "pack is missing from the store"),
-                Error::Store { ref source, .. } if source.to_string().contains("Range") => {
-                    Error::corrupt(loc.to_string(), format!("pack is truncated: {source}"))
-                }
-                other => other,
-            })?;
+            let data = self
+                .store
+                .get_range(&loc, start..end)
+                .await
+                .map_err(|e| match e {
+                    Error::Store {
+                        source: object_store::Error::NotFound { .. },
+                        ..
+                    } => Error::corrupt(loc.to_string(), "pack is missing from the store"),
+                    Error::Store { ref source, .. } if source.to_string().contains("Range") => {
+                        Error::corrupt(loc.to_string(), format!("pack is truncated: {source}"))
+                    }
+                    other => other,
+                })?;
             for r in &needs[i..j] {
                 let from = (r.o - start) as usize;
                 out.push((r.clone(), data.slice(from..from + r.c as usize)));
@@ -275,4 +289,14 @@ pub fn default_writer() -> String {
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".into());
     format!("{user}@{host}")
+}
+
+impl Engine {
+    /// Forgets what was restored into `dir` (after a failed restore left it in an unknown
+    /// state): its next commit is a full one, deduplicated against the store.
+    pub fn forget(&self, dir: &std::path::Path) {
+        if let Ok(dir) = localstate::canonical(dir) {
+            localstate::DirState::remove(&self.state_dir, &dir);
+        }
+    }
 }

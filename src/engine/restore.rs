@@ -61,7 +61,10 @@ impl Engine {
         let dir = localstate::canonical(dir)?;
 
         let mut found = None;
-        for (i, k) in std::iter::once(key).chain(restore_keys.iter().map(String::as_str)).enumerate() {
+        for (i, k) in std::iter::once(key)
+            .chain(restore_keys.iter().map(String::as_str))
+            .enumerate()
+        {
             if let Some(g) = self.newest(k).await? {
                 found = Some((i, k.to_string(), g));
                 break;
@@ -121,7 +124,12 @@ impl Engine {
         })
     }
 
-    pub(crate) fn header(&self, dir: &Path, base: Option<BaseRef>, manifest: Vec<ChunkRef>) -> Header {
+    pub(crate) fn header(
+        &self,
+        dir: &Path,
+        base: Option<BaseRef>,
+        manifest: Vec<ChunkRef>,
+    ) -> Header {
         Header {
             store: self.store.display_url().to_string(),
             scope: self.scope.clone(),
@@ -224,7 +232,6 @@ struct Writer {
     stats: Mutex<Vec<Option<Stat>>>,
 }
 
-
 /// Removes whatever is at `path` (file, symlink or tree) so the snapshot's entry can take its
 /// place. Never follows a symlink.
 fn clear(path: &Path) -> Result<()> {
@@ -295,7 +302,9 @@ impl Writer {
             libc::futimens(fd, times.as_ptr())
         };
         if rc != 0 {
-            return Err(Error::io("set times of", path)(std::io::Error::last_os_error()));
+            return Err(Error::io("set times of", path)(
+                std::io::Error::last_os_error(),
+            ));
         }
         let md = f.metadata().map_err(Error::io("stat", path))?;
         self.stats.lock().expect("not poisoned")[i] = Some(stat_of(&md));
@@ -311,7 +320,8 @@ impl Writer {
                 Kind::Dir => match std::fs::create_dir(&path) {
                     Ok(()) => {}
                     Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
-                        let md = std::fs::symlink_metadata(&path).map_err(Error::io("stat", &path))?;
+                        let md =
+                            std::fs::symlink_metadata(&path).map_err(Error::io("stat", &path))?;
                         if !md.is_dir() {
                             clear(&path)?;
                             std::fs::create_dir(&path).map_err(Error::io("create", &path))?;
@@ -322,7 +332,8 @@ impl Writer {
                 Kind::Symlink => {
                     let target = e.target.as_deref().expect("validated");
                     clear(&path)?;
-                    std::os::unix::fs::symlink(target, &path).map_err(Error::io("symlink", &path))?;
+                    std::os::unix::fs::symlink(target, &path)
+                        .map_err(Error::io("symlink", &path))?;
                 }
                 Kind::File if e.chunks.is_empty() => {
                     let f = self.create(&path, true)?;
@@ -362,7 +373,8 @@ impl Writer {
                         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
                         .open(&path)
                         .map_err(Error::io("open", &path))?;
-                    f.write_all_at(&raw, offset).map_err(Error::io("write", &path))?;
+                    f.write_all_at(&raw, offset)
+                        .map_err(Error::io("write", &path))?;
                     if self.remaining[i].fetch_sub(1, Ordering::AcqRel) == 1 {
                         self.seal(i, &f, &path)?;
                     }
@@ -389,10 +401,17 @@ impl Writer {
                 if e.kind == Kind::Dir {
                     libc::chmod(c.as_ptr(), e.mode as libc::mode_t);
                 }
-                libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+                libc::utimensat(
+                    libc::AT_FDCWD,
+                    c.as_ptr(),
+                    times.as_ptr(),
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
             };
             if rc != 0 {
-                return Err(Error::io("set times of", &path)(std::io::Error::last_os_error()));
+                return Err(Error::io("set times of", &path)(
+                    std::io::Error::last_os_error(),
+                ));
             }
         }
         Ok(())

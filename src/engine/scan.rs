@@ -55,7 +55,8 @@ pub fn scan(root: &Path) -> Result<Vec<Scanned>> {
                 continue;
             };
             let target = if kind == Kind::Symlink {
-                let t = std::fs::read_link(item.path()).map_err(Error::io("readlink", item.path()))?;
+                let t =
+                    std::fs::read_link(item.path()).map_err(Error::io("readlink", item.path()))?;
                 Some(
                     t.to_str()
                         .ok_or_else(|| Error::Unsupported {

@@ -223,7 +223,10 @@ impl Store {
     }
 
     pub async fn head(&self, location: &Path) -> Result<Option<ObjectMeta>> {
-        not_found_is_none(self.timed("head", location, self.inner.head(location)).await)
+        not_found_is_none(
+            self.timed("head", location, self.inner.head(location))
+                .await,
+        )
     }
 
     /// Creates the object only if nothing is there yet; `Ok(false)` when it already existed.

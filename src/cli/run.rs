@@ -1,0 +1,257 @@
+//! `cachevol run`: restore every cache, run the command, commit per policy and the command's
+//! exit status, exit with the command's status. A cache never fails a build: a restore that
+//! fails is a warning and the command runs with what there is; a commit that fails is reported
+//! but does not change the exit status. `--mode locked` serializes runs on one machine with a
+//! lock file beside a `file://` store.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::io::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Args, ValueEnum};
+
+use super::output::{Bars, Out};
+use super::{exit, CommitArgs, Global};
+use crate::engine::{names, Engine, Error};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    Shared,
+    Private,
+    Locked,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Policy {
+    /// Restore at the start and commit at the end.
+    PullPush,
+    /// Restore only; never commit.
+    Pull,
+    /// Start from the directory as it is; commit at the end.
+    Push,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CommitOn {
+    /// Commit only when the command exits 0.
+    Success,
+    /// Commit whatever the command's status.
+    Always,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// A cache as KEY=DIR; repeat for several caches.
+    #[arg(long = "cache", required = true, value_parser = parse_cache)]
+    caches: Vec<(String, PathBuf)>,
+    /// A fallback key tried when a cache's key has no snapshot: K for every cache, or KEY=K for
+    /// one cache. Repeat for an ordered list.
+    #[arg(long = "restore-key")]
+    restore_keys: Vec<String>,
+    /// shared and private behave alike on one machine (they differ between pods on a node);
+    /// locked serializes runs of the same caches on this machine.
+    #[arg(long, value_enum, default_value_t = Mode::Private)]
+    mode: Mode,
+    #[arg(long, value_enum, default_value_t = Policy::PullPush)]
+    policy: Policy,
+    #[arg(long, value_enum, default_value_t = CommitOn::Success)]
+    commit_on: CommitOn,
+    #[command(flatten)]
+    commit: CommitArgs,
+    /// The command to run, after `--`.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+fn parse_cache(s: &str) -> Result<(String, PathBuf), String> {
+    let (key, dir) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: a cache is KEY=DIR"))?;
+    names::key(key).map_err(|e| e.to_string())?;
+    if dir.is_empty() {
+        return Err(format!("{s:?}: the directory is empty"));
+    }
+    Ok((key.to_string(), PathBuf::from(dir)))
+}
+
+/// Restore keys per cache: `K` applies to every cache, `KEY=K` to one.
+fn restore_keys_for(key: &str, all: &[String]) -> Result<Vec<String>, Error> {
+    let mut out = Vec::new();
+    for rk in all {
+        match rk.split_once('=') {
+            Some((k, v)) if k == key => out.push(names::key(v)?.to_string()),
+            Some((k, _)) => {
+                names::key(k)?;
+            }
+            None => out.push(names::key(rk)?.to_string()),
+        }
+    }
+    Ok(out)
+}
+
+/// An exclusive lock on one cache key, held from restore until its commit is in the store.
+struct KeyLock {
+    _file: File,
+}
+
+impl KeyLock {
+    fn acquire(engine: &Engine, key: &str, out: &Out) -> Result<KeyLock, Error> {
+        let Some(root) = engine.store().local_root() else {
+            return Err(Error::Lock(format!(
+                "--mode locked on one machine needs a file:// store; {} is shared by other machines, \
+                 which only cachevol's Kubernetes driver serializes (with Leases)",
+                engine.store().display_url()
+            )));
+        };
+        let dir = root.join(engine.scope()).join("locks");
+        std::fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
+        let path = dir.join(format!("{key}.lock"));
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(Error::io("open", &path))?;
+        let fd = file.as_raw_fd();
+        // SAFETY: fd is an open descriptor owned by `file`.
+        if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            out.info(&format!(
+                "{key}: waiting for the lock (held by {})",
+                if holder.trim().is_empty() {
+                    "another run"
+                } else {
+                    holder.trim()
+                }
+            ));
+            // SAFETY: as above; blocks until the holder releases it (or exits).
+            if unsafe { libc::flock(fd, libc::LOCK_EX) } != 0 {
+                return Err(Error::Lock(format!(
+                    "locking {}: {}",
+                    path.display(),
+                    std::io::Error::last_os_error()
+                )));
+            }
+        }
+        let _ = file.set_len(0);
+        let _ = write!(
+            file,
+            "pid {} ({})",
+            std::process::id(),
+            crate::engine::default_writer()
+        );
+        Ok(KeyLock { _file: file })
+    }
+}
+
+pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Result<i32, Error> {
+    let engine = g.engine(&bars)?;
+    let mut seen = HashMap::new();
+    for (key, dir) in &args.caches {
+        if let Some(other) = seen.insert(key.clone(), dir.clone()) {
+            return Err(Error::Lock(format!(
+                "cache {key} is given twice ({} and {})",
+                other.display(),
+                dir.display()
+            )));
+        }
+    }
+
+    // Locks in key order, so two runs of overlapping caches cannot deadlock.
+    let mut locks = Vec::new();
+    if args.mode == Mode::Locked {
+        let mut keys: Vec<&String> = seen.keys().collect();
+        keys.sort();
+        for key in keys {
+            locks.push(KeyLock::acquire(&engine, key, out)?);
+        }
+    }
+
+    for (key, dir) in &args.caches {
+        let restore_keys = restore_keys_for(key, &args.restore_keys)?;
+        if args.policy == Policy::Push {
+            std::fs::create_dir_all(dir).map_err(Error::io("create", dir))?;
+            continue;
+        }
+        match engine.restore(key, &restore_keys, dir).await {
+            Ok(r) => out.restore(key, &r),
+            Err(e) => {
+                out.warn(&format!(
+                    "{key}: restore failed, running with what {} holds: {e}",
+                    dir.display()
+                ));
+                engine.forget(dir);
+            }
+        }
+    }
+
+    let status = run_command(&args.command, out).await;
+    let code = status.unwrap_or_else(|e| {
+        out.warn(&format!("could not run {:?}: {e}", args.command[0]));
+        127
+    });
+
+    let skip = match (args.policy, args.commit_on) {
+        (Policy::Pull, _) => Some("policy pull never commits".to_string()),
+        (_, CommitOn::Success) if code != 0 => Some(format!(
+            "the command exited {code}; commit-on success commits only successful runs"
+        )),
+        _ => None,
+    };
+    let mut opts = args.commit.options();
+    opts.fence |= args.mode == Mode::Locked;
+    for (key, dir) in &args.caches {
+        if let Some(why) = &skip {
+            out.line(
+                &format!("{key}: not committed: {why}"),
+                &serde_json::json!({"key": key, "skipped": why}),
+            );
+            continue;
+        }
+        match engine.commit(key, dir, &opts).await {
+            Ok(r) => out.commit(&r),
+            Err(e) => out.warn(&format!("{key}: commit failed: {e}")),
+        }
+    }
+    drop(locks);
+    Ok(if code == exit::OK { exit::OK } else { code })
+}
+
+/// Runs the command with inherited stdio; its exit code, or 128 + signal when killed.
+async fn run_command(command: &[String], out: &Out) -> std::io::Result<i32> {
+    use std::os::unix::process::ExitStatusExt;
+    out.info(&format!("running {}", shell_words(command)));
+    let mut child = tokio::process::Command::new(&command[0])
+        .args(&command[1..])
+        .spawn()?;
+    // Ctrl-C reaches the command (same process group); we wait for it to decide on the commit.
+    let status = loop {
+        tokio::select! {
+            s = child.wait() => break s?,
+            _ = tokio::signal::ctrl_c() => continue,
+        }
+    };
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+fn shell_words(words: &[String]) -> String {
+    words
+        .iter()
+        .map(|w| {
+            if w.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./=:@".contains(c))
+            {
+                w.clone()
+            } else {
+                format!("'{}'", w.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
