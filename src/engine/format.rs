@@ -416,14 +416,24 @@ impl PackBuilder {
     }
 }
 
+thread_local! {
+    // Contexts are reused per thread: creating one per chunk costs more than a small chunk.
+    static DECOMPRESSOR: std::cell::RefCell<zstd::bulk::Decompressor<'static>> =
+        std::cell::RefCell::new(zstd::bulk::Decompressor::new().expect("zstd context"));
+    static COMPRESSOR: std::cell::RefCell<zstd::bulk::Compressor<'static>> =
+        std::cell::RefCell::new(zstd::bulk::Compressor::new(3).expect("zstd context"));
+}
+
 /// Decompresses one chunk's frame and checks it against its ref.
 pub fn open_chunk(location: &str, r: &ChunkRef, frame: &[u8]) -> Result<Vec<u8>> {
-    let raw = zstd::bulk::decompress(frame, r.n as usize).map_err(|e| {
-        Error::corrupt(
-            location,
-            format!("chunk {} at offset {} does not decompress: {e}", r.h, r.o),
-        )
-    })?;
+    let raw = DECOMPRESSOR
+        .with(|d| d.borrow_mut().decompress(frame, r.n as usize))
+        .map_err(|e| {
+            Error::corrupt(
+                location,
+                format!("chunk {} at offset {} does not decompress: {e}", r.h, r.o),
+            )
+        })?;
     if raw.len() != r.n as usize || Digest::of(&raw) != r.h {
         return Err(Error::corrupt(
             location,
@@ -434,7 +444,9 @@ pub fn open_chunk(location: &str, r: &ChunkRef, frame: &[u8]) -> Result<Vec<u8>>
 }
 
 pub fn compress_chunk(raw: &[u8]) -> Vec<u8> {
-    zstd::bulk::compress(raw, 3).expect("zstd compresses in memory")
+    COMPRESSOR
+        .with(|c| c.borrow_mut().compress(raw))
+        .expect("zstd compresses in memory")
 }
 
 #[cfg(test)]

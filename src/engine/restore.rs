@@ -70,7 +70,14 @@ impl Engine {
                 break;
             }
         }
+        let previous = DirState::load(&self.state_dir, &dir, self.store.display_url(), &self.scope);
         let Some((level, from_key, generation)) = found else {
+            if let Some(prev) = previous {
+                let d = dir.clone();
+                tokio::task::spawn_blocking(move || reconcile(&d, &prev, &[]))
+                    .await
+                    .expect("reconcile does not panic")?;
+            }
             DirState {
                 header: self.header(&dir, None, vec![]),
                 entries: vec![],
@@ -89,7 +96,17 @@ impl Engine {
         let g = self.load_generation(&from_key, generation).await?;
         let entries = self.load_entries(&g).await?;
         let touch = self.touch_used(&from_key);
-        let (materialized, _) = futures::join!(self.materialize(&dir, &entries), touch);
+        // A directory that still holds what cachevol last put there is only brought up to date.
+        let present = match previous {
+            Some(prev) => {
+                let (d, e) = (dir.clone(), entries.clone());
+                tokio::task::spawn_blocking(move || reconcile(&d, &prev, &e))
+                    .await
+                    .expect("reconcile does not panic")?
+            }
+            None => vec![None; entries.len()],
+        };
+        let (materialized, _) = futures::join!(self.materialize(&dir, &entries, present), touch);
         let (stats, downloaded) = materialized?;
         DirState {
             header: self.header(
@@ -150,8 +167,18 @@ impl Engine {
 
     /// Writes `entries` under `dir`; returns each entry's stat after writing and the number of
     /// compressed bytes fetched.
-    async fn materialize(&self, dir: &Path, entries: &[Entry]) -> Result<(Vec<Option<Stat>>, u64)> {
-        let total: u64 = entries.iter().map(|e| e.size).sum();
+    async fn materialize(
+        &self,
+        dir: &Path,
+        entries: &[Entry],
+        present: Vec<Option<Present>>,
+    ) -> Result<(Vec<Option<Stat>>, u64)> {
+        let total: u64 = entries
+            .iter()
+            .zip(&present)
+            .filter(|(_, p)| p.is_none())
+            .map(|(e, _)| e.size)
+            .sum();
         self.progress.start("restore", total);
 
         // Plan: which file gets which chunk at which offset, grouped by pack.
@@ -159,6 +186,9 @@ impl Engine {
         let mut remaining: Vec<AtomicU32> = Vec::with_capacity(entries.len());
         for (i, e) in entries.iter().enumerate() {
             remaining.push(AtomicU32::new(e.chunks.len() as u32));
+            if present[i].is_some() {
+                continue;
+            }
             let mut offset = 0u64;
             for c in &e.chunks {
                 by_pack
@@ -179,7 +209,9 @@ impl Engine {
             root: dir.to_path_buf(),
             entries: entries.to_vec(),
             remaining,
-            stats: Mutex::new(vec![None; entries.len()]),
+            stats: Mutex::new(present.iter().map(|p| p.and_then(|p| p.0)).collect()),
+            present: present.iter().map(Option::is_some).collect(),
+            umask: current_umask(),
         });
         let w = shared.clone();
         tokio::task::spawn_blocking(move || w.prepare())
@@ -230,6 +262,75 @@ struct Writer {
     entries: Vec<Entry>,
     remaining: Vec<AtomicU32>,
     stats: Mutex<Vec<Option<Stat>>>,
+    /// Entries already in place (warm restore): not written again.
+    present: Vec<bool>,
+    /// The process umask, which applies to every file we create.
+    umask: u32,
+}
+
+/// An entry already in place, with its file stat (None for directories and symlinks).
+#[derive(Clone, Copy)]
+struct Present(Option<Stat>);
+
+/// Brings a directory that cachevol restored or committed before (`prev`) toward `entries`:
+/// removes what the new tree does not have, and tells which entries are already in place —
+/// files whose content and `stat` are unchanged since the record, symlinks with the same target,
+/// directories. Everything else is (re)written by the restore.
+fn reconcile(dir: &Path, prev: &DirState, entries: &[Entry]) -> Result<Vec<Option<Present>>> {
+    let scanned = super::scan::scan(dir)?;
+    let wanted: HashMap<&str, usize> = entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.path.as_str(), i))
+        .collect();
+    let recorded: HashMap<&str, usize> = prev
+        .entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.path.as_str(), i))
+        .collect();
+    let mut present = vec![None; entries.len()];
+    let mut removed_dirs: Vec<String> = Vec::new();
+    for s in &scanned {
+        // Inside a directory already removed whole.
+        if removed_dirs.last().is_some_and(|d| {
+            s.path.starts_with(d.as_str()) && s.path.as_bytes().get(d.len()) == Some(&b'/')
+        }) {
+            continue;
+        }
+        let Some(&i) = wanted.get(s.path.as_str()) else {
+            clear(&dir.join(&s.path))?;
+            if s.kind == Kind::Dir {
+                removed_dirs.push(s.path.clone());
+            }
+            continue;
+        };
+        let e = &entries[i];
+        present[i] = match (s.kind, e.kind) {
+            (Kind::Dir, Kind::Dir) => Some(Present(None)),
+            (Kind::Symlink, Kind::Symlink) if s.target == e.target => Some(Present(None)),
+            (Kind::File, Kind::File) => recorded.get(s.path.as_str()).and_then(|&r| {
+                (prev.stats[r] == Some(s.stat)
+                    && prev.entries[r].same_content(e)
+                    && s.mode == e.mode)
+                    .then_some(Present(Some(s.stat)))
+            }),
+            _ => None,
+        };
+    }
+    Ok(present)
+}
+
+/// The process umask, read without changing it (`umask(2)` can only set it); all bits set
+/// when unknown, so every file gets an explicit `fchmod`.
+fn current_umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("Umask:"))?;
+            u32::from_str_radix(line["Umask:".len()..].trim(), 8).ok()
+        })
+        .unwrap_or(0o7777)
 }
 
 /// Removes whatever is at `path` (file, symlink or tree) so the snapshot's entry can take its
@@ -265,29 +366,36 @@ impl Writer {
         self.root.join(&self.entries[i].path)
     }
 
-    /// Opens a file of the snapshot for writing, replacing whatever was there. O_NOFOLLOW:
-    /// a symlink planted at the path is never written through.
-    fn create(&self, path: &Path, truncate: bool) -> Result<std::fs::File> {
+    /// Creates a file of the snapshot, replacing whatever was at its path. `O_EXCL` and
+    /// `O_NOFOLLOW`: an existing file, symlink or hard link planted at the path is removed, never
+    /// written through. Created with its final mode, so most files need no `fchmod`.
+    fn create(&self, path: &Path, mode: u32) -> Result<std::fs::File> {
         let open = || {
             OpenOptions::new()
                 .write(true)
-                .create(true)
-                .truncate(truncate)
-                .mode(0o600)
+                .create_new(true)
+                .mode(mode)
                 .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
                 .open(path)
         };
         match open() {
             Ok(f) => Ok(f),
-            Err(e)
-                if e.raw_os_error() == Some(libc::ELOOP)
-                    || e.raw_os_error() == Some(libc::EISDIR)
-                    || e.kind() == std::io::ErrorKind::PermissionDenied =>
-            {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 clear(path)?;
                 open().map_err(Error::io("create", path))
             }
             Err(e) => Err(Error::io("create", path)(e)),
+        }
+    }
+
+    /// The mode a file is created with: its final mode when the umask leaves that intact;
+    /// owner read-write otherwise, and `seal` sets the final mode.
+    fn create_mode(&self, i: usize) -> u32 {
+        let mode = self.entries[i].mode;
+        if self.entries[i].chunks.len() <= 1 && mode & !self.umask == mode {
+            mode
+        } else {
+            0o600
         }
     }
 
@@ -296,10 +404,14 @@ impl Writer {
         let e = &self.entries[i];
         let fd = f.as_raw_fd();
         let times = [timespec(e.mtime), timespec(e.mtime)];
+        let chmod = self.create_mode(i) != e.mode;
         // SAFETY: fd is an open descriptor owned by `f`; `times` outlives the call.
         let rc = unsafe {
-            libc::fchmod(fd, e.mode as libc::mode_t);
-            libc::futimens(fd, times.as_ptr())
+            if chmod && libc::fchmod(fd, e.mode as libc::mode_t) != 0 {
+                -1
+            } else {
+                libc::futimens(fd, times.as_ptr())
+            }
         };
         if rc != 0 {
             return Err(Error::io("set times of", path)(
@@ -315,6 +427,9 @@ impl Writer {
     /// (at their full size, so chunks can land in any order).
     fn prepare(&self) -> Result<()> {
         for (i, e) in self.entries.iter().enumerate() {
+            if self.present[i] {
+                continue;
+            }
             let path = self.path(i);
             match e.kind {
                 Kind::Dir => match std::fs::create_dir(&path) {
@@ -336,11 +451,11 @@ impl Writer {
                         .map_err(Error::io("symlink", &path))?;
                 }
                 Kind::File if e.chunks.is_empty() => {
-                    let f = self.create(&path, true)?;
+                    let f = self.create(&path, self.create_mode(i))?;
                     self.seal(i, &f, &path)?;
                 }
                 Kind::File if e.chunks.len() > 1 => {
-                    let f = self.create(&path, true)?;
+                    let f = self.create(&path, self.create_mode(i))?;
                     f.set_len(e.size).map_err(Error::io("allocate", &path))?;
                 }
                 Kind::File => {}
@@ -364,7 +479,7 @@ impl Writer {
             for &(i, offset) in &need.targets {
                 let path = self.path(i);
                 if self.entries[i].chunks.len() == 1 {
-                    let mut f = self.create(&path, true)?;
+                    let mut f = self.create(&path, self.create_mode(i))?;
                     std::io::Write::write_all(&mut f, &raw).map_err(Error::io("write", &path))?;
                     self.seal(i, &f, &path)?;
                 } else {
