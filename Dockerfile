@@ -1,5 +1,5 @@
 # Multi-stage build of the cachevol binary (CLI, CSI node plugin and controller in one).
-FROM rust:1.85-bookworm AS build
+FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
