@@ -198,7 +198,7 @@ impl Engine {
             }
             base_manifest = st.header.manifest.clone();
         }
-        if state.as_ref().map_or(true, |s| s.header.base.is_none()) {
+        if state.as_ref().is_none_or(|s| s.header.base.is_none()) {
             if let Some(n) = self.newest(key).await? {
                 let g = self.load_generation(key, n).await?;
                 for e in self.load_entries(&g).await? {
@@ -662,7 +662,7 @@ fn union(theirs: &[Entry], ours: &[Entry], changed: &HashSet<String>) -> Vec<Ent
         theirs.iter().map(|e| (e.path.clone(), e.clone())).collect();
     let ours_by_path: HashMap<&str, &Entry> = ours.iter().map(|e| (e.path.as_str(), e)).collect();
     for e in ours {
-        if !(changed.contains(&e.path) || !tree.contains_key(&e.path)) {
+        if !changed.contains(&e.path) && tree.contains_key(&e.path) {
             continue;
         }
         // Every ancestor must be a directory: take ours where theirs has something else.

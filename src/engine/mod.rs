@@ -173,7 +173,7 @@ impl Engine {
                 key: key.to_string(),
                 generation,
             })?;
-        let g = Generation::decode(&loc.to_string(), &data)?;
+        let g = Generation::decode(loc.as_ref(), &data)?;
         if g.key != key || g.generation != generation {
             return Err(Error::corrupt(
                 loc.to_string(),
