@@ -1,0 +1,271 @@
+//! The `cachevol` binary as a CI step uses it: exit codes, policies, commit-on, and locked runs
+//! serialized on one machine.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+struct Env {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Env {
+    fn new() -> Env {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        Env { _tmp: tmp, root }
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_cachevol"));
+        c.arg("--store")
+            .arg(format!("file://{}", self.root.join("store").display()))
+            .arg("--state-dir")
+            .arg(self.root.join("state"))
+            .env_remove("CACHEVOL_STORE")
+            .env_remove("CACHEVOL_SCOPE");
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().unwrap()
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn json(out: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn run_exits_with_the_command_status_and_commits_only_successes() {
+    let env = Env::new();
+    let d = env.dir("c");
+    let cache = format!("npm={}", s(&d));
+    let write = format!("echo one > {}/a", s(&d));
+
+    // A failing command: not committed (commit-on success), its status is ours.
+    let out = env.run(&[
+        "run",
+        "--cache",
+        &cache,
+        "--",
+        "sh",
+        "-c",
+        &format!("{write}; exit 7"),
+    ]);
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("not committed"));
+    assert_eq!(
+        env.run(&["show", "npm"]).status.code(),
+        Some(3),
+        "nothing committed yet"
+    );
+
+    // commit-on always commits the failed run.
+    let out = env.run(&[
+        "run",
+        "--commit-on",
+        "always",
+        "--cache",
+        &cache,
+        "--",
+        "sh",
+        "-c",
+        &format!("{write}; exit 3"),
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    let out = env.run(&["--json", "show", "npm", "--summary"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(json(&out)[0]["generation"]["generation"], 1);
+
+    // policy pull never commits, even a success.
+    std::fs::remove_dir_all(&d).unwrap();
+    let out = env.run(&[
+        "run",
+        "--policy",
+        "pull",
+        "--cache",
+        &cache,
+        "--",
+        "sh",
+        "-c",
+        &format!("cat {}/a && echo two > {}/b", s(&d), s(&d)),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("one"),
+        "restored before the command"
+    );
+    let out = env.run(&["--json", "ls"]);
+    assert_eq!(json(&out)[0]["caches"][0]["newest"], 1);
+
+    // A command that cannot start: 127, and nothing committed.
+    let out = env.run(&["run", "--cache", &cache, "--", "/nonexistent/cmd"]);
+    assert_eq!(out.status.code(), Some(127));
+}
+
+#[test]
+fn exit_codes_say_what_went_wrong() {
+    let env = Env::new();
+    let d = env.dir("d");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("f"), vec![7u8; 4096]).unwrap();
+    // Bad key: usage.
+    assert_eq!(env.run(&["commit", "../etc", s(&d)]).status.code(), Some(2));
+    // Unknown cache: not found.
+    assert_eq!(env.run(&["show", "nope"]).status.code(), Some(3));
+    assert_eq!(
+        env.run(&["rollback", "nope", "--to", "1"]).status.code(),
+        Some(3)
+    );
+    // Over budget: refused, and nothing was written.
+    let out = env.run(&["commit", "--budget", "1K", "k", s(&d)]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("over its budget"));
+    assert_eq!(env.run(&["show", "k"]).status.code(), Some(3));
+    // Locked mode needs a local store.
+    let out = Command::new(env!("CARGO_BIN_EXE_cachevol"))
+        .args([
+            "--store",
+            "s3://bucket/p",
+            "--state-dir",
+            s(&env.dir("st")),
+            "run",
+            "--mode",
+            "locked",
+            "--cache",
+            &format!("k={}", s(&d)),
+            "--",
+            "true",
+        ])
+        .env("AWS_REGION", "us-east-1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("file:// store"));
+    // A corrupt generation: exit 5.
+    assert_eq!(env.run(&["commit", "k", s(&d)]).status.code(), Some(0));
+    let gen = env
+        .root
+        .join("store/default/manifests/k/00000000000000000001");
+    let mut bytes = std::fs::read(&gen).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&gen, bytes).unwrap();
+    let out = env.run(&["restore", "k", s(&env.dir("r"))]);
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("digest"));
+}
+
+#[test]
+fn locked_runs_on_one_machine_take_turns_and_see_each_others_writes() {
+    let env = Env::new();
+    let script = |tag: &str, dir: &Path| {
+        // Each run appends its tag to a log that must hold the earlier run's line.
+        format!(
+            "cat {0}/log 2>/dev/null; echo {tag} >> {0}/log; sleep 1.5",
+            s(dir)
+        )
+    };
+    let (a, b) = (env.dir("a"), env.dir("b"));
+    let started = Instant::now();
+    let first = env
+        .cmd()
+        .args([
+            "run",
+            "--mode",
+            "locked",
+            "--cache",
+            &format!("k={}", s(&a)),
+            "--",
+            "sh",
+            "-c",
+            &script("first", &a),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    let second = env
+        .cmd()
+        .args([
+            "run",
+            "--mode",
+            "locked",
+            "--cache",
+            &format!("k={}", s(&b)),
+            "--",
+            "sh",
+            "-c",
+            &script("second", &b),
+        ])
+        .output()
+        .unwrap();
+    let first = first.wait_with_output().unwrap();
+    assert!(
+        first.status.success() && second.status.success(),
+        "{first:?} {second:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("waiting for the lock"),
+        "the second run says it waits: {second:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "the runs did not overlap"
+    );
+    // The second run restored the first run's commit: its log holds both lines.
+    assert_eq!(
+        std::fs::read_to_string(b.join("log")).unwrap(),
+        "first\nsecond\n"
+    );
+    let out = env.run(&["--json", "ls"]);
+    assert_eq!(json(&out)[0]["caches"][0]["newest"], 2);
+}
+
+#[test]
+fn restore_keys_fall_back_per_cache() {
+    let env = Env::new();
+    let main = env.dir("main");
+    std::fs::create_dir_all(&main).unwrap();
+    std::fs::write(main.join("dep"), "from main").unwrap();
+    assert!(env.run(&["commit", "npm-main", s(&main)]).status.success());
+
+    let d = env.dir("branch");
+    let out = env.run(&[
+        "--json",
+        "run",
+        "--cache",
+        &format!("npm-feature={}", s(&d)),
+        "--restore-key",
+        "npm-feature=npm-main",
+        "--",
+        "sh",
+        "-c",
+        &format!("echo new > {}/x", s(&d)),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let reports = json(&out);
+    assert_eq!(reports[0]["restore"]["source"]["level"], "restore-key");
+    assert_eq!(reports[0]["restore"]["source"]["key"], "npm-main");
+    assert_eq!(reports[1]["commit"]["key"], "npm-feature");
+    assert_eq!(
+        reports[1]["commit"]["new_chunks"], 2,
+        "only the new file's chunk and a manifest chunk: {reports:?}"
+    );
+    assert_eq!(std::fs::read_to_string(d.join("dep")).unwrap(), "from main");
+}
