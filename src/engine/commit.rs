@@ -300,6 +300,18 @@ impl Engine {
         let ours = entries.clone();
         let changed: HashSet<String> = changed_paths(state.as_ref(), &ours);
         let mut merged = 0;
+        // Union: a generation newer than the one this tree was restored from is a conflict as
+        // much as a lost create is, so our changes are merged into it before the first attempt.
+        if opts.merge == Merge::Union
+            && !opts.fence
+            && target > 1
+            && Some(target - 1) != same_key_base
+        {
+            let theirs = self.load_generation(key, target - 1).await?;
+            let theirs = self.load_entries(&theirs).await?;
+            entries = union(&theirs, &ours, &changed);
+            merged += 1;
+        }
         let mut attempts = 0;
         let (generation, manifest_refs) = loop {
             attempts += 1;

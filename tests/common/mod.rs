@@ -1,0 +1,355 @@
+//! Helpers shared by the integration tests: stores (file:// and the S3 server of .ci/run), tree
+//! builders, and a tree comparison that checks what a user would notice after a restore:
+//! contents byte for byte, kinds, modes, symlink targets and mtimes.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use cachevol::engine::format::Digest;
+use cachevol::engine::{Engine, Store};
+
+/// The S3 store URL of the test environment (`CACHEVOL_TEST_S3_URL`, set by .ci/run), with a
+/// fresh prefix for `test` so tests never see each other's objects. Unset: fails under CI
+/// (`CI` set), else the test is skipped with a message.
+pub fn s3_url(test: &str) -> Option<String> {
+    match std::env::var("CACHEVOL_TEST_S3_URL") {
+        Ok(base) if !base.is_empty() => Some(format!(
+            "{}/{}-{}",
+            base.trim_end_matches('/'),
+            test,
+            unique()
+        )),
+        _ => {
+            if std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false") {
+                panic!("CACHEVOL_TEST_S3_URL is not set but CI is: the S3 tests must run in CI (see .ci/run)");
+            }
+            eprintln!(
+                "SKIPPED {test}: CACHEVOL_TEST_S3_URL is not set (run .ci/run for the S3 tests)"
+            );
+            None
+        }
+    }
+}
+
+/// A number unique within this process and very likely across processes.
+pub fn unique() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{}-{}-{}",
+        std::process::id(),
+        nanos,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn file_url(dir: &Path) -> String {
+    format!("file://{}", dir.display())
+}
+
+pub fn open(url: &str) -> Store {
+    Store::open(url).unwrap_or_else(|e| panic!("open store {url}: {e}"))
+}
+
+pub fn engine(url: &str, scope: &str, state: &Path) -> Engine {
+    Engine::new(open(url), scope, state).unwrap()
+}
+
+/// Deterministic pseudo-random, incompressible bytes (xorshift64*).
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn write(path: &Path, data: &[u8]) {
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p).unwrap();
+    }
+    std::fs::write(path, data).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+pub fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Sets the mtime (and atime) of `path` without following a symlink, in nanoseconds.
+pub fn set_mtime(path: &Path, ns: i64) {
+    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let ts = libc::timespec {
+        tv_sec: ns.div_euclid(1_000_000_000) as libc::time_t,
+        tv_nsec: ns.rem_euclid(1_000_000_000) as _,
+    };
+    let times = [ts, ts];
+    // SAFETY: valid NUL-terminated path and a two-element array that outlives the call.
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "utimensat {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// A tree with everything a cache holds: nested dirs, empty files, a large file of several
+/// content-defined chunks, relative, absolute and dangling symlinks, assorted modes (0755,
+/// 0600, 0444 files, a 0555 dir) and nanosecond mtimes.
+pub fn make_rich_tree(root: &Path, seed: u64) {
+    std::fs::create_dir_all(root).unwrap();
+    write(&root.join("README"), b"hello cache\n");
+    write(&root.join("empty"), b"");
+    write(&root.join("a/b/c/deep.txt"), b"deep content\n");
+    write(&root.join("a/b/c/empty"), b"");
+    std::fs::create_dir_all(root.join("a/empty-dir")).unwrap();
+    write(&root.join("big.bin"), &noise(seed, 12 << 20 | 12345));
+    // Mid-size compressible data (several chunks of text).
+    let text: Vec<u8> = (0..300_000u32)
+        .flat_map(|i| format!("line {i} of seed {seed}\n").into_bytes())
+        .collect();
+    write(&root.join("a/log.txt"), &text);
+    for i in 0..40 {
+        write(
+            &root.join(format!("many/f{i:03}.json")),
+            format!("{{\"i\":{i},\"seed\":{seed}}}").as_bytes(),
+        );
+    }
+    write(&root.join("bin/tool"), b"#!/bin/sh\necho tool\n");
+    chmod(&root.join("bin/tool"), 0o755);
+    write(&root.join("secret"), b"only me\n");
+    chmod(&root.join("secret"), 0o600);
+    write(&root.join("readonly.txt"), b"do not touch\n");
+    chmod(&root.join("readonly.txt"), 0o444);
+    write(&root.join("ro-dir/inside.txt"), b"inside a read-only dir\n");
+    std::os::unix::fs::symlink("a/b/c/deep.txt", root.join("rel-link")).unwrap();
+    std::os::unix::fs::symlink("../README", root.join("a/up-link")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", root.join("abs-link")).unwrap();
+    std::os::unix::fs::symlink("does/not/exist", root.join("dangling")).unwrap();
+    std::os::unix::fs::symlink("b", root.join("a/dir-link")).unwrap();
+
+    // Distinct nanosecond mtimes everywhere, deepest first so directories keep theirs.
+    let mut paths: Vec<PathBuf> = walk(root).into_iter().map(|(p, _)| p).collect();
+    paths.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for (i, p) in paths.iter().enumerate() {
+        set_mtime(
+            &root.join(p),
+            1_600_000_000_123_456_789 + i as i64 * 1_000_003_007,
+        );
+    }
+    chmod(&root.join("ro-dir"), 0o555);
+}
+
+/// One entry of a tree as a user sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Node {
+    File {
+        mode: u32,
+        mtime: i64,
+        size: u64,
+        digest: Digest,
+    },
+    Dir {
+        mode: u32,
+        mtime: i64,
+    },
+    Symlink {
+        target: PathBuf,
+        mtime: i64,
+    },
+    Other(String),
+}
+
+fn walk(root: &Path) -> Vec<(PathBuf, std::fs::Metadata)> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for item in std::fs::read_dir(root.join(&rel)).unwrap() {
+            let item = item.unwrap();
+            let r = rel.join(item.file_name());
+            let md = std::fs::symlink_metadata(root.join(&r)).unwrap();
+            if md.is_dir() {
+                stack.push(r.clone());
+            }
+            out.push((r, md));
+        }
+    }
+    out
+}
+
+/// Every entry below `root` (not `root` itself), by relative path, with its content hashed.
+pub fn tree(root: &Path) -> BTreeMap<PathBuf, Node> {
+    walk(root)
+        .into_iter()
+        .map(|(rel, md)| {
+            let mtime = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+            let mode = md.mode() & 0o7777;
+            let ft = md.file_type();
+            let node = if ft.is_symlink() {
+                Node::Symlink {
+                    target: std::fs::read_link(root.join(&rel)).unwrap(),
+                    mtime,
+                }
+            } else if ft.is_dir() {
+                Node::Dir { mode, mtime }
+            } else if ft.is_file() {
+                let data = std::fs::read(root.join(&rel)).unwrap();
+                Node::File {
+                    mode,
+                    mtime,
+                    size: data.len() as u64,
+                    digest: Digest::of(&data),
+                }
+            } else {
+                Node::Other(format!("{ft:?}"))
+            };
+            (rel, node)
+        })
+        .collect()
+}
+
+/// Asserts two trees are equal, naming the first differences.
+pub fn assert_trees_equal(expected: &Path, actual: &Path) {
+    let a = tree(expected);
+    let b = tree(actual);
+    assert_tree_maps_equal(
+        &a,
+        &b,
+        &format!("{} vs {}", expected.display(), actual.display()),
+    );
+}
+
+pub fn assert_tree_maps_equal(
+    a: &BTreeMap<PathBuf, Node>,
+    b: &BTreeMap<PathBuf, Node>,
+    what: &str,
+) {
+    let mut diffs = Vec::new();
+    for (p, n) in a {
+        match b.get(p) {
+            None => diffs.push(format!("missing {}: {n:?}", p.display())),
+            Some(m) if m != n => diffs.push(format!(
+                "differs {}:\n    expected {n:?}\n    actual   {m:?}",
+                p.display()
+            )),
+            _ => {}
+        }
+    }
+    for (p, n) in b {
+        if !a.contains_key(p) {
+            diffs.push(format!("extra {}: {n:?}", p.display()));
+        }
+    }
+    assert!(
+        diffs.is_empty(),
+        "trees differ ({what}), {} differences:\n  {}",
+        diffs.len(),
+        diffs
+            .iter()
+            .take(20)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n  ")
+    );
+    assert!(
+        !a.is_empty(),
+        "comparing empty trees proves nothing ({what})"
+    );
+}
+
+/// Every object below `root` of a file:// store with its size (a listing to compare).
+pub fn listing(root: &Path) -> BTreeMap<PathBuf, u64> {
+    if !root.exists() {
+        return BTreeMap::new();
+    }
+    walk(root)
+        .into_iter()
+        .filter(|(_, md)| md.is_file())
+        .map(|(p, md)| (p, md.len()))
+        .collect()
+}
+
+/// Every object of a store (any backend) with its size, below the store's root.
+pub async fn store_listing(url: &str) -> BTreeMap<String, u64> {
+    use futures::TryStreamExt;
+    use object_store::ObjectStore;
+    let (store, prefix) = raw_store(url);
+    store
+        .list(Some(&prefix))
+        .map_ok(|m| (m.location.to_string(), m.size))
+        .try_collect()
+        .await
+        .unwrap()
+}
+
+/// The object_store behind a URL, without cachevol in between, and the URL's prefix.
+pub fn raw_store(
+    url: &str,
+) -> (
+    std::sync::Arc<dyn object_store::ObjectStore>,
+    object_store::path::Path,
+) {
+    let parsed = url::Url::parse(url).unwrap();
+    if parsed.scheme() == "file" {
+        let path = parsed.to_file_path().unwrap();
+        std::fs::create_dir_all(&path).unwrap();
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(path).unwrap();
+        return (std::sync::Arc::new(fs), object_store::path::Path::default());
+    }
+    let s3 = object_store::aws::AmazonS3Builder::from_env()
+        .with_url(url)
+        .with_conditional_put(object_store::aws::S3ConditionalPut::ETagMatch)
+        .build()
+        .unwrap();
+    let prefix = object_store::path::Path::parse(parsed.path().trim_start_matches('/')).unwrap();
+    (std::sync::Arc::new(s3), prefix)
+}
+
+/// The pack objects of a scope in a listing.
+pub fn packs_in(
+    listing: &BTreeMap<String, u64>,
+    scope: &str,
+) -> std::collections::BTreeSet<String> {
+    listing
+        .keys()
+        .filter(|k| k.contains(&format!("{scope}/packs/")))
+        .map(|k| k.rsplit('/').next().unwrap().to_string())
+        .collect()
+}
+
+/// The packs a generation references (its file chunks and its manifest chunks), as hex ids.
+pub async fn referenced_packs(
+    e: &Engine,
+    key: &str,
+    generation: u64,
+) -> std::collections::BTreeSet<String> {
+    let g = e.load_generation(key, generation).await.unwrap();
+    let entries = e.load_entries(&g).await.unwrap();
+    entries
+        .iter()
+        .flat_map(|e| &e.chunks)
+        .chain(&g.manifest)
+        .map(|r| r.p.to_hex())
+        .collect()
+}
