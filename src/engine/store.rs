@@ -209,14 +209,17 @@ impl Store {
     }
 
     pub async fn get_range(&self, location: &Path, range: Range<u64>) -> Result<Bytes> {
-        let want = range.end - range.start;
+        let (start, want) = (range.start, range.end - range.start);
         let bytes = self
             .timed("get", location, self.inner.get_range(location, range))
             .await?;
         if bytes.len() as u64 != want {
             return Err(Error::corrupt(
                 location.to_string(),
-                format!("short read: wanted {want} bytes, got {}", bytes.len()),
+                format!(
+                    "object is truncated: wanted {want} bytes at offset {start}, got {}",
+                    bytes.len()
+                ),
             ));
         }
         Ok(bytes)

@@ -1,0 +1,452 @@
+//! Hostile and corrupt snapshots, handcrafted in a file:// store with the format module: each
+//! restore is refused with an error that names the problem, and nothing outside the target
+//! directory is touched. Also: symlinks planted in the target are never written through.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use cachevol::engine::format::{
+    compress_chunk, encode_entries, ChunkRef, Digest, Entry, Generation, Kind, PackBuilder,
+    Provenance, Totals,
+};
+use cachevol::engine::{CommitOptions, Engine, Error};
+use common::*;
+
+/// A store with a sibling "canary" directory that must never change.
+struct Lab {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    store: PathBuf,
+    canary: PathBuf,
+    engine: Engine,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        let store = root.join("store");
+        let canary = root.join("work/canary");
+        std::fs::create_dir_all(root.join("state")).unwrap();
+        write(&canary.join("precious.txt"), b"leave me alone\n");
+        std::fs::create_dir_all(canary.join("sub")).unwrap();
+        let engine = engine(&file_url(&store), "default", &root.join("state"));
+        Lab {
+            _tmp: tmp,
+            root,
+            store,
+            canary,
+            engine,
+        }
+    }
+
+    /// Writes a pack holding `chunks` (raw data, and the digest to claim for it).
+    fn pack(&self, chunks: &[(&[u8], Digest)]) -> (PathBuf, Vec<ChunkRef>) {
+        let mut b = PackBuilder::new();
+        for (raw, claimed) in chunks {
+            b.push(*claimed, raw.len() as u32, &compress_chunk(raw));
+        }
+        let (id, bytes, refs) = b.finish();
+        let hex = id.to_hex();
+        let path = self.store.join("default/packs").join(&hex[..2]).join(&hex);
+        write(&path, &bytes);
+        (path, refs)
+    }
+
+    /// Writes generation `gen` of `key` whose manifest stream is `stream`; returns its path.
+    fn generation(&self, key: &str, gen: u64, stream: &[u8]) -> PathBuf {
+        let (_, refs) = self.pack(&[(stream, Digest::of(stream))]);
+        let g = Generation {
+            key: key.into(),
+            generation: gen,
+            provenance: Provenance {
+                time: 0,
+                writer: "mallory".into(),
+                ..Default::default()
+            },
+            totals: Totals::default(),
+            manifest_hash: Digest::of(stream),
+            manifest_len: stream.len() as u64,
+            manifest: refs,
+        };
+        let path = self
+            .store
+            .join("default/manifests")
+            .join(key)
+            .join(format!("{gen:020}"));
+        write(&path, &g.encode());
+        path
+    }
+
+    /// A file entry whose data lives in a fresh pack.
+    fn file(&self, path: &str, data: &[u8]) -> Entry {
+        let (_, chunks) = self.pack(&[(data, Digest::of(data))]);
+        Entry {
+            path: path.into(),
+            kind: Kind::File,
+            mode: 0o644,
+            size: data.len() as u64,
+            mtime: 1_700_000_000_000_000_000,
+            target: None,
+            chunks,
+        }
+    }
+
+    fn target(&self, name: &str) -> PathBuf {
+        let t = self.root.join("work").join(name);
+        std::fs::create_dir_all(&t).unwrap();
+        t
+    }
+
+    fn work_names(&self) -> BTreeSet<String> {
+        std::fs::read_dir(self.root.join("work"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// Restores `key` into a fresh target, expecting a refusal that mentions `want`; checks
+    /// that nothing outside the target changed.
+    async fn refused(&self, key: &str, want: &[&str]) -> Error {
+        let target = self.target(&format!("target-{key}"));
+        let canary_before = tree(&self.canary);
+        let names_before = self.work_names();
+        let root_before: BTreeSet<_> = std::fs::read_dir(&self.root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        let err = self
+            .engine
+            .restore(key, &[], &target)
+            .await
+            .expect_err("a hostile snapshot must be refused");
+        let text = err.to_string();
+        for w in want {
+            assert!(
+                text.contains(w),
+                "error for {key} should mention {w:?}: {text}"
+            );
+        }
+        assert!(
+            matches!(
+                err,
+                Error::Corrupt { .. } | Error::UnsupportedVersion { .. }
+            ),
+            "{key}: a bad snapshot is a data error, not {err:?}"
+        );
+        assert!(!err.is_store_unavailable(), "{key}: {err:?}");
+        assert_tree_maps_equal(&canary_before, &tree(&self.canary), "canary");
+        assert_eq!(
+            names_before,
+            self.work_names(),
+            "{key}: new entries beside the target"
+        );
+        let root_after: BTreeSet<_> = std::fs::read_dir(&self.root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            root_before, root_after,
+            "{key}: new entries above the target"
+        );
+        err
+    }
+}
+
+fn line(e: &Entry) -> Vec<u8> {
+    encode_entries(std::slice::from_ref(e))
+}
+
+fn dir_entry(path: &str) -> Entry {
+    Entry {
+        path: path.into(),
+        kind: Kind::Dir,
+        mode: 0o755,
+        size: 0,
+        mtime: 1_700_000_000_000_000_000,
+        target: None,
+        chunks: vec![],
+    }
+}
+
+fn symlink_entry(path: &str, target: &str) -> Entry {
+    Entry {
+        path: path.into(),
+        kind: Kind::Symlink,
+        mode: 0o777,
+        size: 0,
+        mtime: 1_700_000_000_000_000_000,
+        target: Some(target.into()),
+        chunks: vec![],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handcrafted_snapshots_restore_when_valid() {
+    // The crafting helpers make snapshots cachevol accepts: the refusals below are about the
+    // hostile part only.
+    let lab = Lab::new();
+    let f = lab.file("dir/ok.txt", b"fine\n");
+    let mut stream = line(&dir_entry("dir"));
+    stream.extend(line(&f));
+    stream.extend(line(&symlink_entry("link", "dir/ok.txt")));
+    lab.generation("valid", 1, &stream);
+    let target = lab.target("valid");
+    lab.engine.restore("valid", &[], &target).await.unwrap();
+    assert_eq!(std::fs::read(target.join("dir/ok.txt")).unwrap(), b"fine\n");
+    assert_eq!(
+        std::fs::read_link(target.join("link")).unwrap(),
+        Path::new("dir/ok.txt")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absolute_paths_are_refused() {
+    let lab = Lab::new();
+    let abs = lab.canary.join("pwned");
+    let f = lab.file(abs.to_str().unwrap(), b"owned\n");
+    lab.generation("abs", 1, &line(&f));
+    lab.refused("abs", &["absolute path"]).await;
+    assert!(!abs.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_dot_paths_are_refused() {
+    let lab = Lab::new();
+    let f = lab.file("../canary/pwned", b"owned\n");
+    lab.generation("dotdot", 1, &line(&f));
+    lab.refused("dotdot", &["'..'", "../canary/pwned"]).await;
+    // Hidden deeper in a legitimate-looking path as well.
+    let mut stream = line(&dir_entry("a"));
+    stream.extend(line(&lab.file("a/../../pwned2", b"owned\n")));
+    lab.generation("dotdot2", 1, &stream);
+    lab.refused("dotdot2", &["'..'"]).await;
+    assert!(!lab.root.join("pwned2").exists());
+    assert!(!lab.canary.join("pwned").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_through_symlinks_are_refused() {
+    let lab = Lab::new();
+    let link = symlink_entry("link", lab.canary.to_str().unwrap());
+    let mut stream = line(&link);
+    stream.extend(line(&lab.file("link/pwned", b"owned\n")));
+    lab.generation("through-link", 1, &stream);
+    lab.refused(
+        "through-link",
+        &["link/pwned", "not a directory of the snapshot"],
+    )
+    .await;
+    // A relative link to the parent, then a directory under it.
+    let mut stream = line(&symlink_entry("up", ".."));
+    stream.extend(line(&dir_entry("up/canary2")));
+    lab.generation("through-link2", 1, &stream);
+    lab.refused("through-link2", &["not a directory of the snapshot"])
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_nodes_are_refused() {
+    let lab = Lab::new();
+    let mut stream = line(&dir_entry("dev"));
+    stream.extend_from_slice(
+        br#"{"path":"dev/null","kind":"chardev","mode":438,"size":0,"mtime":0,"rdev":259}"#,
+    );
+    stream.push(b'\n');
+    lab.generation("chardev", 1, &stream);
+    lab.refused("chardev", &["chardev"]).await;
+    let mut stream = Vec::new();
+    stream.extend_from_slice(br#"{"path":"sda","kind":"blockdev","mode":432,"mtime":0}"#);
+    stream.push(b'\n');
+    lab.generation("blockdev", 1, &stream);
+    lab.refused("blockdev", &["blockdev"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_that_do_not_match_their_digest_are_refused() {
+    let lab = Lab::new();
+    let real = b"what the pack really holds\n";
+    let claimed = b"what the manifest promised!\n";
+    let (_, chunks) = lab.pack(&[(real.as_slice(), Digest::of(claimed))]);
+    let f = Entry {
+        path: "f.txt".into(),
+        kind: Kind::File,
+        mode: 0o644,
+        size: real.len() as u64,
+        mtime: 0,
+        target: None,
+        chunks,
+    };
+    lab.generation("bad-digest", 1, &line(&f));
+    lab.refused("bad-digest", &["does not match its digest"])
+        .await;
+    // The altered data never becomes a file a build could pick up.
+    let target = lab.root.join("work/target-bad-digest");
+    assert!(
+        std::fs::read(target.join("f.txt")).map_or(true, |d| d != real),
+        "unverified data was written"
+    );
+
+    // A manifest altered after the fact is refused too (its digest is in the generation).
+    let ok = lab.file("ok.txt", b"ok\n");
+    let stream = line(&ok);
+    let (_, refs) = lab.pack(&[(stream.as_slice(), Digest::of(&stream))]);
+    let g = Generation {
+        key: "bad-manifest".into(),
+        generation: 1,
+        provenance: Provenance::default(),
+        totals: Totals::default(),
+        manifest_hash: Digest::of(b"some other manifest"),
+        manifest_len: stream.len() as u64,
+        manifest: refs,
+    };
+    write(
+        &lab.store
+            .join("default/manifests/bad-manifest")
+            .join(format!("{:020}", 1)),
+        &g.encode(),
+    );
+    lab.refused("bad-manifest", &["manifest does not match its digest"])
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_packs_are_refused() {
+    let lab = Lab::new();
+    let data = noise(3, 1 << 20);
+    let (pack, chunks) = lab.pack(&[
+        (&data[..1 << 19], Digest::of(&data[..1 << 19])),
+        (&data[1 << 19..], Digest::of(&data[1 << 19..])),
+    ]);
+    let f = Entry {
+        path: "big.bin".into(),
+        kind: Kind::File,
+        mode: 0o644,
+        size: data.len() as u64,
+        mtime: 0,
+        target: None,
+        chunks,
+    };
+    let mut stream = line(&lab.file("a-small.txt", b"small\n"));
+    stream.extend(line(&f));
+    lab.generation("truncated", 1, &stream);
+    // Whole, it restores.
+    let ok = lab.target("truncated-ok");
+    lab.engine.restore("truncated", &[], &ok).await.unwrap();
+    assert_eq!(std::fs::read(ok.join("big.bin")).unwrap(), data);
+    // Cut short on disk, it is refused.
+    let len = std::fs::metadata(&pack).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&pack).unwrap();
+    f.set_len(len - len / 3).unwrap();
+    drop(f);
+    lab.refused("truncated", &["truncated"]).await;
+    let target = lab.root.join("work/target-truncated");
+    assert!(
+        std::fs::read(target.join("big.bin")).map_or(true, |d| d != data),
+        "a file from a truncated pack cannot be complete"
+    );
+    // And verify says so too.
+    let err = lab.engine.verify("truncated", None).await.unwrap_err();
+    assert!(err.to_string().contains("truncated"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_format_versions_are_refused() {
+    let lab = Lab::new();
+    let stream = line(&lab.file("f.txt", b"from the future\n"));
+    let path = lab.generation("future", 1, &stream);
+    let mut data = std::fs::read(&path).unwrap();
+    data[8..12].copy_from_slice(&99u32.to_le_bytes());
+    std::fs::write(&path, &data).unwrap();
+    let err = lab
+        .refused("future", &["format version 99", "upgrade cachevol"])
+        .await;
+    assert!(matches!(
+        err,
+        Error::UnsupportedVersion {
+            found: 99,
+            supported: 1,
+            ..
+        }
+    ));
+    // Garbage where a generation should be.
+    write(
+        &lab.store
+            .join("default/manifests/garbage")
+            .join(format!("{:020}", 1)),
+        b"<html>not a snapshot</html>",
+    );
+    lab.refused("garbage", &["bad magic"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setuid_bits_in_a_snapshot_are_stripped() {
+    let lab = Lab::new();
+    let mut f = lab.file("suid", b"#!/bin/sh\n");
+    f.mode = 0o6755;
+    lab.generation("suid", 1, &line(&f));
+    let target = lab.target("suid");
+    lab.engine.restore("suid", &[], &target).await.unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(target.join("suid"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o755);
+}
+
+/// The target already holds symlinks where the snapshot has a directory and a file: restore
+/// replaces the links and never writes through them.
+async fn planted_symlinks(warm: bool) {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = file_url(&tmp.path().join("store"));
+    let src = tmp.path().join("src");
+    write(&src.join("a/f"), b"from the snapshot\n");
+    write(&src.join("b"), b"file b from the snapshot\n");
+    write(&src.join("c/d/e"), &noise(4, 3 << 20)); // several chunks
+    let e = engine(&url, "default", &tmp.path().join("state"));
+    e.commit("k", &src, &CommitOptions::default())
+        .await
+        .unwrap();
+
+    let outside = tmp.path().join("outside");
+    write(&outside.join("f"), b"outside, original\n");
+    write(&outside.join("b-target"), b"outside b, original\n");
+    write(&outside.join("e"), b"outside e, original\n");
+    std::fs::create_dir_all(outside.join("d")).unwrap();
+    let outside_before = tree(&outside);
+
+    let target = tmp.path().join("target");
+    if warm {
+        // A directory cachevol restored before, then tampered with.
+        e.restore("k", &[], &target).await.unwrap();
+        std::fs::remove_dir_all(target.join("a")).unwrap();
+        std::fs::remove_file(target.join("b")).unwrap();
+        std::fs::remove_file(target.join("c/d/e")).unwrap();
+        std::fs::remove_dir_all(target.join("c/d")).unwrap();
+    } else {
+        std::fs::create_dir_all(target.join("c")).unwrap();
+    }
+    std::os::unix::fs::symlink(&outside, target.join("a")).unwrap();
+    std::os::unix::fs::symlink(outside.join("b-target"), target.join("b")).unwrap();
+    std::os::unix::fs::symlink(&outside, target.join("c/d")).unwrap();
+
+    e.restore("k", &[], &target).await.unwrap();
+    assert_tree_maps_equal(&outside_before, &tree(&outside), "the outside directory");
+    assert_trees_equal(&src, &target);
+    assert!(std::fs::symlink_metadata(target.join("a"))
+        .unwrap()
+        .is_dir());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_never_writes_through_planted_symlinks() {
+    planted_symlinks(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_restore_never_writes_through_planted_symlinks() {
+    planted_symlinks(true).await;
+}
