@@ -269,3 +269,44 @@ fn restore_keys_fall_back_per_cache() {
     );
     assert_eq!(std::fs::read_to_string(d.join("dep")).unwrap(), "from main");
 }
+
+#[test]
+fn a_restore_killed_half_way_is_never_committed_and_is_redone_whole() {
+    let env = Env::new();
+    let src = env.dir("src");
+    for i in 0..200 {
+        let d = src.join(format!("d{}", i % 10));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(format!("f{i}")), format!("file {i}").repeat(100)).unwrap();
+    }
+    assert!(env.run(&["commit", "k", s(&src)]).status.success());
+    let dst = env.dir("dst");
+    assert!(env.run(&["restore", "k", s(&dst)]).status.success());
+
+    // Simulate a restore that died after marking the directory: its marker is left behind and
+    // the directory holds a mix (here: one file changed, one extra).
+    let canonical = std::fs::canonicalize(&dst).unwrap();
+    let id = blake3::hash(canonical.as_os_str().as_encoded_bytes()).to_hex();
+    let marker = env.root.join(format!("state/dirs/{}.restoring", &id[..32]));
+    assert!(
+        marker.with_extension("state").exists(),
+        "the record of dst is where we look"
+    );
+    std::fs::write(&marker, "x").unwrap();
+    std::fs::write(dst.join("d0/f0"), "half written").unwrap();
+    std::fs::write(dst.join("stray"), "from nowhere").unwrap();
+
+    let out = env.run(&["commit", "k", s(&dst)]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("did not finish"));
+
+    let out = env.run(&["restore", "k", s(&dst)]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!dst.join("stray").exists(), "the partial tree was cleared");
+    assert_eq!(
+        std::fs::read(dst.join("d0/f0")).unwrap(),
+        std::fs::read(src.join("d0/f0")).unwrap()
+    );
+    let out = env.run(&["--json", "commit", "k", s(&dst)]);
+    assert_eq!(json(&out)[0]["commit"]["outcome"], "unchanged", "{out:?}");
+}

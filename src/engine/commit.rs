@@ -117,6 +117,12 @@ impl Engine {
         let started = Instant::now();
         names::key(key)?;
         let dir = localstate::canonical(dir)?;
+        if DirState::restore_interrupted(&self.state_dir, &dir) {
+            return Err(Error::Unsupported {
+                path: dir,
+                why: "the last restore into it did not finish, so it holds no snapshot; restore it again before committing".into(),
+            });
+        }
         let state = DirState::load(&self.state_dir, &dir, self.store.display_url(), &self.scope);
         let base = state.as_ref().and_then(|s| s.header.base.clone());
         let scan_dir = dir.clone();

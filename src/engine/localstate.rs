@@ -43,6 +43,10 @@ fn record_path(state_dir: &Path, dir: &Path) -> PathBuf {
     state_dir.join("dirs").join(format!("{}.state", &id[..32]))
 }
 
+fn marker_path(state_dir: &Path, dir: &Path) -> PathBuf {
+    record_path(state_dir, dir).with_extension("restoring")
+}
+
 /// The canonical form of a cache dir, so `./x` and `/abs/x` share one record.
 pub fn canonical(dir: &Path) -> Result<PathBuf> {
     std::fs::canonicalize(dir).map_err(Error::io("resolve", dir))
@@ -83,6 +87,26 @@ impl DirState {
 
     pub fn remove(state_dir: &Path, dir: &Path) {
         let _ = std::fs::remove_file(record_path(state_dir, dir));
+        let _ = std::fs::remove_file(marker_path(state_dir, dir));
+    }
+
+    /// Marks `dir` as being restored: until the new record is saved, its content is neither the
+    /// old tree nor the new one. Survives a crash; `save` and `remove` clear it.
+    pub fn begin_restore(state_dir: &Path, dir: &Path) -> Result<()> {
+        write_atomic(
+            &marker_path(state_dir, dir),
+            dir.as_os_str().as_encoded_bytes(),
+        )
+    }
+
+    /// Clears the mark of a restore that ended before touching the directory.
+    pub fn end_restore(state_dir: &Path, dir: &Path) {
+        let _ = std::fs::remove_file(marker_path(state_dir, dir));
+    }
+
+    /// Whether a restore into `dir` started and never finished.
+    pub fn restore_interrupted(state_dir: &Path, dir: &Path) -> bool {
+        marker_path(state_dir, dir).exists()
     }
 
     pub fn save(&self, state_dir: &Path) -> Result<()> {
@@ -93,7 +117,9 @@ impl DirState {
         raw.push(b'\n');
         raw.extend_from_slice(&format::encode_entries(&self.entries));
         let data = zstd::bulk::compress(&raw, 1).expect("zstd compresses in memory");
-        write_atomic(&path, &data)
+        write_atomic(&path, &data)?;
+        let _ = std::fs::remove_file(marker_path(state_dir, &self.header.dir));
+        Ok(())
     }
 }
 

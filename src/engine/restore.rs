@@ -70,7 +70,19 @@ impl Engine {
                 break;
             }
         }
-        let previous = DirState::load(&self.state_dir, &dir, self.store.display_url(), &self.scope);
+        let mut previous =
+            DirState::load(&self.state_dir, &dir, self.store.display_url(), &self.scope);
+        if DirState::restore_interrupted(&self.state_dir, &dir) {
+            // A restore was killed half way: what the directory holds is no snapshot.
+            tracing::warn!(dir = %dir.display(), "the last restore into this directory did not finish; restoring it whole");
+            previous = None;
+            DirState::remove(&self.state_dir, &dir);
+            let d = dir.clone();
+            tokio::task::spawn_blocking(move || empty_dir(&d))
+                .await
+                .expect("empty_dir does not panic")?;
+        }
+        DirState::begin_restore(&self.state_dir, &dir)?;
         let Some((level, from_key, generation)) = found else {
             if let Some(prev) = previous {
                 let d = dir.clone();
@@ -93,21 +105,32 @@ impl Engine {
             });
         };
 
-        let g = self.load_generation(&from_key, generation).await?;
-        let entries = self.load_entries(&g).await?;
-        let touch = self.touch_used(&from_key);
-        // A directory that still holds what cachevol last put there is only brought up to date.
-        let present = match previous {
-            Some(prev) => {
-                let (d, e) = (dir.clone(), entries.clone());
-                tokio::task::spawn_blocking(move || reconcile(&d, &prev, &e))
-                    .await
-                    .expect("reconcile does not panic")?
-            }
-            None => vec![None; entries.len()],
+        let loaded = match self.load_generation(&from_key, generation).await {
+            Ok(g) => self.load_entries(&g).await.map(|e| (g, e)),
+            Err(e) => Err(e),
         };
-        let (materialized, _) = futures::join!(self.materialize(&dir, &entries, present), touch);
-        let (stats, downloaded) = materialized?;
+        let (g, entries) = match loaded {
+            Ok(v) => v,
+            Err(e) => {
+                // Nothing was touched: the directory still holds what it held.
+                DirState::end_restore(&self.state_dir, &dir);
+                return Err(e);
+            }
+        };
+        let entries = Arc::new(entries);
+        let touch = self.touch_used(&from_key);
+        let (written, _) = futures::join!(self.write_tree(&dir, previous, entries.clone()), touch);
+        let (stats, downloaded) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                // Part of the new tree and part of the old one is no snapshot at all: a pod must
+                // never see it, and a later commit must never publish it. Start empty instead.
+                let d = dir.clone();
+                let _ = tokio::task::spawn_blocking(move || empty_dir(&d)).await;
+                DirState::remove(&self.state_dir, &dir);
+                return Err(e);
+            }
+        };
         DirState {
             header: self.header(
                 &dir,
@@ -117,7 +140,7 @@ impl Engine {
                 }),
                 g.manifest.clone(),
             ),
-            entries,
+            entries: Arc::try_unwrap(entries).unwrap_or_else(|shared| (*shared).clone()),
             stats,
         }
         .save(&self.state_dir)?;
@@ -165,12 +188,32 @@ impl Engine {
         }
     }
 
-    /// Writes `entries` under `dir`; returns each entry's stat after writing and the number of
-    /// compressed bytes fetched.
+    /// Brings `dir` to `entries`: a directory that still holds what cachevol last put there
+    /// (`previous`) is only brought up to date, anything else is written whole.
+    async fn write_tree(
+        &self,
+        dir: &Path,
+        previous: Option<DirState>,
+        entries: Arc<Vec<Entry>>,
+    ) -> Result<(Vec<Option<Stat>>, u64)> {
+        let present = match previous {
+            Some(prev) => {
+                let (d, e) = (dir.to_path_buf(), entries.clone());
+                tokio::task::spawn_blocking(move || reconcile(&d, &prev, &e))
+                    .await
+                    .expect("reconcile does not panic")?
+            }
+            None => vec![None; entries.len()],
+        };
+        self.materialize(dir, entries, present).await
+    }
+
+    /// Writes `entries` under `dir` except those `present`; returns each entry's stat after
+    /// writing and the number of compressed bytes fetched.
     async fn materialize(
         &self,
         dir: &Path,
-        entries: &[Entry],
+        entries: Arc<Vec<Entry>>,
         present: Vec<Option<Present>>,
     ) -> Result<(Vec<Option<Stat>>, u64)> {
         let total: u64 = entries
@@ -207,7 +250,7 @@ impl Engine {
 
         let shared = Arc::new(Writer {
             root: dir.to_path_buf(),
-            entries: entries.to_vec(),
+            entries: entries.clone(),
             remaining,
             stats: Mutex::new(present.iter().map(|p| p.and_then(|p| p.0)).collect()),
             present: present.iter().map(Option::is_some).collect(),
@@ -259,13 +302,22 @@ struct Need {
 /// The blocking side of a restore: creates the tree and writes chunks into files.
 struct Writer {
     root: PathBuf,
-    entries: Vec<Entry>,
+    entries: Arc<Vec<Entry>>,
     remaining: Vec<AtomicU32>,
     stats: Mutex<Vec<Option<Stat>>>,
     /// Entries already in place (warm restore): not written again.
     present: Vec<bool>,
     /// The process umask, which applies to every file we create.
     umask: u32,
+}
+
+/// Removes everything inside `dir`, keeping `dir` itself (it may be a mount point).
+fn empty_dir(dir: &Path) -> Result<()> {
+    for item in std::fs::read_dir(dir).map_err(Error::io("read directory", dir))? {
+        let item = item.map_err(Error::io("read directory", dir))?;
+        clear(&item.path())?;
+    }
+    Ok(())
 }
 
 /// An entry already in place, with its file stat (None for directories and symlinks).
