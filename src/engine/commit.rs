@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,6 +21,7 @@ use super::format::{
     self, BaseRef, ChunkRef, Digest, Entry, Generation, Kind, PackBuilder, Provenance, Totals,
 };
 use super::localstate::{self, DirState, Stat};
+use super::overlay;
 use super::scan::{self, Scanned};
 use super::{io_concurrency, names, Engine, PACK_TARGET};
 
@@ -95,6 +96,35 @@ pub struct CommitReport {
     pub seconds: f64,
 }
 
+/// What a commit is made of, however the changes were found.
+struct Plan {
+    /// Where the files to read are (the cache dir, or an overlay upper dir).
+    read_root: PathBuf,
+    /// The generation the tree started from, if known.
+    base: Option<BaseRef>,
+    base_manifest: Vec<ChunkRef>,
+    base_entries: Option<Vec<Entry>>,
+    /// The new tree; files in `to_read` have no chunks yet.
+    entries: Vec<Entry>,
+    to_read: Vec<usize>,
+    /// Per entry, the stat to record for the directory (None where not tracked).
+    stats: Vec<Option<Stat>>,
+}
+
+struct Done {
+    report: CommitReport,
+    record: Option<CommittedTree>,
+}
+
+/// A tree as committed (or found unchanged): what a directory or a node base now holds.
+#[derive(Clone, Debug)]
+pub struct CommittedTree {
+    pub base: Option<BaseRef>,
+    pub manifest: Vec<ChunkRef>,
+    pub entries: Vec<Entry>,
+    stats: Vec<Option<Stat>>,
+}
+
 /// A file's content as chunk digests and lengths, before the chunks' locations are known.
 type Digests = Vec<(Digest, u32)>;
 
@@ -124,26 +154,10 @@ impl Engine {
             });
         }
         let state = DirState::load(&self.state_dir, &dir, self.store.display_url(), &self.scope);
-        let base = state.as_ref().and_then(|s| s.header.base.clone());
         let scan_dir = dir.clone();
         let scanned = tokio::task::spawn_blocking(move || scan::scan(&scan_dir))
             .await
             .expect("scan does not panic")?;
-
-        let total_bytes: u64 = scanned
-            .iter()
-            .filter(|s| s.kind == Kind::File)
-            .map(|s| s.stat.size)
-            .sum();
-        if let Some(budget) = opts.budget {
-            if total_bytes > budget {
-                return Err(Error::OverBudget {
-                    key: key.to_string(),
-                    size: total_bytes,
-                    budget,
-                });
-            }
-        }
 
         // Pair each scanned entry with its base entry; unchanged files keep their chunks.
         let base_index: HashMap<&str, usize> = state
@@ -170,41 +184,161 @@ impl Engine {
             }
             entries.push(entry_of(s, reuse.unwrap_or_default()));
         }
+        let stats = scanned
+            .iter()
+            .map(|s| (s.kind == Kind::File).then_some(s.stat))
+            .collect();
+        let plan = Plan {
+            read_root: dir.clone(),
+            base: state.as_ref().and_then(|s| s.header.base.clone()),
+            base_manifest: state
+                .as_ref()
+                .map(|s| s.header.manifest.clone())
+                .unwrap_or_default(),
+            base_entries: state.map(|s| s.entries),
+            entries,
+            to_read,
+            stats,
+        };
+        let done = self.commit_plan(key, plan, opts, started).await?;
+        if let Some(record) = done.record {
+            self.save_state(
+                &dir,
+                record.base,
+                record.manifest,
+                &record.entries,
+                record.stats,
+            )?;
+        }
+        Ok(done.report)
+    }
+
+    /// Commits what the node's overlay view of a pod changed: `upper` is the overlayfs upper
+    /// dir over `base_dir`, a tree cachevol restored or committed (it has a record). Only the
+    /// upper dir is walked and only its files are read: the cost is the size of the change,
+    /// not of the cache. Returns the report and the committed tree (when a generation was
+    /// written or the content is unchanged) for the node to keep as its next base.
+    pub async fn commit_overlay(
+        &self,
+        key: &str,
+        base_dir: &Path,
+        upper: &Path,
+        opts: &CommitOptions,
+    ) -> Result<(CommitReport, Option<CommittedTree>)> {
+        let started = Instant::now();
+        names::key(key)?;
+        let base_dir = localstate::canonical(base_dir)?;
+        let state = DirState::load(
+            &self.state_dir,
+            &base_dir,
+            self.store.display_url(),
+            &self.scope,
+        )
+        .ok_or_else(|| Error::Unsupported {
+            path: base_dir.clone(),
+            why: "this base has no record of the snapshot it holds".into(),
+        })?;
+        let up = upper.to_path_buf();
+        let changes = tokio::task::spawn_blocking(move || overlay::changes(&up))
+            .await
+            .expect("walk does not panic")?;
+        let (entries, to_read) = overlay::apply(&state.entries, changes);
+        let stats = vec![None; entries.len()];
+        let plan = Plan {
+            read_root: upper.to_path_buf(),
+            base: state.header.base.clone(),
+            base_manifest: state.header.manifest.clone(),
+            base_entries: Some(state.entries),
+            entries,
+            to_read,
+            stats,
+        };
+        let done = self.commit_plan(key, plan, opts, started).await?;
+        Ok((done.report, done.record))
+    }
+
+    /// Records `entries` as the tree held by `dir` (a base the node assembled from layers), so
+    /// later overlay commits can diff against it.
+    pub fn record_tree(&self, dir: &Path, tree: &CommittedTree) -> Result<()> {
+        let dir = localstate::canonical(dir)?;
+        self.save_state(
+            &dir,
+            tree.base.clone(),
+            tree.manifest.clone(),
+            &tree.entries,
+            vec![None; tree.entries.len()],
+        )
+    }
+
+    /// The part of a commit shared by every way of finding changes: budget, dedup against
+    /// what the scope has, chunking and packing, the generation, the head.
+    async fn commit_plan(
+        &self,
+        key: &str,
+        plan: Plan,
+        opts: &CommitOptions,
+        started: Instant,
+    ) -> Result<Done> {
+        let Plan {
+            read_root,
+            base,
+            base_manifest,
+            base_entries,
+            mut entries,
+            mut to_read,
+            stats,
+        } = plan;
+        let base_entries = base_entries.as_deref();
+        let total_bytes: u64 = entries
+            .iter()
+            .filter(|e| e.kind == Kind::File)
+            .map(|e| e.size)
+            .sum();
+        if let Some(budget) = opts.budget {
+            if total_bytes > budget {
+                return Err(Error::OverBudget {
+                    key: key.to_string(),
+                    size: total_bytes,
+                    budget,
+                });
+            }
+        }
+        let files =
+            |entries: &[Entry]| entries.iter().filter(|e| e.kind == Kind::File).count() as u64;
 
         let same_key_base = base.as_ref().filter(|b| b.key == key).map(|b| b.generation);
         // A tree equal to what was restored (even an empty miss) is unchanged: nothing uploads.
-        if to_read.is_empty() && same_tree(state.as_ref(), &entries) {
-            return Ok(CommitReport {
-                outcome: CommitOutcome::Unchanged {
-                    generation: same_key_base,
+        if to_read.is_empty() && same_tree(base_entries, &entries) {
+            return Ok(Done {
+                report: CommitReport {
+                    outcome: CommitOutcome::Unchanged {
+                        generation: same_key_base,
+                    },
+                    key: key.to_string(),
+                    files: files(&entries),
+                    bytes: total_bytes,
+                    files_read: 0,
+                    uploaded: 0,
+                    new_chunks: 0,
+                    merged: 0,
+                    seconds: started.elapsed().as_secs_f64(),
                 },
-                key: key.to_string(),
-                files: entries.iter().filter(|e| e.kind == Kind::File).count() as u64,
-                bytes: total_bytes,
-                files_read: 0,
-                uploaded: 0,
-                new_chunks: 0,
-                merged: 0,
-                seconds: started.elapsed().as_secs_f64(),
+                record: None,
             });
         }
 
-        // What the scope already has: the base's chunks, and (without a record of this dir)
-        // the key's newest generation. Packs that have vanished (GC) are not relied on.
+        // What the scope already has: the base's chunks, and (without a known base) the key's
+        // newest generation. Packs that have vanished (GC) are not relied on.
         let mut known: HashMap<Digest, ChunkRef> = HashMap::new();
-        let mut base_manifest: Vec<ChunkRef> = Vec::new();
-        if let Some(st) = &state {
-            for r in st
-                .entries
-                .iter()
-                .flat_map(|e| &e.chunks)
-                .chain(&st.header.manifest)
-            {
-                known.entry(r.h).or_insert_with(|| r.clone());
-            }
-            base_manifest = st.header.manifest.clone();
+        for r in base_entries
+            .unwrap_or_default()
+            .iter()
+            .flat_map(|e| &e.chunks)
+            .chain(&base_manifest)
+        {
+            known.entry(r.h).or_insert_with(|| r.clone());
         }
-        if state.as_ref().is_none_or(|s| s.header.base.is_none()) {
+        if base.is_none() {
             if let Some(n) = self.newest(key).await? {
                 let g = self.load_generation(key, n).await?;
                 for e in self.load_entries(&g).await? {
@@ -233,16 +367,17 @@ impl Engine {
         }
 
         // Read, chunk, hash and compress what may have changed; pack and upload what is new.
-        let read_bytes: u64 = to_read.iter().map(|&i| scanned[i].stat.size).sum();
-        self.progress.start("commit", read_bytes);
+        let jobs: Vec<(usize, PathBuf, u64)> = to_read
+            .iter()
+            .map(|&i| (i, read_root.join(&entries[i].path), entries[i].size))
+            .collect();
+        self.progress
+            .start("commit", jobs.iter().map(|j| j.2).sum());
         let mut packer = Packer::new(self);
-        let (digests, vanished) = self
-            .chunk_files(&dir, &scanned, &to_read, &known, &mut packer)
-            .await?;
-        let mut read_stats: HashMap<usize, Stat> = HashMap::new();
+        let (digests, vanished) = self.chunk_files(jobs, &known, &mut packer).await?;
+        let files_read = digests.len() as u64;
         for (i, d) in digests {
             entries[i].size = d.iter().map(|(_, n)| *n as u64).sum();
-            read_stats.insert(i, scanned[i].stat);
             entries[i].chunks = d
                 .into_iter()
                 .map(|(h, n)| ChunkRef {
@@ -256,12 +391,10 @@ impl Engine {
         }
         let (keep, stats): (Vec<Entry>, Vec<Option<Stat>>) = entries
             .into_iter()
+            .zip(stats)
             .enumerate()
             .filter(|(i, _)| !vanished.contains(i))
-            .map(|(i, e)| {
-                let st = (e.kind == Kind::File).then_some(scanned[i].stat);
-                (e, st)
-            })
+            .map(|(_, pair)| pair)
             .unzip();
         let mut entries = keep;
         let new_refs = packer.finish_data().await?;
@@ -278,21 +411,28 @@ impl Engine {
         }
         self.progress.finish();
 
-        if same_tree(state.as_ref(), &entries) {
-            // Touched but identical: nothing new was packed, nothing is written.
-            self.save_state(&dir, base.clone(), base_manifest, &entries, stats)?;
-            return Ok(CommitReport {
-                outcome: CommitOutcome::Unchanged {
-                    generation: same_key_base,
+        if same_tree(base_entries, &entries) {
+            // Touched but identical: nothing new was packed, no generation is written.
+            return Ok(Done {
+                report: CommitReport {
+                    outcome: CommitOutcome::Unchanged {
+                        generation: same_key_base,
+                    },
+                    key: key.to_string(),
+                    files: files(&entries),
+                    bytes: total_bytes,
+                    files_read,
+                    uploaded: packer.uploaded,
+                    new_chunks: packer.new_chunks,
+                    merged: 0,
+                    seconds: started.elapsed().as_secs_f64(),
                 },
-                key: key.to_string(),
-                files: entries.iter().filter(|e| e.kind == Kind::File).count() as u64,
-                bytes: total_bytes,
-                files_read: read_stats.len() as u64,
-                uploaded: packer.uploaded,
-                new_chunks: packer.new_chunks,
-                merged: 0,
-                seconds: started.elapsed().as_secs_f64(),
+                record: Some(CommittedTree {
+                    base,
+                    manifest: base_manifest,
+                    entries,
+                    stats,
+                }),
             });
         }
         fault("after-packs");
@@ -304,7 +444,7 @@ impl Engine {
             (false, b) => self.newest(key).await?.unwrap_or(0).max(b.unwrap_or(0)) + 1,
         };
         let ours = entries.clone();
-        let changed: HashSet<String> = changed_paths(state.as_ref(), &ours);
+        let changed: HashSet<String> = changed_paths(base_entries, &ours);
         let mut merged = 0;
         // Union: a generation newer than the one this tree was restored from is a conflict as
         // much as a lost create is, so our changes are merged into it before the first attempt.
@@ -378,26 +518,29 @@ impl Engine {
         fault("after-manifest");
         self.advance_head(key, generation).await?;
 
-        self.save_state(
-            &dir,
-            Some(BaseRef {
+        // The record describes the directory (ours), with the generation it is now part of
+        // (for a union commit, that generation holds more than the directory does).
+        Ok(Done {
+            report: CommitReport {
+                outcome: CommitOutcome::Committed { generation },
                 key: key.to_string(),
-                generation,
+                files: files(&ours),
+                bytes: total_bytes,
+                files_read,
+                uploaded: packer.uploaded,
+                new_chunks: packer.new_chunks,
+                merged,
+                seconds: started.elapsed().as_secs_f64(),
+            },
+            record: Some(CommittedTree {
+                base: Some(BaseRef {
+                    key: key.to_string(),
+                    generation,
+                }),
+                manifest: manifest_refs,
+                entries: ours,
+                stats,
             }),
-            manifest_refs,
-            &ours,
-            stats,
-        )?;
-        Ok(CommitReport {
-            outcome: CommitOutcome::Committed { generation },
-            key: key.to_string(),
-            files: ours.iter().filter(|e| e.kind == Kind::File).count() as u64,
-            bytes: total_bytes,
-            files_read: read_stats.len() as u64,
-            uploaded: packer.uploaded,
-            new_chunks: packer.new_chunks,
-            merged,
-            seconds: started.elapsed().as_secs_f64(),
         })
     }
 
@@ -441,18 +584,12 @@ impl Engine {
     /// Returns each file's digests, and the files that vanished since the scan.
     async fn chunk_files(
         &self,
-        dir: &Path,
-        scanned: &[Scanned],
-        to_read: &[usize],
+        jobs: Vec<(usize, PathBuf, u64)>,
         known: &HashMap<Digest, ChunkRef>,
         packer: &mut Packer<'_>,
     ) -> Result<(HashMap<usize, Digests>, HashSet<usize>)> {
-        let jobs: Arc<Vec<(usize, std::path::PathBuf, u64)>> = Arc::new(
-            to_read
-                .iter()
-                .map(|&i| (i, dir.join(&scanned[i].path), scanned[i].stat.size))
-                .collect(),
-        );
+        let paths: HashMap<usize, PathBuf> = jobs.iter().map(|(i, p, _)| (*i, p.clone())).collect();
+        let jobs = Arc::new(jobs);
         let known: Arc<HashSet<Digest>> = Arc::new(known.keys().copied().collect());
         let claimed: Arc<Mutex<HashSet<Digest>>> = Arc::default();
         let next = Arc::new(AtomicUsize::new(0));
@@ -526,7 +663,7 @@ impl Engine {
                     Err(e) => {
                         failure.get_or_insert(Error::Io {
                             op: "read",
-                            path: dir.join(&scanned[file].path),
+                            path: paths[&file].clone(),
                             source: e,
                         });
                         rx.close();
@@ -648,22 +785,17 @@ fn entry_of(s: &Scanned, chunks: Vec<ChunkRef>) -> Entry {
 }
 
 /// Whether `entries` has the same content as the recorded base tree.
-fn same_tree(state: Option<&DirState>, entries: &[Entry]) -> bool {
-    let Some(st) = state else {
+fn same_tree(base: Option<&[Entry]>, entries: &[Entry]) -> bool {
+    let Some(base) = base else {
         return false;
     };
-    st.entries.len() == entries.len()
-        && st
-            .entries
-            .iter()
-            .zip(entries)
-            .all(|(a, b)| a.same_content(b))
+    base.len() == entries.len() && base.iter().zip(entries).all(|(a, b)| a.same_content(b))
 }
 
 /// Paths whose entry differs from the base (or that the base lacks).
-fn changed_paths(state: Option<&DirState>, entries: &[Entry]) -> HashSet<String> {
-    let base: HashMap<&str, &Entry> = state
-        .map(|s| s.entries.iter().map(|e| (e.path.as_str(), e)).collect())
+fn changed_paths(base: Option<&[Entry]>, entries: &[Entry]) -> HashSet<String> {
+    let base: HashMap<&str, &Entry> = base
+        .map(|b| b.iter().map(|e| (e.path.as_str(), e)).collect())
         .unwrap_or_default();
     entries
         .iter()

@@ -11,6 +11,7 @@ mod commit;
 mod gc;
 mod inspect;
 mod localstate;
+mod overlay;
 mod restore;
 mod scan;
 
@@ -21,7 +22,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
-pub use commit::{CommitOptions, CommitOutcome, CommitReport, Merge};
+pub use commit::{CommitOptions, CommitOutcome, CommitReport, CommittedTree, Merge};
 pub use error::{Error, Result};
 pub use format::{Entry, Generation, Kind, Provenance};
 pub use gc::{GcPolicy, GcReport};
