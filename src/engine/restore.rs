@@ -52,24 +52,47 @@ impl Engine {
         restore_keys: &[String],
         dir: &Path,
     ) -> Result<RestoreReport> {
-        let started = Instant::now();
         names::key(key)?;
         for k in restore_keys {
             names::key(k)?;
         }
-        std::fs::create_dir_all(dir).map_err(Error::io("create", dir))?;
-        let dir = localstate::canonical(dir)?;
+        let source = self.resolve(key, restore_keys).await?;
+        self.restore_source(source, dir).await
+    }
 
-        let mut found = None;
-        for (i, k) in std::iter::once(key)
-            .chain(restore_keys.iter().map(String::as_str))
-            .enumerate()
-        {
-            if let Some(g) = self.newest(k).await? {
-                found = Some((i, k.to_string(), g));
-                break;
+    /// What a restore of `key` would bring now: its newest generation, else the newest of the
+    /// first restore key that has one, else nothing.
+    pub async fn resolve(&self, key: &str, restore_keys: &[String]) -> Result<RestoreSource> {
+        if let Some(generation) = self.newest(key).await? {
+            return Ok(RestoreSource::Key {
+                key: key.to_string(),
+                generation,
+            });
+        }
+        for k in restore_keys {
+            if let Some(generation) = self.newest(k).await? {
+                return Ok(RestoreSource::RestoreKey {
+                    key: k.clone(),
+                    generation,
+                });
             }
         }
+        Ok(RestoreSource::Miss)
+    }
+
+    /// Restores exactly `source` (a generation, or nothing) into `dir`.
+    pub async fn restore_source(&self, source: RestoreSource, dir: &Path) -> Result<RestoreReport> {
+        let started = Instant::now();
+        let found = match &source {
+            RestoreSource::Key { key, generation } => Some((0, key.clone(), *generation)),
+            RestoreSource::RestoreKey { key, generation } => Some((1, key.clone(), *generation)),
+            RestoreSource::Miss => None,
+        };
+        if let Some((_, k, _)) = &found {
+            names::key(k)?;
+        }
+        std::fs::create_dir_all(dir).map_err(Error::io("create", dir))?;
+        let dir = localstate::canonical(dir)?;
         let mut previous =
             DirState::load(&self.state_dir, &dir, self.store.display_url(), &self.scope);
         if DirState::restore_interrupted(&self.state_dir, &dir) {
