@@ -11,7 +11,7 @@ mod commit;
 mod gc;
 mod inspect;
 mod localstate;
-mod overlay;
+pub mod overlay;
 mod restore;
 mod scan;
 
@@ -302,5 +302,63 @@ impl Engine {
         if let Ok(dir) = localstate::canonical(dir) {
             localstate::DirState::remove(&self.state_dir, &dir);
         }
+    }
+}
+
+impl Engine {
+    /// Whether `dir` holds a complete tree that cachevol restored, committed or recorded.
+    pub fn has_record(&self, dir: &std::path::Path) -> bool {
+        let Ok(dir) = localstate::canonical(dir) else {
+            return false;
+        };
+        !localstate::DirState::restore_interrupted(&self.state_dir, &dir)
+            && localstate::DirState::load(
+                &self.state_dir,
+                &dir,
+                self.store.display_url(),
+                &self.scope,
+            )
+            .is_some()
+    }
+
+    /// Records `copy`, a plain copy of the recorded tree `base` (the copy fallback of node
+    /// views), with the stat of each copied file, so its commit reads only what changes.
+    pub fn adopt_copy(&self, base: &std::path::Path, copy: &std::path::Path) -> Result<()> {
+        let (base, copy) = (localstate::canonical(base)?, localstate::canonical(copy)?);
+        let state = localstate::DirState::load(
+            &self.state_dir,
+            &base,
+            self.store.display_url(),
+            &self.scope,
+        )
+        .ok_or_else(|| Error::Unsupported {
+            path: base.clone(),
+            why: "this base has no record of the snapshot it holds".into(),
+        })?;
+        let scanned: std::collections::HashMap<String, localstate::Stat> = scan::scan(&copy)?
+            .into_iter()
+            .filter(|s| s.kind == Kind::File)
+            .map(|s| (s.path, s.stat))
+            .collect();
+        let stats = state
+            .entries
+            .iter()
+            .map(|e| {
+                scanned
+                    .get(&e.path)
+                    .filter(|st| e.kind == Kind::File && st.size == e.size && st.mtime == e.mtime)
+                    .copied()
+            })
+            .collect();
+        localstate::DirState {
+            header: self.header(
+                &copy,
+                state.header.base.clone(),
+                state.header.manifest.clone(),
+            ),
+            entries: state.entries,
+            stats,
+        }
+        .save(&self.state_dir)
     }
 }
