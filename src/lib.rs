@@ -2,6 +2,10 @@
 //!
 //! - [`engine`]: snapshots of directories in object storage (no gRPC, no Kubernetes).
 //! - [`cli`]: the `cachevol` command line around the engine.
+//! - [`csi`]: the CSI driver's gRPC services (Identity, Controller) on a unix socket.
+//! - [`node`]: the node plugin's volumes: node-local bases, overlay views, mounts, commits.
 
 pub mod cli;
+pub mod csi;
 pub mod engine;
+pub mod node;

@@ -27,6 +27,7 @@ pub use error::{Error, Result};
 pub use format::{Entry, Generation, Kind, Provenance};
 pub use gc::{GcPolicy, GcReport};
 pub use inspect::{KeyInfo, VerifyReport};
+pub use localstate::write_atomic;
 pub use restore::{RestoreReport, RestoreSource};
 pub use store::Store;
 

@@ -182,56 +182,6 @@ pub fn apply(base: &[Entry], changes: Vec<Change>) -> (Vec<Entry>, Vec<usize>) {
     (entries, to_read)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn e(path: &str, kind: Kind) -> Entry {
-        Entry {
-            path: path.into(),
-            kind,
-            mode: 0o755,
-            size: 0,
-            mtime: 1,
-            target: (kind == Kind::Symlink).then(|| "x".into()),
-            chunks: vec![],
-        }
-    }
-
-    #[test]
-    fn whiteouts_opaque_dirs_and_replacements() {
-        let base = vec![
-            e("a", Kind::Dir),
-            e("a/keep", Kind::File),
-            e("a/gone", Kind::File),
-            e("b", Kind::Dir),
-            e("b/old", Kind::File),
-            e("c", Kind::File),
-            e("d", Kind::Dir),
-            e("d/x", Kind::File),
-        ];
-        let changes = vec![
-            Change::Whiteout("a/gone".into()),
-            Change::Dir {
-                entry: e("b", Kind::Dir),
-                opaque: true,
-            },
-            Change::Content(e("b/new", Kind::File)),
-            Change::Dir {
-                entry: e("c", Kind::Dir),
-                opaque: false,
-            },
-            Change::Content(e("d", Kind::File)),
-        ];
-        let (tree, to_read) = apply(&base, changes);
-        let paths: Vec<&str> = tree.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(paths, ["a", "a/keep", "b", "b/new", "c", "d"]);
-        assert_eq!(tree[4].kind, Kind::Dir);
-        let read: Vec<&str> = to_read.iter().map(|&i| tree[i].path.as_str()).collect();
-        assert_eq!(read, ["b/new", "d"]);
-    }
-}
-
 /// Applies an upper dir's changes to `dir`, a private copy of the lower tree (hard links are
 /// fine: nothing is modified in place, files are replaced by renaming the upper's files in, so
 /// the upper dir is consumed). Turns a finished view into the next base in O(change).
@@ -331,4 +281,54 @@ pub fn link_tree(from: &Path, to: &Path) -> Result<()> {
         set_mtime(&d, md.mtime() * 1_000_000_000 + md.mtime_nsec())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(path: &str, kind: Kind) -> Entry {
+        Entry {
+            path: path.into(),
+            kind,
+            mode: 0o755,
+            size: 0,
+            mtime: 1,
+            target: (kind == Kind::Symlink).then(|| "x".into()),
+            chunks: vec![],
+        }
+    }
+
+    #[test]
+    fn whiteouts_opaque_dirs_and_replacements() {
+        let base = vec![
+            e("a", Kind::Dir),
+            e("a/keep", Kind::File),
+            e("a/gone", Kind::File),
+            e("b", Kind::Dir),
+            e("b/old", Kind::File),
+            e("c", Kind::File),
+            e("d", Kind::Dir),
+            e("d/x", Kind::File),
+        ];
+        let changes = vec![
+            Change::Whiteout("a/gone".into()),
+            Change::Dir {
+                entry: e("b", Kind::Dir),
+                opaque: true,
+            },
+            Change::Content(e("b/new", Kind::File)),
+            Change::Dir {
+                entry: e("c", Kind::Dir),
+                opaque: false,
+            },
+            Change::Content(e("d", Kind::File)),
+        ];
+        let (tree, to_read) = apply(&base, changes);
+        let paths: Vec<&str> = tree.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["a", "a/keep", "b", "b/new", "c", "d"]);
+        assert_eq!(tree[4].kind, Kind::Dir);
+        let read: Vec<&str> = to_read.iter().map(|&i| tree[i].path.as_str()).collect();
+        assert_eq!(read, ["b/new", "d"]);
+    }
 }

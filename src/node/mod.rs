@@ -1,0 +1,885 @@
+//! The node plugin's volumes: node-local bases (the newest snapshot of a cache, downloaded once
+//! per node however many pods ask at once), per-pod overlay views over them, bind mounts onto
+//! kubelet's target paths, and the commit of a view when its pod is done. No gRPC here: the CSI
+//! Node service (src/csi/node.rs) and the cluster agent are adapters around [`Volumes`].
+//!
+//! State under the node's state dir, every record written atomically:
+//! - `engine/`: the engine's records of restored and committed trees;
+//! - `bases/<scope>/<key>/<generation>/tree`: base trees, never modified in place;
+//! - `views/<id>/{upper,work,view}` and `views/<id>.json`: one view, shared by the pods of a
+//!   `shared` cache on this node or private to one pod.
+
+pub mod mount;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::csi::volume::{CommitOn, Mode, Policy, VolumeSpec};
+use crate::engine::{
+    self, CommitOptions, CommitOutcome, CommitReport, Engine, RestoreSource, Store,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// Another call on the same volume or target is in flight.
+    #[error("an operation on {0} is already in progress; retry later")]
+    Busy(String),
+    /// The volume cannot be published now (a locked cache held by another pod); retryable.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("volume {0} is not published at {1}")]
+    NotPublished(String, String),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Engine(#[from] engine::Error),
+}
+
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.to_path_buf();
+    move |source| Error::Io { op, path, source }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub node_id: String,
+    pub state_dir: PathBuf,
+    /// The store of volumes whose context names none.
+    pub default_store: Option<String>,
+    /// Never use overlayfs: views are copies of their base.
+    pub force_copy: bool,
+    /// Bytes of base trees kept on the node; least recently used bases past it are evicted.
+    pub base_budget: Option<u64>,
+}
+
+/// The pod a publish is for, from kubelet's pod info on mount (`csi.storage.k8s.io/pod.*`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRef {
+    pub name: String,
+    pub namespace: String,
+    pub uid: String,
+    pub service_account: String,
+}
+
+impl PodRef {
+    /// Reads kubelet's pod info from a NodePublishVolume `volume_context`.
+    pub fn from_context(ctx: &HashMap<String, String>) -> Option<PodRef> {
+        let get = |k: &str| ctx.get(k).cloned().unwrap_or_default();
+        let uid = get("csi.storage.k8s.io/pod.uid");
+        (!uid.is_empty()).then(|| PodRef {
+            name: get("csi.storage.k8s.io/pod.name"),
+            namespace: get("csi.storage.k8s.io/pod.namespace"),
+            uid,
+            service_account: get("csi.storage.k8s.io/serviceAccount.name"),
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ViewKind {
+    Overlay,
+    Copy,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ViewState {
+    /// Mounted at one or more targets.
+    Active,
+    /// Every target is unpublished; the commit decision is pending.
+    Pending,
+}
+
+/// The record of one view.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ViewRecord {
+    pub id: String,
+    pub volume_id: String,
+    /// The volume's attributes (the `volume_context` cachevol's controller made).
+    pub context: BTreeMap<String, String>,
+    pub kind: ViewKind,
+    pub state: ViewState,
+    /// The base tree the view started from.
+    pub base_dir: PathBuf,
+    /// Which generation that base holds (None: empty).
+    pub base: Option<engine::format::BaseRef>,
+    /// Published targets and the pod each is for.
+    pub targets: BTreeMap<PathBuf, Option<PodRef>>,
+    /// Every pod that had the view mounted (a shared view commits once, for all of them).
+    pub pods: Vec<PodRef>,
+    /// Why the restore was degraded (store unreachable), for events.
+    #[serde(default)]
+    pub degraded: Option<String>,
+}
+
+impl ViewRecord {
+    pub fn spec(&self) -> Result<VolumeSpec> {
+        let ctx: HashMap<String, String> = self.context.clone().into_iter().collect();
+        VolumeSpec::from_context(&ctx).map_err(|e| Error::InvalidArgument(e.to_string()))
+    }
+}
+
+/// What NodePublishVolume asks for.
+#[derive(Clone, Debug)]
+pub struct Publish {
+    pub volume_id: String,
+    pub target: PathBuf,
+    pub context: HashMap<String, String>,
+    pub read_only: bool,
+    pub pod: Option<PodRef>,
+}
+
+/// What a publish did, for events and logs.
+#[derive(Clone, Debug, Default)]
+pub struct Published {
+    pub view: String,
+    /// Set when this publish restored (or reused) a base.
+    pub source: Option<RestoreSource>,
+    /// The base was already on the node.
+    pub warm: bool,
+    pub degraded: Option<String>,
+    pub seconds: f64,
+}
+
+/// How a view's pods ended, for the commit decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// Every pod succeeded (or, without a cluster, the volume was unpublished).
+    Succeeded,
+    /// A pod failed (non-zero exit).
+    Failed,
+    /// OOM-killed, evicted, past its deadline, deleted while running: never committed.
+    Aborted,
+}
+
+#[derive(Clone, Debug)]
+pub enum CommitDecision {
+    Committed(CommitReport),
+    Skipped(String),
+}
+
+pub struct Volumes {
+    cfg: NodeConfig,
+    engines: Mutex<HashMap<(String, String), Engine>>,
+    /// One lock per base directory: pods asking at once share one download.
+    base_locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per view: publishes, unpublishes and commits of a view take turns.
+    view_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+fn hash_id(parts: &[&str]) -> String {
+    let mut h = blake3::Hasher::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update(b"\0");
+    }
+    h.finalize().to_hex()[..20].to_string()
+}
+
+impl Volumes {
+    pub fn new(cfg: NodeConfig) -> Result<Volumes> {
+        for d in ["engine", "bases", "views", "trash"] {
+            let p = cfg.state_dir.join(d);
+            std::fs::create_dir_all(&p).map_err(io("create", &p))?;
+        }
+        Ok(Volumes {
+            cfg,
+            engines: Mutex::default(),
+            base_locks: Mutex::default(),
+            view_locks: Mutex::default(),
+        })
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
+    fn engine(&self, spec: &VolumeSpec) -> Result<Engine> {
+        let k = (spec.store.clone(), spec.scope.clone());
+        if let Some(e) = self.engines.lock().expect("not poisoned").get(&k) {
+            return Ok(e.clone());
+        }
+        let e = Engine::new(
+            Store::open(&spec.store)?,
+            &spec.scope,
+            self.cfg.state_dir.join("engine"),
+        )?;
+        self.engines
+            .lock()
+            .expect("not poisoned")
+            .insert(k, e.clone());
+        Ok(e)
+    }
+
+    fn lock_of<K: std::hash::Hash + Eq + Clone>(
+        map: &Mutex<HashMap<K, Arc<tokio::sync::Mutex<()>>>>,
+        key: &K,
+    ) -> Arc<tokio::sync::Mutex<()>> {
+        map.lock()
+            .expect("not poisoned")
+            .entry(key.clone())
+            .or_default()
+            .clone()
+    }
+
+    fn view_dir(&self, id: &str) -> PathBuf {
+        self.cfg.state_dir.join("views").join(id)
+    }
+
+    fn record_path(&self, id: &str) -> PathBuf {
+        self.cfg.state_dir.join("views").join(format!("{id}.json"))
+    }
+
+    fn save(&self, r: &ViewRecord) -> Result<()> {
+        let data = serde_json::to_vec_pretty(r).expect("records serialize");
+        engine_write_atomic(&self.record_path(&r.id), &data)
+    }
+
+    pub fn load(&self, id: &str) -> Option<ViewRecord> {
+        let data = std::fs::read(self.record_path(id)).ok()?;
+        serde_json::from_slice(&data).ok()
+    }
+
+    /// Every view record on the node.
+    pub fn views(&self) -> Vec<ViewRecord> {
+        let dir = self.cfg.state_dir.join("views");
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return vec![];
+        };
+        let mut out: Vec<ViewRecord> = rd
+            .filter_map(|e| {
+                let name = e.ok()?.file_name().into_string().ok()?;
+                self.load(name.strip_suffix(".json")?)
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// The view a target is published from.
+    pub fn view_of_target(&self, target: &Path) -> Option<ViewRecord> {
+        self.views()
+            .into_iter()
+            .find(|v| v.targets.contains_key(target))
+    }
+
+    fn spec_of(&self, ctx: &HashMap<String, String>) -> Result<VolumeSpec> {
+        let mut ctx = ctx.clone();
+        if !ctx.contains_key(crate::csi::volume::attr::STORE) {
+            if let Some(s) = &self.cfg.default_store {
+                ctx.insert(crate::csi::volume::attr::STORE.into(), s.clone());
+            }
+        }
+        VolumeSpec::from_context(&ctx).map_err(|e| Error::InvalidArgument(e.to_string()))
+    }
+
+    /// Publishes a view of the volume's cache at `req.target`. Idempotent: publishing a target
+    /// that is already published from this volume succeeds without doing anything.
+    pub async fn publish(&self, req: Publish) -> Result<Published> {
+        let started = Instant::now();
+        let spec = self.spec_of(&req.context)?;
+        let id = match spec.mode {
+            Mode::Shared => format!("s-{}", hash_id(&[&spec.store, &spec.scope, &spec.key])),
+            Mode::Private | Mode::Locked => {
+                let who = req
+                    .pod
+                    .as_ref()
+                    .map(|p| p.uid.clone())
+                    .unwrap_or_else(|| req.target.display().to_string());
+                format!("p-{}", hash_id(&[&req.volume_id, &who]))
+            }
+        };
+        let lock = Self::lock_of(&self.view_locks, &id);
+        let _guard = lock
+            .try_lock()
+            .map_err(|_| Error::Busy(format!("volume {}", req.volume_id)))?;
+
+        if let Some(existing) = self.load(&id) {
+            if existing.targets.contains_key(&req.target)
+                && mount::is_mount_point(&req.target).unwrap_or(false)
+            {
+                return Ok(Published {
+                    view: id,
+                    seconds: started.elapsed().as_secs_f64(),
+                    ..Default::default()
+                });
+            }
+        }
+        if spec.mode == Mode::Locked {
+            // Exclusive on this node: another view of the same cache that is still live holds it.
+            let holder = self.views().into_iter().find(|v| {
+                v.id != id
+                    && v.spec().is_ok_and(|s| {
+                        s.store == spec.store && s.scope == spec.scope && s.key == spec.key
+                    })
+            });
+            if let Some(h) = holder {
+                let who = h
+                    .pods
+                    .first()
+                    .map(|p| format!("pod {}/{}", p.namespace, p.name))
+                    .unwrap_or_else(|| format!("view {}", h.id));
+                return Err(Error::Unavailable(format!(
+                    "cache {} is locked: {who} has it until its commit is in the store",
+                    spec.key
+                )));
+            }
+        }
+
+        let mut published = Published {
+            view: id.clone(),
+            ..Default::default()
+        };
+        let mut record = match self.load(&id) {
+            Some(r) if r.state == ViewState::Active => r,
+            stale => {
+                if let Some(r) = stale {
+                    // A pending view of a shared cache: its pods are gone, a new one starts fresh.
+                    self.discard(&r)?;
+                }
+                let base = self.ensure_base(&spec).await?;
+                published.source = Some(base.source.clone());
+                published.warm = base.warm;
+                published.degraded = base.degraded.clone();
+                self.make_view(&id, &req, &spec, base)?
+            }
+        };
+
+        std::fs::create_dir_all(&req.target).map_err(io("create", &req.target))?;
+        if !mount::is_mount_point(&req.target).unwrap_or(false) {
+            mount::bind(&self.view_dir(&id).join("view"), &req.target, req.read_only)
+                .map_err(io("bind-mount", &req.target))?;
+        }
+        record.targets.insert(req.target.clone(), req.pod.clone());
+        if let Some(p) = &req.pod {
+            if !record.pods.contains(p) {
+                record.pods.push(p.clone());
+            }
+        }
+        self.save(&record)?;
+        published.seconds = started.elapsed().as_secs_f64();
+        Ok(published)
+    }
+
+    /// Creates the view's directories and mounts (overlay, or a copy where overlay is refused).
+    fn make_view(
+        &self,
+        id: &str,
+        req: &Publish,
+        spec: &VolumeSpec,
+        base: Base,
+    ) -> Result<ViewRecord> {
+        let dir = self.view_dir(id);
+        let (upper, work, view) = (dir.join("upper"), dir.join("work"), dir.join("view"));
+        if dir.exists() {
+            let _ = mount::unmount(&view);
+            self.trash(&dir)?;
+        }
+        for d in [&upper, &work, &view] {
+            std::fs::create_dir_all(d).map_err(io("create", d))?;
+        }
+        let mut kind = ViewKind::Copy;
+        if !self.cfg.force_copy {
+            match mount::overlay(std::slice::from_ref(&base.dir), &upper, &work, &view) {
+                Ok(()) => kind = ViewKind::Overlay,
+                Err(e) => {
+                    tracing::warn!(view = id, error = %e, "overlayfs refused; views are copies")
+                }
+            }
+        }
+        if kind == ViewKind::Copy {
+            mount::copy_tree(&base.dir, &view).map_err(io("copy", &view))?;
+            self.engine(spec)?.adopt_copy(&base.dir, &view)?;
+        }
+        let record = ViewRecord {
+            id: id.to_string(),
+            volume_id: req.volume_id.clone(),
+            context: spec.to_context(),
+            kind,
+            state: ViewState::Active,
+            base_dir: base.dir,
+            base: match &base.source {
+                RestoreSource::Key { key, generation }
+                | RestoreSource::RestoreKey { key, generation } => Some(engine::format::BaseRef {
+                    key: key.clone(),
+                    generation: *generation,
+                }),
+                RestoreSource::Miss => None,
+            },
+            targets: BTreeMap::new(),
+            pods: vec![],
+            degraded: base.degraded,
+        };
+        self.save(&record)?;
+        Ok(record)
+    }
+
+    /// Unpublishes `target`. Idempotent: a target that is not published (or not mounted) is
+    /// fine. When the last target of a view goes, the view becomes pending: its commit decision
+    /// is the caller's (`commit`), made from the pods' phases or, without a cluster, right away.
+    /// Returns the view when it became pending.
+    pub async fn unpublish(&self, volume_id: &str, target: &Path) -> Result<Option<ViewRecord>> {
+        let Some(mut record) = self.view_of_target(target) else {
+            mount::unmount(target).map_err(io("unmount", target))?;
+            let _ = std::fs::remove_dir(target);
+            return Ok(None);
+        };
+        if record.volume_id != volume_id {
+            return Err(Error::NotPublished(
+                volume_id.to_string(),
+                target.display().to_string(),
+            ));
+        }
+        let lock = Self::lock_of(&self.view_locks, &record.id);
+        let _guard = lock
+            .try_lock()
+            .map_err(|_| Error::Busy(format!("volume {volume_id}")))?;
+        mount::unmount(target).map_err(io("unmount", target))?;
+        let _ = std::fs::remove_dir(target);
+        record.targets.remove(target);
+        if record.targets.is_empty() {
+            if record.kind == ViewKind::Overlay {
+                mount::unmount(&self.view_dir(&record.id).join("view"))
+                    .map_err(io("unmount", &self.view_dir(&record.id)))?;
+            }
+            record.state = ViewState::Pending;
+            self.save(&record)?;
+            return Ok(Some(record));
+        }
+        self.save(&record)?;
+        Ok(None)
+    }
+
+    /// Decides and (when the policy allows and the pods ended well) commits a pending view,
+    /// then removes it. The committed tree becomes the node's base for the next pod.
+    pub async fn commit(&self, id: &str, ending: Ending) -> Result<CommitDecision> {
+        let lock = Self::lock_of(&self.view_locks, &id.to_string());
+        let _guard = lock.lock().await;
+        let Some(record) = self.load(id) else {
+            return Ok(CommitDecision::Skipped("the view is gone".into()));
+        };
+        if record.state != ViewState::Pending {
+            return Ok(CommitDecision::Skipped("the view is still mounted".into()));
+        }
+        let spec = record.spec()?;
+        let skip = match (spec.policy, spec.commit_on, ending) {
+            (Policy::Pull, _, _) => Some("policy pull never commits".to_string()),
+            (_, _, Ending::Aborted) => {
+                Some("the pod was killed, evicted or deleted before it finished".to_string())
+            }
+            (_, CommitOn::Success, Ending::Failed) => {
+                Some("the pod failed and commit-on is success".to_string())
+            }
+            _ => None,
+        };
+        if let Some(why) = skip {
+            self.discard(&record)?;
+            return Ok(CommitDecision::Skipped(why));
+        }
+        let engine = self.engine(&spec)?;
+        let writer = match record.pods.as_slice() {
+            [] => format!("node {}", self.cfg.node_id),
+            pods => format!(
+                "{} on node {}",
+                pods.iter()
+                    .map(|p| format!("pod {}/{}", p.namespace, p.name))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                self.cfg.node_id
+            ),
+        };
+        let opts = CommitOptions {
+            merge: spec.merge,
+            fence: spec.mode == Mode::Locked,
+            budget: spec.budget,
+            writer,
+            note: None,
+        };
+        let dir = self.view_dir(id);
+        let result = match record.kind {
+            ViewKind::Overlay => {
+                let upper = dir.join("upper");
+                if dir_is_empty(&upper) && record.base.as_ref().is_some_and(|b| b.key == spec.key) {
+                    // Nothing was written: unchanged, without reading the base's record.
+                    Ok((
+                        CommitReport {
+                            outcome: CommitOutcome::Unchanged {
+                                generation: record.base.as_ref().map(|b| b.generation),
+                            },
+                            key: spec.key.clone(),
+                            files: 0,
+                            bytes: 0,
+                            files_read: 0,
+                            uploaded: 0,
+                            new_chunks: 0,
+                            merged: 0,
+                            seconds: 0.0,
+                        },
+                        None,
+                    ))
+                } else {
+                    engine
+                        .commit_overlay(&spec.key, &record.base_dir, &upper, &opts)
+                        .await
+                }
+            }
+            ViewKind::Copy => engine
+                .commit(&spec.key, &dir.join("view"), &opts)
+                .await
+                .map(|r| (r, None)),
+        };
+        let (report, tree) = match result {
+            Ok(v) => v,
+            Err(e) if e.is_store_unavailable() => return Err(e.into()),
+            Err(e) => {
+                // Refused (fenced, over budget) or invalid: retrying cannot help.
+                self.discard(&record)?;
+                return Err(e.into());
+            }
+        };
+        if let (CommitOutcome::Committed { generation }, Some(tree), 0) =
+            (&report.outcome, tree, report.merged)
+        {
+            if let Err(e) = self
+                .advance_base(&engine, &spec, &record, *generation, &tree)
+                .await
+            {
+                tracing::warn!(view = id, error = %e, "could not keep the committed tree as a base; the next pod downloads it");
+            }
+        }
+        self.discard(&record)?;
+        Ok(CommitDecision::Committed(report))
+    }
+
+    /// Removes a view that will not be used again: its mounts, directories and record.
+    fn discard(&self, record: &ViewRecord) -> Result<()> {
+        for t in record.targets.keys() {
+            let _ = mount::unmount(t);
+        }
+        let dir = self.view_dir(&record.id);
+        let _ = mount::unmount(&dir.join("view"));
+        if dir.exists() {
+            self.trash(&dir)?;
+        }
+        match std::fs::remove_file(self.record_path(&record.id)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(io("remove", &self.record_path(&record.id))(e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Moves a directory out of the way and deletes it in the background: deleting a large
+    /// tree right before creating another is slow on ext4, and nobody waits for it.
+    fn trash(&self, dir: &Path) -> Result<()> {
+        let to = self.cfg.state_dir.join("trash").join(format!(
+            "{}-{}",
+            hash_id(&[&dir.display().to_string()]),
+            now_nanos()
+        ));
+        std::fs::rename(dir, &to).map_err(io("move to trash", dir))?;
+        std::thread::spawn(move || {
+            let _ = std::fs::remove_dir_all(&to);
+        });
+        Ok(())
+    }
+
+    fn base_root(&self, spec: &VolumeSpec) -> PathBuf {
+        self.cfg.state_dir.join("bases").join(&spec.scope)
+    }
+
+    /// The base of a volume: the newest generation of its key (else of a restore key) on the
+    /// node, downloaded if missing — once, however many pods ask at once. A store that cannot
+    /// be reached degrades to the newest base the node has for the key, else to an empty one.
+    async fn ensure_base(&self, spec: &VolumeSpec) -> Result<Base> {
+        let engine = self.engine(spec)?;
+        let source = if spec.policy == Policy::Push {
+            Ok(RestoreSource::Miss)
+        } else {
+            engine.resolve(&spec.key, &spec.restore_keys).await
+        };
+        let (source, degraded) = match source {
+            Ok(s) => (s, None),
+            Err(e) if e.is_store_unavailable() => {
+                let why = format!("store unreachable: {e}");
+                match self.local_bases(spec, &engine).into_iter().next() {
+                    Some((generation, _)) => (
+                        RestoreSource::Key {
+                            key: spec.key.clone(),
+                            generation,
+                        },
+                        Some(format!("{why}; using the node's generation {generation}")),
+                    ),
+                    None => (RestoreSource::Miss, Some(format!("{why}; starting empty"))),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let dir = match &source {
+            RestoreSource::Key { key, generation }
+            | RestoreSource::RestoreKey { key, generation } => self
+                .base_root(spec)
+                .join(key)
+                .join(format!("{generation:020}"))
+                .join("tree"),
+            RestoreSource::Miss => self.base_root(spec).join("_empty").join("tree"),
+        };
+        let lock = Self::lock_of(&self.base_locks, &dir);
+        let _guard = lock.lock().await;
+        let warm = engine.has_record(&dir);
+        if !warm {
+            std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+            if let Err(e) = engine.restore_source(source.clone(), &dir).await {
+                let _ = std::fs::remove_dir_all(dir.parent().unwrap_or(&dir));
+                return Err(e.into());
+            }
+            self.evict_bases();
+        }
+        touch(&dir);
+        Ok(Base {
+            dir,
+            source,
+            warm,
+            degraded,
+        })
+    }
+
+    /// The generations of `spec.key` the node has complete bases of, newest first.
+    fn local_bases(&self, spec: &VolumeSpec, engine: &Engine) -> Vec<(u64, PathBuf)> {
+        let root = self.base_root(spec).join(&spec.key);
+        let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(&root)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let g: u64 = e.file_name().to_str()?.parse().ok()?;
+                let tree = e.path().join("tree");
+                engine.has_record(&tree).then_some((g, tree))
+            })
+            .collect();
+        out.sort_by_key(|b| std::cmp::Reverse(b.0));
+        out
+    }
+
+    /// After a commit of generation `generation` from a view over `record.base_dir`: the
+    /// committed tree becomes a base without a download — the old base is moved (when no other
+    /// view uses it) or hard-linked, and the view's upper dir is moved in.
+    async fn advance_base(
+        &self,
+        engine: &Engine,
+        spec: &VolumeSpec,
+        record: &ViewRecord,
+        generation: u64,
+        tree: &engine::CommittedTree,
+    ) -> Result<()> {
+        let new = self
+            .base_root(spec)
+            .join(&spec.key)
+            .join(format!("{generation:020}"))
+            .join("tree");
+        let lock = Self::lock_of(&self.base_locks, &new);
+        let _guard = lock.lock().await;
+        if engine.has_record(&new) {
+            return Ok(());
+        }
+        let parent = new.parent().expect("tree has a parent");
+        std::fs::create_dir_all(parent).map_err(io("create", parent))?;
+        let upper = self.view_dir(&record.id).join("upper");
+        let old = &record.base_dir;
+        let in_use = self
+            .views()
+            .iter()
+            .any(|v| v.id != record.id && &v.base_dir == old);
+        let old_lock = Self::lock_of(&self.base_locks, old);
+        let _old_guard = old_lock.lock().await;
+        if in_use || old.ends_with("_empty/tree") {
+            engine::overlay::link_tree(old, &new)?;
+        } else {
+            std::fs::rename(old, &new).map_err(io("move", old))?;
+            let _ = std::fs::remove_dir(old.parent().unwrap_or(old));
+        }
+        engine::overlay::apply_to_dir(&upper, &new)?;
+        engine.record_tree(&new, tree)?;
+        touch(&new);
+        Ok(())
+    }
+
+    /// Evicts least recently used bases no view uses while the node keeps more than its budget.
+    fn evict_bases(&self) {
+        let Some(budget) = self.cfg.base_budget else {
+            return;
+        };
+        let used: Vec<PathBuf> = self.views().into_iter().map(|v| v.base_dir).collect();
+        let mut bases: Vec<(std::time::SystemTime, u64, PathBuf)> = Vec::new();
+        let root = self.cfg.state_dir.join("bases");
+        for scope in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            for key in std::fs::read_dir(scope.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                for gen in std::fs::read_dir(key.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    let tree = gen.path().join("tree");
+                    let Ok(md) = std::fs::metadata(&tree) else {
+                        continue;
+                    };
+                    let size = tree_bytes(&tree);
+                    bases.push((md.modified().unwrap_or(std::time::UNIX_EPOCH), size, tree));
+                }
+            }
+        }
+        let mut total: u64 = bases.iter().map(|b| b.1).sum();
+        bases.sort();
+        for (_, size, tree) in bases {
+            if total <= budget {
+                break;
+            }
+            if used.contains(&tree) {
+                continue;
+            }
+            let lock = Self::lock_of(&self.base_locks, &tree);
+            let Ok(_g) = lock.try_lock() else {
+                continue;
+            };
+            let gen_dir = tree.parent().expect("tree has a parent").to_path_buf();
+            if self.trash(&gen_dir).is_ok() {
+                tracing::info!(base = %tree.display(), bytes = size, "evicted base");
+                total -= size;
+            }
+        }
+    }
+
+    /// Bytes and inodes used by the volume published at `target`.
+    pub fn usage(&self, target: &Path) -> Result<Usage> {
+        if self.view_of_target(target).is_none() {
+            return Err(Error::NotPublished(
+                String::new(),
+                target.display().to_string(),
+            ));
+        }
+        let mut u = Usage::default();
+        let mut stack = vec![target.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for item in std::fs::read_dir(&d)
+                .map_err(io("read directory", &d))?
+                .flatten()
+            {
+                u.inodes += 1;
+                if let Ok(md) = item.metadata() {
+                    if md.is_dir() {
+                        stack.push(item.path());
+                    } else {
+                        u.bytes += md.len();
+                    }
+                }
+            }
+        }
+        // SAFETY: statvfs fills the struct; the path is a valid C string.
+        let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
+        let c = std::ffi::CString::new(self.cfg.state_dir.as_os_str().as_encoded_bytes())
+            .expect("no NUL");
+        if unsafe { libc::statvfs(c.as_ptr(), &mut sv) } == 0 {
+            u.available_bytes = sv.f_bavail as u64 * sv.f_frsize as u64;
+            u.total_bytes = sv.f_blocks as u64 * sv.f_frsize as u64;
+            u.available_inodes = sv.f_favail as u64;
+            u.total_inodes = sv.f_files as u64;
+        }
+        Ok(u)
+    }
+
+    /// After a restart of the node plugin: views whose targets are no longer mounted are
+    /// unpublished; returns the views that are pending a commit decision.
+    pub fn recover(&self) -> Vec<ViewRecord> {
+        let mounted: Vec<PathBuf> = mount::mounts()
+            .map(|m| m.into_iter().map(|m| m.mount_point).collect())
+            .unwrap_or_default();
+        let mut pending = Vec::new();
+        for mut v in self.views() {
+            let before = v.targets.len();
+            v.targets.retain(|t, _| mounted.contains(t));
+            if v.state == ViewState::Active && v.targets.is_empty() {
+                let view = self.view_dir(&v.id).join("view");
+                let _ = mount::unmount(&view);
+                v.state = ViewState::Pending;
+            }
+            if v.targets.len() != before || v.state == ViewState::Pending {
+                let _ = self.save(&v);
+            }
+            if v.state == ViewState::Pending {
+                pending.push(v);
+            }
+        }
+        pending
+    }
+}
+
+struct Base {
+    dir: PathBuf,
+    source: RestoreSource,
+    warm: bool,
+    degraded: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Usage {
+    pub bytes: u64,
+    pub inodes: u64,
+    pub available_bytes: u64,
+    pub total_bytes: u64,
+    pub available_inodes: u64,
+    pub total_inodes: u64,
+}
+
+fn dir_is_empty(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none())
+}
+
+/// Marks a base as just used (its mtime orders eviction).
+fn touch(dir: &Path) {
+    let _ = std::fs::File::open(dir).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+}
+
+fn tree_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for item in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if let Ok(md) = item.metadata() {
+                if md.is_dir() {
+                    stack.push(item.path());
+                } else {
+                    total += md.len();
+                }
+            }
+        }
+    }
+    total
+}
+
+fn now_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+fn engine_write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    engine::write_atomic(path, data).map_err(Error::from)
+}

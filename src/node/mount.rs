@@ -1,0 +1,254 @@
+//! Mounts the node plugin makes: overlay views, bind mounts onto kubelet's target paths,
+//! read-only remounts, unmounts, and the mount table (to find mounts again after a restart and
+//! to make publish and unpublish idempotent). Also the copy fallback for where overlayfs is
+//! refused: a tree copied file by file, with reflinks when the file system offers them.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+fn cstr(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Mounts an overlay of `lower` (layers, top first) with `upper` and `work` at `target`.
+/// metacopy and redirect_dir are off so the upper dir is a complete change set; index off keeps
+/// the lower layers usable by other views.
+pub fn overlay(lower: &[PathBuf], upper: &Path, work: &Path, target: &Path) -> io::Result<()> {
+    let lowers: Vec<String> = lower.iter().map(|p| p.display().to_string()).collect();
+    for l in &lowers {
+        if l.contains(',') || l.contains(':') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("overlay layer path {l:?} contains ',' or ':'"),
+            ));
+        }
+    }
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={},metacopy=off,redirect_dir=off,index=off",
+        lowers.join(":"),
+        upper.display(),
+        work.display()
+    );
+    let (src, fstype, target, data) = (
+        CString::new("overlay").expect("no NUL"),
+        CString::new("overlay").expect("no NUL"),
+        cstr(target)?,
+        CString::new(opts).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL"))?,
+    );
+    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
+    check(unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            data.as_ptr().cast(),
+        )
+    })
+}
+
+/// Bind-mounts `source` at `target`, read-only if asked.
+pub fn bind(source: &Path, target: &Path, read_only: bool) -> io::Result<()> {
+    let (s, t) = (cstr(source)?, cstr(target)?);
+    // SAFETY: valid NUL-terminated strings; null fstype and data are allowed for MS_BIND.
+    check(unsafe {
+        libc::mount(
+            s.as_ptr(),
+            t.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    })?;
+    if read_only {
+        // A bind mount ignores MS_RDONLY on creation; it takes a remount.
+        // SAFETY: as above.
+        let rc = unsafe {
+            libc::mount(
+                std::ptr::null(),
+                t.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            let _ = unmount(target);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Unmounts `target`; not mounted is fine. Busy mounts are detached lazily: kubelet has
+/// already stopped the pod's containers when it unpublishes.
+pub fn unmount(target: &Path) -> io::Result<()> {
+    let t = cstr(target)?;
+    // SAFETY: valid NUL-terminated string.
+    let rc = unsafe { libc::umount2(t.as_ptr(), libc::UMOUNT_NOFOLLOW) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::ENOENT) => Ok(()),
+        Some(libc::EBUSY) => {
+            // SAFETY: as above.
+            check(unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) })
+        }
+        _ => Err(e),
+    }
+}
+
+/// One line of /proc/self/mountinfo.
+#[derive(Debug, Clone)]
+pub struct MountInfo {
+    pub root: String,
+    pub mount_point: PathBuf,
+    pub fstype: String,
+    pub source: String,
+    pub options: String,
+}
+
+/// Undoes the octal escapes of mountinfo (`\040` for a space, ...).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..(i + 4).min(s.len())], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
+    text.lines()
+        .filter_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            let pre: Vec<&str> = pre.split(' ').collect();
+            let post: Vec<&str> = post.split(' ').collect();
+            Some(MountInfo {
+                root: unescape(pre.get(3)?),
+                mount_point: PathBuf::from(unescape(pre.get(4)?)),
+                fstype: post.first()?.to_string(),
+                source: unescape(post.get(1)?),
+                options: post.get(2).unwrap_or(&"").to_string(),
+            })
+        })
+        .collect()
+}
+
+pub fn mounts() -> io::Result<Vec<MountInfo>> {
+    Ok(parse_mountinfo(&std::fs::read_to_string(
+        "/proc/self/mountinfo",
+    )?))
+}
+
+/// Whether something is mounted exactly at `path`.
+pub fn is_mount_point(path: &Path) -> io::Result<bool> {
+    Ok(mounts()?.iter().any(|m| m.mount_point == path))
+}
+
+/// Copies a tree (files, directories, symlinks; modes and mtimes), cloning file data with a
+/// reflink where the file system can and copying it otherwise. The copy fallback of views.
+pub fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    let mut dirs = vec![(from.to_path_buf(), to.to_path_buf())];
+    let mut fix_dirs = Vec::new();
+    while let Some((src, dst)) = dirs.pop() {
+        for item in std::fs::read_dir(&src)? {
+            let item = item?;
+            let (s, d) = (item.path(), dst.join(item.file_name()));
+            let md = std::fs::symlink_metadata(&s)?;
+            let ft = md.file_type();
+            if ft.is_dir() {
+                std::fs::create_dir(&d)?;
+                dirs.push((s, d.clone()));
+                fix_dirs.push((d, md));
+            } else if ft.is_symlink() {
+                std::os::unix::fs::symlink(std::fs::read_link(&s)?, &d)?;
+                set_times(&d, &md, true)?;
+            } else if ft.is_file() {
+                clone_file(&s, &d)?;
+                std::fs::set_permissions(&d, std::fs::Permissions::from_mode(md.mode() & 0o1777))?;
+                set_times(&d, &md, false)?;
+            }
+        }
+    }
+    for (d, md) in fix_dirs.into_iter().rev() {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(md.mode() & 0o1777))?;
+        set_times(&d, &md, false)?;
+    }
+    Ok(())
+}
+
+fn clone_file(src: &Path, dst: &Path) -> io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let s = std::fs::File::open(src)?;
+    let d = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dst)?;
+    // FICLONE: share the data blocks (btrfs, xfs with reflink); EOPNOTSUPP/EXDEV elsewhere.
+    const FICLONE: libc::c_ulong = 0x4004_9409;
+    // SAFETY: both descriptors are open for the duration of the call.
+    if unsafe { libc::ioctl(d.as_raw_fd(), FICLONE as _, s.as_raw_fd()) } == 0 {
+        return Ok(());
+    }
+    let (mut s, mut d) = (s, d);
+    io::copy(&mut s, &mut d)?;
+    Ok(())
+}
+
+fn set_times(path: &Path, md: &std::fs::Metadata, nofollow: bool) -> io::Result<()> {
+    let c = cstr(path)?;
+    let ts = libc::timespec {
+        tv_sec: md.mtime() as libc::time_t,
+        tv_nsec: md.mtime_nsec() as _,
+    };
+    let times = [ts, ts];
+    let flags = if nofollow {
+        libc::AT_SYMLINK_NOFOLLOW
+    } else {
+        0
+    };
+    // SAFETY: valid path and times for the duration of the call.
+    check(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), flags) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_lines_parse_with_escapes() {
+        let text = "36 35 98:0 /mnt1 /mnt/with\\040space rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n\
+                    40 36 0:40 / /var/lib/kubelet/pods/x/volumes/kubernetes.io~csi/v/mount rw shared:2 - overlay overlay rw,lowerdir=/a\n";
+        let m = parse_mountinfo(text);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].mount_point, PathBuf::from("/mnt/with space"));
+        assert_eq!(m[0].fstype, "ext3");
+        assert_eq!(m[1].fstype, "overlay");
+        assert!(m[1].options.contains("lowerdir=/a"));
+    }
+}

@@ -1,0 +1,278 @@
+//! The node plugin's volumes with real mounts (the tests run as root): node-local bases shared
+//! by pods, overlay views, the copy fallback, commits from a view's upper dir, the committed
+//! tree kept as the next base, private/shared/locked modes, and a restart between unpublish and
+//! commit.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use cachevol::engine::CommitOutcome;
+use cachevol::node::{CommitDecision, Ending, NodeConfig, PodRef, Publish, ViewKind, Volumes};
+
+struct Node {
+    volumes: Volumes,
+}
+
+fn node(root: &Path, name: &str, force_copy: bool) -> Node {
+    let state = root.join(name);
+    let volumes = Volumes::new(NodeConfig {
+        node_id: name.into(),
+        state_dir: state.clone(),
+        default_store: None,
+        force_copy,
+        base_budget: None,
+    })
+    .unwrap();
+    Node { volumes }
+}
+
+fn ctx(store: &str, key: &str, mode: &str, extra: &[(&str, &str)]) -> HashMap<String, String> {
+    let mut c: HashMap<String, String> = [
+        ("store", store),
+        ("scope", "team-a"),
+        ("key", key),
+        ("mode", mode),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    for (k, v) in extra {
+        c.insert(k.to_string(), v.to_string());
+    }
+    c
+}
+
+fn pod(name: &str) -> PodRef {
+    PodRef {
+        name: name.into(),
+        namespace: "ci".into(),
+        uid: format!("uid-{name}"),
+        service_account: "default".into(),
+    }
+}
+
+async fn publish_async(
+    n: &Node,
+    target: &Path,
+    c: &HashMap<String, String>,
+    p: &str,
+) -> cachevol::node::Published {
+    n.volumes
+        .publish(Publish {
+            volume_id: "cv-vol".into(),
+            target: target.to_path_buf(),
+            context: c.clone(),
+            read_only: false,
+            pod: Some(pod(p)),
+        })
+        .await
+        .unwrap()
+}
+
+/// Unpublishes and commits as a pod that ended with `ending`.
+async fn finish(n: &Node, target: &Path, ending: Ending) -> CommitDecision {
+    let pending = n.volumes.unpublish("cv-vol", target).await.unwrap();
+    let view = pending.expect("the last target of the view");
+    n.volumes.commit(&view.id, ending).await.unwrap()
+}
+
+fn generation(d: &CommitDecision) -> Option<u64> {
+    match d {
+        CommitDecision::Committed(r) => match r.outcome {
+            CommitOutcome::Committed { generation } => Some(generation),
+            CommitOutcome::Unchanged { .. } => None,
+        },
+        CommitDecision::Skipped(_) => None,
+    }
+}
+
+fn mounted(p: &Path) -> bool {
+    cachevol::node::mount::is_mount_point(p).unwrap()
+}
+
+#[tokio::test]
+async fn private_views_commit_and_the_next_pod_starts_from_the_commit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let store = format!("file://{}", t.join("store").display());
+    let n1 = node(t, "node1", false);
+    let c = ctx(&store, "npm", "private", &[]);
+
+    // Pod A: a miss, writes, succeeds.
+    let ta = t.join("pods/a/mount");
+    let p = publish_async(&n1, &ta, &c, "a").await;
+    assert!(mounted(&ta));
+    assert_eq!(n1.volumes.load(&p.view).unwrap().kind, ViewKind::Overlay);
+    std::fs::create_dir_all(ta.join("pkgs")).unwrap();
+    std::fs::write(ta.join("pkgs/left-pad.tgz"), vec![1u8; 100_000]).unwrap();
+    let d = finish(&n1, &ta, Ending::Succeeded).await;
+    assert_eq!(generation(&d), Some(1), "{d:?}");
+    assert!(!mounted(&ta));
+
+    // Pod B on the same node: warm (the committed tree became the base), sees A's file.
+    let tb = t.join("pods/b/mount");
+    let p = publish_async(&n1, &tb, &c, "b").await;
+    assert!(p.warm, "the committed tree is the node's base: {p:?}");
+    assert_eq!(
+        std::fs::read(tb.join("pkgs/left-pad.tgz")).unwrap().len(),
+        100_000
+    );
+    // Unchanged: nothing uploaded.
+    let d = finish(&n1, &tb, Ending::Succeeded).await;
+    match &d {
+        CommitDecision::Committed(r) => assert!(
+            matches!(
+                r.outcome,
+                CommitOutcome::Unchanged {
+                    generation: Some(1)
+                }
+            ) && r.uploaded == 0,
+            "{r:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
+
+    // A second node downloads it cold.
+    let n2 = node(t, "node2", false);
+    let tc = t.join("pods/c/mount");
+    let p = publish_async(&n2, &tc, &c, "c").await;
+    assert!(!p.warm);
+    assert_eq!(
+        std::fs::read(tc.join("pkgs/left-pad.tgz")).unwrap(),
+        vec![1u8; 100_000]
+    );
+    std::fs::remove_file(tc.join("pkgs/left-pad.tgz")).unwrap();
+    std::fs::write(tc.join("new"), "n").unwrap();
+    // Failed pod, commit-on success: nothing committed.
+    let d = finish(&n2, &tc, Ending::Failed).await;
+    assert!(matches!(d, CommitDecision::Skipped(_)), "{d:?}");
+    // Same on always: committed, with the deletion.
+    let c_always = ctx(&store, "npm", "private", &[("commit-on", "always")]);
+    publish_async(&n2, &tc, &c_always, "c2").await;
+    assert!(
+        tc.join("pkgs/left-pad.tgz").exists(),
+        "the failed pod's deletion was not kept"
+    );
+    std::fs::remove_file(tc.join("pkgs/left-pad.tgz")).unwrap();
+    let d = finish(&n2, &tc, Ending::Failed).await;
+    assert_eq!(generation(&d), Some(2), "{d:?}");
+    // An aborted pod (OOM, evicted) never commits, whatever commit-on says.
+    publish_async(&n2, &tc, &c_always, "c3").await;
+    std::fs::write(tc.join("oom"), "x").unwrap();
+    let d = finish(&n2, &tc, Ending::Aborted).await;
+    assert!(matches!(d, CommitDecision::Skipped(_)), "{d:?}");
+
+    // Node 1 now restores generation 2: the file is gone.
+    let td = t.join("pods/d/mount");
+    publish_async(&n1, &td, &c, "d").await;
+    assert!(!td.join("pkgs/left-pad.tgz").exists());
+    assert!(!td.join("oom").exists());
+    finish(&n1, &td, Ending::Succeeded).await;
+}
+
+#[tokio::test]
+async fn shared_views_are_one_live_view_committed_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let store = format!("file://{}", t.join("store").display());
+    let n = node(t, "node1", false);
+    let c = ctx(&store, "go", "shared", &[]);
+    let (ta, tb) = (t.join("a"), t.join("b"));
+    let pa = publish_async(&n, &ta, &c, "a").await;
+    let pb = publish_async(&n, &tb, &c, "b").await;
+    assert_eq!(pa.view, pb.view);
+    std::fs::write(ta.join("from-a"), "a").unwrap();
+    assert_eq!(std::fs::read_to_string(tb.join("from-a")).unwrap(), "a");
+    // The first to leave does not commit; the last one does, once.
+    assert!(n.volumes.unpublish("cv-vol", &ta).await.unwrap().is_none());
+    std::fs::write(tb.join("from-b"), "b").unwrap();
+    let d = finish(&n, &tb, Ending::Succeeded).await;
+    assert_eq!(generation(&d), Some(1));
+
+    // Private views of the same cache do not see each other.
+    let cp = ctx(&store, "go", "private", &[]);
+    let (tc, td) = (t.join("c"), t.join("d"));
+    publish_async(&n, &tc, &cp, "c").await;
+    publish_async(&n, &td, &cp, "d").await;
+    std::fs::write(tc.join("only-c"), "c").unwrap();
+    assert!(!td.join("only-c").exists());
+    assert!(td.join("from-a").exists() && td.join("from-b").exists());
+    finish(&n, &tc, Ending::Aborted).await;
+    finish(&n, &td, Ending::Aborted).await;
+}
+
+#[tokio::test]
+async fn locked_is_exclusive_on_the_node_and_publish_is_idempotent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let store = format!("file://{}", t.join("store").display());
+    let n = node(t, "node1", false);
+    let c = ctx(&store, "cargo", "locked", &[]);
+    let (ta, tb) = (t.join("a"), t.join("b"));
+    publish_async(&n, &ta, &c, "a").await;
+    // The same publish again: OK, nothing new.
+    publish_async(&n, &ta, &c, "a").await;
+    let err = n
+        .volumes
+        .publish(Publish {
+            volume_id: "cv-vol".into(),
+            target: tb.clone(),
+            context: c.clone(),
+            read_only: false,
+            pod: Some(pod("b")),
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("locked") && err.contains("ci/a"), "{err}");
+    std::fs::write(ta.join("x"), "1").unwrap();
+    assert_eq!(
+        generation(&finish(&n, &ta, Ending::Succeeded).await),
+        Some(1)
+    );
+    publish_async(&n, &tb, &c, "b").await;
+    assert_eq!(std::fs::read_to_string(tb.join("x")).unwrap(), "1");
+    // Unpublishing twice is fine.
+    finish(&n, &tb, Ending::Succeeded).await;
+    assert!(n.volumes.unpublish("cv-vol", &tb).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn copy_views_and_a_restart_before_the_commit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let store = format!("file://{}", t.join("store").display());
+    let c = ctx(&store, "pip", "private", &[]);
+    {
+        let n = node(t, "node1", true);
+        let ta = t.join("a");
+        let p = publish_async(&n, &ta, &c, "a").await;
+        assert_eq!(n.volumes.load(&p.view).unwrap().kind, ViewKind::Copy);
+        std::fs::write(ta.join("wheel"), vec![7u8; 50_000]).unwrap();
+        assert_eq!(
+            generation(&finish(&n, &ta, Ending::Succeeded).await),
+            Some(1)
+        );
+        let tb = t.join("b");
+        publish_async(&n, &tb, &c, "b").await;
+        std::fs::write(tb.join("second"), "2").unwrap();
+        // The plugin stops between unpublish and the commit decision.
+        let pending = n.volumes.unpublish("cv-vol", &tb).await.unwrap();
+        assert!(pending.is_some());
+    }
+    let n = node(t, "node1", true);
+    let pending = n.volumes.recover();
+    assert_eq!(pending.len(), 1);
+    let d = n
+        .volumes
+        .commit(&pending[0].id, Ending::Succeeded)
+        .await
+        .unwrap();
+    assert_eq!(generation(&d), Some(2));
+    let n2 = node(t, "node2", false);
+    let tc = t.join("c");
+    publish_async(&n2, &tc, &c, "c").await;
+    assert_eq!(std::fs::read_to_string(tc.join("second")).unwrap(), "2");
+    assert_eq!(std::fs::read(tc.join("wheel")).unwrap(), vec![7u8; 50_000]);
+    finish(&n2, &tc, Ending::Succeeded).await;
+}
