@@ -3,6 +3,7 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+COPY build.rs ./
 COPY proto ./proto
 RUN cargo build --release --locked && strip target/release/cachevol
 
