@@ -429,10 +429,16 @@ fn loadavg() -> String {
 struct WorkDir {
     path: PathBuf,
     keep: bool,
+    quiet: bool,
 }
 
 impl WorkDir {
-    fn create(base: Option<&Path>, first_tree: &Path, keep: bool) -> Result<WorkDir, Error> {
+    fn create(
+        base: Option<&Path>,
+        first_tree: &Path,
+        keep: bool,
+        quiet: bool,
+    ) -> Result<WorkDir, Error> {
         let name = format!(".cachevol-bench-{}", std::process::id());
         let candidates: Vec<PathBuf> = match base {
             Some(b) => vec![b.join(&name)],
@@ -446,7 +452,13 @@ impl WorkDir {
         let mut last = None;
         for c in candidates {
             match std::fs::create_dir_all(&c) {
-                Ok(()) => return Ok(WorkDir { path: c, keep }),
+                Ok(()) => {
+                    return Ok(WorkDir {
+                        path: c,
+                        keep,
+                        quiet,
+                    })
+                }
                 Err(e) => last = Some(Error::io("create work dir", &c)(e)),
             }
         }
@@ -454,7 +466,42 @@ impl WorkDir {
     }
 }
 
+/// Regular files and symlinks below `dir` (errors skipped: removal reports them).
+fn leaves(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        match e.file_type() {
+            Ok(ft) if ft.is_dir() => leaves(&e.path(), out),
+            Ok(_) => out.push(e.path()),
+            Err(_) => {}
+        }
+    }
+}
+
+/// Removes a tree, unlinking its files from many threads first: on a file system mounted with
+/// `discard` every unlink waits for the device, and one thread removes a 16k-file tree here in
+/// about 45 s, sixteen in about 12 s.
 fn remove_tree(path: &Path) -> std::io::Result<()> {
+    const THREADS: usize = 16;
+    const BATCH: usize = 128;
+    let mut files = Vec::new();
+    leaves(path, &mut files);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..THREADS {
+            s.spawn(|| loop {
+                let i = next.fetch_add(BATCH, std::sync::atomic::Ordering::Relaxed);
+                if i >= files.len() {
+                    break;
+                }
+                for f in &files[i..(i + BATCH).min(files.len())] {
+                    let _ = std::fs::remove_file(f);
+                }
+            });
+        }
+    });
     match std::fs::remove_dir_all(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(_) => {
@@ -472,13 +519,27 @@ fn remove_tree(path: &Path) -> std::io::Result<()> {
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
+        let info = |text: String| {
+            if !self.quiet {
+                eprintln!("{text}");
+            }
+        };
         if self.keep {
-            eprintln!("bench: kept {}", self.path.display());
-        } else if let Err(e) = remove_tree(&self.path) {
-            eprintln!(
+            info(format!("bench: kept {}", self.path.display()));
+            return;
+        }
+        info(format!("bench: removing {}", self.path.display()));
+        let started = Instant::now();
+        match remove_tree(&self.path) {
+            Ok(()) => info(format!(
+                "bench: removed {} in {:.0}s",
+                self.path.display(),
+                started.elapsed().as_secs_f64()
+            )),
+            Err(e) => eprintln!(
                 "cachevol: warning: could not remove {}: {e}",
                 self.path.display()
-            );
+            ),
         }
     }
 }
@@ -890,7 +951,7 @@ pub async fn run(g: &Global, args: BenchArgs, out: &Out) -> Result<i32, Error> {
         origins.push(p);
     }
     let names = display_names(&origins);
-    let work = WorkDir::create(args.work_dir.as_deref(), &origins[0], args.keep)?;
+    let work = WorkDir::create(args.work_dir.as_deref(), &origins[0], args.keep, g.quiet)?;
     let bench = Bench {
         exe,
         scope: g.scope.clone(),
