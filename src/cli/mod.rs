@@ -107,6 +107,21 @@ enum Command {
     },
     /// Measure restore and commit against tar+zstd on real trees.
     Bench(bench::BenchArgs),
+    /// Serve the CSI Identity and Controller services (beside csi-provisioner).
+    ///
+    /// --store is the store of volumes whose StorageClass names none; --state-dir keeps the
+    /// volume records (default /var/lib/cachevol-controller). No Kubernetes API is used.
+    Controller(crate::csi::controller::ControllerArgs),
+}
+
+impl Command {
+    /// Long-running servers log at info by default; one-shot commands only warn.
+    fn default_log_level(&self) -> &'static str {
+        match self {
+            Command::Controller(_) => "info",
+            _ => "warn",
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -239,7 +254,7 @@ pub fn exit_code(e: &Error) -> i32 {
 /// Entry point of the binary: returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    init_tracing();
+    init_tracing(cli.command.default_log_level());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -254,9 +269,9 @@ pub fn main() -> i32 {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CACHEVOL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -270,6 +285,9 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Error> {
     match cli.command {
         Command::Run(args) => run::run(&g, args, out, bars).await,
         Command::Bench(args) => bench::run(&g, args, out).await,
+        Command::Controller(args) => {
+            Ok(crate::csi::controller::run(args, g.store_url(), g.state_dir.clone()).await)
+        }
         Command::Restore {
             key,
             dir,

@@ -348,7 +348,7 @@ async fn start(
 ) -> Result<(), Error> {
     let state_dir = state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
     let path = server::parse_endpoint(&args.endpoint)?;
-    super::volume::check_store_url(&store_url).map_err(|why| Error::parameter("--store", why))?;
+    super::volume::check_store_url(&store_url).map_err(|why| Error::invalid("--store", why))?;
     let store = Store::open(&store_url)?;
     if store.local_root().is_some() {
         tracing::warn!(
