@@ -112,13 +112,19 @@ enum Command {
     /// --store is the store of volumes whose StorageClass names none; --state-dir keeps the
     /// volume records (default /var/lib/cachevol-controller). No Kubernetes API is used.
     Controller(crate::csi::controller::ControllerArgs),
+    /// Serve the CSI Identity and Node services (the DaemonSet beside kubelet).
+    ///
+    /// --store is the store of volumes whose context names none; --state-dir keeps bases,
+    /// views and records (default /var/lib/cachevol). Without a Kubernetes API, a volume is
+    /// committed when it is unpublished.
+    Node(crate::csi::node::NodeArgs),
 }
 
 impl Command {
     /// Long-running servers log at info by default; one-shot commands only warn.
     fn default_log_level(&self) -> &'static str {
         match self {
-            Command::Controller(_) => "info",
+            Command::Controller(_) | Command::Node(_) => "info",
             _ => "warn",
         }
     }
@@ -285,6 +291,9 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Error> {
     match cli.command {
         Command::Run(args) => run::run(&g, args, out, bars).await,
         Command::Bench(args) => bench::run(&g, args, out).await,
+        Command::Node(args) => {
+            Ok(crate::csi::node::run(args, g.store.clone(), g.state_dir.clone()).await)
+        }
         Command::Controller(args) => {
             Ok(crate::csi::controller::run(args, g.store_url(), g.state_dir.clone()).await)
         }

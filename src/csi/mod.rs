@@ -8,6 +8,7 @@ pub mod controller;
 pub mod error;
 pub mod identity;
 pub mod inflight;
+pub mod node;
 pub mod records;
 pub mod server;
 pub mod volume;

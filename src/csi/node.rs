@@ -1,0 +1,368 @@
+//! The CSI Node service: NodePublishVolume gives a pod its view of a cache (see [`crate::node`]),
+//! NodeUnpublishVolume takes it away and, with no cluster to say how the pod ended, commits the
+//! view in the background; NodeGetVolumeStats reports bytes and inodes used; NodeGetInfo and
+//! NodeGetCapabilities describe the node. No staging: a cachevol volume has no device to stage.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::pb::node_server::{Node, NodeServer};
+use super::pb::{self, node_service_capability, volume_usage};
+use super::{capability, handle, inflight::InFlight, server, Error};
+use crate::engine::Store;
+use crate::node::{self as volumes, CommitDecision, Ending, NodeConfig, PodRef, Volumes};
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/cachevol";
+
+impl From<volumes::Error> for Error {
+    fn from(e: volumes::Error) -> Error {
+        match e {
+            volumes::Error::InvalidArgument(why) => Error::InvalidParameter {
+                name: "volume_context".into(),
+                why,
+            },
+            volumes::Error::Busy(what) | volumes::Error::Unavailable(what) => {
+                Error::OperationPending(what)
+            }
+            volumes::Error::NotPublished(id, target) => {
+                Error::VolumeNotFound(format!("{id} at {target}"))
+            }
+            volumes::Error::Io { op, path, source } => Error::Io { op, path, source },
+            volumes::Error::Engine(e) => Error::Engine(e),
+        }
+    }
+}
+
+pub struct NodeService {
+    volumes: Arc<Volumes>,
+    inflight: InFlight,
+    /// Commits that run after NodeUnpublishVolume returns.
+    commits: tokio::sync::Mutex<tokio::task::JoinSet<()>>,
+}
+
+fn required<'a>(field: &'static str, value: &'a str) -> Result<&'a str, Error> {
+    if value.is_empty() {
+        Err(Error::MissingField(field))
+    } else {
+        Ok(value)
+    }
+}
+
+impl NodeService {
+    pub fn new(volumes: Arc<Volumes>) -> NodeService {
+        NodeService {
+            volumes,
+            inflight: InFlight::default(),
+            commits: tokio::sync::Mutex::new(tokio::task::JoinSet::new()),
+        }
+    }
+
+    /// Commits a pending view in the background; its record keeps it pending until then, so a
+    /// restart resumes it.
+    async fn commit_later(&self, id: String) {
+        let volumes = self.volumes.clone();
+        self.commits.lock().await.spawn(async move {
+            commit_now(&volumes, &id).await;
+        });
+    }
+
+    /// Waits for background commits (on shutdown).
+    pub async fn drain(&self) {
+        let mut set = self.commits.lock().await;
+        while set.join_next().await.is_some() {}
+    }
+
+    async fn publish(&self, r: pb::NodePublishVolumeRequest) -> Result<(), Error> {
+        let volume_id = required("volume_id", &r.volume_id)?;
+        let target = required("target_path", &r.target_path)?;
+        let cap = r
+            .volume_capability
+            .as_ref()
+            .ok_or(Error::MissingField("volume_capability"))?;
+        let mode = capability::check(cap).map_err(Error::UnsupportedCapability)?;
+        let target = PathBuf::from(target);
+        if !target.is_absolute() {
+            return Err(Error::invalid("target_path", "must be an absolute path"));
+        }
+        // Spec: a target already published from another volume is ALREADY_EXISTS.
+        if let Some(v) = self.volumes.view_of_target(&target) {
+            if v.volume_id != volume_id {
+                return Err(Error::VolumeIncompatible(format!(
+                    "{} is published from volume {}",
+                    target.display(),
+                    v.volume_id
+                )));
+            }
+        }
+        let _guard = self
+            .inflight
+            .begin(&format!("{volume_id}\0{}", target.display()))?;
+        let pod = PodRef::from_context(&r.volume_context);
+        let published = self
+            .volumes
+            .publish(volumes::Publish {
+                volume_id: volume_id.to_string(),
+                target: target.clone(),
+                context: r.volume_context.clone(),
+                read_only: r.readonly || capability::is_read_only(mode),
+                pod,
+            })
+            .await?;
+        tracing::info!(
+            view = published.view,
+            warm = published.warm,
+            seconds = published.seconds,
+            degraded = published.degraded.as_deref().unwrap_or(""),
+            "published"
+        );
+        Ok(())
+    }
+
+    async fn unpublish(&self, r: pb::NodeUnpublishVolumeRequest) -> Result<(), Error> {
+        let volume_id = required("volume_id", &r.volume_id)?;
+        let target = PathBuf::from(required("target_path", &r.target_path)?);
+        let _guard = self
+            .inflight
+            .begin(&format!("{volume_id}\0{}", target.display()))?;
+        // Spec: unpublishing a target that is not published (any more) succeeds.
+        if let Some(view) = self.volumes.unpublish(volume_id, &target).await? {
+            self.commit_later(view.id).await;
+        }
+        Ok(())
+    }
+
+    fn stats(
+        &self,
+        r: &pb::NodeGetVolumeStatsRequest,
+    ) -> Result<pb::NodeGetVolumeStatsResponse, Error> {
+        let volume_id = required("volume_id", &r.volume_id)?;
+        let path = Path::new(required("volume_path", &r.volume_path)?);
+        match self.volumes.view_of_target(path) {
+            Some(v) if v.volume_id == volume_id => {}
+            _ => {
+                return Err(Error::VolumeNotFound(format!(
+                    "{volume_id} at {}",
+                    path.display()
+                )))
+            }
+        }
+        let u = self.volumes.usage(path)?;
+        let clamp = |v: u64| v.min(i64::MAX as u64) as i64;
+        Ok(pb::NodeGetVolumeStatsResponse {
+            usage: vec![
+                pb::VolumeUsage {
+                    available: clamp(u.available_bytes),
+                    total: clamp(u.total_bytes),
+                    used: clamp(u.bytes),
+                    unit: volume_usage::Unit::Bytes as i32,
+                },
+                pb::VolumeUsage {
+                    available: clamp(u.available_inodes),
+                    total: clamp(u.total_inodes),
+                    used: clamp(u.inodes),
+                    unit: volume_usage::Unit::Inodes as i32,
+                },
+            ],
+            volume_condition: None,
+        })
+    }
+}
+
+/// Commits a pending view as a pod that succeeded (no cluster: unpublish means done) and logs
+/// the outcome. A store that cannot be reached leaves the view pending for the next start.
+async fn commit_now(volumes: &Volumes, id: &str) {
+    match volumes.commit(id, Ending::Succeeded).await {
+        Ok(CommitDecision::Committed(r)) => tracing::info!(
+            view = id,
+            cache.key = r.key,
+            outcome = ?r.outcome,
+            uploaded = r.uploaded,
+            seconds = r.seconds,
+            "committed"
+        ),
+        Ok(CommitDecision::Skipped(why)) => tracing::info!(view = id, why, "not committed"),
+        Err(e) => tracing::warn!(view = id, error = %e, "commit failed"),
+    }
+}
+
+#[tonic::async_trait]
+impl Node for Arc<NodeService> {
+    async fn node_stage_volume(
+        &self,
+        _: Request<pb::NodeStageVolumeRequest>,
+    ) -> Result<Response<pb::NodeStageVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "cachevol does not stage volumes (STAGE_UNSTAGE_VOLUME is not advertised)",
+        ))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        _: Request<pb::NodeUnstageVolumeRequest>,
+    ) -> Result<Response<pb::NodeUnstageVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "cachevol does not stage volumes (STAGE_UNSTAGE_VOLUME is not advertised)",
+        ))
+    }
+
+    async fn node_publish_volume(
+        &self,
+        req: Request<pb::NodePublishVolumeRequest>,
+    ) -> Result<Response<pb::NodePublishVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let id = r.volume_id.clone();
+        handle("NodePublishVolume", &id, async move {
+            self.publish(r).await?;
+            Ok(pb::NodePublishVolumeResponse {})
+        })
+        .await
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        req: Request<pb::NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<pb::NodeUnpublishVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let id = r.volume_id.clone();
+        handle("NodeUnpublishVolume", &id, async move {
+            self.unpublish(r).await?;
+            Ok(pb::NodeUnpublishVolumeResponse {})
+        })
+        .await
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        req: Request<pb::NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<pb::NodeGetVolumeStatsResponse>, Status> {
+        let r = req.into_inner();
+        let id = r.volume_id.clone();
+        let this = self.clone();
+        handle("NodeGetVolumeStats", &id, async move {
+            tokio::task::spawn_blocking(move || this.stats(&r))
+                .await
+                .expect("stats do not panic")
+        })
+        .await
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _: Request<pb::NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<pb::NodeGetCapabilitiesResponse>, Status> {
+        handle("NodeGetCapabilities", "", async {
+            let rpc = |t: node_service_capability::rpc::Type| pb::NodeServiceCapability {
+                r#type: Some(node_service_capability::Type::Rpc(
+                    node_service_capability::Rpc { r#type: t as i32 },
+                )),
+            };
+            Ok(pb::NodeGetCapabilitiesResponse {
+                capabilities: vec![
+                    rpc(node_service_capability::rpc::Type::GetVolumeStats),
+                    rpc(node_service_capability::rpc::Type::SingleNodeMultiWriter),
+                ],
+            })
+        })
+        .await
+    }
+
+    async fn node_get_info(
+        &self,
+        _: Request<pb::NodeGetInfoRequest>,
+    ) -> Result<Response<pb::NodeGetInfoResponse>, Status> {
+        let node_id = self.volumes.config().node_id.clone();
+        handle("NodeGetInfo", "", async move {
+            Ok(pb::NodeGetInfoResponse {
+                node_id,
+                max_volumes_per_node: 0,
+                accessible_topology: None,
+            })
+        })
+        .await
+    }
+}
+
+/// `cachevol node`: the CSI Identity and Node services for kubelet.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// The CSI endpoint to serve on.
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
+    pub endpoint: String,
+    /// This node's name (kubelet's node name).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_id: String,
+    /// Never use overlayfs: every view is a copy of its base.
+    #[arg(long)]
+    pub copy_views: bool,
+    /// Bytes of base trees kept on the node (e.g. 50Gi); least recently used go first.
+    #[arg(long, value_parser = crate::cli::parse_size)]
+    pub base_budget: Option<u64>,
+}
+
+/// Runs the node plugin until SIGTERM/SIGINT; returns the process exit code.
+pub async fn run(args: NodeArgs, store: Option<String>, state_dir: Option<PathBuf>) -> i32 {
+    match start(args, store, state_dir).await {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("cachevol node: {e}");
+            eprintln!("cachevol node: {e}");
+            match e {
+                Error::InvalidField { .. }
+                | Error::InvalidParameter { .. }
+                | Error::MissingField(_) => 2,
+                _ => 1,
+            }
+        }
+    }
+}
+
+async fn start(
+    args: NodeArgs,
+    store: Option<String>,
+    state_dir: Option<PathBuf>,
+) -> Result<(), Error> {
+    if args.node_id.is_empty() {
+        return Err(Error::MissingField("--node-id"));
+    }
+    let state_dir = state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    let path = server::parse_endpoint(&args.endpoint)?;
+    if let Some(s) = &store {
+        super::volume::check_store_url(s).map_err(|why| Error::parameter("--store", why))?;
+    }
+    let volumes = Arc::new(Volumes::new(NodeConfig {
+        node_id: args.node_id.clone(),
+        state_dir: state_dir.clone(),
+        default_store: store.clone(),
+        force_copy: args.copy_views,
+        base_budget: args.base_budget,
+    })?);
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        node = args.node_id,
+        state_dir = %state_dir.display(),
+        "cachevol node starting"
+    );
+    tracing::info!(
+        "cluster features off: no Kubernetes API in use; views are committed when unpublished"
+    );
+    let service = Arc::new(NodeService::new(volumes.clone()));
+    // Views left pending by a previous run (unpublished, not yet committed) are committed now.
+    for v in volumes.recover() {
+        tracing::info!(view = v.id, "resuming a pending commit");
+        service.commit_later(v.id).await;
+    }
+    let probe_store = Store::open(store.as_deref().unwrap_or(&format!(
+        "file://{}",
+        state_dir.join("probe-store").display()
+    )))?;
+    let identity = super::identity::IdentityService::new(state_dir, probe_store);
+    let socket = server::Socket::bind(&path)?;
+    let router = tonic::transport::Server::builder()
+        .add_service(super::pb::identity_server::IdentityServer::new(identity))
+        .add_service(NodeServer::new(service.clone()));
+    let served = server::serve(socket, router).await;
+    service.drain().await;
+    served
+}

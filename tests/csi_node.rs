@@ -1,0 +1,435 @@
+//! `cachevol node` as kubelet sees it: the real binary on a unix socket, a tonic client over
+//! that socket, real mounts (the tests run as root). Covers the bad-request and idempotency
+//! matrix of the Node RPCs, publish → write → unpublish → commit → publish on a second node, the
+//! copy fallback, and a node plugin killed between publish and commit.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cachevol::csi::pb::node_client::NodeClient;
+use cachevol::csi::pb::volume_capability::{access_mode::Mode, AccessMode, AccessType};
+use cachevol::csi::pb::{self, volume_capability};
+use cachevol::engine::{Engine, Store};
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::Code;
+
+struct NodePlugin {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl NodePlugin {
+    fn start(root: &Path, name: &str, extra: &[&str]) -> NodePlugin {
+        let socket = root.join(name).join("csi.sock");
+        let log = root.join(format!("{name}.log"));
+        std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_cachevol"))
+            .arg("node")
+            .arg("--endpoint")
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--node-id")
+            .arg(name)
+            .arg("--state-dir")
+            .arg(root.join(name).join("state"))
+            .args(extra)
+            .env("CACHEVOL_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        let mut p = NodePlugin { child, socket, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&p.socket).is_err() {
+            if let Some(st) = p.child.try_wait().unwrap() {
+                panic!("node plugin exited ({st}):\n{}", p.logs());
+            }
+            assert!(Instant::now() < deadline, "no socket:\n{}", p.logs());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn client(&self) -> NodeClient<Channel> {
+        let path = self.socket.clone();
+        let ch = Endpoint::try_from("http://[::1]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await
+            .unwrap();
+        NodeClient::new(ch)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits without blocking the runtime, so this process's client connections
+    /// can answer the server's GOAWAY (a draining server waits for them).
+    async fn stop(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit after SIGTERM:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for NodePlugin {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn cap(mode: Mode, block: bool) -> pb::VolumeCapability {
+    pb::VolumeCapability {
+        access_type: Some(if block {
+            AccessType::Block(volume_capability::BlockVolume {})
+        } else {
+            AccessType::Mount(volume_capability::MountVolume::default())
+        }),
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+    }
+}
+
+fn context(store: &str, key: &str, pod: &str) -> HashMap<String, String> {
+    [
+        ("store", store.to_string()),
+        ("scope", "team-a".into()),
+        ("key", key.into()),
+        ("mode", "private".into()),
+        ("csi.storage.k8s.io/pod.name", pod.into()),
+        ("csi.storage.k8s.io/pod.namespace", "ci".into()),
+        ("csi.storage.k8s.io/pod.uid", format!("uid-{pod}")),
+        ("csi.storage.k8s.io/serviceAccount.name", "default".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+fn publish_req(
+    vol: &str,
+    target: &Path,
+    ctx: HashMap<String, String>,
+) -> pb::NodePublishVolumeRequest {
+    pb::NodePublishVolumeRequest {
+        volume_id: vol.into(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(cap(Mode::MultiNodeMultiWriter, false)),
+        volume_context: ctx,
+        ..Default::default()
+    }
+}
+
+fn unpublish_req(vol: &str, target: &Path) -> pb::NodeUnpublishVolumeRequest {
+    pb::NodeUnpublishVolumeRequest {
+        volume_id: vol.into(),
+        target_path: target.display().to_string(),
+    }
+}
+
+/// Waits until the store's newest generation of `key` is `want`.
+async fn wait_generation(store: &str, key: &str, want: u64, logs: impl Fn() -> String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = Engine::new(Store::open(store).unwrap(), "team-a", tmp.path()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if engine.newest(key).await.unwrap() == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "generation {want} of {key} never came:\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn mounted(p: &Path) -> bool {
+    cachevol::node::mount::is_mount_point(p).unwrap()
+}
+
+#[tokio::test]
+async fn bad_requests_and_idempotency() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let store = format!("file://{}", t.join("store").display());
+    let node = NodePlugin::start(t, "n1", &[]);
+    let mut c = node.client().await;
+
+    let info = c
+        .node_get_info(pb::NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.node_id, "n1");
+    let caps = c
+        .node_get_capabilities(pb::NodeGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        format!("{caps:?}").contains("GetVolumeStats"),
+        "GET_VOLUME_STATS: {caps:?}"
+    );
+    let err = c
+        .node_stage_volume(pb::NodeStageVolumeRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+
+    let target = t.join("pods/a/volumes/v/mount");
+    let good = publish_req("cv-1", &target, context(&store, "npm", "a"));
+    let cases: Vec<(pb::NodePublishVolumeRequest, &str)> = vec![
+        (
+            pb::NodePublishVolumeRequest {
+                volume_id: "".into(),
+                ..good.clone()
+            },
+            "volume_id",
+        ),
+        (
+            pb::NodePublishVolumeRequest {
+                target_path: "".into(),
+                ..good.clone()
+            },
+            "target_path",
+        ),
+        (
+            pb::NodePublishVolumeRequest {
+                volume_capability: None,
+                ..good.clone()
+            },
+            "volume_capability",
+        ),
+        (
+            pb::NodePublishVolumeRequest {
+                volume_capability: Some(cap(Mode::MultiNodeMultiWriter, true)),
+                ..good.clone()
+            },
+            "block",
+        ),
+        (
+            pb::NodePublishVolumeRequest {
+                volume_context: context(&store, "../etc", "a"),
+                ..good.clone()
+            },
+            "key",
+        ),
+    ];
+    for (req, want) in cases {
+        let err = c.node_publish_volume(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{want}: {err:?}");
+        assert!(err.message().contains(want), "{want}: {}", err.message());
+        assert!(!mounted(&target));
+    }
+
+    // Publish twice: the second succeeds and changes nothing.
+    c.node_publish_volume(good.clone()).await.unwrap();
+    std::fs::write(target.join("f"), vec![3u8; 10_000]).unwrap();
+    c.node_publish_volume(good.clone()).await.unwrap();
+    assert_eq!(std::fs::read(target.join("f")).unwrap().len(), 10_000);
+    // The same target from another volume: ALREADY_EXISTS.
+    let other = publish_req("cv-2", &target, context(&store, "npm", "a"));
+    assert_eq!(
+        c.node_publish_volume(other).await.unwrap_err().code(),
+        Code::AlreadyExists
+    );
+
+    let stats = c
+        .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
+            volume_id: "cv-1".into(),
+            volume_path: target.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let bytes = stats.usage.iter().find(|u| u.unit == 1).unwrap();
+    assert!(bytes.used >= 10_000 && bytes.total > 0, "{stats:?}");
+    let err = c
+        .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
+            volume_id: "cv-9".into(),
+            volume_path: t.join("nowhere").display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    for (req, want) in [
+        (unpublish_req("", &target), "volume_id"),
+        (
+            pb::NodeUnpublishVolumeRequest {
+                volume_id: "cv-1".into(),
+                target_path: "".into(),
+            },
+            "target_path",
+        ),
+    ] {
+        let err = c.node_unpublish_volume(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains(want));
+    }
+    c.node_unpublish_volume(unpublish_req("cv-1", &target))
+        .await
+        .unwrap();
+    assert!(!mounted(&target));
+    // Again, and for a target that never was: OK.
+    c.node_unpublish_volume(unpublish_req("cv-1", &target))
+        .await
+        .unwrap();
+    c.node_unpublish_volume(unpublish_req("cv-1", &t.join("never")))
+        .await
+        .unwrap();
+    wait_generation(&store, "npm", 1, || node.logs()).await;
+}
+
+/// Lists a tree as (path, type, mode, link target) plus file hashes.
+fn listing(root: &Path) -> Vec<String> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd {} && find . -mindepth 1 -printf '%p %y %m %l\\n' | sort && find . -type f -exec sha1sum {{}} + | sort",
+            root.display()
+        ))
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+async fn round_trip(copy_views: bool) {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let store = format!("file://{}", t.join("store").display());
+    let flags: &[&str] = if copy_views { &["--copy-views"] } else { &[] };
+    let n1 = NodePlugin::start(t, "n1", flags);
+    let n2 = NodePlugin::start(t, "n2", flags);
+    let (mut c1, mut c2) = (n1.client().await, n2.client().await);
+
+    let ta = t.join("pods/a/mount");
+    c1.node_publish_volume(publish_req("cv-1", &ta, context(&store, "cargo", "a")))
+        .await
+        .unwrap();
+    let sh = |cmd: String| {
+        assert!(
+            Command::new("sh")
+                .arg("-c")
+                .arg(&cmd)
+                .status()
+                .unwrap()
+                .success(),
+            "{cmd}"
+        )
+    };
+    sh(format!(
+        "mkdir -p {0}/registry/src && head -c 2000000 /dev/urandom > {0}/registry/big.crate \
+         && echo hi > {0}/registry/src/lib.rs && chmod 640 {0}/registry/src/lib.rs && ln -s src {0}/registry/link",
+        ta.display()
+    ));
+    let expected = listing(&ta);
+    c1.node_unpublish_volume(unpublish_req("cv-1", &ta))
+        .await
+        .unwrap();
+    wait_generation(&store, "cargo", 1, || n1.logs()).await;
+
+    // Another node restores it: the view equals what pod A left, byte for byte.
+    let tb = t.join("pods/b/mount");
+    c2.node_publish_volume(publish_req("cv-1", &tb, context(&store, "cargo", "b")))
+        .await
+        .unwrap();
+    assert_eq!(listing(&tb), expected);
+    c2.node_unpublish_volume(unpublish_req("cv-1", &tb))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn publish_write_unpublish_commit_then_another_node_sees_it() {
+    round_trip(false).await;
+}
+
+#[tokio::test]
+async fn the_copy_fallback_round_trips_too() {
+    round_trip(true).await;
+}
+
+#[tokio::test]
+async fn a_node_plugin_killed_between_publish_and_commit_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let store = format!("file://{}", t.join("store").display());
+    let mut n1 = NodePlugin::start(t, "n1", &[]);
+    let ta = t.join("pods/a/mount");
+    n1.client()
+        .await
+        .node_publish_volume(publish_req("cv-1", &ta, context(&store, "go", "a")))
+        .await
+        .unwrap();
+    std::fs::write(ta.join("mod.zip"), vec![9u8; 70_000]).unwrap();
+    n1.kill();
+    // The mount outlives the plugin (it lives in the node's mount table), and so do the records.
+    assert!(mounted(&ta));
+    let n1 = NodePlugin::start(t, "n1", &[]);
+    n1.client()
+        .await
+        .node_unpublish_volume(unpublish_req("cv-1", &ta))
+        .await
+        .unwrap();
+    wait_generation(&store, "go", 1, || n1.logs()).await;
+
+    // Killed after unpublish, before the commit ran: the restart commits it.
+    let mut n1 = n1;
+    let tb = t.join("pods/b/mount");
+    let mut c = n1.client().await;
+    c.node_publish_volume(publish_req("cv-1", &tb, context(&store, "go", "b")))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(tb.join("mod.zip")).unwrap().len(), 70_000);
+    std::fs::write(tb.join("second"), "2").unwrap();
+    drop(c);
+    assert!(n1.stop().await.success(), "{}", n1.logs());
+    let n1 = NodePlugin::start(t, "n1", &[]);
+    n1.client()
+        .await
+        .node_unpublish_volume(unpublish_req("cv-1", &tb))
+        .await
+        .unwrap();
+    wait_generation(&store, "go", 2, || n1.logs()).await;
+}
