@@ -276,3 +276,59 @@ async fn copy_views_and_a_restart_before_the_commit() {
     assert_eq!(std::fs::read(tc.join("wheel")).unwrap(), vec![7u8; 50_000]);
     finish(&n2, &tc, Ending::Succeeded).await;
 }
+
+#[tokio::test]
+async fn bases_past_the_node_budget_are_evicted_least_recently_used_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let store = format!("file://{}", t.join("store").display());
+    // Three caches of ~300 kB each, committed from a source dir with the CLI engine.
+    let engine = cachevol::engine::Engine::new(
+        cachevol::engine::Store::open(&store).unwrap(),
+        "team-a",
+        t.join("cli-state"),
+    )
+    .unwrap();
+    for key in ["k1", "k2", "k3"] {
+        let src = t.join(format!("src-{key}"));
+        std::fs::create_dir_all(&src).unwrap();
+        let data: Vec<u8> = (0..300_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        std::fs::write(src.join("blob"), data).unwrap();
+        engine
+            .commit(key, &src, &cachevol::engine::CommitOptions::default())
+            .await
+            .unwrap();
+    }
+    let state = t.join("node1");
+    let n = Node {
+        volumes: Volumes::new(NodeConfig {
+            node_id: "node1".into(),
+            state_dir: state.clone(),
+            default_store: None,
+            force_copy: false,
+            base_budget: Some(700_000),
+        })
+        .unwrap(),
+    };
+    let base = |key: &str| state.join(format!("bases/team-a/{key}/00000000000000000001/tree"));
+    for key in ["k1", "k2"] {
+        let target = t.join(format!("t-{key}"));
+        publish_async(&n, &target, &ctx(&store, key, "private", &[]), key).await;
+        finish(&n, &target, Ending::Aborted).await;
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(base("k1").exists() && base("k2").exists());
+    // k1 is used again: k2 is now the least recently used.
+    let target = t.join("t-k1b");
+    publish_async(&n, &target, &ctx(&store, "k1", "private", &[]), "k1b").await;
+    // A third base pushes the node past 700 kB: k2 goes, k1 (in use) stays.
+    let target3 = t.join("t-k3");
+    publish_async(&n, &target3, &ctx(&store, "k3", "private", &[]), "k3").await;
+    assert!(base("k1").exists(), "in use");
+    assert!(base("k3").exists(), "just restored");
+    assert!(!base("k2").exists(), "least recently used, evicted");
+    finish(&n, &target, Ending::Aborted).await;
+    finish(&n, &target3, Ending::Aborted).await;
+}
