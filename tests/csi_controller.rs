@@ -249,7 +249,10 @@ async fn identity_on_a_0660_socket() {
         .collect();
     assert_eq!(
         rpcs,
-        vec![pb::controller_service_capability::rpc::Type::CreateDeleteVolume as i32]
+        vec![
+            pb::controller_service_capability::rpc::Type::CreateDeleteVolume as i32,
+            pb::controller_service_capability::rpc::Type::SingleNodeMultiWriter as i32
+        ]
     );
 }
 

@@ -23,8 +23,13 @@ use crate::engine::Store;
 /// Default controller state dir (volume records).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/cachevol-controller";
 
-/// The Controller RPCs cachevol implements and advertises.
-pub const CAPABILITIES: &[csc::rpc::Type] = &[csc::rpc::Type::CreateDeleteVolume];
+/// The Controller RPCs cachevol implements and advertises. SINGLE_NODE_MULTI_WRITER (with the
+/// node's capability of the same name) lets ReadWriteOncePod claims arrive as
+/// SINGLE_NODE_SINGLE_WRITER; both single-node writer modes are served.
+pub const CAPABILITIES: &[csc::rpc::Type] = &[
+    csc::rpc::Type::CreateDeleteVolume,
+    csc::rpc::Type::SingleNodeMultiWriter,
+];
 
 #[derive(Clone)]
 pub struct ControllerService {
