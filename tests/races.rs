@@ -296,7 +296,6 @@ async fn fencing(url: &str) {
     let head_before = store_listing(url)
         .await
         .into_iter()
-        .filter(|(k, _)| !k.contains("/packs/"))
         .collect::<BTreeMap<_, _>>();
 
     let err = eb.commit("locked", &b, &fenced).await.unwrap_err();
@@ -311,11 +310,11 @@ async fn fencing(url: &str) {
         other => panic!("expected Fenced, got {other:?}"),
     }
     assert!(err.to_string().contains("fenced"), "{err}");
-    // Nothing moved: the generations, the head and the last-use records are as before.
+    // Nothing moved and nothing was uploaded: generations, head, last-use records and packs
+    // are as before (the refusal comes before any upload).
     let head_after = store_listing(url)
         .await
         .into_iter()
-        .filter(|(k, _)| !k.contains("/packs/"))
         .collect::<BTreeMap<_, _>>();
     assert_eq!(head_before, head_after);
     assert_eq!(e0.generations("locked").await.unwrap(), vec![1, 2, 3]);

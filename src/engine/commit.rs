@@ -348,6 +348,23 @@ impl Engine {
                 }
             }
         }
+        // A fenced commit may only create the generation after the one it restored: if that is
+        // taken already, refuse before uploading anything.
+        if opts.fence {
+            let wanted = same_key_base.unwrap_or(0) + 1;
+            if self
+                .store
+                .head(&self.layout.generation(key, wanted))
+                .await?
+                .is_some()
+            {
+                return Err(Error::Fenced {
+                    key: key.to_string(),
+                    restored: same_key_base.unwrap_or(0),
+                    taken: wanted,
+                });
+            }
+        }
         let missing = self.missing_packs(&known).await?;
         if !missing.is_empty() {
             tracing::warn!(
