@@ -15,7 +15,9 @@
 //! one step's write-back does not land in the next. Restores and extractions go into fresh paths
 //! and nothing is deleted until the end (creating a large tree right after deleting one is several
 //! times slower on ext4), unless the disk is too small for that; then each run's trees are deleted
-//! at the end of that run.
+//! at the end of that run. The same holds across invocations: a large deletion (a previous
+//! bench's cleanup included) slows every tree creation for minutes afterwards (ext4 skips
+//! recently freed inodes), so leave a few minutes between two benches.
 //!
 //! A local S3 server for `--s3-url`, e.g. moto:
 //! `moto_server -H 127.0.0.1 -p 5000 &`, then `AWS_ENDPOINT_URL=http://127.0.0.1:5000
