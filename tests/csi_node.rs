@@ -433,3 +433,67 @@ async fn a_node_plugin_killed_between_publish_and_commit_loses_nothing() {
         .unwrap();
     wait_generation(&store, "go", 2, || n1.logs()).await;
 }
+
+#[tokio::test]
+async fn two_pods_private_versus_shared_on_one_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let store = format!("file://{}", t.join("store").display());
+    let node = NodePlugin::start(t, "n1", &[]);
+    let mut c = node.client().await;
+    let with_mode = |pod: &str, mode: &str| {
+        let mut ctx = context(&store, "gomod", pod);
+        ctx.insert("mode".into(), mode.into());
+        ctx
+    };
+
+    // Private: each pod has its own fork.
+    let (pa, pb) = (t.join("pa"), t.join("pb"));
+    c.node_publish_volume(publish_req("cv-1", &pa, with_mode("a", "private")))
+        .await
+        .unwrap();
+    c.node_publish_volume(publish_req("cv-1", &pb, with_mode("b", "private")))
+        .await
+        .unwrap();
+    std::fs::write(pa.join("only-a"), "a").unwrap();
+    assert!(!pb.join("only-a").exists());
+    c.node_unpublish_volume(unpublish_req("cv-1", &pa))
+        .await
+        .unwrap();
+    c.node_unpublish_volume(unpublish_req("cv-1", &pb))
+        .await
+        .unwrap();
+    wait_generation(&store, "gomod", 1, || node.logs()).await;
+
+    // Shared: one live view; committed once, after the last pod leaves.
+    let (sa, sb) = (t.join("sa"), t.join("sb"));
+    c.node_publish_volume(publish_req("cv-1", &sa, with_mode("c", "shared")))
+        .await
+        .unwrap();
+    c.node_publish_volume(publish_req("cv-1", &sb, with_mode("d", "shared")))
+        .await
+        .unwrap();
+    std::fs::write(sa.join("from-c"), "c").unwrap();
+    assert_eq!(std::fs::read_to_string(sb.join("from-c")).unwrap(), "c");
+    c.node_unpublish_volume(unpublish_req("cv-1", &sa))
+        .await
+        .unwrap();
+    std::fs::write(sb.join("from-d"), "d").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let tmp2 = tempfile::tempdir().unwrap();
+    let engine = Engine::new(Store::open(&store).unwrap(), "team-a", tmp2.path()).unwrap();
+    assert_eq!(
+        engine.newest("gomod").await.unwrap(),
+        Some(1),
+        "no commit while a pod is left"
+    );
+    c.node_unpublish_volume(unpublish_req("cv-1", &sb))
+        .await
+        .unwrap();
+    wait_generation(&store, "gomod", 2, || node.logs()).await;
+    let check = t.join("check");
+    engine.restore("gomod", &[], &check).await.unwrap();
+    assert!(check.join("from-c").exists() && check.join("from-d").exists());
+    // The shared view started from generation 1, the private pod a's commit (b changed nothing).
+    assert!(check.join("only-a").exists());
+}

@@ -332,3 +332,69 @@ async fn bases_past_the_node_budget_are_evicted_least_recently_used_first() {
     finish(&n, &target, Ending::Aborted).await;
     finish(&n, &target3, Ending::Aborted).await;
 }
+
+#[tokio::test]
+async fn pods_asking_at_once_share_one_download_and_read_only_is_honoured() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let store = format!("file://{}", t.join("store").display());
+    let src = t.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("dep.tgz"), vec![5u8; 200_000]).unwrap();
+    let engine = cachevol::engine::Engine::new(
+        cachevol::engine::Store::open(&store).unwrap(),
+        "team-a",
+        t.join("cli-state"),
+    )
+    .unwrap();
+    engine
+        .commit("npm", &src, &cachevol::engine::CommitOptions::default())
+        .await
+        .unwrap();
+
+    let n = std::sync::Arc::new(node(t, "node1", false));
+    let c = ctx(&store, "npm", "private", &[]);
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let (n, c, target) = (n.clone(), c.clone(), t.join(format!("p{i}")));
+        tasks.push(tokio::spawn(async move {
+            publish_async(&n, &target, &c, &format!("p{i}")).await
+        }));
+    }
+    let mut cold = 0;
+    for task in tasks {
+        if !task.await.unwrap().warm {
+            cold += 1;
+        }
+    }
+    assert_eq!(cold, 1, "one download for four pods");
+    for i in 0..4 {
+        let target = t.join(format!("p{i}"));
+        assert_eq!(
+            std::fs::read(target.join("dep.tgz")).unwrap().len(),
+            200_000
+        );
+        finish(&n, &target, Ending::Aborted).await;
+    }
+
+    // A read-only publish: the pod cannot write, and nothing is committed.
+    let ro = t.join("ro");
+    n.volumes
+        .publish(Publish {
+            volume_id: "cv-vol".into(),
+            target: ro.clone(),
+            context: c.clone(),
+            read_only: true,
+            pod: Some(pod("ro")),
+        })
+        .await
+        .unwrap();
+    let err = std::fs::write(ro.join("x"), "x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    assert!(ro.join("dep.tgz").exists());
+    let d = finish(&n, &ro, Ending::Succeeded).await;
+    assert!(
+        matches!(&d, CommitDecision::Committed(r) if r.uploaded == 0),
+        "{d:?}"
+    );
+}

@@ -71,6 +71,10 @@ pub struct BenchArgs {
     /// The change step adds new files totalling this percentage of the tree's bytes.
     #[arg(long, default_value_t = 1.0)]
     pub change_percent: f64,
+    /// Measure the node plugin instead: NodePublishVolume cold and warm, and the commit of an
+    /// unchanged and a 1 %-changed pod view (needs root: real mounts).
+    #[arg(long)]
+    pub node: bool,
 }
 
 fn failed(what: impl Into<PathBuf>, detail: impl std::fmt::Display) -> Error {
@@ -951,6 +955,20 @@ pub async fn run(g: &Global, args: BenchArgs, out: &Out) -> Result<i32, Error> {
             return Err(failed(p, "is not a directory"));
         }
         origins.push(p);
+    }
+    if args.node {
+        let work = args
+            .work_dir
+            .clone()
+            .unwrap_or_else(std::env::temp_dir)
+            .join(format!(".cachevol-bench-node-{}", std::process::id()));
+        let rows =
+            super::bench_node::run(&origins, args.s3_url.as_deref(), &work, args.runs as usize)
+                .await;
+        let _ = std::fs::remove_dir_all(&work);
+        let rows = rows?;
+        out.line(&super::bench_node::table(&rows), &rows);
+        return Ok(super::exit::OK);
     }
     let names = display_names(&origins);
     let work = WorkDir::create(args.work_dir.as_deref(), &origins[0], args.keep, g.quiet)?;

@@ -3,6 +3,7 @@
 //! long operations draw progress bars when stderr is a terminal.
 
 mod bench;
+mod bench_node;
 mod output;
 mod run;
 

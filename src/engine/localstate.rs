@@ -72,6 +72,18 @@ impl DirState {
         }
     }
 
+    /// Only the header of the record of `dir`, if it was made for this store and scope: reads
+    /// and decompresses just the first line, not the tree.
+    pub fn load_header(state_dir: &Path, dir: &Path, store: &str, scope: &str) -> Option<Header> {
+        use std::io::BufRead;
+        let f = std::fs::File::open(record_path(state_dir, dir)).ok()?;
+        let mut r = std::io::BufReader::new(zstd::stream::read::Decoder::new(f).ok()?);
+        let mut line = Vec::new();
+        r.read_until(b'\n', &mut line).ok()?;
+        let h: Header = serde_json::from_slice(&line).ok()?;
+        (h.store == store && h.scope == scope && h.dir == dir).then_some(h)
+    }
+
     fn decode(data: &[u8]) -> Option<DirState> {
         let raw = zstd::stream::decode_all(data).ok()?;
         let mut parts = raw.splitn(3, |b| *b == b'\n');

@@ -313,7 +313,7 @@ impl Engine {
             return false;
         };
         !localstate::DirState::restore_interrupted(&self.state_dir, &dir)
-            && localstate::DirState::load(
+            && localstate::DirState::load_header(
                 &self.state_dir,
                 &dir,
                 self.store.display_url(),

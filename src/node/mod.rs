@@ -424,7 +424,8 @@ impl Volumes {
             pods: vec![],
             degraded: base.degraded,
         };
-        self.save(&record)?;
+        // Saved by the caller once the target is mounted; a crash before that leaves a view
+        // mount without a record, which `recover` removes.
         Ok(record)
     }
 
@@ -811,6 +812,21 @@ impl Volumes {
         let mounted: Vec<PathBuf> = mount::mounts()
             .map(|m| m.into_iter().map(|m| m.mount_point).collect())
             .unwrap_or_default();
+        // View mounts of views that never got a record (a crash during publish).
+        let views = self.cfg.state_dir.join("views");
+        for m in &mounted {
+            if let Ok(rest) = m.strip_prefix(&views) {
+                let id = rest
+                    .iter()
+                    .next()
+                    .and_then(|c| c.to_str())
+                    .unwrap_or_default();
+                if !id.is_empty() && self.load(id).is_none() {
+                    tracing::info!(view = id, "removing the mount of a view without a record");
+                    let _ = mount::unmount(m);
+                }
+            }
+        }
         let mut pending = Vec::new();
         for mut v in self.views() {
             let before = v.targets.len();

@@ -1,0 +1,230 @@
+//! `cachevol bench --node`: what a pod waits for on a node, on real trees — the node plugin's
+//! publish (cold: the base is not on the node; warm: it is) and the commit of a finished view
+//! (unchanged, and after 1 % new files), measured in-process through the same code
+//! NodePublishVolume and the commit run (the gRPC hop adds well under a millisecond).
+//! Needs root (mounts).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::engine::{CommitOptions, Engine, Error, Store};
+use crate::node::{CommitDecision, Ending, NodeConfig, PodRef, Publish, Volumes};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeFigures {
+    pub tree: String,
+    pub files: u64,
+    pub bytes: u64,
+    pub publish_cold_s: f64,
+    pub publish_warm_s: f64,
+    pub commit_unchanged_s: f64,
+    pub commit_unchanged_uploaded: u64,
+    pub commit_1pct_s: f64,
+    pub commit_1pct_uploaded: u64,
+    pub new_bytes_1pct: u64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn volumes(state: &Path) -> Result<Volumes, Error> {
+    Volumes::new(NodeConfig {
+        node_id: "bench".into(),
+        state_dir: state.to_path_buf(),
+        default_store: None,
+        force_copy: false,
+        base_budget: None,
+    })
+    .map_err(|e| Error::Lock(e.to_string()))
+}
+
+fn context(store: &str, key: &str) -> HashMap<String, String> {
+    [
+        ("store", store),
+        ("scope", "bench"),
+        ("key", key),
+        ("mode", "private"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+async fn publish(
+    v: &Volumes,
+    target: &Path,
+    ctx: &HashMap<String, String>,
+    pod: &str,
+) -> Result<f64, Error> {
+    let t = Instant::now();
+    v.publish(Publish {
+        volume_id: "cv-bench".into(),
+        target: target.to_path_buf(),
+        context: ctx.clone(),
+        read_only: false,
+        pod: Some(PodRef {
+            name: pod.into(),
+            namespace: "bench".into(),
+            uid: format!("uid-{pod}"),
+            service_account: "default".into(),
+        }),
+    })
+    .await
+    .map_err(|e| Error::Lock(e.to_string()))?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// Unpublishes and commits as a pod that ended with `ending`; the commit's seconds and upload.
+async fn finish(v: &Volumes, target: &Path, ending: Ending) -> Result<(f64, u64), Error> {
+    let view = v
+        .unpublish("cv-bench", target)
+        .await
+        .map_err(|e| Error::Lock(e.to_string()))?
+        .ok_or_else(|| Error::Lock("view still mounted elsewhere".into()))?;
+    let t = Instant::now();
+    let d = v
+        .commit(&view.id, ending)
+        .await
+        .map_err(|e| Error::Lock(e.to_string()))?;
+    let secs = t.elapsed().as_secs_f64();
+    Ok(match d {
+        CommitDecision::Committed(r) => (secs, r.uploaded),
+        CommitDecision::Skipped(_) => (secs, 0),
+    })
+}
+
+/// Writes new files totalling about `bytes` (pseudo-random, so they do not compress away).
+fn add_new_files(dir: &Path, bytes: u64, seed: u64) -> std::io::Result<u64> {
+    let d = dir.join(format!("bench-new-{seed}"));
+    std::fs::create_dir_all(&d)?;
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut written = 0;
+    let mut i = 0;
+    while written < bytes {
+        let n = (bytes - written).min(64 << 10) as usize;
+        let data: Vec<u8> = (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(d.join(format!("f{i}")), &data)?;
+        written += n as u64;
+        i += 1;
+    }
+    Ok(written)
+}
+
+/// Measures one tree: `runs` cold publishes (fresh node each), then on one node `runs` rounds
+/// of warm publish + unchanged commit, then `runs` rounds of warm publish + 1 % + commit.
+pub async fn measure(
+    tree: &Path,
+    store_url: &str,
+    work: &Path,
+    runs: usize,
+) -> Result<NodeFigures, Error> {
+    let key = "tree";
+    let engine = Engine::new(Store::open(store_url)?, "bench", work.join("cli-state"))?;
+    let first = engine.commit(key, tree, &CommitOptions::default()).await?;
+    let ctx = context(store_url, key);
+
+    let mut cold = Vec::new();
+    for i in 0..runs {
+        let v = volumes(&work.join(format!("cold-node-{i}")))?;
+        let target = work.join(format!("cold-target-{i}"));
+        cold.push(publish(&v, &target, &ctx, &format!("cold{i}")).await?);
+        finish(&v, &target, Ending::Aborted).await?;
+    }
+
+    let v = volumes(&work.join("warm-node"))?;
+    let target = work.join("warm-target");
+    publish(&v, &target, &ctx, "prime").await?;
+    finish(&v, &target, Ending::Aborted).await?;
+    let (mut warm, mut unchanged, mut unchanged_up) = (Vec::new(), Vec::new(), 0);
+    for i in 0..runs {
+        warm.push(publish(&v, &target, &ctx, &format!("w{i}")).await?);
+        let (s, up) = finish(&v, &target, Ending::Succeeded).await?;
+        unchanged.push(s);
+        unchanged_up = unchanged_up.max(up);
+    }
+    let (mut changed, mut changed_up, mut new_bytes) = (Vec::new(), Vec::new(), 0);
+    for i in 0..runs {
+        publish(&v, &target, &ctx, &format!("c{i}")).await?;
+        new_bytes = add_new_files(&target, first.bytes / 100, i as u64 + 1)
+            .map_err(Error::io("write", &target))?;
+        let (s, up) = finish(&v, &target, Ending::Succeeded).await?;
+        changed.push(s);
+        changed_up.push(up as f64);
+    }
+    Ok(NodeFigures {
+        tree: tree.display().to_string(),
+        files: first.files,
+        bytes: first.bytes,
+        publish_cold_s: median(cold),
+        publish_warm_s: median(warm),
+        commit_unchanged_s: median(unchanged),
+        commit_unchanged_uploaded: unchanged_up,
+        commit_1pct_s: median(changed),
+        commit_1pct_uploaded: median(changed_up) as u64,
+        new_bytes_1pct: new_bytes,
+    })
+}
+
+/// A markdown table of the figures.
+pub fn table(rows: &[NodeFigures]) -> String {
+    let mut s = String::from(
+        "| tree | files | MB | publish cold | publish warm (goal ≤ 20 ms) | commit unchanged (goal ≤ 50 ms, 0 B) | commit 1 % new | uploaded / new bytes |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        s += &format!(
+            "| {} | {} | {:.0} | {:.0} ms | {:.1} ms | {:.1} ms, {} B | {:.0} ms | {:.2} |\n",
+            Path::new(&r.tree)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            r.files,
+            r.bytes as f64 / 1e6,
+            r.publish_cold_s * 1e3,
+            r.publish_warm_s * 1e3,
+            r.commit_unchanged_s * 1e3,
+            r.commit_unchanged_uploaded,
+            r.commit_1pct_s * 1e3,
+            r.commit_1pct_uploaded as f64 / r.new_bytes_1pct.max(1) as f64
+        );
+    }
+    s
+}
+
+/// Runs the node benchmark on `trees` in a scratch dir under `work`.
+pub async fn run(
+    trees: &[PathBuf],
+    store_url: Option<&str>,
+    work: &Path,
+    runs: usize,
+) -> Result<Vec<NodeFigures>, Error> {
+    let mut out = Vec::new();
+    for (i, tree) in trees.iter().enumerate() {
+        let w = work.join(format!("node-{i}"));
+        std::fs::create_dir_all(&w).map_err(Error::io("create", &w))?;
+        let store = match store_url {
+            Some(u) => format!(
+                "{}/node-{i}-{}",
+                u.trim_end_matches('/'),
+                std::process::id()
+            ),
+            None => format!("file://{}", w.join("store").display()),
+        };
+        let r = measure(tree, &store, &w, runs).await;
+        // Views and mounts are gone after each round; what is left is plain files.
+        let _ = std::fs::remove_dir_all(&w);
+        out.push(r?);
+    }
+    Ok(out)
+}
