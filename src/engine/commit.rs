@@ -21,7 +21,7 @@ use super::format::{
     self, BaseRef, ChunkRef, Digest, Entry, Generation, Kind, PackBuilder, Provenance, Totals,
 };
 use super::localstate::{self, DirState, Stat};
-use super::overlay;
+use super::overlay::{self, remove_under};
 use super::scan::{self, Scanned};
 use super::{io_concurrency, names, Engine, PACK_TARGET};
 
@@ -848,19 +848,6 @@ fn union(theirs: &[Entry], ours: &[Entry], changed: &HashSet<String>) -> Vec<Ent
         tree.insert(e.path.clone(), e.clone());
     }
     tree.into_values().collect()
-}
-
-/// Removes `path`'s descendants from the tree.
-fn remove_under(tree: &mut BTreeMap<String, Entry>, path: &str) {
-    let prefix = format!("{path}/");
-    let doomed: Vec<String> = tree
-        .range(prefix.clone()..)
-        .take_while(|(k, _)| k.starts_with(&prefix))
-        .map(|(k, _)| k.clone())
-        .collect();
-    for k in doomed {
-        tree.remove(&k);
-    }
 }
 
 /// Builds packs from new chunks and uploads them a few at a time while chunking goes on.

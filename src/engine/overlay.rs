@@ -12,6 +12,7 @@ use std::path::Path;
 
 use super::error::{Error, Result};
 use super::format::{Entry, Kind, MODE_MASK};
+use super::restore::{clear, timespec};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
@@ -131,7 +132,7 @@ fn change_path(c: &Change) -> &str {
 }
 
 /// Removes `path`'s descendants from the tree.
-fn remove_under(tree: &mut BTreeMap<String, Entry>, path: &str) {
+pub(crate) fn remove_under(tree: &mut BTreeMap<String, Entry>, path: &str) {
     let prefix = format!("{path}/");
     let doomed: Vec<String> = tree
         .range(prefix.clone()..)
@@ -222,22 +223,9 @@ pub fn apply_to_dir(upper: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn clear(path: &Path) -> Result<()> {
-    match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("stat", path)(e)),
-        Ok(md) if md.is_dir() => std::fs::remove_dir_all(path).map_err(Error::io("remove", path)),
-        Ok(_) => std::fs::remove_file(path).map_err(Error::io("remove", path)),
-    }
-}
-
 fn set_mtime(path: &Path, ns: i64) -> Result<()> {
     let c = CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL in paths");
-    let ts = libc::timespec {
-        tv_sec: ns.div_euclid(1_000_000_000) as libc::time_t,
-        tv_nsec: ns.rem_euclid(1_000_000_000) as _,
-    };
-    let times = [ts, ts];
+    let times = [timespec(ns), timespec(ns)];
     // SAFETY: valid path and times for the duration of the call.
     if unsafe {
         libc::utimensat(

@@ -410,7 +410,7 @@ fn current_umask() -> u32 {
 
 /// Removes whatever is at `path` (file, symlink or tree) so the snapshot's entry can take its
 /// place. Never follows a symlink.
-fn clear(path: &Path) -> Result<()> {
+pub(crate) fn clear(path: &Path) -> Result<()> {
     match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io("stat", path)(e)),
@@ -419,7 +419,7 @@ fn clear(path: &Path) -> Result<()> {
     }
 }
 
-fn timespec(ns: i64) -> libc::timespec {
+pub(crate) fn timespec(ns: i64) -> libc::timespec {
     libc::timespec {
         tv_sec: ns.div_euclid(1_000_000_000) as libc::time_t,
         tv_nsec: ns.rem_euclid(1_000_000_000) as _,
