@@ -398,3 +398,40 @@ async fn pods_asking_at_once_share_one_download_and_read_only_is_honoured() {
         "{d:?}"
     );
 }
+
+#[tokio::test]
+async fn a_shared_view_pending_its_commit_is_never_discarded_by_a_new_pod() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let store = format!("file://{}", t.join("store").display());
+    let n = node(t, "node1", false);
+    let c = ctx(&store, "m2", "shared", &[]);
+    let ta = t.join("a");
+    publish_async(&n, &ta, &c, "a").await;
+    std::fs::write(ta.join("from-a"), "a").unwrap();
+    let pending = n.volumes.unpublish("cv-vol", &ta).await.unwrap().unwrap();
+
+    // A new pod comes before the commit ran: it is told to wait, and nothing is lost.
+    let tb = t.join("b");
+    let err = n
+        .volumes
+        .publish(Publish {
+            volume_id: "cv-vol".into(),
+            target: tb.clone(),
+            context: c.clone(),
+            read_only: false,
+            pod: Some(pod("b")),
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("pending"), "{err}");
+    let d = n
+        .volumes
+        .commit(&pending.id, Ending::Succeeded)
+        .await
+        .unwrap();
+    assert_eq!(generation(&d), Some(1));
+    publish_async(&n, &tb, &c, "b").await;
+    assert_eq!(std::fs::read_to_string(tb.join("from-a")).unwrap(), "a");
+    finish(&n, &tb, Ending::Aborted).await;
+}

@@ -346,11 +346,16 @@ impl Volumes {
         };
         let mut record = match self.load(&id) {
             Some(r) if r.state == ViewState::Active => r,
-            stale => {
-                if let Some(r) = stale {
-                    // A pending view of a shared cache: its pods are gone, a new one starts fresh.
-                    self.discard(&r)?;
-                }
+            Some(_) => {
+                // A shared view whose pods are all gone and whose commit has not run yet: the
+                // new pod waits for it (kubelet retries), so it starts from those pods' writes
+                // and the commit is never lost.
+                return Err(Error::Busy(format!(
+                    "cache {}: the commit of the pods that used it before is pending",
+                    spec.key
+                )));
+            }
+            None => {
                 let base = self.ensure_base(&spec).await?;
                 published.source = Some(base.source.clone());
                 published.warm = base.warm;
