@@ -9,12 +9,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use cachevol::csi::pb::controller_client::ControllerClient;
 use cachevol::csi::pb::identity_client::IdentityClient;
 use cachevol::csi::pb::volume_capability::{access_mode::Mode, AccessMode, AccessType};
 use cachevol::csi::pb::{self, volume_capability};
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tonic::Code;
 
 /// One `cachevol controller` process with its own store, state dir and socket.
@@ -117,19 +118,7 @@ impl Plugin {
 
     /// A gRPC channel over the unix socket, dialled the way the sidecars do.
     async fn channel(&self) -> Channel {
-        let path = self.socket.clone();
-        Endpoint::try_from("http://[::1]:50051")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }))
-            .await
-            .expect("connect to the controller socket")
+        common::dial_unix(&self.socket).await
     }
 
     async fn controller(&self) -> ControllerClient<Channel> {

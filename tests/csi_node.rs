@@ -8,12 +8,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use cachevol::csi::pb::node_client::NodeClient;
 use cachevol::csi::pb::volume_capability::{access_mode::Mode, AccessMode, AccessType};
 use cachevol::csi::pb::{self, volume_capability};
 use cachevol::engine::{Engine, Store};
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tonic::Code;
 
 struct NodePlugin {
@@ -64,20 +65,7 @@ impl NodePlugin {
     }
 
     async fn client(&self) -> NodeClient<Channel> {
-        let path = self.socket.clone();
-        let ch = Endpoint::try_from("http://[::1]:50051")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }))
-            .await
-            .unwrap();
-        NodeClient::new(ch)
+        NodeClient::new(common::dial_unix(&self.socket).await)
     }
 
     fn kill(&mut self) {
@@ -317,23 +305,6 @@ async fn bad_requests_and_idempotency() {
     wait_generation(&store, "npm", 1, || node.logs()).await;
 }
 
-/// Lists a tree as (path, type, mode, link target) plus file hashes.
-fn listing(root: &Path) -> Vec<String> {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cd {} && find . -mindepth 1 -printf '%p %y %m %l\\n' | sort && find . -type f -exec sha1sum {{}} + | sort",
-            root.display()
-        ))
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(String::from)
-        .collect()
-}
-
 async fn round_trip(copy_views: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
@@ -363,7 +334,7 @@ async fn round_trip(copy_views: bool) {
          && echo hi > {0}/registry/src/lib.rs && chmod 640 {0}/registry/src/lib.rs && ln -s src {0}/registry/link",
         ta.display()
     ));
-    let expected = listing(&ta);
+    let expected = common::find_listing(&ta);
     c1.node_unpublish_volume(unpublish_req("cv-1", &ta))
         .await
         .unwrap();
@@ -374,7 +345,7 @@ async fn round_trip(copy_views: bool) {
     c2.node_publish_volume(publish_req("cv-1", &tb, context(&store, "cargo", "b")))
         .await
         .unwrap();
-    assert_eq!(listing(&tb), expected);
+    assert_eq!(common::find_listing(&tb), expected);
     c2.node_unpublish_volume(unpublish_req("cv-1", &tb))
         .await
         .unwrap();

@@ -5,6 +5,8 @@
 use std::path::Path;
 use std::process::Command;
 
+mod common;
+
 use cachevol::engine::{CommitOptions, CommitOutcome, Engine, Store};
 
 fn sh(cmd: &str) {
@@ -28,23 +30,6 @@ fn mount_overlay(lower: &Path, upper: &Path, work: &Path, merged: &Path) -> bool
         .status()
         .map(|s| s.success())
         .unwrap_or(false)
-}
-
-/// Lists a tree as (path, kind, mode, content or target) for comparison.
-fn listing(root: &Path) -> Vec<String> {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cd {} && find . -mindepth 1 -printf '%p %y %m %l\\n' | sort && find . -type f -exec sha1sum {{}} + | sort",
-            root.display()
-        ))
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(String::from)
-        .collect()
 }
 
 #[tokio::test]
@@ -98,7 +83,7 @@ async fn a_view_is_committed_from_its_upper_dir() {
          && rm -rf {m}/gone && rm -rf {m}/replace && echo now-a-file > {m}/replace \
          && chmod 600 {m}/file && ln -s ../file {m}/new/l"
     ));
-    let expected = listing(&merged);
+    let expected = common::find_listing(&merged);
     sh(&format!("umount {m}"));
 
     let (r, tree) = engine
@@ -119,5 +104,5 @@ async fn a_view_is_committed_from_its_upper_dir() {
 
     let out = t.join("restored");
     engine.restore("k", &[], &out).await.unwrap();
-    assert_eq!(listing(&out), expected);
+    assert_eq!(common::find_listing(&out), expected);
 }

@@ -628,17 +628,7 @@ impl Bench<'_> {
         state: &Path,
         tree: &Path,
     ) -> Result<(Ran, serde_json::Value), Error> {
-        let ran = self.exec(
-            what,
-            dir,
-            self.ours(
-                store,
-                state,
-                &["commit".as_ref(), KEY.as_ref(), tree.as_os_str()],
-            ),
-        )?;
-        let v = json_of(&ran.stdout, what)?;
-        Ok((ran, v["commit"].clone()))
+        self.step("commit", what, dir, store, state, tree)
     }
 
     fn restore(
@@ -649,17 +639,30 @@ impl Bench<'_> {
         state: &Path,
         target: &Path,
     ) -> Result<(Ran, serde_json::Value), Error> {
+        self.step("restore", what, dir, store, state, target)
+    }
+
+    /// Runs `cachevol --json VERB KEY PATH` and returns its report (`{"VERB": {...}}`).
+    fn step(
+        &self,
+        verb: &str,
+        what: &str,
+        dir: &Path,
+        store: &str,
+        state: &Path,
+        path: &Path,
+    ) -> Result<(Ran, serde_json::Value), Error> {
         let ran = self.exec(
             what,
             dir,
             self.ours(
                 store,
                 state,
-                &["restore".as_ref(), KEY.as_ref(), target.as_os_str()],
+                &[verb.as_ref(), KEY.as_ref(), path.as_os_str()],
             ),
         )?;
         let v = json_of(&ran.stdout, what)?;
-        Ok((ran, v["restore"].clone()))
+        Ok((ran, v[verb].clone()))
     }
 
     /// The restored or extracted tree must hold what the source holds.

@@ -353,3 +353,38 @@ pub async fn referenced_packs(
         .map(|r| r.p.to_hex())
         .collect()
 }
+
+/// A tree as `find` sees it (path, type, mode, link target) plus every file's hash: equal
+/// listings mean equal trees to a user.
+pub fn find_listing(root: &Path) -> Vec<String> {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd {} && find . -mindepth 1 -printf '%p %y %m %l\\n' | sort && find . -type f -exec sha1sum {{}} + | sort",
+            root.display()
+        ))
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// A gRPC channel over a unix socket, dialled as kubelet and the CSI sidecars do.
+pub async fn dial_unix(socket: &Path) -> tonic::transport::Channel {
+    let path = socket.to_path_buf();
+    tonic::transport::Endpoint::try_from("http://[::1]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("connect to the plugin's socket")
+}
