@@ -4,8 +4,10 @@
 //! - [`cli`]: the `cachevol` command line around the engine.
 //! - [`csi`]: the CSI driver's gRPC services (Identity, Controller) on a unix socket.
 //! - [`node`]: the node plugin's volumes: node-local bases, overlay views, mounts, commits.
+//! - [`metrics`]: Prometheus metrics and the /metrics, /healthz, /readyz HTTP endpoint.
 
 pub mod cli;
 pub mod csi;
 pub mod engine;
+pub mod metrics;
 pub mod node;

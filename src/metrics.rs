@@ -1,0 +1,740 @@
+//! Prometheus metrics of the process, and the small HTTP server that exposes them with health
+//! checks: `GET /metrics` (text exposition format 0.0.4), `/healthz` and `/readyz`.
+//!
+//! One process-wide registry. Every label value comes from a fixed set — the enums below, the CSI
+//! RPC names, tonic's code names, a handful of store operations — never from a pod, key, scope or
+//! volume name, so the number of series stays bounded whatever the cluster does. Label
+//! combinations of the fixed enums are created up front, so they are exported (at 0) before the
+//! first observation and dashboards and alerts see a series rather than nothing.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Which snapshot a restore started from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestoreLevel {
+    /// The cache's own key had a snapshot.
+    Key,
+    /// The key had none; one of its restore keys had.
+    RestoreKey,
+    /// Neither had one: the cache starts empty.
+    Miss,
+}
+
+impl RestoreLevel {
+    const ALL: [RestoreLevel; 3] = [Self::Key, Self::RestoreKey, Self::Miss];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Key => "key",
+            Self::RestoreKey => "restore-key",
+            Self::Miss => "miss",
+        }
+    }
+}
+
+/// How a restore ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestoreOutcome {
+    /// Downloaded from the store.
+    Restored,
+    /// Already on the node (or in the directory): nothing or little to download.
+    Warm,
+    /// The store could not be used: a stale local copy or an empty cache instead.
+    Degraded,
+    /// The restore failed.
+    Failed,
+}
+
+impl RestoreOutcome {
+    const ALL: [RestoreOutcome; 4] = [Self::Restored, Self::Warm, Self::Degraded, Self::Failed];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Restored => "restored",
+            Self::Warm => "warm",
+            Self::Degraded => "degraded",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// How a commit ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// A new generation is in the store.
+    Committed,
+    /// Nothing changed: nothing uploaded, no new generation.
+    Unchanged,
+    /// Not committed on purpose (policy `pull`, `commit-on: success` and the pod failed, ...).
+    Skipped,
+    /// Refused because the writer's lock or generation was overtaken.
+    Fenced,
+    /// Refused on purpose: over budget, too many conflicting commits, unsupported file, ...
+    Refused,
+    /// The commit failed (store unreachable, local I/O, ...).
+    Failed,
+}
+
+impl CommitOutcome {
+    const ALL: [CommitOutcome; 6] = [
+        Self::Committed,
+        Self::Unchanged,
+        Self::Skipped,
+        Self::Fenced,
+        Self::Refused,
+        Self::Failed,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Committed => "committed",
+            Self::Unchanged => "unchanged",
+            Self::Skipped => "skipped",
+            Self::Fenced => "fenced",
+            Self::Refused => "refused",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// The store operations `op` of [`store_error`] may name; anything else is counted as `other`.
+pub const STORE_OPS: [&str; 6] = ["get", "put", "list", "head", "delete", "copy"];
+
+/// The RPC names of CSI v1 that `method` of [`grpc`] may name; anything else is `other`.
+pub const CSI_METHODS: [&str; 25] = [
+    // Identity
+    "GetPluginInfo",
+    "GetPluginCapabilities",
+    "Probe",
+    // Controller
+    "CreateVolume",
+    "DeleteVolume",
+    "ControllerPublishVolume",
+    "ControllerUnpublishVolume",
+    "ValidateVolumeCapabilities",
+    "ListVolumes",
+    "GetCapacity",
+    "ControllerGetCapabilities",
+    "CreateSnapshot",
+    "DeleteSnapshot",
+    "ListSnapshots",
+    "ControllerExpandVolume",
+    "ControllerGetVolume",
+    "ControllerModifyVolume",
+    // Node
+    "NodeStageVolume",
+    "NodeUnstageVolume",
+    "NodePublishVolume",
+    "NodeUnpublishVolume",
+    "NodeGetVolumeStats",
+    "NodeExpandVolume",
+    "NodeGetCapabilities",
+    "NodeGetInfo",
+];
+
+/// Durations of restores, commits and RPCs: 1 ms to 10 min.
+const DURATION_BUCKETS: [f64; 18] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0,
+];
+
+/// Lock waits: most are 0 (no wait), the rest last as long as another pod's job, up to hours.
+const LOCK_WAIT_BUCKETS: [f64; 14] = [
+    0.001, 0.01, 0.1, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0,
+];
+
+struct Metrics {
+    registry: Registry,
+    restores: IntCounterVec,
+    restore_bytes: IntCounter,
+    restore_duration: Histogram,
+    commits: IntCounterVec,
+    commit_uploaded_bytes: IntCounter,
+    commit_duration: Histogram,
+    lock_waits: IntCounter,
+    lock_wait_duration: Histogram,
+    store_errors: IntCounterVec,
+    grpc_requests: IntCounterVec,
+    grpc_duration: HistogramVec,
+    gc_runs: IntCounterVec,
+    gc_deleted_bytes: IntCounter,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+impl Metrics {
+    fn new() -> Metrics {
+        let registry = Registry::new();
+        fn reg<M: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: M) -> M {
+            r.register(Box::new(m.clone()))
+                .expect("metric names are unique and valid");
+            m
+        }
+        let counter = |name: &str, help: &str| {
+            reg(
+                &registry,
+                IntCounter::new(name, help).expect("valid counter"),
+            )
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter"),
+            )
+        };
+        let histogram = |name: &str, help: &str, buckets: &[f64]| {
+            reg(
+                &registry,
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+                    .expect("valid histogram"),
+            )
+        };
+
+        let m = Metrics {
+            restores: counter_vec(
+                "cachevol_restores_total",
+                "Restores by the snapshot they started from (key, restore-key, miss) and outcome.",
+                &["level", "outcome"],
+            ),
+            restore_bytes: counter(
+                "cachevol_restore_bytes_total",
+                "Bytes of cache content restored.",
+            ),
+            restore_duration: histogram(
+                "cachevol_restore_duration_seconds",
+                "How long restores took.",
+                &DURATION_BUCKETS,
+            ),
+            commits: counter_vec(
+                "cachevol_commits_total",
+                "Commits by outcome.",
+                &["outcome"],
+            ),
+            commit_uploaded_bytes: counter(
+                "cachevol_commit_uploaded_bytes_total",
+                "Bytes uploaded to the store by commits (packs and generation objects).",
+            ),
+            commit_duration: histogram(
+                "cachevol_commit_duration_seconds",
+                "How long commits took.",
+                &DURATION_BUCKETS,
+            ),
+            lock_waits: counter(
+                "cachevol_lock_waits_total",
+                "Publishes refused because another pod holds the locked cache.",
+            ),
+            lock_wait_duration: histogram(
+                "cachevol_lock_wait_duration_seconds",
+                "How long pods waited for a locked cache before getting it (0 when they did not).",
+                &LOCK_WAIT_BUCKETS,
+            ),
+            store_errors: counter_vec(
+                "cachevol_store_request_errors_total",
+                "Failed or timed-out object store requests by operation (not found and lost create races are answers, not errors).",
+                &["op"],
+            ),
+            grpc_requests: counter_vec(
+                "cachevol_grpc_requests_total",
+                "CSI gRPC calls by method and status code.",
+                &["method", "code"],
+            ),
+            grpc_duration: reg(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "cachevol_grpc_request_duration_seconds",
+                        "How long CSI gRPC calls took, by method.",
+                    )
+                    .buckets(DURATION_BUCKETS.to_vec()),
+                    &["method"],
+                )
+                .expect("valid histogram"),
+            ),
+            gc_runs: counter_vec(
+                "cachevol_gc_runs_total",
+                "Garbage collection runs by outcome (ok, failed).",
+                &["outcome"],
+            ),
+            gc_deleted_bytes: counter(
+                "cachevol_gc_deleted_bytes_total",
+                "Bytes deleted from the store by garbage collection.",
+            ),
+            registry,
+        };
+
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "cachevol_build_info",
+                "Always 1; the version label names the running build.",
+            ),
+            &["version"],
+        )
+        .expect("valid gauge");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        reg(&m.registry, build_info);
+
+        // The fixed label sets, exported at 0 before anything happens.
+        for level in RestoreLevel::ALL {
+            for outcome in RestoreOutcome::ALL {
+                m.restores
+                    .with_label_values(&[level.label(), outcome.label()]);
+            }
+        }
+        for outcome in CommitOutcome::ALL {
+            m.commits.with_label_values(&[outcome.label()]);
+        }
+        for op in STORE_OPS {
+            m.store_errors.with_label_values(&[op]);
+        }
+        for outcome in ["ok", "failed"] {
+            m.gc_runs.with_label_values(&[outcome]);
+        }
+        m
+    }
+}
+
+/// A duration as a histogram can take it: NaN and negative values (a clock gone backwards)
+/// count as 0 rather than poisoning the sum.
+fn non_negative(s: f64) -> f64 {
+    if s >= 0.0 {
+        s
+    } else {
+        0.0
+    }
+}
+
+/// Counts one restore: which snapshot it started from, how it ended, the bytes it wrote and how
+/// long it took.
+pub fn restore(level: RestoreLevel, outcome: RestoreOutcome, bytes: u64, seconds: f64) {
+    let m = &*METRICS;
+    m.restores
+        .with_label_values(&[level.label(), outcome.label()])
+        .inc();
+    m.restore_bytes.inc_by(bytes);
+    m.restore_duration.observe(non_negative(seconds));
+}
+
+/// Counts one commit: how it ended, the bytes it uploaded and how long it took.
+pub fn commit(outcome: CommitOutcome, uploaded_bytes: u64, seconds: f64) {
+    let m = &*METRICS;
+    m.commits.with_label_values(&[outcome.label()]).inc();
+    m.commit_uploaded_bytes.inc_by(uploaded_bytes);
+    m.commit_duration.observe(non_negative(seconds));
+}
+
+/// A publish was refused because another pod holds the locked cache.
+pub fn lock_waiting() {
+    METRICS.lock_waits.inc();
+}
+
+/// A pod got a locked cache after waiting `waited_seconds` (0 when it did not wait).
+pub fn lock_acquired(waited_seconds: f64) {
+    METRICS
+        .lock_wait_duration
+        .observe(non_negative(waited_seconds));
+}
+
+/// A store request failed or timed out. `op` is one of [`STORE_OPS`]; anything else is counted
+/// as `other`.
+pub fn store_error(op: &'static str) {
+    let op = if STORE_OPS.contains(&op) { op } else { "other" };
+    METRICS.store_errors.with_label_values(&[op]).inc();
+}
+
+/// One CSI RPC: its method (one of [`CSI_METHODS`], else counted as `other`), the status code it
+/// answered with and how long it took.
+pub fn grpc(method: &'static str, code: tonic::Code, seconds: f64) {
+    let method = if CSI_METHODS.contains(&method) {
+        method
+    } else {
+        "other"
+    };
+    let m = &*METRICS;
+    m.grpc_requests
+        .with_label_values(&[method, code_name(code)])
+        .inc();
+    m.grpc_duration
+        .with_label_values(&[method])
+        .observe(non_negative(seconds));
+}
+
+/// One garbage collection run: whether it completed, and the bytes it deleted from the store.
+pub fn gc_run(ok: bool, deleted_bytes: u64) {
+    let m = &*METRICS;
+    m.gc_runs
+        .with_label_values(&[if ok { "ok" } else { "failed" }])
+        .inc();
+    m.gc_deleted_bytes.inc_by(deleted_bytes);
+}
+
+/// The name of a gRPC status code as tonic spells its variant (`Ok`, `InvalidArgument`, ...).
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "Ok",
+        Cancelled => "Cancelled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
+}
+
+/// The metrics in the Prometheus text exposition format (version 0.0.4).
+pub fn render() -> String {
+    encode(&METRICS.registry)
+}
+
+fn encode(registry: &Registry) -> String {
+    let families = registry.gather();
+    let mut out = Vec::new();
+    match TextEncoder::new().encode(&families, &mut out) {
+        Ok(()) => String::from_utf8(out).unwrap_or_default(),
+        // Cannot happen with the metrics above; say so in the scrape rather than panic.
+        Err(e) => format!("# error encoding metrics: {e}\n"),
+    }
+}
+
+/// Readiness as the process defines it: `Ok(())` when ready, else why not.
+pub type ReadyFn = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Serves `GET /metrics` (text exposition format 0.0.4), `/healthz` (200 "ok" while the process
+/// runs) and `/readyz` (200 when `ready()` is `Ok`, else 503 with the reason as body); 404 for
+/// any other path, 405 for methods other than GET and HEAD. Binds `addr` (port 0 picks one) and
+/// returns the bound address; the server keeps running on a spawned task for the life of the
+/// runtime.
+pub async fn serve(addr: SocketAddr, ready: ReadyFn) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    LazyLock::force(&METRICS);
+    tokio::spawn(accept_loop(listener, ready));
+    Ok(local)
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, ready: ReadyFn) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: pass, and try again shortly.
+                tracing::warn!("metrics server: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let resp = respond(req.method(), req.uri().path(), &*ready);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let mut http = hyper::server::conn::http1::Builder::new();
+            // A client that never finishes its headers does not hold a connection forever.
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10));
+            if let Err(e) = http
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!("metrics server: connection: {e}");
+            }
+        });
+    }
+}
+
+fn respond(
+    method: &Method,
+    path: &str,
+    ready: &(dyn Fn() -> Result<(), String> + Send + Sync),
+) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: String| {
+        Response::builder()
+            .status(status)
+            .header("content-type", "text/plain; charset=utf-8")
+            .body(Full::new(Bytes::from(body)))
+            .expect("valid response")
+    };
+    let known = matches!(path, "/metrics" | "/healthz" | "/readyz");
+    if !known {
+        return text(StatusCode::NOT_FOUND, "not found\n".into());
+    }
+    if method != Method::GET && method != Method::HEAD {
+        let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n".into());
+        resp.headers_mut().insert(
+            "allow",
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
+        return resp;
+    }
+    match path {
+        "/metrics" => {
+            let mut resp = text(StatusCode::OK, render());
+            resp.headers_mut().insert(
+                "content-type",
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        _ => match ready() {
+            Ok(()) => text(StatusCode::OK, "ready\n".into()),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of the series `name{labels}` (labels exactly as rendered) in `text`.
+    fn value(text: &str, series: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn fixed_label_sets_are_exported_before_any_observation() {
+        // A registry of its own, untouched by the other tests.
+        let text = encode(&Metrics::new().registry);
+        for name in [
+            "cachevol_restores_total",
+            "cachevol_restore_bytes_total",
+            "cachevol_restore_duration_seconds",
+            "cachevol_commits_total",
+            "cachevol_commit_uploaded_bytes_total",
+            "cachevol_commit_duration_seconds",
+            "cachevol_lock_waits_total",
+            "cachevol_lock_wait_duration_seconds",
+            "cachevol_store_request_errors_total",
+            "cachevol_gc_runs_total",
+            "cachevol_gc_deleted_bytes_total",
+            "cachevol_build_info",
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
+        }
+        for level in ["key", "restore-key", "miss"] {
+            for outcome in ["restored", "warm", "degraded", "failed"] {
+                value(
+                    &text,
+                    &format!("cachevol_restores_total{{level=\"{level}\",outcome=\"{outcome}\"}}"),
+                );
+            }
+        }
+        for outcome in [
+            "committed",
+            "unchanged",
+            "skipped",
+            "fenced",
+            "refused",
+            "failed",
+        ] {
+            value(
+                &text,
+                &format!("cachevol_commits_total{{outcome=\"{outcome}\"}}"),
+            );
+        }
+        for op in STORE_OPS {
+            value(
+                &text,
+                &format!("cachevol_store_request_errors_total{{op=\"{op}\"}}"),
+            );
+        }
+        assert_eq!(
+            value(
+                &text,
+                "cachevol_restores_total{level=\"key\",outcome=\"restored\"}"
+            ),
+            0.0
+        );
+        assert_eq!(value(&text, "cachevol_restore_duration_seconds_count"), 0.0);
+        let version = env!("CARGO_PKG_VERSION");
+        assert_eq!(
+            value(
+                &text,
+                &format!("cachevol_build_info{{version=\"{version}\"}}")
+            ),
+            1.0
+        );
+        // Per-method gRPC series appear with the first call (the sidecars probe within seconds);
+        // creating all CSI methods x codes up front would export hundreds of empty series.
+        assert!(!text.contains("cachevol_grpc_"));
+    }
+
+    // Unit tests share the process-wide registry and run in parallel: each test below checks
+    // that its counters moved by at least what it did, using series no other unit test touches.
+
+    #[test]
+    fn commits_count_outcome_bytes_and_duration() {
+        let series = "cachevol_commits_total{outcome=\"fenced\"}";
+        let before = render();
+        commit(CommitOutcome::Fenced, 1234, 0.2);
+        commit(CommitOutcome::Fenced, 0, f64::NAN);
+        let after = render();
+        assert_eq!(value(&after, series) - value(&before, series), 2.0);
+        assert!(
+            value(&after, "cachevol_commit_uploaded_bytes_total")
+                - value(&before, "cachevol_commit_uploaded_bytes_total")
+                >= 1234.0
+        );
+        // The NaN was observed as 0: the sum stays a number.
+        assert!(value(&after, "cachevol_commit_duration_seconds_sum").is_finite());
+        assert!(
+            value(
+                &after,
+                "cachevol_commit_duration_seconds_bucket{le=\"0.25\"}"
+            ) - value(
+                &before,
+                "cachevol_commit_duration_seconds_bucket{le=\"0.25\"}"
+            ) >= 2.0
+        );
+    }
+
+    #[test]
+    fn restores_count_level_and_outcome() {
+        let series = "cachevol_restores_total{level=\"restore-key\",outcome=\"degraded\"}";
+        let before = render();
+        restore(
+            RestoreLevel::RestoreKey,
+            RestoreOutcome::Degraded,
+            10,
+            0.003,
+        );
+        let after = render();
+        assert_eq!(value(&after, series) - value(&before, series), 1.0);
+        assert!(
+            value(&after, "cachevol_restore_bytes_total")
+                - value(&before, "cachevol_restore_bytes_total")
+                >= 10.0
+        );
+    }
+
+    #[test]
+    fn grpc_labels_are_bounded() {
+        grpc("NodeExpandVolume", tonic::Code::ResourceExhausted, 0.01);
+        grpc("SomethingNew", tonic::Code::Unimplemented, 0.01);
+        let text = render();
+        value(
+            &text,
+            "cachevol_grpc_requests_total{code=\"ResourceExhausted\",method=\"NodeExpandVolume\"}",
+        );
+        value(
+            &text,
+            "cachevol_grpc_requests_total{code=\"Unimplemented\",method=\"other\"}",
+        );
+        assert!(!text.contains("SomethingNew"));
+        value(
+            &text,
+            "cachevol_grpc_request_duration_seconds_count{method=\"NodeExpandVolume\"}",
+        );
+    }
+
+    #[test]
+    fn code_names_are_tonics_variant_names() {
+        for i in 0..=16 {
+            let code = tonic::Code::from_i32(i);
+            assert_eq!(code_name(code), format!("{code:?}"));
+        }
+    }
+
+    #[test]
+    fn store_errors_outside_the_fixed_set_are_other() {
+        store_error("rename");
+        let text = render();
+        assert!(value(&text, "cachevol_store_request_errors_total{op=\"other\"}") >= 1.0);
+        assert!(!text.contains("rename"));
+    }
+
+    #[test]
+    fn every_series_has_bounded_labels() {
+        // Every label name of every family, and a bound on how many values each may take.
+        grpc("Probe", tonic::Code::Ok, 0.0);
+        gc_run(false, 0);
+        lock_waiting();
+        lock_acquired(-1.0);
+        let allowed = |name: &str, value: &str| match name {
+            "level" => RestoreLevel::ALL.iter().any(|l| l.label() == value),
+            "outcome" => {
+                RestoreOutcome::ALL.iter().any(|o| o.label() == value)
+                    || CommitOutcome::ALL.iter().any(|o| o.label() == value)
+                    || value == "ok"
+            }
+            "op" => STORE_OPS.contains(&value) || value == "other",
+            "method" => CSI_METHODS.contains(&value) || value == "other",
+            "code" => (0..=16).any(|i| code_name(tonic::Code::from_i32(i)) == value),
+            "version" => value == env!("CARGO_PKG_VERSION"),
+            "le" => true, // histogram buckets: fixed by the bucket lists
+            _ => false,
+        };
+        for family in METRICS.registry.gather() {
+            for metric in family.get_metric() {
+                for pair in metric.get_label() {
+                    assert!(
+                        allowed(pair.name(), pair.value()),
+                        "{}: label {}={:?} outside its fixed set",
+                        family.name(),
+                        pair.name(),
+                        pair.value()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn routes() {
+        let ok = || -> Result<(), String> { Ok(()) };
+        let not_ready = || -> Result<(), String> { Err("no store yet".into()) };
+        let status = |m: Method, p: &str, r: &(dyn Fn() -> Result<(), String> + Send + Sync)| {
+            respond(&m, p, r).status()
+        };
+        assert_eq!(status(Method::GET, "/metrics", &ok), StatusCode::OK);
+        assert_eq!(status(Method::GET, "/healthz", &not_ready), StatusCode::OK);
+        assert_eq!(status(Method::GET, "/readyz", &ok), StatusCode::OK);
+        assert_eq!(
+            status(Method::GET, "/readyz", &not_ready),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(status(Method::GET, "/", &ok), StatusCode::NOT_FOUND);
+        assert_eq!(
+            status(Method::GET, "/metrics/x", &ok),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            status(Method::POST, "/metrics", &ok),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(status(Method::HEAD, "/healthz", &ok), StatusCode::OK);
+    }
+}
