@@ -32,8 +32,9 @@ pub mod pb {
 pub const DRIVER_NAME: &str = "cachevol.dev";
 
 /// Runs one RPC handler inside its span (`csi.method`, `volume.id`), converts its error to a
-/// gRPC status through the one mapping in [`error`], and logs the outcome. Request messages are
-/// never logged: only the method, the volume id and the outcome.
+/// gRPC status through the one mapping in [`error`], logs the outcome and counts it in
+/// [`crate::metrics`] (method, code, duration). Request messages are never logged: only the
+/// method, the volume id and the outcome.
 pub(crate) async fn handle<T>(
     method: &'static str,
     volume_id: &str,
@@ -52,9 +53,11 @@ pub(crate) async fn handle<T>(
     async move {
         let start = Instant::now();
         let result = fut.await;
-        let ms = start.elapsed().as_millis() as u64;
+        let elapsed = start.elapsed();
+        let ms = elapsed.as_millis() as u64;
         match result {
             Ok(v) => {
+                crate::metrics::grpc(method, tonic::Code::Ok, elapsed.as_secs_f64());
                 if chatty {
                     tracing::debug!(elapsed_ms = ms, "ok");
                 } else {
@@ -64,6 +67,7 @@ pub(crate) async fn handle<T>(
             }
             Err(e) => {
                 let status = tonic::Status::from(e);
+                crate::metrics::grpc(method, status.code(), elapsed.as_secs_f64());
                 if error::is_callers_fault(status.code()) {
                     tracing::info!(elapsed_ms = ms, code = ?status.code(), "refused: {}", status.message());
                 } else {

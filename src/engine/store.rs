@@ -180,16 +180,24 @@ impl Store {
     ) -> Result<T> {
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(source)) => Err(Error::Store {
-                op,
-                location: location.to_string(),
-                source,
-            }),
-            Err(_) => Err(Error::StoreTimeout {
-                op,
-                location: location.to_string(),
-                seconds: self.timeout.as_secs(),
-            }),
+            Ok(Err(source)) => {
+                if is_failure(op, &source) {
+                    crate::metrics::store_error(metric_op(op));
+                }
+                Err(Error::Store {
+                    op,
+                    location: location.to_string(),
+                    source,
+                })
+            }
+            Err(_) => {
+                crate::metrics::store_error(metric_op(op));
+                Err(Error::StoreTimeout {
+                    op,
+                    location: location.to_string(),
+                    seconds: self.timeout.as_secs(),
+                })
+            }
         }
     }
 
@@ -344,6 +352,27 @@ impl Store {
             .collect();
         out.sort();
         Ok(out)
+    }
+}
+
+/// Whether a store error counts in `cachevol_store_request_errors_total`: "not found" is a normal
+/// answer, and so is a conditional put losing its race (`create` and `swap` turn both into
+/// `Ok(false)`).
+fn is_failure(op: &str, e: &object_store::Error) -> bool {
+    match e {
+        object_store::Error::NotFound { .. } => false,
+        object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
+            !matches!(op, "create" | "swap")
+        }
+        _ => true,
+    }
+}
+
+/// The metric's op label for one of [`Store::timed`]'s operation names.
+fn metric_op(op: &'static str) -> &'static str {
+    match op {
+        "create" | "swap" => "put",
+        other => other,
     }
 }
 
