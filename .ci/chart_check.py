@@ -1,0 +1,437 @@
+"""The chart check behind .ci/chart-check (run it through that script: it makes the venv).
+
+Helm itself does the linting, the values schema validation and the rendering (helm-python-sdk
+binds Helm's Go SDK); this file only assembles the rendered files into one stream the way
+`helm template` does, compares it with manifests/install.yaml, and validates objects with
+kubernetes-validate's OpenAPI schemas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import helm_python as helm
+import kubernetes_validate
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+CHART = REPO / "charts" / "cachevol"
+MANIFESTS = REPO / "manifests"
+INSTALL = MANIFESTS / "install.yaml"
+README = REPO / "README.md"
+RELEASE, NAMESPACE = "cachevol", "cachevol"
+# The Kubernetes version objects are validated against (kubernetes-validate ships 1.25-1.37).
+KUBE_VERSION = "1.33.0"
+DRIVER = "cachevol.dev"
+
+# Helm's install order (helm.sh/helm pkg/release/util/kind_sorter.go); kinds not listed come
+# last, in alphabetical order, as Helm puts them.
+INSTALL_ORDER = [
+    "PriorityClass", "Namespace", "NetworkPolicy", "ResourceQuota", "LimitRange",
+    "PodSecurityPolicy", "PodDisruptionBudget", "ServiceAccount", "Secret", "SecretList",
+    "ConfigMap", "StorageClass", "PersistentVolume", "PersistentVolumeClaim",
+    "CustomResourceDefinition", "ClusterRole", "ClusterRoleList", "ClusterRoleBinding",
+    "ClusterRoleBindingList", "Role", "RoleList", "RoleBinding", "RoleBindingList", "Service",
+    "DaemonSet", "Pod", "ReplicationController", "ReplicaSet", "Deployment",
+    "HorizontalPodAutoscaler", "StatefulSet", "Job", "CronJob", "IngressClass", "Ingress",
+    "APIService", "MutatingWebhookConfiguration", "ValidatingWebhookConfiguration",
+]
+
+# What users may set: claim annotations (cachevol.dev/<name>) and inline volumeAttributes.
+# Never store or scope: only a StorageClass (an administrator) chooses those.
+USER_ATTRIBUTES = {
+    "key": None,
+    "restore-keys": None,
+    "mode": {"shared", "private", "locked"},
+    "policy": {"pull-push", "pull", "push"},
+    "commit-on": {"success", "always"},
+    "merge": {"replace", "union"},
+}
+CLASS_PARAMETERS = {"store", "scope", "key", "restoreKeys", "restore-keys", "mode", "policy",
+                    "commitOn", "commit-on", "merge"}
+
+# Values that switch every template branch on, rendered and validated besides the defaults.
+EVERYTHING_ON = {
+    "imagePullSecrets": [{"name": "regcred"}],
+    "kubeletDir": "/var/lib/k0s/kubelet",
+    "logLevel": "info,cachevol=debug",
+    "store": {
+        "url": "s3://ci-caches/cluster-a",
+        "credentials": {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "secret",
+                        "AWS_REGION": "eu-west-1", "AWS_ALLOW_HTTP": "true"},
+    },
+    "node": {
+        "stateDir": "/mnt/fast/cachevol", "baseBudget": "50Gi", "copyViews": True,
+        "leaseDuration": "30s", "nodeSelector": {"ci": "true"},
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]}]}]}}},
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"},
+                      "limits": {"memory": "1Gi"}},
+        "podAnnotations": {"example.com/a": "b"}, "podLabels": {"team": "ci"},
+        "serviceAccount": {"annotations": {
+            "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/cachevol"}},
+        "extraArgs": ["--copy-views"], "extraEnv": [{"name": "CACHEVOL_IO_CONCURRENCY",
+                                                     "value": "8"}],
+    },
+    "controller": {
+        "replicas": 2, "gc": {"scopeBudget": "200Gi", "ttl": "0"},
+        "tolerations": [{"key": "ci", "operator": "Exists", "effect": "NoSchedule"}],
+        "priorityClassName": "", "podAnnotations": {"example.com/a": "b"},
+        "extraArgs": ["--quiet"], "extraEnv": [{"name": "CACHEVOL_STORE_TIMEOUT",
+                                                "value": "30"}],
+    },
+    "sidecars": {"provisioner": {"extraArgs": ["--v=5"]}},
+    "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+                "service": {"annotations": {"example.com/scrape": "true"}}},
+    "storageClass": {"name": "ci-cache", "isDefaultClass": True,
+                     "annotations": {"example.com/owner": "platform"},
+                     "parameters": {"store": "gs://ci-caches/a", "scope": "cluster",
+                                    "restoreKeys": "main, base", "mode": "shared",
+                                    "policy": "pull", "commitOn": "always", "merge": "union"}},
+}
+# Another variant: an existing Secret, no StorageClass, no metrics Services.
+EXISTING_SECRET = {
+    "store": {"url": "az://caches/ci", "existingSecret": "azure-store"},
+    "storageClass": {"create": False},
+    "metrics": {"service": {"enabled": False}},
+    "fullnameOverride": "cv",
+}
+# Values the schema must refuse (each with the reason it must).
+BAD_VALUES = [
+    ({"storageClass": {"parameters": {"mode": "exclusive"}}}, "mode enum"),
+    ({"storageClass": {"parameters": {"policy": "push-pull"}}}, "policy enum"),
+    ({"storageClass": {"parameters": {"commitOn": "never"}}}, "commitOn enum"),
+    ({"storageClass": {"parameters": {"merge": "append"}}}, "merge enum"),
+    ({"storageClass": {"parameters": {"scope": "a/b"}}}, "scope name"),
+    ({"storageClass": {"reclaimPolicy": "Recycle"}}, "reclaimPolicy enum"),
+    ({"store": {"url": "https://bucket.example.com"}}, "store scheme"),
+    ({"store": {"url": "s3://AKIA:secret@bucket/p"}}, "credentials in the URL"),
+    ({"node": {"baseBudget": "lots"}}, "size"),
+    ({"controller": {"gc": {"ttl": "forever"}}}, "duration"),
+    ({"node": {"copyView": True}}, "misspelt value"),
+    ({"metrics": {"port": 70000}}, "port range"),
+]
+
+
+class Findings:
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.checked = 0
+
+    def ok(self) -> None:
+        self.checked += 1
+
+    def fail(self, what: str) -> None:
+        self.checked += 1
+        self.errors.append(what)
+
+
+def render(chart: helm.Chart, values: dict | None) -> dict[str, str]:
+    return chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+
+
+def split_documents(text: str) -> list[str]:
+    """Helm's releaseutil.SplitManifests: documents separated by `---` lines, empty ones out."""
+    docs = re.split(r"(?:^|\s*\n)---\s*", text)
+    return [d.strip() for d in docs if d.strip()]
+
+
+def install_stream(rendered: dict[str, str]) -> str:
+    """The rendered templates as `helm template` prints them: every document under a
+    `# Source:` line, in Helm's install order (by kind, then by file, stable)."""
+    docs = []
+    for path in sorted(p for p in rendered if not p.endswith("NOTES.txt")):
+        for doc in split_documents(rendered[path]):
+            head = yaml.safe_load(doc)
+            if not head:
+                continue
+            docs.append((path, doc, head.get("kind", "")))
+
+    def order(item: tuple[str, str, str]) -> tuple[int, str]:
+        kind = item[2]
+        if kind in INSTALL_ORDER:
+            return (INSTALL_ORDER.index(kind), "")
+        return (len(INSTALL_ORDER), kind)
+
+    docs.sort(key=order)
+    header = (
+        "# cachevol: the Helm chart charts/cachevol rendered with its default values (release\n"
+        f"# {RELEASE!r}, namespace {NAMESPACE!r}). Generated by `.ci/chart-check --update`; do\n"
+        "# not edit. Create the namespace first: kubectl create namespace cachevol\n"
+    )
+    return header + "".join(f"---\n# Source: {p}\n{d}\n" for p, d, _ in docs)
+
+
+def objects(stream: str) -> list[dict]:
+    return [o for o in yaml.safe_load_all(stream) if o]
+
+
+def validate_object(obj: dict, where: str, f: Findings) -> None:
+    kind, api = obj.get("kind"), obj.get("apiVersion", "")
+    name = f"{where}: {kind}/{obj.get('metadata', {}).get('name')}"
+    if api.startswith("monitoring.coreos.com/"):
+        # A CRD: kubernetes-validate has no schema for it; check what the chart relies on.
+        spec = obj.get("spec", {})
+        eps = spec.get("endpoints") or []
+        if (kind == "ServiceMonitor" and api == "monitoring.coreos.com/v1"
+                and spec.get("selector", {}).get("matchLabels")
+                and eps and all(e.get("port") == "metrics" for e in eps)):
+            f.ok()
+        else:
+            f.fail(f"{name}: not the ServiceMonitor expected (structural check)")
+        return
+    try:
+        kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+        f.ok()
+    except kubernetes_validate.ValidationError as e:
+        path = ".".join(str(p) for p in e.path)
+        f.fail(f"{name}: {path}: {e.message}")
+    except kubernetes_validate.SchemaNotFoundError as e:
+        f.fail(f"{name}: no schema ({e.message})")
+
+
+def pod_specs(obj: dict) -> list[dict]:
+    """Pod specs inside a workload object."""
+    spec = obj.get("spec", {})
+    kind = obj.get("kind")
+    if kind == "Pod":
+        return [spec]
+    if kind == "CronJob":
+        return [spec["jobTemplate"]["spec"]["template"]["spec"]]
+    if "template" in spec:
+        return [spec["template"]["spec"]]
+    return []
+
+
+def check_user_attributes(attrs: dict, where: str, f: Findings, inline: bool) -> None:
+    for name, value in attrs.items():
+        if name not in USER_ATTRIBUTES:
+            f.fail(f"{where}: {name!r} is not an attribute users may set")
+            continue
+        allowed = USER_ATTRIBUTES[name]
+        if allowed is not None and value not in allowed:
+            f.fail(f"{where}: {name}={value!r} is not one of {sorted(allowed)}")
+            continue
+        f.ok()
+    if inline and "key" not in attrs:
+        f.fail(f"{where}: an inline cachevol volume needs volumeAttributes.key")
+
+
+def check_cachevol_usage(obj: dict, where: str, f: Findings) -> None:
+    """The cachevol.dev/* annotations of claims and the attributes of inline volumes."""
+    kind = obj.get("kind")
+    if kind == "StorageClass" and obj.get("provisioner") == DRIVER:
+        for p in obj.get("parameters", {}):
+            (f.ok if p in CLASS_PARAMETERS or p.startswith("csi.storage.k8s.io/")
+             else lambda: f.fail(f"{where}: unknown StorageClass parameter {p!r}"))()
+    claims = []
+    if kind == "PersistentVolumeClaim":
+        claims.append((obj.get("metadata", {}),
+                       f"{where}: PersistentVolumeClaim/{obj['metadata']['name']}"))
+    for spec in pod_specs(obj):
+        for v in spec.get("volumes", []):
+            if "csi" in v and v["csi"].get("driver") == DRIVER:
+                check_user_attributes(v["csi"].get("volumeAttributes", {}),
+                                      f"{where} volume {v['name']}", f, inline=True)
+            if "ephemeral" in v:
+                claims.append((v["ephemeral"]["volumeClaimTemplate"].get("metadata", {}),
+                               f"{where} volume {v['name']}"))
+    for meta, w in claims:
+        attrs = {k.split("/", 1)[1]: val for k, val in (meta.get("annotations") or {}).items()
+                 if k.startswith(DRIVER + "/")}
+        check_user_attributes(attrs, w, f, inline=False)
+
+
+def flatten(values: dict, prefix: str = "") -> list[str]:
+    """Leaf paths of a values tree (an empty map or a list is a leaf)."""
+    out = []
+    for k, v in values.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out += flatten(v, path + ".")
+        else:
+            out.append(path)
+    return out
+
+
+def check_chart(update: bool, f: Findings) -> None:
+    report = helm.lint(str(CHART), strict=True, namespace=NAMESPACE,
+                       kube_version="v" + KUBE_VERSION)
+    for m in report.get("messages", []):
+        if m["severity"] >= 2:  # 2 warning, 3 error; 1 is info ("icon is recommended")
+            f.fail(f"helm lint: {m['path']}: {m['error']}")
+    for e in report.get("errors", []):
+        f.fail(f"helm lint: {e}")
+    f.ok()
+
+    with helm.Chart.load(str(CHART)) as chart:
+        chart.validate_schema(None)
+        f.ok()
+        for bad, why in BAD_VALUES:
+            try:
+                chart.validate_schema(bad)
+                f.fail(f"values.schema.json accepts {bad} ({why})")
+            except helm.HelmValuesError:
+                f.ok()
+
+        default = render(chart, None)
+        stream = install_stream(default)
+        if update:
+            INSTALL.write_text(stream)
+            print(f"wrote {INSTALL.relative_to(REPO)}")
+        committed = INSTALL.read_text() if INSTALL.exists() else ""
+        if committed != stream:
+            diff = "".join(difflib.unified_diff(
+                committed.splitlines(True), stream.splitlines(True),
+                "manifests/install.yaml (committed)", "manifests/install.yaml (rendered)", n=2))
+            f.fail("manifests/install.yaml differs from the chart rendered with default values; "
+                   "run .ci/chart-check --update and commit it:\n" + diff[:6000])
+        else:
+            f.ok()
+        notes = default.get("cachevol/templates/NOTES.txt", "")
+        (f.ok if "file:///var/lib/cachevol/store" in notes
+         else lambda: f.fail("NOTES.txt does not warn about the per-node file:// store"))()
+
+        for label, values in (("defaults", None), ("everything on", EVERYTHING_ON),
+                              ("existing secret", EXISTING_SECRET)):
+            chart.validate_schema(values)
+            rendered = render(chart, values)
+            objs = objects(install_stream(rendered))
+            for o in objs:
+                validate_object(o, f"render ({label})", f)
+                check_cachevol_usage(o, f"render ({label})", f)
+            check_rendered(label, values or {}, objs, rendered, f)
+
+        # Every value is documented: its dotted path appears in README.md.
+        readme = README.read_text()
+        # A map such as node.resources may be documented as a whole.
+        for path in flatten(chart.values):
+            parts = path.split(".")
+            shortest = min(2, len(parts))  # a top-level name only documents itself
+            prefixes = [".".join(parts[:i]) for i in range(len(parts), shortest - 1, -1)]
+            (f.ok if any(f"`{p}`" in readme for p in prefixes)
+             else lambda p=path: f.fail(f"README.md does not document the value `{p}`"))()
+
+
+def check_rendered(label: str, values: dict, objs: list[dict], rendered: dict[str, str],
+                   f: Findings) -> None:
+    """What the chart promises beyond schema validity."""
+    by_kind: dict[str, list[dict]] = {}
+    for o in objs:
+        by_kind.setdefault(o["kind"], []).append(o)
+
+    def expect(cond: bool, what: str) -> None:
+        (f.ok if cond else lambda: f.fail(f"render ({label}): {what}"))()
+
+    drivers = by_kind.get("CSIDriver", [])
+    expect(len(drivers) == 1 and drivers[0]["metadata"]["name"] == DRIVER, "one CSIDriver")
+    ds = by_kind["DaemonSet"][0]["spec"]["template"]["spec"]
+    node = {c["name"]: c for c in ds["containers"]}
+    expect(set(node) == {"cachevol", "node-driver-registrar", "liveness-probe"},
+           f"node containers {sorted(node)}")
+    expect(node["cachevol"]["securityContext"].get("privileged") is True,
+           "node plugin privileged")
+    kubelet = values.get("kubeletDir", "/var/lib/kubelet")
+    expect(f"--kubelet-registration-path={kubelet}/plugins/{DRIVER}/csi.sock"
+           in node["node-driver-registrar"]["args"], "registration path under kubeletDir")
+    mounts = {m["name"]: m for m in node["cachevol"]["volumeMounts"]}
+    expect(mounts["kubelet-dir"]["mountPath"] == kubelet
+           and mounts["kubelet-dir"].get("mountPropagation") == "Bidirectional",
+           "kubelet dir at the same path, Bidirectional")
+    expect(mounts["state-dir"].get("mountPropagation") == "Bidirectional",
+           "state dir Bidirectional")
+    expect(any(t.get("operator") == "Exists" and "key" not in t
+               for t in ds.get("tolerations", [])), "node plugin tolerates every taint")
+    dep = by_kind["Deployment"][0]["spec"]["template"]["spec"]
+    ctl = {c["name"]: c for c in dep["containers"]}
+    expect("--extra-create-metadata" in ctl["csi-provisioner"]["args"],
+           "csi-provisioner --extra-create-metadata")
+    store_values = values.get("store") or {}
+    fullname = values.get("fullnameOverride") or RELEASE  # the release name holds the chart's
+    secret = store_values.get("existingSecret") or (
+        f"{fullname}-store" if store_values.get("credentials") else None)
+    for name, c in (("node", node["cachevol"]), ("controller", ctl["cachevol"])):
+        refs = [e["secretRef"]["name"] for e in c.get("envFrom", [])]
+        expect(refs == ([secret] if secret else []), f"{name} envFrom {refs}, want {secret}")
+        store = store_values.get("url") or "file:///var/lib/cachevol/store"
+        expect(f"--store={store}" in c["args"], f"{name} --store={store}")
+    if secret and not store_values.get("existingSecret"):
+        expect(any(s["metadata"]["name"] == secret for s in by_kind.get("Secret", [])),
+               "the chart makes the credentials Secret")
+    else:
+        expect("Secret" not in by_kind, "no Secret when there are no chart-made credentials")
+
+
+def check_examples(f: Findings) -> None:
+    claims: set[str] = set()
+    for path in sorted(MANIFESTS.glob("*.yaml")):
+        if path == INSTALL:
+            continue
+        where = path.name
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        if not docs:
+            f.fail(f"{where}: empty")
+        for doc in docs:
+            if "apiVersion" in doc and "kind" in doc:
+                validate_object(doc, where, f)
+                check_cachevol_usage(doc, where, f)
+                if doc["kind"] == "PersistentVolumeClaim":
+                    claims.add(doc["metadata"]["name"])
+            elif "template" in doc and "spec" in doc["template"]:
+                # A runner chart's values: its pod template, checked as a Pod.
+                pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "runner"},
+                       "spec": doc["template"]["spec"]}
+                validate_object(pod, where + " (template)", f)
+                check_cachevol_usage(pod, where + " (template)", f)
+            elif "runners" in doc and "config" in doc["runners"]:
+                check_gitlab(doc["runners"]["config"], where, claims, f)
+            else:
+                f.fail(f"{where}: neither a Kubernetes object nor a known runner values file")
+
+
+def check_gitlab(config: str, where: str, claims: set[str], f: Findings) -> None:
+    """The gitlab-runner chart's runners.config: TOML that mounts claims and inline volumes."""
+    try:
+        toml = tomllib.loads(config)
+    except tomllib.TOMLDecodeError as e:
+        f.fail(f"{where}: runners.config is not TOML: {e}")
+        return
+    for runner in toml.get("runners", []):
+        vols = runner.get("kubernetes", {}).get("volumes", {})
+        for pvc in vols.get("pvc", []):
+            (f.ok if pvc.get("name") in claims and pvc.get("mount_path")
+             else lambda p=pvc: f.fail(f"{where}: pvc volume {p} names no claim of "
+                                       "claims.yaml or has no mount_path"))()
+        for csi in vols.get("csi", []):
+            if csi.get("driver") != DRIVER or not csi.get("mount_path"):
+                f.fail(f"{where}: csi volume {csi.get('name')} is not a cachevol volume")
+                continue
+            check_user_attributes(csi.get("volume_attributes", {}),
+                                  f"{where} csi volume {csi.get('name')}", f, inline=True)
+        if not vols:
+            f.fail(f"{where}: a runner mounts no cache")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--update", action="store_true",
+                    help="rewrite manifests/install.yaml from the chart before checking")
+    args = ap.parse_args()
+    f = Findings()
+    check_chart(args.update, f)
+    check_examples(f)
+    for e in f.errors:
+        print(f"FAIL {e}", file=sys.stderr)
+    print(f"chart-check: helm {helm.helm_sdk_version()}, Kubernetes schemas {KUBE_VERSION}")
+    print(f"chart-check: {f.checked - len(f.errors)} passed, {len(f.errors)} failed")
+    return 1 if f.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

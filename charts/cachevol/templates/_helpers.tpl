@@ -1,0 +1,97 @@
+{{/* The CSI driver's name: fixed in the binary, so not a value. */}}
+{{- define "cachevol.driverName" -}}cachevol.dev{{- end }}
+
+{{- define "cachevol.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Prefix of every resource name: the release name, with the chart name unless it has it. */}}
+{{- define "cachevol.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "cachevol.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "cachevol.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* Selector labels of one component; call with (dict "ctx" . "component" "node"). */}}
+{{- define "cachevol.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "cachevol.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "cachevol.componentLabels" -}}
+{{ include "cachevol.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "cachevol.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* A sidecar's image reference; call with the sidecar's values. */}}
+{{- define "cachevol.sidecarImage" -}}
+{{- printf "%s:%s" .image.repository .image.tag }}
+{{- end }}
+
+{{/* The Secret of store credentials, or nothing when there is none. */}}
+{{- define "cachevol.storeSecret" -}}
+{{- if .Values.store.existingSecret }}
+{{- .Values.store.existingSecret }}
+{{- else if .Values.store.credentials }}
+{{- printf "%s-store" (include "cachevol.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* envFrom and env of the cachevol container; call with
+(dict "ctx" . "extraEnv" list "nodeName" bool). */}}
+{{- define "cachevol.env" -}}
+{{- $secret := include "cachevol.storeSecret" .ctx }}
+{{- if $secret }}
+envFrom:
+  - secretRef:
+      name: {{ $secret }}
+{{- end }}
+env:
+  - name: POD_NAMESPACE
+    valueFrom:
+      fieldRef:
+        fieldPath: metadata.namespace
+  - name: CACHEVOL_LOG
+    value: {{ .ctx.Values.logLevel | quote }}
+{{- if .nodeName }}
+  - name: NODE_NAME
+    valueFrom:
+      fieldRef:
+        fieldPath: spec.nodeName
+{{- end }}
+{{- with .extraEnv }}
+{{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Pod annotations: a checksum of the chart-made Secret, so new credentials restart pods. */}}
+{{- define "cachevol.podAnnotations" -}}
+{{- $annotations := .annotations }}
+{{- if and (not .ctx.Values.store.existingSecret) .ctx.Values.store.credentials }}
+{{- $annotations = merge (dict "checksum/store-credentials" (toJson .ctx.Values.store.credentials | sha256sum)) $annotations }}
+{{- end }}
+{{- with $annotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
