@@ -4,9 +4,11 @@
 //! - [`cli`]: the `cachevol` command line around the engine.
 //! - [`csi`]: the CSI driver's gRPC services (Identity, Controller) on a unix socket.
 //! - [`node`]: the node plugin's volumes: node-local bases, overlay views, mounts, commits.
+//! - [`cluster`]: the Kubernetes side: commits by pod phase, Leases, Events, claim annotations.
 //! - [`metrics`]: Prometheus metrics and the /metrics, /healthz, /readyz HTTP endpoint.
 
 pub mod cli;
+pub mod cluster;
 pub mod csi;
 pub mod engine;
 pub mod metrics;

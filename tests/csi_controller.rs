@@ -63,6 +63,9 @@ impl Plugin {
             .arg("--state-dir")
             .arg(d.state())
             .env("CACHEVOL_LOG", "debug")
+            // No cluster here, whatever the environment says.
+            .env_remove("KUBECONFIG")
+            .env_remove("KUBERNETES_SERVICE_HOST")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -38,6 +38,9 @@ impl NodePlugin {
             .arg(root.join(name).join("state"))
             .args(extra)
             .env("CACHEVOL_LOG", "debug")
+            // No cluster here, whatever the environment says: commits follow unpublish.
+            .env_remove("KUBECONFIG")
+            .env_remove("KUBERNETES_SERVICE_HOST")
             .stdout(Stdio::null())
             .stderr(
                 std::fs::OpenOptions::new()

@@ -82,7 +82,7 @@ fn generation(d: &CommitDecision) -> Option<u64> {
             CommitOutcome::Committed { generation } => Some(generation),
             CommitOutcome::Unchanged { .. } => None,
         },
-        CommitDecision::Skipped(_) => None,
+        CommitDecision::Skipped(_) | CommitDecision::NotPending => None,
     }
 }
 

@@ -38,7 +38,7 @@ fn writer_changes(dir: &Path, i: usize) {
         &dir.join(format!("unique-{i}.bin")),
         &noise(1000 + i as u64, 200_000),
     );
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         std::fs::remove_file(dir.join("base/remove-me.txt")).unwrap();
     }
 }

@@ -167,6 +167,16 @@ struct GcArgs {
     /// Report what would be deleted, delete nothing.
     #[arg(long)]
     dry_run: bool,
+    #[command(flatten)]
+    retention: RetentionArgs,
+    /// Collect every scope of the store, not only --scope.
+    #[arg(long)]
+    all_scopes: bool,
+}
+
+/// Retention rules, shared by `cachevol gc` and the controller's periodic GC.
+#[derive(Args, Debug, Clone)]
+pub struct RetentionArgs {
     /// Generations kept per key.
     #[arg(long, default_value_t = 3)]
     keep_last: usize,
@@ -179,9 +189,18 @@ struct GcArgs {
     /// Unreferenced packs younger than this are kept (in-flight commits).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
     grace: Duration,
-    /// Collect every scope of the store, not only --scope.
-    #[arg(long)]
-    all_scopes: bool,
+}
+
+impl RetentionArgs {
+    pub fn policy(&self, dry_run: bool) -> GcPolicy {
+        GcPolicy {
+            keep_last: self.keep_last,
+            ttl: (!self.ttl.is_zero()).then_some(self.ttl),
+            scope_budget: self.scope_budget,
+            grace: self.grace,
+            dry_run,
+        }
+    }
 }
 
 /// Parses `10Gi`, `500M`, `1.5G`, `4096` into bytes.
@@ -262,6 +281,8 @@ pub fn exit_code(e: &Error) -> i32 {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     init_tracing(cli.command.default_log_level());
+    // One TLS crypto provider for the whole process (S3/GCS/Azure and the Kubernetes API).
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -335,13 +356,7 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Error> {
             Ok(exit::OK)
         }
         Command::Gc(a) => {
-            let policy = GcPolicy {
-                keep_last: a.keep_last,
-                ttl: (!a.ttl.is_zero()).then_some(a.ttl),
-                scope_budget: a.scope_budget,
-                grace: a.grace,
-                dry_run: a.dry_run,
-            };
+            let policy = a.retention.policy(a.dry_run);
             let store = Store::open(&g.store_url())?;
             let scopes = if a.all_scopes {
                 store.scopes().await?

@@ -16,7 +16,7 @@ use super::pb::identity_server::IdentityServer;
 use super::pb::{self, controller_service_capability as csc};
 use super::records::{self, Records, VolumeRecord};
 use super::server;
-use super::volume::VolumeSpec;
+use super::volume::{param, VolumeSpec};
 use super::{handle, Error};
 use crate::engine::Store;
 
@@ -36,6 +36,8 @@ pub struct ControllerService {
     records: Arc<Records>,
     default_store: String,
     inflight: InFlight,
+    /// The Kubernetes API, for claim annotations. None without a cluster.
+    client: Option<kube::Client>,
 }
 
 impl ControllerService {
@@ -45,7 +47,14 @@ impl ControllerService {
             records,
             default_store,
             inflight: InFlight::default(),
+            client: None,
         }
+    }
+
+    /// Reads claims' `cachevol.dev/*` annotations through this client.
+    pub fn with_client(mut self, client: Option<kube::Client>) -> ControllerService {
+        self.client = client;
+        self
     }
 
     async fn create(
@@ -83,7 +92,19 @@ impl ControllerService {
             ));
         }
         let budget = budget(req.capacity_range.as_ref())?;
-        let spec = VolumeSpec::from_parameters(&req.parameters, &self.default_store, budget)?;
+        let mut spec = VolumeSpec::from_parameters(&req.parameters, &self.default_store, budget)?;
+        // The claim's annotations (users' settings) over the StorageClass's; never store/scope.
+        let claim = |k: &str| req.parameters.get(k).filter(|v| !v.is_empty());
+        if let (Some(client), Some(name), Some(ns)) = (
+            &self.client,
+            claim(param::PVC_NAME),
+            claim(param::PVC_NAMESPACE),
+        ) {
+            let annotations = crate::cluster::claims::annotations(client, ns, name)
+                .await
+                .map_err(Error::Unavailable)?;
+            spec.apply_annotations(&annotations)?;
+        }
         let context = spec.to_context();
         let capacity = budget.map_or(0, |b| b as i64);
         let id = records::volume_id(&req.name);
@@ -328,6 +349,14 @@ pub struct ControllerArgs {
     /// The CSI endpoint to serve on.
     #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
     pub endpoint: String,
+    #[command(flatten)]
+    pub cluster: crate::cluster::ClusterArgs,
+    /// Run retention and garbage collection of the stores this often (0 turns it off). With a
+    /// cluster, only the replica holding the leader Lease collects.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+    pub gc_interval: std::time::Duration,
+    #[command(flatten)]
+    pub retention: crate::cli::RetentionArgs,
 }
 
 /// Runs the controller until SIGTERM/SIGINT; returns the process exit code. `store`: the default
@@ -369,9 +398,67 @@ async fn start(
         volumes = records.len(),
         "cachevol controller starting"
     );
-    tracing::info!("cluster features off: no Kubernetes API in use (claim annotations, retention run elsewhere)");
+    let client = crate::cluster::connect(args.cluster.cluster)
+        .await
+        .map_err(|why| Error::Unavailable(format!("--cluster: {why}")))?;
+    match &client {
+        Some(_) => tracing::info!(
+            namespace = args.cluster.namespace,
+            "cluster features on: claim annotations are read, GC runs under the leader Lease"
+        ),
+        None => tracing::info!(
+            "cluster features off: no Kubernetes API in use (claim annotations are not read)"
+        ),
+    }
+    let leader = Arc::new(std::sync::atomic::AtomicBool::new(client.is_none()));
+    if let Some(c) = &client {
+        let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
+            format!(
+                "{}-{}",
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_else(|_| "controller".into()),
+                std::process::id()
+            )
+        });
+        let leases = crate::cluster::lease::Leases::new(
+            c.clone(),
+            &args.cluster.namespace,
+            args.cluster.lease_duration,
+        );
+        tokio::spawn(crate::cluster::gc::lead_forever(
+            leases,
+            identity,
+            args.cluster.lease_duration,
+            leader.clone(),
+        ));
+    }
+    if !args.gc_interval.is_zero() {
+        let collector = crate::cluster::gc::Collector {
+            default_store: store_url.clone(),
+            records: records.clone(),
+            state_dir: state_dir.clone(),
+            policy: args.retention.policy(false),
+            interval: args.gc_interval,
+        };
+        tokio::spawn(collector.run(leader.clone()));
+    }
+    if let Some(addr) = args.cluster.metrics_address {
+        let dir = state_dir.clone();
+        let ready: crate::metrics::ReadyFn = Arc::new(move || {
+            if dir.join("volumes").is_dir() {
+                Ok(())
+            } else {
+                Err(format!("state dir {} is not usable", dir.display()))
+            }
+        });
+        let bound = crate::metrics::serve(addr, ready)
+            .await
+            .map_err(Error::io("serve metrics on", addr.to_string()))?;
+        tracing::info!(address = %bound, "serving /metrics, /healthz, /readyz");
+    }
     let identity = super::identity::IdentityService::new(state_dir, store);
-    let controller = ControllerService::new(records, store_url);
+    let controller = ControllerService::new(records, store_url).with_client(client);
     let socket = server::Socket::bind(&path)?;
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity))

@@ -38,6 +38,11 @@ pub enum Error {
     #[error("an operation on {0:?} is already in progress; retry later")]
     OperationPending(String),
 
+    /// Not possible now, possible later: a locked cache held by another pod, the Kubernetes API
+    /// out of reach. The CO retries with backoff; the message says what it waits for.
+    #[error("{0}")]
+    Unavailable(String),
+
     /// CreateVolume: the capacity range cannot be honoured.
     #[error("capacity_range: {0}")]
     CapacityOutOfRange(String),
@@ -88,6 +93,7 @@ impl Error {
             Error::VolumeNotFound(_) => Code::NotFound,
             Error::VolumeIncompatible(_) => Code::AlreadyExists,
             Error::OperationPending(_) => Code::Aborted,
+            Error::Unavailable(_) => Code::Unavailable,
             Error::CapacityOutOfRange(_) => Code::OutOfRange,
             Error::Io { .. } => Code::Internal,
             Error::Engine(e) => engine_code(e),

@@ -11,8 +11,9 @@ use tonic::{Request, Response, Status};
 use super::pb::node_server::{Node, NodeServer};
 use super::pb::{self, node_service_capability, volume_usage};
 use super::{capability, handle, inflight::InFlight, server, Error};
+use crate::cluster::{self, agent::Agent, ClusterArgs};
 use crate::engine::Store;
-use crate::node::{self as volumes, CommitDecision, Ending, NodeConfig, PodRef, Volumes};
+use crate::node::{self as volumes, Ending, NodeConfig, PodRef, Volumes};
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/cachevol";
 
@@ -23,9 +24,8 @@ impl From<volumes::Error> for Error {
                 name: "volume_context".into(),
                 why,
             },
-            volumes::Error::Busy(what) | volumes::Error::Unavailable(what) => {
-                Error::OperationPending(what)
-            }
+            volumes::Error::Busy(what) => Error::OperationPending(what),
+            volumes::Error::Unavailable(what) => Error::Unavailable(what),
             volumes::Error::NotPublished(id, target) => {
                 Error::VolumeNotFound(format!("{id} at {target}"))
             }
@@ -37,6 +37,8 @@ impl From<volumes::Error> for Error {
 
 pub struct NodeService {
     volumes: Arc<Volumes>,
+    /// The cluster agent: commits by pod phase, Leases, Events. None without a cluster.
+    agent: Option<Arc<Agent>>,
     inflight: InFlight,
     /// Commits that run after NodeUnpublishVolume returns.
     commits: tokio::sync::Mutex<tokio::task::JoinSet<()>>,
@@ -51,20 +53,26 @@ fn required<'a>(field: &'static str, value: &'a str) -> Result<&'a str, Error> {
 }
 
 impl NodeService {
-    pub fn new(volumes: Arc<Volumes>) -> NodeService {
+    pub fn new(volumes: Arc<Volumes>, agent: Option<Arc<Agent>>) -> NodeService {
         NodeService {
             volumes,
+            agent,
             inflight: InFlight::default(),
             commits: tokio::sync::Mutex::new(tokio::task::JoinSet::new()),
         }
     }
 
-    /// Commits a pending view in the background; its record keeps it pending until then, so a
-    /// restart resumes it.
+    /// Decides a pending view in the background; its record keeps it pending until then, so
+    /// a restart resumes it. With a cluster the agent decides from the pods' phases; without
+    /// one, unpublishing means the pod is done and the view is committed as a success.
     async fn commit_later(&self, id: String) {
+        if let Some(agent) = &self.agent {
+            agent.spawn_finish(id);
+            return;
+        }
         let volumes = self.volumes.clone();
         self.commits.lock().await.spawn(async move {
-            commit_now(&volumes, &id).await;
+            let _ = cluster::agent::commit_view(&volumes, &id, Ending::Succeeded, None).await;
         });
     }
 
@@ -100,16 +108,39 @@ impl NodeService {
             .inflight
             .begin(&format!("{volume_id}\0{}", target.display()))?;
         let pod = PodRef::from_context(&r.volume_context);
-        let published = self
+        let spec = self.volumes.spec_of(&r.volume_context)?;
+        if let Some(agent) = &self.agent {
+            agent.lock(&spec, pod.as_ref()).await?;
+        }
+        let published = match self
             .volumes
             .publish(volumes::Publish {
                 volume_id: volume_id.to_string(),
                 target: target.clone(),
                 context: r.volume_context.clone(),
                 read_only: r.readonly || capability::is_read_only(mode),
-                pod,
+                pod: pod.clone(),
             })
-            .await?;
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                if let Some(agent) = &self.agent {
+                    agent.unlock_unused(&spec, pod.as_ref()).await;
+                }
+                if !matches!(e, volumes::Error::Busy(_) | volumes::Error::Unavailable(_)) {
+                    crate::metrics::restore(
+                        crate::metrics::RestoreLevel::Miss,
+                        crate::metrics::RestoreOutcome::Failed,
+                        0,
+                        0.0,
+                    );
+                }
+                return Err(e.into());
+            }
+        };
+        cluster::agent::report_publish(self.agent.as_deref(), &spec, pod.as_ref(), &published)
+            .await;
         tracing::info!(
             view = published.view,
             warm = published.warm,
@@ -167,23 +198,6 @@ impl NodeService {
             ],
             volume_condition: None,
         })
-    }
-}
-
-/// Commits a pending view as a pod that succeeded (no cluster: unpublish means done) and logs
-/// the outcome. A store that cannot be reached leaves the view pending for the next start.
-async fn commit_now(volumes: &Volumes, id: &str) {
-    match volumes.commit(id, Ending::Succeeded).await {
-        Ok(CommitDecision::Committed(r)) => tracing::info!(
-            view = id,
-            cache.key = r.key,
-            outcome = ?r.outcome,
-            uploaded = r.uploaded,
-            seconds = r.seconds,
-            "committed"
-        ),
-        Ok(CommitDecision::Skipped(why)) => tracing::info!(view = id, why, "not committed"),
-        Err(e) => tracing::warn!(view = id, error = %e, "commit failed"),
     }
 }
 
@@ -299,6 +313,8 @@ pub struct NodeArgs {
     /// Bytes of base trees kept on the node (e.g. 50Gi); least recently used go first.
     #[arg(long, value_parser = crate::cli::parse_size)]
     pub base_budget: Option<u64>,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
 }
 
 /// Runs the node plugin until SIGTERM/SIGINT; returns the process exit code.
@@ -344,10 +360,30 @@ async fn start(
         state_dir = %state_dir.display(),
         "cachevol node starting"
     );
-    tracing::info!(
-        "cluster features off: no Kubernetes API in use; views are committed when unpublished"
-    );
-    let service = Arc::new(NodeService::new(volumes.clone()));
+    let client = cluster::connect(args.cluster.cluster)
+        .await
+        .map_err(|why| Error::Unavailable(format!("--cluster: {why}")))?;
+    let agent = client.map(|c| {
+        Agent::new(
+            volumes.clone(),
+            c,
+            &args.cluster.namespace,
+            args.cluster.lease_duration,
+        )
+    });
+    match &agent {
+        Some(a) => {
+            tracing::info!(
+                namespace = args.cluster.namespace,
+                "cluster features on: commits follow pod phases, locked caches take Leases"
+            );
+            tokio::spawn(a.clone().run());
+        }
+        None => tracing::info!(
+            "cluster features off: no Kubernetes API in use; views are committed when unpublished"
+        ),
+    }
+    let service = Arc::new(NodeService::new(volumes.clone(), agent));
     // Views left pending by a previous run (unpublished, not yet committed) are committed now.
     for v in volumes.recover() {
         tracing::info!(view = v.id, "resuming a pending commit");
@@ -357,6 +393,20 @@ async fn start(
         "file://{}",
         state_dir.join("probe-store").display()
     )))?;
+    if let Some(addr) = args.cluster.metrics_address {
+        let dir = state_dir.clone();
+        let ready: crate::metrics::ReadyFn = Arc::new(move || {
+            if dir.join("views").is_dir() {
+                Ok(())
+            } else {
+                Err(format!("state dir {} is not usable", dir.display()))
+            }
+        });
+        let bound = crate::metrics::serve(addr, ready)
+            .await
+            .map_err(Error::io("serve metrics on", addr.to_string()))?;
+        tracing::info!(address = %bound, "serving /metrics, /healthz, /readyz");
+    }
     let identity = super::identity::IdentityService::new(state_dir, probe_store);
     let socket = server::Socket::bind(&path)?;
     let router = tonic::transport::Server::builder()

@@ -121,6 +121,14 @@ impl Records {
         self.len() == 0
     }
 
+    /// The stores named by the volumes' attributes.
+    pub fn stores(&self) -> std::collections::BTreeSet<String> {
+        self.lock()
+            .values()
+            .filter_map(|r| r.volume_context.get(super::volume::attr::STORE).cloned())
+            .collect()
+    }
+
     pub fn get(&self, volume_id: &str) -> Option<VolumeRecord> {
         self.lock().get(volume_id).cloned()
     }

@@ -319,6 +319,125 @@ impl VolumeSpec {
     }
 }
 
+/// Settings users write: claim annotations (`cachevol.dev/<name>`) and inline volume attributes
+/// (`<name>`). Users may choose which cache and how they use it, never where it is stored or
+/// whose it is: `store` and `scope` belong to administrators (StorageClass, driver flags).
+pub mod user {
+    pub const ANNOTATION_PREFIX: &str = "cachevol.dev/";
+    pub const KEY: &str = "key";
+    pub const RESTORE_KEYS: &str = "restore-keys";
+    pub const MODE: &str = "mode";
+    pub const POLICY: &str = "policy";
+    pub const COMMIT_ON: &str = "commit-on";
+    pub const MERGE: &str = "merge";
+    pub const ALL: &[&str] = &[KEY, RESTORE_KEYS, MODE, POLICY, COMMIT_ON, MERGE];
+    /// Settings only an administrator may make.
+    pub const ADMIN_ONLY: &[&str] = &["store", "scope"];
+    /// kubelet marks inline (CSI ephemeral) volumes with this volume-context key.
+    pub const EPHEMERAL: &str = "csi.storage.k8s.io/ephemeral";
+    pub const POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
+}
+
+impl VolumeSpec {
+    /// Applies one user setting `field` = `value`; `shown` names it in errors as the user wrote
+    /// it (`cachevol.dev/mode`, `volumeAttributes.mode`).
+    fn apply_user(&mut self, field: &str, value: &str, shown: &str) -> Result<(), Error> {
+        match field {
+            user::KEY => {
+                names::key(value).map_err(|e| Error::parameter(shown, e.to_string()))?;
+                self.key = value.to_string();
+            }
+            user::RESTORE_KEYS => self.restore_keys = parse_key_list(shown, value)?,
+            user::MODE => self.mode = Mode::parse(shown, value)?,
+            user::POLICY => self.policy = Policy::parse(shown, value)?,
+            user::COMMIT_ON => self.commit_on = CommitOn::parse(shown, value)?,
+            user::MERGE => self.merge = parse_merge(shown, value)?,
+            f if user::ADMIN_ONLY.contains(&f) => {
+                return Err(Error::parameter(
+                    shown,
+                    format!(
+                        "not allowed: the cache's {f} is set only by the StorageClass or the \
+                         driver's configuration (an administrator), never by a claim or a pod"
+                    ),
+                ))
+            }
+            _ => {
+                return Err(Error::parameter(
+                    shown,
+                    format!("unknown setting; users may set {}", user::ALL.join(", ")),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a claim's `cachevol.dev/*` annotations over the StorageClass's values. Other
+    /// annotations are not cachevol's and are ignored.
+    pub fn apply_annotations(
+        &mut self,
+        annotations: &BTreeMap<String, String>,
+    ) -> Result<(), Error> {
+        for (name, value) in annotations {
+            if let Some(field) = name.strip_prefix(user::ANNOTATION_PREFIX) {
+                self.apply_user(field, value.trim(), name)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a NodePublishVolume context is an inline (CSI ephemeral) volume's.
+    pub fn is_inline(ctx: &HashMap<String, String>) -> bool {
+        ctx.get(user::EPHEMERAL).is_some_and(|v| v == "true")
+    }
+
+    /// The spec of an inline volume from the pod's `volumeAttributes`: the scope is always the
+    /// pod's namespace and the store the driver's own; `key` is required.
+    pub fn from_inline(
+        ctx: &HashMap<String, String>,
+        driver_store: Option<&str>,
+    ) -> Result<VolumeSpec, Error> {
+        let scope = ctx
+            .get(user::POD_NAMESPACE)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| {
+                Error::parameter(
+                    user::POD_NAMESPACE,
+                    "inline volumes need the pod's namespace: the CSIDriver must have \
+                     podInfoOnMount: true",
+                )
+            })?;
+        names::scope(scope).map_err(|e| Error::parameter(user::POD_NAMESPACE, e.to_string()))?;
+        let store = driver_store.ok_or_else(|| {
+            Error::parameter(
+                "store",
+                "inline volumes use the driver's store, and the node plugin has no --store",
+            )
+        })?;
+        let key = ctx.get(user::KEY).ok_or_else(|| {
+            Error::parameter("volumeAttributes.key", "required for an inline volume")
+        })?;
+        let mut spec = VolumeSpec {
+            store: store.to_string(),
+            scope: scope.to_string(),
+            key: String::new(),
+            restore_keys: Vec::new(),
+            mode: Mode::default(),
+            policy: Policy::default(),
+            commit_on: CommitOn::default(),
+            merge: Merge::default(),
+            budget: None,
+        };
+        spec.apply_user(user::KEY, key, "volumeAttributes.key")?;
+        for (name, value) in ctx {
+            if name.starts_with(param::RESERVED_PREFIX) || name == user::KEY {
+                continue;
+            }
+            spec.apply_user(name, value.trim(), &format!("volumeAttributes.{name}"))?;
+        }
+        Ok(spec)
+    }
+}
+
 fn is_known_parameter(k: &str) -> bool {
     k.starts_with(param::RESERVED_PREFIX)
         || [
@@ -542,6 +661,88 @@ mod tests {
         )
         .unwrap();
         assert_eq!((s.scope.as_str(), s.key.as_str()), ("cluster", "npm"));
+    }
+
+    fn annotations(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn claim_annotations_override_the_class_but_never_store_or_scope() {
+        let mut s =
+            VolumeSpec::from_parameters(&with_pvc(&[("mode", "shared")]), STORE, None).unwrap();
+        s.apply_annotations(&annotations(&[
+            ("cachevol.dev/key", "npm"),
+            ("cachevol.dev/restore-keys", "npm-main,npm-base"),
+            ("cachevol.dev/mode", "locked"),
+            ("cachevol.dev/policy", "pull"),
+            ("cachevol.dev/commit-on", "always"),
+            ("cachevol.dev/merge", "union"),
+            ("kubectl.kubernetes.io/last-applied-configuration", "{}"),
+        ]))
+        .unwrap();
+        assert_eq!(s.key, "npm");
+        assert_eq!(s.restore_keys, ["npm-main", "npm-base"]);
+        assert_eq!(
+            (s.mode, s.policy, s.commit_on, s.merge),
+            (Mode::Locked, Policy::Pull, CommitOn::Always, Merge::Union)
+        );
+        assert_eq!((s.store.as_str(), s.scope.as_str()), (STORE, "team-a"));
+
+        for (kv, needle) in [
+            (("cachevol.dev/scope", "team-b"), "StorageClass"),
+            (("cachevol.dev/store", "s3://other/x"), "StorageClass"),
+            (("cachevol.dev/mode", "lockd"), "shared, private, locked"),
+            (("cachevol.dev/key", "../team-b/npm"), "invalid cache key"),
+            (("cachevol.dev/restore-keys", "a,b/c"), "invalid cache key"),
+            (("cachevol.dev/comit-on", "always"), "users may set"),
+        ] {
+            let mut s2 = s.clone();
+            let e = s2.apply_annotations(&annotations(&[kv])).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains(kv.0), "{kv:?}: {msg}");
+            assert!(msg.contains(needle), "{kv:?}: {msg}");
+            assert_eq!(s2, s, "a refused annotation changes nothing");
+        }
+    }
+
+    #[test]
+    fn inline_volumes_take_the_pods_namespace_and_the_drivers_store() {
+        let ctx = params(&[
+            ("key", "npm"),
+            ("mode", "locked"),
+            ("csi.storage.k8s.io/ephemeral", "true"),
+            ("csi.storage.k8s.io/pod.namespace", "team-a"),
+            ("csi.storage.k8s.io/pod.name", "job-1"),
+        ]);
+        assert!(VolumeSpec::is_inline(&ctx));
+        let s = VolumeSpec::from_inline(&ctx, Some(STORE)).unwrap();
+        assert_eq!(
+            (s.store.as_str(), s.scope.as_str(), s.key.as_str(), s.mode),
+            (STORE, "team-a", "npm", Mode::Locked)
+        );
+        for (extra, needle) in [
+            (("scope", "team-b"), "volumeAttributes.scope"),
+            (("store", "s3://other/x"), "volumeAttributes.store"),
+            (("merge", "append"), "replace, union"),
+            (("budget", "1"), "users may set"),
+        ] {
+            let mut c = ctx.clone();
+            c.insert(extra.0.into(), extra.1.into());
+            let e = VolumeSpec::from_inline(&c, Some(STORE))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{extra:?}: {e}");
+        }
+        let mut c = ctx.clone();
+        c.remove("key");
+        assert!(VolumeSpec::from_inline(&c, Some(STORE))
+            .unwrap_err()
+            .to_string()
+            .contains("required"));
+        assert!(VolumeSpec::from_inline(&ctx, None).is_err());
     }
 
     #[test]

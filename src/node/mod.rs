@@ -124,6 +124,9 @@ pub struct ViewRecord {
     /// Why the restore was degraded (store unreachable), for events.
     #[serde(default)]
     pub degraded: Option<String>,
+    /// How each pod (by uid) ended, as the cluster agent saw it; the commit waits for all.
+    #[serde(default)]
+    pub endings: BTreeMap<String, Ending>,
 }
 
 impl ViewRecord {
@@ -152,11 +155,16 @@ pub struct Published {
     /// The base was already on the node.
     pub warm: bool,
     pub degraded: Option<String>,
+    /// Bytes of the restored tree and compressed bytes downloaded (0 when warm).
+    pub bytes: u64,
+    pub downloaded: u64,
     pub seconds: f64,
 }
 
-/// How a view's pods ended, for the commit decision.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How a view's pods ended, for the commit decision. Ordered from best to worst: a view
+/// shared by several pods ends as the worst of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Ending {
     /// Every pod succeeded (or, without a cluster, the volume was unpublished).
     Succeeded,
@@ -170,6 +178,8 @@ pub enum Ending {
 pub enum CommitDecision {
     Committed(CommitReport),
     Skipped(String),
+    /// Nothing to decide: the view is gone (decided by an earlier call) or still mounted.
+    NotPending,
 }
 
 pub struct Volumes {
@@ -277,7 +287,13 @@ impl Volumes {
             .find(|v| v.targets.contains_key(target))
     }
 
-    fn spec_of(&self, ctx: &HashMap<String, String>) -> Result<VolumeSpec> {
+    /// The spec of a NodePublishVolume context: the controller's attributes, or for an inline
+    /// volume the pod's own attributes (validated, in the pod's namespace, on the node's store).
+    pub fn spec_of(&self, ctx: &HashMap<String, String>) -> Result<VolumeSpec> {
+        if VolumeSpec::is_inline(ctx) {
+            return VolumeSpec::from_inline(ctx, self.cfg.default_store.as_deref())
+                .map_err(|e| Error::InvalidArgument(e.to_string()));
+        }
         let mut ctx = ctx.clone();
         if !ctx.contains_key(crate::csi::volume::attr::STORE) {
             if let Some(s) = &self.cfg.default_store {
@@ -345,7 +361,22 @@ impl Volumes {
             ..Default::default()
         };
         let mut record = match self.load(&id) {
-            Some(r) if r.state == ViewState::Active => r,
+            Some(r) if r.state == ViewState::Active => {
+                // Another pod's live view (shared): this pod joins it.
+                published.warm = true;
+                published.source = Some(match &r.base {
+                    Some(b) if b.key == spec.key => RestoreSource::Key {
+                        key: b.key.clone(),
+                        generation: b.generation,
+                    },
+                    Some(b) => RestoreSource::RestoreKey {
+                        key: b.key.clone(),
+                        generation: b.generation,
+                    },
+                    None => RestoreSource::Miss,
+                });
+                r
+            }
             Some(_) => {
                 // A shared view whose pods are all gone and whose commit has not run yet: the
                 // new pod waits for it (kubelet retries), so it starts from those pods' writes
@@ -360,6 +391,8 @@ impl Volumes {
                 published.source = Some(base.source.clone());
                 published.warm = base.warm;
                 published.degraded = base.degraded.clone();
+                published.bytes = base.bytes;
+                published.downloaded = base.downloaded;
                 self.make_view(&id, &req, &spec, base)?
             }
         };
@@ -428,6 +461,7 @@ impl Volumes {
             targets: BTreeMap::new(),
             pods: vec![],
             degraded: base.degraded,
+            endings: BTreeMap::new(),
         };
         // Saved by the caller once the target is mounted; a crash before that leaves a view
         // mount without a record, which `recover` removes.
@@ -476,10 +510,10 @@ impl Volumes {
         let lock = Self::lock_of(&self.view_locks, &id.to_string());
         let _guard = lock.lock().await;
         let Some(record) = self.load(id) else {
-            return Ok(CommitDecision::Skipped("the view is gone".into()));
+            return Ok(CommitDecision::NotPending);
         };
         if record.state != ViewState::Pending {
-            return Ok(CommitDecision::Skipped("the view is still mounted".into()));
+            return Ok(CommitDecision::NotPending);
         }
         let spec = record.spec()?;
         let skip = match (spec.policy, spec.commit_on, ending) {
@@ -571,6 +605,48 @@ impl Volumes {
         Ok(CommitDecision::Committed(report))
     }
 
+    /// Drops a pending view without committing it (its writer was fenced): the decision is
+    /// `Skipped(why)`.
+    pub async fn abandon(&self, id: &str, why: String) -> Result<CommitDecision> {
+        let lock = Self::lock_of(&self.view_locks, &id.to_string());
+        let _guard = lock.lock().await;
+        match self.load(id) {
+            Some(r) if r.state == ViewState::Pending => {
+                self.discard(&r)?;
+                Ok(CommitDecision::Skipped(why))
+            }
+            _ => Ok(CommitDecision::NotPending),
+        }
+    }
+
+    /// Records how pod `uid` ended in the views it used; returns those views. The first ending
+    /// seen for a pod stays: a pod deleted while running and then reported Succeeded (its
+    /// containers handled SIGTERM) is still Aborted.
+    pub async fn record_ending(&self, uid: &str, ending: Ending) -> Result<Vec<ViewRecord>> {
+        let mut out = Vec::new();
+        for v in self.views_of_pod(uid) {
+            let lock = Self::lock_of(&self.view_locks, &v.id);
+            let _guard = lock.lock().await;
+            let Some(mut r) = self.load(&v.id) else {
+                continue;
+            };
+            if !r.endings.contains_key(uid) {
+                r.endings.insert(uid.to_string(), ending);
+                self.save(&r)?;
+            }
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    /// The views pod `uid` has or had mounted.
+    pub fn views_of_pod(&self, uid: &str) -> Vec<ViewRecord> {
+        self.views()
+            .into_iter()
+            .filter(|v| v.pods.iter().any(|p| p.uid == uid))
+            .collect()
+    }
+
     /// Removes a view that will not be used again: its mounts, directories and record.
     fn discard(&self, record: &ViewRecord) -> Result<()> {
         for t in record.targets.keys() {
@@ -647,11 +723,15 @@ impl Volumes {
         let lock = Self::lock_of(&self.base_locks, &dir);
         let _guard = lock.lock().await;
         let warm = engine.has_record(&dir);
+        let (mut bytes, mut downloaded) = (0, 0);
         if !warm {
             std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
-            if let Err(e) = engine.restore_source(source.clone(), &dir).await {
-                let _ = std::fs::remove_dir_all(dir.parent().unwrap_or(&dir));
-                return Err(e.into());
+            match engine.restore_source(source.clone(), &dir).await {
+                Ok(r) => (bytes, downloaded) = (r.bytes, r.downloaded),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(dir.parent().unwrap_or(&dir));
+                    return Err(e.into());
+                }
             }
             self.evict_bases();
         }
@@ -661,6 +741,8 @@ impl Volumes {
             source,
             warm,
             degraded,
+            bytes,
+            downloaded,
         })
     }
 
@@ -857,6 +939,8 @@ struct Base {
     source: RestoreSource,
     warm: bool,
     degraded: Option<String>,
+    bytes: u64,
+    downloaded: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default)]

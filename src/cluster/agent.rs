@@ -1,0 +1,543 @@
+//! The node agent: inside `cachevol node`, it watches the pods of its own node and decides each
+//! cachevol view's commit from how its pods ended — by phase, not by guesswork — holds the
+//! Leases of locked caches while their pods run, and reports everything as Events on the pods.
+//!
+//! It is level-triggered: how each pod ended is written into the view's record as soon as it is
+//! seen, and every decision is taken again from the records and a fresh list of the node's pods
+//! after a restart. A pod that vanished while the agent was down is handled from those records.
+//!
+//! Without a cluster ([`commit_view`] with no agent), unpublishing a view means its pod is done
+//! and it is committed as a success; metrics are recorded either way.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
+use kube::runtime::{watcher, WatchStreamExt};
+
+use super::events::{reason, Recorder, Type};
+use super::lease::{Acquire, Claimant, Leases};
+use crate::csi::volume::{Mode, VolumeSpec};
+use crate::engine::{self, CommitOutcome, RestoreSource};
+use crate::metrics;
+use crate::node::{self, CommitDecision, Ending, PodRef, Published, ViewState, Volumes};
+
+pub struct Agent {
+    volumes: Arc<Volumes>,
+    client: kube::Client,
+    node: String,
+    leases: Leases,
+    events: Recorder,
+    renew_every: Duration,
+    /// When each waiting pod (by uid) first found its locked cache held.
+    waiting: Mutex<HashMap<String, Instant>>,
+    /// One decision at a time per view.
+    finishing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// How a pod ended, from its status; None while it runs. `deleted`: the pod object is gone.
+pub fn ending_of(pod: &Pod, deleted: bool) -> Option<Ending> {
+    let status = pod.status.as_ref();
+    let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("");
+    match phase {
+        "Succeeded" => Some(Ending::Succeeded),
+        "Failed" => {
+            // Evicted, past its deadline, preempted, node shutdown: the kubelet or a controller
+            // ended it and says so in status.reason or a DisruptionTarget condition.
+            let disrupted = status.is_some_and(|s| {
+                s.reason.as_deref().is_some_and(|r| !r.is_empty())
+                    || s.conditions
+                        .iter()
+                        .flatten()
+                        .any(|c| c.type_ == "DisruptionTarget" && c.status == "True")
+            });
+            let oom = status.is_some_and(|s| {
+                s.container_statuses
+                    .iter()
+                    .flatten()
+                    .chain(s.init_container_statuses.iter().flatten())
+                    .any(|c| {
+                        c.state
+                            .as_ref()
+                            .and_then(|st| st.terminated.as_ref())
+                            .and_then(|t| t.reason.as_deref())
+                            == Some("OOMKilled")
+                    })
+            });
+            Some(if disrupted || oom {
+                Ending::Aborted
+            } else {
+                Ending::Failed
+            })
+        }
+        // Deleted (or being deleted) before it finished.
+        _ if deleted || pod.metadata.deletion_timestamp.is_some() => Some(Ending::Aborted),
+        _ => None,
+    }
+}
+
+fn claimant(pod: &PodRef, node: &str) -> Claimant {
+    Claimant {
+        uid: pod.uid.clone(),
+        pod: format!("{}/{}", pod.namespace, pod.name),
+        node: node.to_string(),
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+impl Agent {
+    pub fn new(
+        volumes: Arc<Volumes>,
+        client: kube::Client,
+        namespace: &str,
+        lease_duration: Duration,
+    ) -> Arc<Agent> {
+        let node = volumes.config().node_id.clone();
+        Arc::new(Agent {
+            leases: Leases::new(client.clone(), namespace, lease_duration),
+            events: Recorder::new(client.clone(), "cachevol-node", &node),
+            client,
+            node,
+            volumes,
+            renew_every: (lease_duration / 3).max(Duration::from_millis(200)),
+            waiting: Mutex::default(),
+            finishing: Mutex::default(),
+        })
+    }
+
+    pub fn events(&self) -> &Recorder {
+        &self.events
+    }
+
+    /// Before publishing a locked cache: takes its Lease for the pod, or refuses with a
+    /// retryable error naming the holder (kubelet retries the mount with backoff).
+    pub async fn lock(&self, spec: &VolumeSpec, pod: Option<&PodRef>) -> node::Result<()> {
+        if spec.mode != Mode::Locked {
+            return Ok(());
+        }
+        let pod = pod.ok_or_else(|| {
+            node::Error::InvalidArgument(
+                "a locked cache needs the pod's identity: the CSIDriver must have \
+                 podInfoOnMount: true"
+                    .into(),
+            )
+        })?;
+        let me = claimant(pod, &self.node);
+        match self.leases.acquire(&spec.scope, &spec.key, &me).await {
+            Ok(Acquire::Held { took_over }) => {
+                let since = self.waiting.lock().expect("not poisoned").remove(&pod.uid);
+                metrics::lock_acquired(since.map_or(0.0, |t| t.elapsed().as_secs_f64()));
+                if let Some(old) = took_over {
+                    tracing::info!(
+                        cache.key = spec.key,
+                        pod = me.pod,
+                        previous = old,
+                        "took over an expired lock"
+                    );
+                }
+                Ok(())
+            }
+            Ok(Acquire::Waiting { holder, place }) => {
+                self.waiting
+                    .lock()
+                    .expect("not poisoned")
+                    .entry(pod.uid.clone())
+                    .or_insert_with(Instant::now);
+                metrics::lock_waiting();
+                let msg = format!(
+                    "cache {} is locked: held by {holder}; this pod is number {place} in line \
+                     and starts when the holder's commit is in the store",
+                    spec.key
+                );
+                self.events
+                    .pod(pod, Type::Normal, reason::LOCK_WAITING, msg.clone())
+                    .await;
+                Err(node::Error::Unavailable(msg))
+            }
+            Err(e) => Err(node::Error::Unavailable(format!(
+                "cannot take the lock of cache {}: the Kubernetes API failed: {e}",
+                spec.key
+            ))),
+        }
+    }
+
+    /// After a publish failed: gives the lock back unless the pod has a view of that cache.
+    pub async fn unlock_unused(&self, spec: &VolumeSpec, pod: Option<&PodRef>) {
+        let (Mode::Locked, Some(pod)) = (spec.mode, pod) else {
+            return;
+        };
+        let has_view = self.volumes.views_of_pod(&pod.uid).iter().any(|v| {
+            v.spec()
+                .is_ok_and(|s| s.scope == spec.scope && s.key == spec.key)
+        });
+        if !has_view {
+            if let Err(e) = self.leases.release(&spec.scope, &spec.key, &pod.uid).await {
+                tracing::warn!(cache.key = spec.key, error = %e, "could not release a lock; it expires by itself");
+            }
+        }
+    }
+
+    /// Runs the pod watcher and the periodic work (lease renewal, pending views) forever.
+    pub async fn run(self: Arc<Self>) {
+        let ticker = self.clone();
+        tokio::spawn(async move { ticker.tick_forever().await });
+        self.watch_pods().await;
+    }
+
+    async fn watch_pods(self: &Arc<Self>) {
+        let pods: Api<Pod> = Api::all(self.client.clone());
+        let config = watcher::Config::default().fields(&format!("spec.nodeName={}", self.node));
+        let mut stream = watcher(pods, config).default_backoff().boxed();
+        let mut listed: HashSet<String> = HashSet::new();
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(watcher::Event::Init) => listed.clear(),
+                Ok(watcher::Event::InitApply(p)) => {
+                    if let Some(uid) = &p.metadata.uid {
+                        listed.insert(uid.clone());
+                    }
+                    self.on_pod(&p, false).await;
+                }
+                Ok(watcher::Event::InitDone) => self.vanished(&listed).await,
+                Ok(watcher::Event::Apply(p)) => self.on_pod(&p, false).await,
+                Ok(watcher::Event::Delete(p)) => self.on_pod(&p, true).await,
+                Err(e) => tracing::warn!(error = %e, "watching this node's pods failed; retrying"),
+            }
+        }
+    }
+
+    async fn on_pod(self: &Arc<Self>, pod: &Pod, deleted: bool) {
+        let Some(uid) = pod.metadata.uid.as_deref() else {
+            return;
+        };
+        let Some(ending) = ending_of(pod, deleted) else {
+            return;
+        };
+        self.ended(uid, ending).await;
+    }
+
+    async fn ended(self: &Arc<Self>, uid: &str, ending: Ending) {
+        match self.volumes.record_ending(uid, ending).await {
+            Ok(views) => {
+                for v in views {
+                    tracing::info!(view = v.id, pod = uid, ?ending, "pod ended");
+                    self.spawn_finish(v.id);
+                }
+            }
+            Err(e) => tracing::warn!(pod = uid, error = %e, "could not record how a pod ended"),
+        }
+    }
+
+    /// After a (re-)list: pods that views remember but the node no longer has ended while the
+    /// agent was not watching. Their ending is unknown, so they never commit.
+    async fn vanished(self: &Arc<Self>, listed: &HashSet<String>) {
+        for v in self.volumes.views() {
+            for p in &v.pods {
+                if !listed.contains(&p.uid) && !v.endings.contains_key(&p.uid) {
+                    tracing::info!(
+                        view = v.id,
+                        pod = p.name,
+                        "pod vanished while the agent was away"
+                    );
+                    self.ended(&p.uid, Ending::Aborted).await;
+                }
+            }
+        }
+    }
+
+    /// A view's targets are all unpublished: decide it when its pods' endings are known.
+    pub fn spawn_finish(self: &Arc<Self>, id: String) {
+        let me = self.clone();
+        tokio::spawn(async move { me.finish(&id).await });
+    }
+
+    async fn finish(&self, id: &str) {
+        let lock = self
+            .finishing
+            .lock()
+            .expect("not poisoned")
+            .entry(id.to_string())
+            .or_default()
+            .clone();
+        let _guard = lock.lock().await;
+        let Some(record) = self.volumes.load(id) else {
+            return;
+        };
+        if record.state != ViewState::Pending {
+            return;
+        }
+        let ending = if record.pods.is_empty() {
+            // No pod info (podInfoOnMount off): as without a cluster.
+            Ending::Succeeded
+        } else if record
+            .pods
+            .iter()
+            .all(|p| record.endings.contains_key(&p.uid))
+        {
+            record
+                .endings
+                .values()
+                .copied()
+                .max()
+                .unwrap_or(Ending::Succeeded)
+        } else {
+            return; // a pod still runs, or its ending has not been seen yet
+        };
+        let Ok(spec) = record.spec() else {
+            let _ = commit_view(&self.volumes, id, ending, Some(self)).await;
+            return;
+        };
+        if spec.mode == Mode::Locked {
+            for p in &record.pods {
+                match self.leases.renew(&spec.scope, &spec.key, &p.uid).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        let holder = self
+                            .leases
+                            .holder(&spec.scope, &spec.key)
+                            .await
+                            .ok()
+                            .flatten()
+                            .unwrap_or_else(|| "nobody".into());
+                        let why = format!(
+                            "commit of cache {} refused: pod {}/{} lost its lock (its lease \
+                             expired and is now held by {holder}), so its writes could \
+                             overwrite newer data",
+                            spec.key, p.namespace, p.name
+                        );
+                        match self.volumes.abandon(id, why.clone()).await {
+                            Ok(CommitDecision::Skipped(_)) => {
+                                metrics::commit(metrics::CommitOutcome::Fenced, 0, 0.0);
+                                for q in &record.pods {
+                                    self.events
+                                        .pod(q, Type::Warning, reason::FENCED, why.clone())
+                                        .await;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(view = id, error = %e, "could not drop a fenced view")
+                            }
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        // Decided on a later tick, when the API answers again.
+                        tracing::warn!(view = id, error = %e, "cannot check the lock before committing");
+                        return;
+                    }
+                }
+            }
+        }
+        let result = commit_view(&self.volumes, id, ending, Some(self)).await;
+        let retry_later =
+            matches!(&result, Err(node::Error::Engine(e)) if e.is_store_unavailable());
+        if spec.mode == Mode::Locked && !retry_later {
+            for p in &record.pods {
+                if let Err(e) = self.leases.release(&spec.scope, &spec.key, &p.uid).await {
+                    tracing::warn!(view = id, error = %e, "could not release a lock; it expires by itself");
+                }
+            }
+        }
+    }
+
+    /// Renews the Leases of locked views and retries pending views, every third of the
+    /// lease's duration.
+    async fn tick_forever(self: Arc<Self>) {
+        let mut every = tokio::time::interval(self.renew_every);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            for v in self.volumes.views() {
+                if v.state == ViewState::Pending {
+                    self.spawn_finish(v.id.clone());
+                    continue;
+                }
+                let Ok(spec) = v.spec() else { continue };
+                if spec.mode != Mode::Locked {
+                    continue;
+                }
+                for p in &v.pods {
+                    match self.leases.renew(&spec.scope, &spec.key, &p.uid).await {
+                        Ok(true) => {}
+                        Ok(false) => tracing::warn!(
+                            view = v.id,
+                            pod = p.name,
+                            "lost the lock of a cache in use: its commit will be refused"
+                        ),
+                        Err(e) => tracing::warn!(view = v.id, error = %e, "could not renew a lock"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reports a publish: a restore metric always, and with a cluster an Event on the pod.
+pub async fn report_publish(
+    agent: Option<&Agent>,
+    spec: &VolumeSpec,
+    pod: Option<&PodRef>,
+    p: &Published,
+) {
+    let Some(source) = &p.source else {
+        return; // kubelet repeating a publish that was done
+    };
+    let (level, what) = match source {
+        RestoreSource::Key { key, generation } => (
+            metrics::RestoreLevel::Key,
+            format!("generation {generation} of {key}"),
+        ),
+        RestoreSource::RestoreKey { key, generation } => (
+            metrics::RestoreLevel::RestoreKey,
+            format!("generation {generation} of restore key {key}"),
+        ),
+        RestoreSource::Miss => (metrics::RestoreLevel::Miss, "nothing".to_string()),
+    };
+    let outcome = if p.degraded.is_some() {
+        metrics::RestoreOutcome::Degraded
+    } else if p.warm {
+        metrics::RestoreOutcome::Warm
+    } else {
+        metrics::RestoreOutcome::Restored
+    };
+    metrics::restore(level, outcome, p.downloaded, p.seconds);
+    let (Some(agent), Some(pod)) = (agent, pod) else {
+        return;
+    };
+    if let Some(why) = &p.degraded {
+        let msg = format!("cache {}: {why}", spec.key);
+        agent
+            .events
+            .pod(pod, Type::Warning, reason::RESTORE_DEGRADED, msg)
+            .await;
+        return;
+    }
+    let msg = match source {
+        RestoreSource::Miss if spec.restore_keys.is_empty() => format!(
+            "cache {} has no snapshot yet: starting empty ({:.2}s)",
+            spec.key, p.seconds
+        ),
+        RestoreSource::Miss => format!(
+            "cache {} has no snapshot yet, nor its restore keys {}: starting empty ({:.2}s)",
+            spec.key,
+            spec.restore_keys.join(", "),
+            p.seconds
+        ),
+        _ if p.warm => format!(
+            "cache {}: {what}, already on node {} ({:.3}s)",
+            spec.key, agent.node, p.seconds
+        ),
+        _ => format!(
+            "cache {}: restored {what}, {} ({} downloaded) in {:.2}s",
+            spec.key,
+            mib(p.bytes),
+            mib(p.downloaded),
+            p.seconds
+        ),
+    };
+    agent
+        .events
+        .pod(pod, Type::Normal, reason::RESTORED, msg)
+        .await;
+}
+
+/// Decides and commits a pending view as `ending`, and reports the outcome: a metric always,
+/// Events on the view's pods with a cluster.
+pub async fn commit_view(
+    volumes: &Volumes,
+    id: &str,
+    ending: Ending,
+    agent: Option<&Agent>,
+) -> node::Result<CommitDecision> {
+    let record = volumes.load(id);
+    let started = Instant::now();
+    let result = volumes.commit(id, ending).await;
+    let seconds = started.elapsed().as_secs_f64();
+    let key = record
+        .as_ref()
+        .and_then(|r| r.spec().ok())
+        .map(|s| s.key)
+        .unwrap_or_default();
+    let (kind, why, text) = match &result {
+        Ok(CommitDecision::Committed(r)) => match r.outcome {
+            CommitOutcome::Committed { generation } => {
+                metrics::commit(metrics::CommitOutcome::Committed, r.uploaded, seconds);
+                tracing::info!(
+                    view = id,
+                    cache.key = key,
+                    generation,
+                    uploaded = r.uploaded,
+                    seconds,
+                    "committed"
+                );
+                (
+                    Type::Normal,
+                    reason::COMMITTED,
+                    format!(
+                        "cache {key}: committed generation {generation}, {} uploaded \
+                         ({} files, {}) in {seconds:.2}s",
+                        mib(r.uploaded),
+                        r.files,
+                        mib(r.bytes)
+                    ),
+                )
+            }
+            CommitOutcome::Unchanged { generation } => {
+                metrics::commit(metrics::CommitOutcome::Unchanged, 0, seconds);
+                tracing::info!(view = id, cache.key = key, "unchanged");
+                (
+                    Type::Normal,
+                    reason::UNCHANGED,
+                    match generation {
+                        Some(g) => {
+                            format!("cache {key}: unchanged since generation {g}, nothing uploaded")
+                        }
+                        None => format!("cache {key}: still empty, nothing uploaded"),
+                    },
+                )
+            }
+        },
+        Ok(CommitDecision::Skipped(why)) => {
+            metrics::commit(metrics::CommitOutcome::Skipped, 0, seconds);
+            tracing::info!(view = id, cache.key = key, why, "not committed");
+            (
+                Type::Normal,
+                reason::COMMIT_SKIPPED,
+                format!("cache {key}: not committed: {why}"),
+            )
+        }
+        Ok(CommitDecision::NotPending) => return result,
+        Err(node::Error::Engine(e)) if e.is_store_unavailable() => {
+            metrics::commit(metrics::CommitOutcome::Failed, 0, seconds);
+            tracing::warn!(view = id, error = %e, "commit failed: the store is unreachable; retried later");
+            return result;
+        }
+        Err(node::Error::Engine(e @ engine::Error::Fenced { .. })) => {
+            metrics::commit(metrics::CommitOutcome::Fenced, 0, seconds);
+            tracing::warn!(view = id, error = %e, "commit fenced");
+            (Type::Warning, reason::FENCED, e.to_string())
+        }
+        Err(e) => {
+            metrics::commit(metrics::CommitOutcome::Refused, 0, seconds);
+            tracing::warn!(view = id, error = %e, "commit refused");
+            (
+                Type::Warning,
+                reason::COMMIT_SKIPPED,
+                format!("cache {key}: commit refused: {e}"),
+            )
+        }
+    };
+    if let (Some(agent), Some(record)) = (agent, &record) {
+        for p in &record.pods {
+            agent.events.pod(p, kind, why, text.clone()).await;
+        }
+    }
+    result
+}

@@ -1,0 +1,134 @@
+//! Events on pods: what a cache did for a pod is visible in `kubectl describe pod`. Posting an
+//! event never fails or delays the caller for long: it is best effort, logged when it fails.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, PostParams};
+
+use crate::node::PodRef;
+
+/// Event reasons (the contract: users filter on them).
+pub mod reason {
+    pub const RESTORED: &str = "CacheRestored";
+    pub const RESTORE_DEGRADED: &str = "CacheRestoreDegraded";
+    pub const COMMITTED: &str = "CacheCommitted";
+    pub const UNCHANGED: &str = "CacheUnchanged";
+    pub const COMMIT_SKIPPED: &str = "CacheCommitSkipped";
+    pub const LOCK_WAITING: &str = "CacheLockWaiting";
+    pub const FENCED: &str = "CacheFenced";
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Type {
+    Normal,
+    Warning,
+}
+
+/// Posts core/v1 Events about pods.
+pub struct Recorder {
+    client: kube::Client,
+    component: &'static str,
+    host: String,
+    /// The last message per (pod uid, reason) and when it was posted: kubelet retries a
+    /// waiting mount many times, and the same message need not be repeated each time.
+    recent: Mutex<HashMap<(String, &'static str), Sent>>,
+}
+
+/// A message and when it was posted.
+type Sent = (String, Instant);
+
+const REPEAT_AFTER: Duration = Duration::from_secs(60);
+
+impl Recorder {
+    pub fn new(client: kube::Client, component: &'static str, host: &str) -> Recorder {
+        Recorder {
+            client,
+            component,
+            host: host.to_string(),
+            recent: Mutex::default(),
+        }
+    }
+
+    /// Posts an event about `pod`. The same reason and message for the same pod is posted at
+    /// most once a minute.
+    pub async fn pod(&self, pod: &PodRef, kind: Type, reason: &'static str, message: String) {
+        {
+            let mut recent = self.recent.lock().expect("not poisoned");
+            let k = (pod.uid.clone(), reason);
+            if let Some((m, at)) = recent.get(&k) {
+                if *m == message && at.elapsed() < REPEAT_AFTER {
+                    return;
+                }
+            }
+            recent.retain(|_, (_, at)| at.elapsed() < REPEAT_AFTER);
+            recent.insert(k, (message.clone(), Instant::now()));
+        }
+        let now = Timestamp::now();
+        let mut message = message;
+        if message.len() > 1000 {
+            let mut cut = 1000;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        let event = Event {
+            metadata: ObjectMeta {
+                name: Some(format!(
+                    "{}.{:x}",
+                    pod.name,
+                    now.as_nanosecond() as u128 & 0xffff_ffff_ffff
+                )),
+                namespace: Some(pod.namespace.clone()),
+                ..Default::default()
+            },
+            involved_object: ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(pod.name.clone()),
+                namespace: Some(pod.namespace.clone()),
+                uid: Some(pod.uid.clone()),
+                ..Default::default()
+            },
+            reason: Some(reason.into()),
+            message: Some(message.clone()),
+            type_: Some(
+                match kind {
+                    Type::Normal => "Normal",
+                    Type::Warning => "Warning",
+                }
+                .into(),
+            ),
+            source: Some(EventSource {
+                component: Some(self.component.into()),
+                host: Some(self.host.clone()),
+            }),
+            reporting_component: Some(format!("cachevol.dev/{}", self.component)),
+            reporting_instance: Some(self.host.clone()),
+            first_timestamp: Some(Time(now)),
+            last_timestamp: Some(Time(now)),
+            event_time: Some(MicroTime(now)),
+            action: Some(reason.trim_start_matches("Cache").into()),
+            count: Some(1),
+            ..Default::default()
+        };
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &pod.namespace);
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            api.create(&PostParams::default(), &event),
+        )
+        .await
+        {
+            Ok(Ok(_)) => tracing::debug!(pod = pod.name, reason, "event posted"),
+            Ok(Err(e)) => {
+                tracing::warn!(pod = pod.name, reason, error = %e, "could not post an event")
+            }
+            Err(_) => tracing::warn!(pod = pod.name, reason, "posting an event timed out"),
+        }
+    }
+}

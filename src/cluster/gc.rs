@@ -1,0 +1,112 @@
+//! The controller's retention: every `--gc-interval`, the garbage collector runs over every
+//! scope of the stores the controller knows (its `--store` and the stores of the volumes it
+//! created). With a cluster, only the replica holding the leader Lease collects, so standby
+//! replicas never race it; without one, the single process collects.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::lease::Leases;
+use crate::csi::records::Records;
+use crate::engine::{Engine, GcPolicy, Store};
+
+/// The controller's leader Lease (in the driver's namespace).
+pub const LEADER_LEASE: &str = "cachevol-controller";
+
+pub struct Collector {
+    pub default_store: String,
+    pub records: Arc<Records>,
+    pub state_dir: std::path::PathBuf,
+    pub policy: GcPolicy,
+    pub interval: Duration,
+}
+
+/// Keeps `leader` up to date by taking and renewing the leader Lease every third of its
+/// duration; gives it up on shutdown.
+pub async fn lead_forever(
+    leases: Leases,
+    identity: String,
+    duration: Duration,
+    leader: Arc<AtomicBool>,
+) {
+    let mut every = tokio::time::interval((duration / 3).max(Duration::from_millis(200)));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let now = match leases.lead(LEADER_LEASE, &identity).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot renew the leader Lease");
+                false
+            }
+        };
+        if now != leader.swap(now, Ordering::SeqCst) {
+            tracing::info!(identity, leader = now, "leadership changed");
+        }
+    }
+}
+
+impl Collector {
+    /// Runs GC every interval while `leader` is set.
+    pub async fn run(self, leader: Arc<AtomicBool>) {
+        let mut every = tokio::time::interval(self.interval);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every.tick().await; // the first tick is immediate: let the process settle first
+        loop {
+            every.tick().await;
+            if leader.load(Ordering::SeqCst) {
+                self.collect().await;
+            }
+        }
+    }
+
+    /// One pass over every scope of every known store.
+    pub async fn collect(&self) {
+        let mut stores = self.records.stores();
+        stores.insert(self.default_store.clone());
+        for url in stores {
+            let store = match Store::open(&url) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "gc: cannot open a store");
+                    crate::metrics::gc_run(false, 0);
+                    continue;
+                }
+            };
+            let scopes = match store.scopes().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(store = store.display_url(), error = %e, "gc: cannot list scopes");
+                    crate::metrics::gc_run(false, 0);
+                    continue;
+                }
+            };
+            for scope in scopes {
+                let r = match Engine::new(store.clone(), &scope, self.state_dir.join("gc")) {
+                    Ok(engine) => engine.gc(&self.policy).await,
+                    Err(e) => Err(e),
+                };
+                match r {
+                    Ok(r) => {
+                        crate::metrics::gc_run(true, r.bytes_freed);
+                        tracing::info!(
+                            store = store.display_url(),
+                            scope,
+                            generations_deleted = r.generations_deleted,
+                            packs_deleted = r.packs_deleted,
+                            bytes_freed = r.bytes_freed,
+                            keys_expired = r.keys_expired.len(),
+                            keys_evicted = r.keys_evicted.len(),
+                            "gc"
+                        );
+                    }
+                    Err(e) => {
+                        crate::metrics::gc_run(false, 0);
+                        tracing::warn!(store = store.display_url(), scope, error = %e, "gc failed");
+                    }
+                }
+            }
+        }
+    }
+}
