@@ -444,14 +444,7 @@ async fn start(
         tokio::spawn(collector.run(leader.clone()));
     }
     if let Some(addr) = args.cluster.metrics_address {
-        let dir = state_dir.clone();
-        let ready: crate::metrics::ReadyFn = Arc::new(move || {
-            if dir.join("volumes").is_dir() {
-                Ok(())
-            } else {
-                Err(format!("state dir {} is not usable", dir.display()))
-            }
-        });
+        let ready = super::identity::state_dir_ready(state_dir.clone());
         let bound = crate::metrics::serve(addr, ready)
             .await
             .map_err(Error::io("serve metrics on", addr.to_string()))?;

@@ -1,6 +1,6 @@
 //! The CSI Identity service, served by the node plugin and the controller alike: who the plugin
-//! is, what it offers, and whether it is ready (its state dir is writable and its default store
-//! answers).
+//! is, what it offers, and whether it is ready (its state dir is writable and, for the
+//! controller, its default store answers).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -26,7 +26,8 @@ pub const PLUGIN_SERVICES: &[plugin_capability::service::Type] =
 #[derive(Clone)]
 pub struct IdentityService {
     state_dir: PathBuf,
-    store: Store,
+    /// The store Probe checks; None: the state dir only.
+    store: Option<Store>,
     /// Last readiness reported (0 unknown, 1 ready, 2 not ready), to log changes only.
     last: Arc<AtomicU8>,
 }
@@ -36,7 +37,18 @@ impl IdentityService {
     pub fn new(state_dir: PathBuf, store: Store) -> IdentityService {
         IdentityService {
             state_dir,
-            store,
+            store: Some(store),
+            last: Arc::new(AtomicU8::new(0)),
+        }
+    }
+
+    /// Probe checks only the state dir. The node plugin's Probe feeds the livenessprobe
+    /// sidecar: restarting the plugin while the store is out would not help (restores degrade
+    /// to the node's bases, commits wait), so a store outage must not look like a dead plugin.
+    pub fn state_dir_only(state_dir: PathBuf) -> IdentityService {
+        IdentityService {
+            state_dir,
+            store: None,
             last: Arc::new(AtomicU8::new(0)),
         }
     }
@@ -48,21 +60,28 @@ impl IdentityService {
         tokio::task::spawn_blocking(move || check_writable(&dir))
             .await
             .map_err(|e| format!("state dir check: {e}"))??;
-        let probe = self
-            .store
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let probe = store
             .layout("_probe")
             .map_err(|e| e.to_string())?
             .head("probe");
-        match tokio::time::timeout(PROBE_STORE_TIMEOUT, self.store.head(&probe)).await {
+        match tokio::time::timeout(PROBE_STORE_TIMEOUT, store.head(&probe)).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(format!("store {}: {e}", self.store.display_url())),
+            Ok(Err(e)) => Err(format!("store {}: {e}", store.display_url())),
             Err(_) => Err(format!(
                 "store {} did not answer within {}s",
-                self.store.display_url(),
+                store.display_url(),
                 PROBE_STORE_TIMEOUT.as_secs()
             )),
         }
     }
+}
+
+/// /readyz of the node plugin and the controller: ready while the state dir is writable.
+pub fn state_dir_ready(dir: PathBuf) -> crate::metrics::ReadyFn {
+    Arc::new(move || check_writable(&dir))
 }
 
 fn check_writable(dir: &std::path::Path) -> Result<(), String> {

@@ -389,25 +389,17 @@ async fn start(
         tracing::info!(view = v.id, "resuming a pending commit");
         service.commit_later(v.id).await;
     }
-    let probe_store = Store::open(store.as_deref().unwrap_or(&format!(
-        "file://{}",
-        state_dir.join("probe-store").display()
-    )))?;
+    if let Some(s) = &store {
+        Store::open(s)?; // a store that cannot even be opened is a configuration error
+    }
     if let Some(addr) = args.cluster.metrics_address {
-        let dir = state_dir.clone();
-        let ready: crate::metrics::ReadyFn = Arc::new(move || {
-            if dir.join("views").is_dir() {
-                Ok(())
-            } else {
-                Err(format!("state dir {} is not usable", dir.display()))
-            }
-        });
+        let ready = super::identity::state_dir_ready(state_dir.clone());
         let bound = crate::metrics::serve(addr, ready)
             .await
             .map_err(Error::io("serve metrics on", addr.to_string()))?;
         tracing::info!(address = %bound, "serving /metrics, /healthz, /readyz");
     }
-    let identity = super::identity::IdentityService::new(state_dir, probe_store);
+    let identity = super::identity::IdentityService::state_dir_only(state_dir);
     let socket = server::Socket::bind(&path)?;
     let router = tonic::transport::Server::builder()
         .add_service(super::pb::identity_server::IdentityServer::new(identity))
