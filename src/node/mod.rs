@@ -473,7 +473,7 @@ impl Volumes {
     /// is the caller's (`commit`), made from the pods' phases or, without a cluster, right away.
     /// Returns the view when it became pending.
     pub async fn unpublish(&self, volume_id: &str, target: &Path) -> Result<Option<ViewRecord>> {
-        let Some(mut record) = self.view_of_target(target) else {
+        let Some(record) = self.view_of_target(target) else {
             mount::unmount(target).map_err(io("unmount", target))?;
             let _ = std::fs::remove_dir(target);
             return Ok(None);
@@ -484,10 +484,19 @@ impl Volumes {
                 target.display().to_string(),
             ));
         }
+        // Waits for bookkeeping on the view (the agent recording how a pod ended, another
+        // pod's publish): concurrent RPCs on one target are refused earlier, by the CSI layer.
         let lock = Self::lock_of(&self.view_locks, &record.id);
-        let _guard = lock
-            .try_lock()
-            .map_err(|_| Error::Busy(format!("volume {volume_id}")))?;
+        let _guard = lock.lock().await;
+        // Read again under the lock: the record may have changed while this call waited.
+        let mut record = match self.load(&record.id) {
+            Some(r) if r.targets.contains_key(target) => r,
+            _ => {
+                mount::unmount(target).map_err(io("unmount", target))?;
+                let _ = std::fs::remove_dir(target);
+                return Ok(None);
+            }
+        };
         mount::unmount(target).map_err(io("unmount", target))?;
         let _ = std::fs::remove_dir(target);
         record.targets.remove(target);
