@@ -310,3 +310,32 @@ fn a_restore_killed_half_way_is_never_committed_and_is_redone_whole() {
     let out = env.run(&["--json", "commit", "k", s(&dst)]);
     assert_eq!(json(&out)[0]["commit"]["outcome"], "unchanged", "{out:?}");
 }
+
+#[test]
+fn wipe_deletes_a_cache_only_when_asked_to() {
+    let env = Env::new();
+    let d = env.dir("c");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("a"), b"a").unwrap();
+    let p = env.dir("p");
+    std::fs::create_dir_all(&p).unwrap();
+    std::fs::write(p.join("b"), b"b").unwrap();
+    assert!(env.run(&["commit", "npm", s(&d)]).status.success());
+    assert!(env.run(&["commit", "pip", s(&p)]).status.success());
+    let out = env.run(&["wipe", "npm"]);
+    assert_eq!(out.status.code(), Some(2), "without --yes nothing happens");
+    assert!(env.run(&["show", "npm", "--summary"]).status.success());
+    let out = env.run(&["--json", "wipe", "npm", "--yes"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(json(&out)[0]["generations_deleted"], 1);
+    assert_eq!(env.run(&["show", "npm"]).status.code(), Some(3));
+    assert_eq!(env.run(&["wipe", "npm", "--yes"]).status.code(), Some(3));
+    assert!(
+        env.run(&["show", "pip", "--summary"]).status.success(),
+        "other keys stay"
+    );
+    // Restoring a wiped key starts empty.
+    let r = env.dir("r");
+    assert!(env.run(&["restore", "npm", s(&r)]).status.success());
+    assert!(!r.join("a").exists());
+}

@@ -100,6 +100,13 @@ enum Command {
         #[arg(long)]
         to: u64,
     },
+    /// Delete a cache: every generation of KEY (packs go at the next gc, after its grace).
+    Wipe {
+        key: String,
+        /// Needed: wiping cannot be undone.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Fetch every pack of a generation and check every chunk's hash.
     Verify {
         key: String,
@@ -375,6 +382,22 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Error> {
             out.line(
                 &format!("{key}: generation {gen} now holds the tree of generation {to}"),
                 &serde_json::json!({"key": key, "generation": gen, "rollback_of": to}),
+            );
+            Ok(exit::OK)
+        }
+        Command::Wipe { key, yes } => {
+            if !yes {
+                eprintln!(
+                    "cachevol wipe: deletes every generation of {key:?} in scope {:?}; run again with --yes",
+                    g.scope
+                );
+                return Ok(exit::USAGE);
+            }
+            let engine = g.engine(&bars)?;
+            let n = engine.wipe(&key).await?;
+            out.line(
+                &format!("{key}: {n} generations deleted; `cachevol gc` deletes their packs after the grace period"),
+                &serde_json::json!({"key": key, "generations_deleted": n}),
             );
             Ok(exit::OK)
         }

@@ -12,7 +12,7 @@ use serde::Serialize;
 use super::error::{Error, Result};
 use super::format::Digest;
 use super::store::parse_generation;
-use super::Engine;
+use super::{names, Engine};
 
 #[derive(Clone, Debug)]
 pub struct GcPolicy {
@@ -229,6 +229,22 @@ impl Engine {
             .chain(&g.manifest)
             .map(|r| ((r.p, r.o), r.c as u64))
             .collect())
+    }
+
+    /// Wipes a cache: every generation of `key`, its head hint and last-use marker. Its packs
+    /// stay until GC finds nothing references them (after the grace period), so a restore
+    /// that is reading them right now finishes. Returns how many generations were deleted.
+    pub async fn wipe(&self, key: &str) -> Result<usize> {
+        names::key(key)?;
+        let gens = self.generations(key).await?;
+        if gens.is_empty() {
+            return Err(Error::NoSuchKey {
+                scope: self.scope.clone(),
+                key: key.to_string(),
+            });
+        }
+        self.drop_key(key, &gens, false).await?;
+        Ok(gens.len())
     }
 
     /// Deletes a key whole: its generations, then its head hint and last-use marker.
