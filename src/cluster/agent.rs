@@ -239,13 +239,26 @@ impl Agent {
     async fn vanished(self: &Arc<Self>, listed: &HashSet<String>) {
         for v in self.volumes.views() {
             for p in &v.pods {
-                if !listed.contains(&p.uid) && !v.endings.contains_key(&p.uid) {
-                    tracing::info!(
-                        view = v.id,
-                        pod = p.name,
-                        "pod vanished while the agent was away"
-                    );
-                    self.ended(&p.uid, Ending::Aborted).await;
+                if listed.contains(&p.uid) || v.endings.contains_key(&p.uid) {
+                    continue;
+                }
+                // Published after the list was taken? Ask for the pod itself before deciding.
+                let pods: Api<Pod> = Api::namespaced(self.client.clone(), &p.namespace);
+                match pods.get_opt(&p.name).await {
+                    Ok(Some(pod)) if pod.metadata.uid.as_deref() == Some(p.uid.as_str()) => {
+                        self.on_pod(&pod, false).await;
+                    }
+                    Ok(_) => {
+                        tracing::info!(
+                            view = v.id,
+                            pod = p.name,
+                            "pod vanished while the agent was away"
+                        );
+                        self.ended(&p.uid, Ending::Aborted).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(pod = p.name, error = %e, "cannot tell whether a pod still exists")
+                    }
                 }
             }
         }
@@ -347,7 +360,8 @@ impl Agent {
         }
     }
 
-    /// Renews the Leases of locked views and retries pending views, every third of the
+    /// Renews the Leases of locked views (mounted, or unmounted and not yet committed: the lock
+    /// is released only once the commit is in) and retries pending views, every third of the
     /// lease's duration.
     async fn tick_forever(self: Arc<Self>) {
         let mut every = tokio::time::interval(self.renew_every);
@@ -357,7 +371,6 @@ impl Agent {
             for v in self.volumes.views() {
                 if v.state == ViewState::Pending {
                     self.spawn_finish(v.id.clone());
-                    continue;
                 }
                 let Ok(spec) = v.spec() else { continue };
                 if spec.mode != Mode::Locked {
@@ -366,6 +379,7 @@ impl Agent {
                 for p in &v.pods {
                     match self.leases.renew(&spec.scope, &spec.key, &p.uid).await {
                         Ok(true) => {}
+                        Ok(false) if v.state == ViewState::Pending => {} // committed meanwhile
                         Ok(false) => tracing::warn!(
                             view = v.id,
                             pod = p.name,
