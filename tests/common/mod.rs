@@ -2,6 +2,7 @@
 //! builders, and a tree comparison that checks what a user would notice after a restore:
 //! contents byte for byte, kinds, modes, symlink targets and mtimes.
 #![allow(dead_code)]
+pub mod apiserver;
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
