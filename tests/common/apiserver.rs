@@ -39,9 +39,8 @@
 //! dotted path of the object (a missing field reads as ""), not only the ones the real server
 //! supports per resource.
 //!
-//! This crate builds rustls with two crypto providers, so any `kube::Client` needs
-//! [`install_crypto_provider`] (or another provider installed) first; [`ApiServer::client`]
-//! calls it.
+//! Test code installs the process's rustls crypto provider before it makes a `kube::Client`
+//! ([`install_crypto_provider`], as cachevol's main does); [`ApiServer::client`] calls it.
 //!
 //! Set `STANDIN_LOG=1` to have every request printed on stderr.
 #![allow(dead_code)]
@@ -241,12 +240,12 @@ fn resource_by_name(name: &str) -> Option<usize> {
     }
 }
 
-/// Installs ring as rustls's process-wide crypto provider if none is yet. This crate builds
-/// rustls with both ring and aws-lc-rs, so rustls cannot choose by itself and building any
-/// `kube::Client` panics until a provider is installed: call this before `Client::try_default`
-/// and the like in test code ([`ApiServer::client`] does).
+/// Installs aws-lc-rs as rustls's process-wide crypto provider if none is yet, as cachevol's
+/// main does: should a build ever enable a second provider, rustls could not choose by itself
+/// and building a `kube::Client` would panic. Call this before `Client::try_default` and the
+/// like in test code ([`ApiServer::client`] does).
 pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
 // ----------------------------------------------------------------------------------------------
