@@ -411,7 +411,8 @@ async fn start(
         ),
     }
     let leader = Arc::new(std::sync::atomic::AtomicBool::new(client.is_none()));
-    if let Some(c) = &client {
+    // Leadership matters only for GC: without it, no replica takes the Lease.
+    if let (Some(c), false) = (&client, args.gc_interval.is_zero()) {
         let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
             format!(
                 "{}-{}",

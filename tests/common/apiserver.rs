@@ -2011,7 +2011,10 @@ fn start_watch(shared: &Arc<Shared>, t: &Target, r: &Req) -> Result<Response<Bod
         metadata_only: r.metadata_only(),
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
-    tokio::spawn(watch_stream(shared.clone(), tx, w));
+    // The epoch is taken now, not when the task first runs: a set_down or compact between
+    // this answer and the task's start must still end the stream.
+    let epoch = shared.store().epoch;
+    tokio::spawn(watch_stream(shared.clone(), tx, w, epoch));
     let frames = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv()
             .await
@@ -2024,12 +2027,17 @@ fn start_watch(shared: &Arc<Shared>, t: &Target, r: &Req) -> Result<Response<Bod
         .expect("a response"))
 }
 
-async fn watch_stream(shared: Arc<Shared>, tx: tokio::sync::mpsc::Sender<Bytes>, w: WatchReq) {
+async fn watch_stream(
+    shared: Arc<Shared>,
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    w: WatchReq,
+    epoch: u64,
+) {
     let mut wake = shared.changed.subscribe();
     let deadline = tokio::time::Instant::now() + w.timeout;
     let mut next_bookmark = tokio::time::Instant::now() + BOOKMARK_EVERY;
     let mut lines = Vec::new();
-    let (mut pos, epoch) = {
+    let mut pos = {
         let store = shared.store();
         match w.from {
             None => {
@@ -2039,9 +2047,9 @@ async fn watch_stream(shared: Arc<Shared>, tx: tokio::sync::mpsc::Sender<Bytes>,
                 if w.initial_events_end && w.bookmarks {
                     lines.push(w.bookmark(store.rv, true));
                 }
-                (store.rv, store.epoch)
+                store.rv
             }
-            Some(rv) => (rv, store.epoch),
+            Some(rv) => rv,
         }
     };
     loop {

@@ -1,0 +1,993 @@
+//! The Kubernetes side end to end, with no cluster: the API server stand-in (tests/common/
+//! apiserver.rs) speaks real HTTP/JSON and watch semantics to the unmodified kube client in two
+//! `cachevol node` processes (two nodes, separate state dirs) and a `cachevol controller`
+//! process; caches live in the S3 server .ci/run starts. The test acts as csi-provisioner
+//! (CreateVolume over the controller's socket) and as kubelet (pods in the stand-in, their
+//! phases, NodePublish/NodeUnpublish over the node sockets), and reads the Events the plugins
+//! post on the pods.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::apiserver::ApiServer;
+
+use cachevol::csi::pb::controller_client::ControllerClient;
+use cachevol::csi::pb::node_client::NodeClient;
+use cachevol::csi::pb::volume_capability::{access_mode::Mode, AccessMode, AccessType};
+use cachevol::csi::pb::{self, volume_capability};
+use cachevol::engine::{Engine, Store};
+use k8s_openapi::api::core::v1::{Event, PersistentVolumeClaim, Pod};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+use tonic::Code;
+
+const NS: &str = "cachevol";
+const LEASE: &str = "2s";
+
+/// A `cachevol node` or `cachevol controller` process talking to the stand-in.
+struct Plugin {
+    child: Option<Child>,
+    socket: PathBuf,
+    log: PathBuf,
+    args: Vec<String>,
+    kubeconfig: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Plugin {
+    fn spawn(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_cachevol"))
+            .args(&self.args)
+            .env("CACHEVOL_LOG", "debug")
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.log)
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("plugin exited ({st}):\n{}", self.logs());
+            }
+            assert!(Instant::now() < deadline, "no socket:\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `cachevol node` (or `controller`, by its name) with its own socket, state dir and log
+/// under `root`, talking to the stand-in through `root/kubeconfig`.
+fn plugin(root: &Path, store: &str, name: &str, extra: &[&str]) -> Plugin {
+    let kind = if name.starts_with("controller") {
+        "controller"
+    } else {
+        "node"
+    };
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut args: Vec<String> = vec![
+        kind.into(),
+        "--cluster=on".into(),
+        format!("--namespace={NS}"),
+        format!("--lease-duration={LEASE}"),
+        format!("--store={store}"),
+        format!("--endpoint=unix://{}", dir.join("csi.sock").display()),
+        format!("--state-dir={}", dir.join("state").display()),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    Plugin {
+        child: None,
+        socket: dir.join("csi.sock"),
+        log: root.join(format!("{name}.log")),
+        args,
+        kubeconfig: root.join("kubeconfig"),
+        env: Vec::new(),
+    }
+}
+
+/// One test's cluster: the stand-in, a store, the controller and node plugins.
+struct Cluster {
+    /// Serves until the test ends.
+    _api: ApiServer,
+    client: kube::Client,
+    root: tempfile::TempDir,
+    store: String,
+    controller: Plugin,
+    nodes: HashMap<String, Plugin>,
+}
+
+impl Cluster {
+    /// None when the S3 server is not configured (skipped outside CI).
+    async fn start(test: &str, nodes: &[&str]) -> Option<Cluster> {
+        let store = common::s3_url(test)?;
+        let api = ApiServer::start().await;
+        let root = tempfile::tempdir().unwrap();
+        api.write_kubeconfig(&root.path().join("kubeconfig"))
+            .unwrap();
+        let controller = plugin(root.path(), &store, "controller", &["--gc-interval=0"]);
+        let mut c = Cluster {
+            client: api.client(),
+            _api: api,
+            store,
+            controller,
+            nodes: HashMap::new(),
+            root,
+        };
+        c.controller.spawn();
+        for n in nodes {
+            let mut p = c.plugin(n, &[&format!("--node-id={n}")]);
+            p.spawn();
+            c.nodes.insert(n.to_string(), p);
+        }
+        Some(c)
+    }
+
+    /// A plugin process of this cluster, not started: `name` is `controller…` or a node.
+    fn plugin(&self, name: &str, extra: &[&str]) -> Plugin {
+        plugin(self.root.path(), &self.store, name, extra)
+    }
+
+    fn logs(&self) -> String {
+        let mut s = format!("--- controller\n{}", self.controller.logs());
+        for (n, p) in &self.nodes {
+            s += &format!("\n--- {n}\n{}", p.logs());
+        }
+        s
+    }
+
+    fn node(&mut self, name: &str) -> &mut Plugin {
+        self.nodes.get_mut(name).unwrap()
+    }
+
+    async fn node_client(&self, name: &str) -> NodeClient<tonic::transport::Channel> {
+        NodeClient::new(common::dial_unix(&self.nodes[name].socket).await)
+    }
+
+    /// A claim with annotations, and CreateVolume for it as csi-provisioner does (with
+    /// `--extra-create-metadata`). Returns the volume id and its context, or the error.
+    async fn claim(
+        &self,
+        ns: &str,
+        name: &str,
+        annotations: &[(&str, &str)],
+        params: &[(&str, &str)],
+    ) -> Result<(String, HashMap<String, String>), tonic::Status> {
+        self.namespace(ns).await;
+        let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), ns);
+        let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {
+                "name": name, "namespace": ns,
+                "annotations": annotations.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            },
+            "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "cachevol",
+                     "resources": {"requests": {"storage": "1Gi"}}},
+        }))
+        .unwrap();
+        let created = pvcs.create(&PostParams::default(), &pvc).await.unwrap();
+        let uid = created.metadata.uid.unwrap();
+        let mut parameters: HashMap<String, String> = params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        parameters.insert("csi.storage.k8s.io/pvc/name".into(), name.into());
+        parameters.insert("csi.storage.k8s.io/pvc/namespace".into(), ns.into());
+        parameters.insert("csi.storage.k8s.io/pv/name".into(), format!("pvc-{uid}"));
+        let mut cc = ControllerClient::new(common::dial_unix(&self.controller.socket).await);
+        let r = cc
+            .create_volume(pb::CreateVolumeRequest {
+                name: format!("pvc-{uid}"),
+                volume_capabilities: vec![cap()],
+                parameters,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let v = r.volume.unwrap();
+        Ok((v.volume_id, v.volume_context))
+    }
+
+    async fn namespace(&self, ns: &str) {
+        let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(self.client.clone());
+        if api.get_opt(ns).await.unwrap().is_none() {
+            let n = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": ns}}))
+            .unwrap();
+            api.create(&PostParams::default(), &n).await.unwrap();
+        }
+    }
+
+    /// A running pod on `node`, as the scheduler and kubelet would leave it.
+    async fn pod(&self, ns: &str, name: &str, node: &str) -> PodInfo {
+        self.namespace(ns).await;
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        let p: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"nodeName": node, "restartPolicy": "Never",
+                     "containers": [{"name": "build", "image": "busybox"}]},
+        }))
+        .unwrap();
+        let p = pods.create(&PostParams::default(), &p).await.unwrap();
+        let info = PodInfo {
+            ns: ns.into(),
+            name: name.into(),
+            uid: p.metadata.uid.unwrap(),
+            node: node.into(),
+        };
+        self.status(&info, json!({"phase": "Running"})).await;
+        info
+    }
+
+    async fn status(&self, pod: &PodInfo, status: serde_json::Value) {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &pod.ns);
+        pods.patch_status(
+            &pod.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": status })),
+        )
+        .await
+        .unwrap();
+    }
+
+    async fn succeed(&self, pod: &PodInfo) {
+        self.status(pod, json!({"phase": "Succeeded"})).await;
+    }
+
+    fn target(&self, pod: &PodInfo, vol: &str) -> PathBuf {
+        self.root
+            .path()
+            .join("kubelet")
+            .join(&pod.uid)
+            .join(vol)
+            .join("mount")
+    }
+
+    /// NodePublishVolume as kubelet sends it (with podInfoOnMount).
+    async fn publish(
+        &self,
+        pod: &PodInfo,
+        vol: &str,
+        ctx: &HashMap<String, String>,
+    ) -> Result<PathBuf, tonic::Status> {
+        let target = self.target(pod, vol);
+        let mut ctx = ctx.clone();
+        ctx.insert("csi.storage.k8s.io/pod.name".into(), pod.name.clone());
+        ctx.insert("csi.storage.k8s.io/pod.namespace".into(), pod.ns.clone());
+        ctx.insert("csi.storage.k8s.io/pod.uid".into(), pod.uid.clone());
+        ctx.insert(
+            "csi.storage.k8s.io/serviceAccount.name".into(),
+            "default".into(),
+        );
+        self.node_client(&pod.node)
+            .await
+            .node_publish_volume(pb::NodePublishVolumeRequest {
+                volume_id: vol.into(),
+                target_path: target.display().to_string(),
+                volume_capability: Some(cap()),
+                volume_context: ctx,
+                ..Default::default()
+            })
+            .await?;
+        Ok(target)
+    }
+
+    /// Publishes, retrying as kubelet does while the answer is retryable; the errors seen.
+    async fn publish_retrying(
+        &self,
+        pod: &PodInfo,
+        vol: &str,
+        ctx: &HashMap<String, String>,
+        within: Duration,
+    ) -> (PathBuf, Vec<tonic::Status>) {
+        let deadline = Instant::now() + within;
+        let mut errors = Vec::new();
+        loop {
+            match self.publish(pod, vol, ctx).await {
+                Ok(t) => return (t, errors),
+                Err(e) if matches!(e.code(), Code::Unavailable | Code::Aborted) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "publish of {} kept failing: {e:?}\n{}",
+                        pod.name,
+                        self.logs()
+                    );
+                    errors.push(e);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("publish of {}: {e:?}\n{}", pod.name, self.logs()),
+            }
+        }
+    }
+
+    async fn unpublish(&self, pod: &PodInfo, vol: &str) {
+        self.node_client(&pod.node)
+            .await
+            .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+                volume_id: vol.into(),
+                target_path: self.target(pod, vol).display().to_string(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("unpublish: {e:?}\n{}", self.logs()));
+    }
+
+    /// The (reason, message) of every Event on the pod.
+    async fn events(&self, pod: &PodInfo) -> Vec<(String, String)> {
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &pod.ns);
+        api.list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.involved_object.uid.as_deref() == Some(pod.uid.as_str()))
+            .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+            .collect()
+    }
+
+    /// Waits for an Event with `reason` on the pod; its message.
+    async fn event(&self, pod: &PodInfo, reason: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some((_, m)) = self
+                .events(pod)
+                .await
+                .into_iter()
+                .find(|(r, _)| r == reason)
+            {
+                return m;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {reason} event on {}: {:?}\n{}",
+                pod.name,
+                self.events(pod).await,
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn engine(&self, scope: &str) -> (Engine, tempfile::TempDir) {
+        let tmp = tempfile::tempdir().unwrap();
+        let e = Engine::new(Store::open(&self.store).unwrap(), scope, tmp.path()).unwrap();
+        (e, tmp)
+    }
+
+    async fn generations(&self, scope: &str, key: &str) -> Vec<u64> {
+        let (e, _t) = self.engine(scope);
+        e.generations(key).await.unwrap()
+    }
+
+    /// The files of the newest generation of (scope, key), restored into a scratch dir.
+    async fn files(&self, scope: &str, key: &str) -> Vec<String> {
+        let (e, t) = self.engine(scope);
+        let dir = t.path().join("tree");
+        e.restore(key, &[], &dir).await.unwrap();
+        let mut v: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+#[derive(Clone, Debug)]
+struct PodInfo {
+    ns: String,
+    name: String,
+    uid: String,
+    node: String,
+}
+
+fn cap() -> pb::VolumeCapability {
+    pb::VolumeCapability {
+        access_type: Some(AccessType::Mount(volume_capability::MountVolume::default())),
+        access_mode: Some(AccessMode {
+            mode: Mode::MultiNodeMultiWriter as i32,
+        }),
+    }
+}
+
+fn ls(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+impl Drop for Cluster {
+    /// Stops the plugins, then unmounts whatever they left under the test's root (a killed
+    /// plugin leaves its mounts), deepest first, so the temp dir can go.
+    fn drop(&mut self) {
+        self.controller.kill();
+        for p in self.nodes.values_mut() {
+            p.kill();
+        }
+        let root = self.root.path().to_path_buf();
+        let mut mine: Vec<PathBuf> = cachevol::node::mount::mounts()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| m.mount_point)
+            .filter(|m| m.starts_with(&root))
+            .collect();
+        mine.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+        for m in mine {
+            let _ = cachevol::node::mount::unmount(&m);
+        }
+    }
+}
+
+// 1. Pod A on node 1 writes and succeeds: committed. Pod B on node 2 restores A's files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_succeeded_pod_commits_and_another_node_restores_it() {
+    let Some(c) = Cluster::start("k8s-succeeded", &["node-1", "node-2"]).await else {
+        return;
+    };
+    let (vol, ctx) = c.claim("team-a", "npm", &[], &[]).await.unwrap();
+    let a = c.pod("team-a", "build-a", "node-1").await;
+    let t = c.publish(&a, &vol, &ctx).await.unwrap();
+    assert!(c
+        .event(&a, "CacheRestored")
+        .await
+        .contains("no snapshot yet"));
+    common::write(&t.join("from-a"), b"A's dependency");
+    c.succeed(&a).await;
+    c.unpublish(&a, &vol).await;
+    let m = c.event(&a, "CacheCommitted").await;
+    assert!(m.contains("generation 1"), "{m}");
+    assert_eq!(c.generations("team-a", "npm").await, [1]);
+
+    let b = c.pod("team-a", "build-b", "node-2").await;
+    let t = c.publish(&b, &vol, &ctx).await.unwrap();
+    assert_eq!(std::fs::read(t.join("from-a")).unwrap(), b"A's dependency");
+    let m = c.event(&b, "CacheRestored").await;
+    assert!(m.contains("generation 1 of npm"), "{m}");
+    // B changes nothing: its commit is CacheUnchanged and uploads nothing.
+    c.succeed(&b).await;
+    c.unpublish(&b, &vol).await;
+    c.event(&b, "CacheUnchanged").await;
+    assert_eq!(c.generations("team-a", "npm").await, [1]);
+}
+
+// 2. Locked across the cluster: B waits for A's commit, then sees A's writes. Then a holder's
+// node plugin dies: its lease expires, the next pod proceeds, and its late commit is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locked_caches_serialize_pods_across_nodes_and_fence_a_dead_holder() {
+    let Some(mut c) = Cluster::start("k8s-locked", &["node-1", "node-2"]).await else {
+        return;
+    };
+    let (vol, ctx) = c
+        .claim("team-a", "cargo", &[("cachevol.dev/mode", "locked")], &[])
+        .await
+        .unwrap();
+    let a = c.pod("team-a", "a", "node-1").await;
+    let b = c.pod("team-a", "b", "node-2").await;
+    let ta = c.publish(&a, &vol, &ctx).await.unwrap();
+    let e = c.publish(&b, &vol, &ctx).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("pod team-a/a on node node-1"), "{e:?}");
+    assert!(e.message().contains("number 1 in line"), "{e:?}");
+    let m = c.event(&b, "CacheLockWaiting").await;
+    assert!(m.contains("team-a/a"), "{m}");
+    common::write(&ta.join("from-a"), b"a");
+    // Still held while A runs (renewed past the lease's duration).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        c.publish(&b, &vol, &ctx).await.unwrap_err().code(),
+        Code::Unavailable
+    );
+    c.succeed(&a).await;
+    c.unpublish(&a, &vol).await;
+    let (tb, _) = c
+        .publish_retrying(&b, &vol, &ctx, Duration::from_secs(30))
+        .await;
+    // B got the lock only once A's commit was in, so it sees A's writes.
+    assert_eq!(std::fs::read(tb.join("from-a")).unwrap(), b"a");
+    c.event(&a, "CacheCommitted").await;
+    common::write(&tb.join("from-b"), b"b");
+    c.succeed(&b).await;
+    c.unpublish(&b, &vol).await;
+    c.event(&b, "CacheCommitted").await;
+    assert_eq!(c.files("team-a", "cargo").await, ["from-a", "from-b"]);
+
+    // C holds the lock on node 1; node 1's plugin dies. D on node 2 gets it once it expires.
+    let cpod = c.pod("team-a", "c", "node-1").await;
+    let tc = c.publish(&cpod, &vol, &ctx).await.unwrap();
+    common::write(&tc.join("from-c"), b"c");
+    c.node("node-1").kill();
+    let d = c.pod("team-a", "d", "node-2").await;
+    let started = Instant::now();
+    let (td, _) = c
+        .publish_retrying(&d, &vol, &ctx, Duration::from_secs(30))
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "D waited {:?}",
+        started.elapsed()
+    );
+    assert!(!td.join("from-c").exists(), "C never committed");
+    // Node 1 comes back; C finishes and its late commit is refused.
+    c.node("node-1").spawn();
+    c.succeed(&cpod).await;
+    c.unpublish(&cpod, &vol).await;
+    let m = c.event(&cpod, "CacheFenced").await;
+    assert!(m.contains("lost its lock"), "{m}");
+    common::write(&td.join("from-d"), b"d");
+    c.succeed(&d).await;
+    c.unpublish(&d, &vol).await;
+    c.event(&d, "CacheCommitted").await;
+    assert_eq!(
+        c.files("team-a", "cargo").await,
+        ["from-a", "from-b", "from-d"]
+    );
+}
+
+// 3. Private: two concurrent pods both commit. replace → one wins whole; union → both files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_concurrent_commits_replace_or_union() {
+    let Some(c) = Cluster::start("k8s-private", &["node-1", "node-2"]).await else {
+        return;
+    };
+    for merge in ["replace", "union"] {
+        let key = format!("pip-{merge}");
+        let (vol, ctx) = c
+            .claim(
+                "team-a",
+                &key,
+                &[
+                    ("cachevol.dev/mode", "private"),
+                    ("cachevol.dev/merge", merge),
+                ],
+                &[],
+            )
+            .await
+            .unwrap();
+        let a = c.pod("team-a", &format!("{merge}-a"), "node-1").await;
+        let b = c.pod("team-a", &format!("{merge}-b"), "node-2").await;
+        let ta = c.publish(&a, &vol, &ctx).await.unwrap();
+        let tb = c.publish(&b, &vol, &ctx).await.unwrap();
+        common::write(&ta.join("a1"), b"a");
+        common::write(&ta.join("a2"), b"a");
+        common::write(&tb.join("b1"), b"b");
+        assert!(
+            !tb.join("a1").exists(),
+            "private views never see each other"
+        );
+        c.succeed(&a).await;
+        c.succeed(&b).await;
+        c.unpublish(&a, &vol).await;
+        c.unpublish(&b, &vol).await;
+        c.event(&a, "CacheCommitted").await;
+        c.event(&b, "CacheCommitted").await;
+        let files = c.files("team-a", &key).await;
+        if merge == "replace" {
+            assert!(
+                files == ["a1", "a2"] || files == ["b1"],
+                "one writer wins whole: {files:?}"
+            );
+        } else {
+            assert_eq!(files, ["a1", "a2", "b1"]);
+        }
+    }
+}
+
+// 4. Shared: two pods on one node see each other's writes; one commit after both finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_pods_on_one_node_share_a_view_and_commit_once() {
+    let Some(c) = Cluster::start("k8s-shared", &["node-1"]).await else {
+        return;
+    };
+    let (vol, ctx) = c
+        .claim("team-a", "go", &[("cachevol.dev/mode", "shared")], &[])
+        .await
+        .unwrap();
+    let a = c.pod("team-a", "a", "node-1").await;
+    let b = c.pod("team-a", "b", "node-1").await;
+    let ta = c.publish(&a, &vol, &ctx).await.unwrap();
+    let tb = c.publish(&b, &vol, &ctx).await.unwrap();
+    common::write(&ta.join("from-a"), b"a");
+    assert_eq!(std::fs::read(tb.join("from-a")).unwrap(), b"a");
+    common::write(&tb.join("from-b"), b"b");
+    c.succeed(&a).await;
+    c.unpublish(&a, &vol).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        c.generations("team-a", "go").await.is_empty(),
+        "B still runs"
+    );
+    c.succeed(&b).await;
+    c.unpublish(&b, &vol).await;
+    c.event(&b, "CacheCommitted").await;
+    c.event(&a, "CacheCommitted").await;
+    assert_eq!(c.generations("team-a", "go").await, [1]);
+    assert_eq!(c.files("team-a", "go").await, ["from-a", "from-b"]);
+}
+
+// 5. A Failed pod with commit-on success uploads nothing; an OOM-killed pod with always neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_and_oom_killed_pods_upload_nothing() {
+    let Some(c) = Cluster::start("k8s-failed", &["node-1"]).await else {
+        return;
+    };
+    let (v1, ctx1) = c.claim("team-a", "on-success", &[], &[]).await.unwrap();
+    let (v2, ctx2) = c
+        .claim(
+            "team-a",
+            "always",
+            &[("cachevol.dev/commit-on", "always")],
+            &[],
+        )
+        .await
+        .unwrap();
+    let a = c.pod("team-a", "fails", "node-1").await;
+    let t = c.publish(&a, &v1, &ctx1).await.unwrap();
+    common::write(&t.join("x"), b"x");
+    c.status(&a, json!({"phase": "Failed", "containerStatuses": [{"name": "build", "image": "busybox", "imageID": "", "ready": false, "restartCount": 0,
+        "state": {"terminated": {"exitCode": 1, "reason": "Error"}}}]}))
+        .await;
+    c.unpublish(&a, &v1).await;
+    let m = c.event(&a, "CacheCommitSkipped").await;
+    assert!(m.contains("failed"), "{m}");
+
+    let b = c.pod("team-a", "oom", "node-1").await;
+    let t = c.publish(&b, &v2, &ctx2).await.unwrap();
+    common::write(&t.join("x"), b"x");
+    c.status(&b, json!({"phase": "Failed", "containerStatuses": [{"name": "build", "image": "busybox", "imageID": "", "ready": false, "restartCount": 0,
+        "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}))
+        .await;
+    c.unpublish(&b, &v2).await;
+    let m = c.event(&b, "CacheCommitSkipped").await;
+    assert!(m.contains("killed"), "{m}");
+
+    // commit-on always does commit a plain failure.
+    let f = c.pod("team-a", "fails-always", "node-1").await;
+    let t = c.publish(&f, &v2, &ctx2).await.unwrap();
+    common::write(&t.join("y"), b"y");
+    c.status(&f, json!({"phase": "Failed"})).await;
+    c.unpublish(&f, &v2).await;
+    c.event(&f, "CacheCommitted").await;
+    assert!(c.generations("team-a", "on-success").await.is_empty());
+    assert_eq!(c.files("team-a", "always").await, ["y"]);
+}
+
+// 6. policy pull never uploads; restore-keys fall back and the commit goes to the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_never_uploads_and_restore_keys_fall_back() {
+    let Some(c) = Cluster::start("k8s-pull", &["node-1", "node-2"]).await else {
+        return;
+    };
+    let (main_vol, main_ctx) = c.claim("team-a", "main", &[], &[]).await.unwrap();
+    let a = c.pod("team-a", "on-main", "node-1").await;
+    let t = c.publish(&a, &main_vol, &main_ctx).await.unwrap();
+    common::write(&t.join("m"), b"main");
+    c.succeed(&a).await;
+    c.unpublish(&a, &main_vol).await;
+    c.event(&a, "CacheCommitted").await;
+
+    let (pull_vol, pull_ctx) = c
+        .claim(
+            "team-a",
+            "readonly",
+            &[
+                ("cachevol.dev/key", "main"),
+                ("cachevol.dev/policy", "pull"),
+            ],
+            &[],
+        )
+        .await
+        .unwrap();
+    let p = c.pod("team-a", "puller", "node-2").await;
+    let t = c.publish(&p, &pull_vol, &pull_ctx).await.unwrap();
+    assert!(t.join("m").exists());
+    common::write(&t.join("junk"), b"junk");
+    c.succeed(&p).await;
+    c.unpublish(&p, &pull_vol).await;
+    assert!(c.event(&p, "CacheCommitSkipped").await.contains("pull"));
+    assert_eq!(c.generations("team-a", "main").await, [1]);
+
+    let (fvol, fctx) = c
+        .claim(
+            "team-a",
+            "feature",
+            &[("cachevol.dev/restore-keys", "nothing-here,main")],
+            &[],
+        )
+        .await
+        .unwrap();
+    let f = c.pod("team-a", "feature-build", "node-2").await;
+    let t = c.publish(&f, &fvol, &fctx).await.unwrap();
+    assert_eq!(std::fs::read(t.join("m")).unwrap(), b"main");
+    let m = c.event(&f, "CacheRestored").await;
+    assert!(m.contains("restore key main"), "{m}");
+    common::write(&t.join("f"), b"feature");
+    c.succeed(&f).await;
+    c.unpublish(&f, &fvol).await;
+    c.event(&f, "CacheCommitted").await;
+    assert_eq!(c.files("team-a", "feature").await, ["f", "m"]);
+    assert_eq!(c.generations("team-a", "main").await, [1]);
+}
+
+// 7. The same claim name in two namespaces: two caches that never see each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_claim_in_two_namespaces_is_two_caches() {
+    let Some(c) = Cluster::start("k8s-tenants", &["node-1"]).await else {
+        return;
+    };
+    let (va, ctxa) = c.claim("team-a", "npm", &[], &[]).await.unwrap();
+    let (vb, ctxb) = c.claim("team-b", "npm", &[], &[]).await.unwrap();
+    assert_ne!(va, vb);
+    let a = c.pod("team-a", "a", "node-1").await;
+    let t = c.publish(&a, &va, &ctxa).await.unwrap();
+    common::write(&t.join("secret-of-a"), b"a");
+    c.succeed(&a).await;
+    c.unpublish(&a, &va).await;
+    c.event(&a, "CacheCommitted").await;
+    let b = c.pod("team-b", "b", "node-1").await;
+    let t = c.publish(&b, &vb, &ctxb).await.unwrap();
+    assert!(
+        ls(&t).is_empty(),
+        "team-b sees nothing of team-a: {:?}",
+        ls(&t)
+    );
+    assert!(c
+        .event(&b, "CacheRestored")
+        .await
+        .contains("no snapshot yet"));
+    assert!(c.generations("team-b", "npm").await.is_empty());
+    assert_eq!(c.generations("team-a", "npm").await, [1]);
+}
+
+// 8. An invalid annotation fails CreateVolume with a message naming it.
+// 9. An inline volume or an annotation that names another scope or a store is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_cannot_misconfigure_or_escape_their_namespace() {
+    let Some(c) = Cluster::start("k8s-trust", &["node-1"]).await else {
+        return;
+    };
+    let e = c
+        .claim(
+            "team-a",
+            "bad-mode",
+            &[("cachevol.dev/mode", "exclusive")],
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("cachevol.dev/mode"), "{e:?}");
+    assert!(e.message().contains("shared, private, locked"), "{e:?}");
+    for (i, (k, v)) in [
+        ("cachevol.dev/scope", "team-b"),
+        ("cachevol.dev/store", "s3://elsewhere/x"),
+        ("cachevol.dev/key", "../team-b/npm"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let e = c
+            .claim("team-a", &format!("bad-{i}"), &[(k, v)], &[])
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{k}: {e:?}");
+        assert!(e.message().contains(k), "{k}: {e:?}");
+    }
+    // An administrator's StorageClass may widen the scope.
+    let (_, ctx) = c
+        .claim("team-a", "shared-npm", &[], &[("scope", "cluster")])
+        .await
+        .unwrap();
+    assert_eq!(ctx["scope"], "cluster");
+
+    // Inline volumes: the pod's namespace, the driver's store; scope and store refused.
+    let p = c.pod("team-a", "inline", "node-1").await;
+    let inline = |extra: &[(&str, &str)]| -> HashMap<String, String> {
+        let mut m: HashMap<String, String> = [
+            ("key", "npm-inline"),
+            ("csi.storage.k8s.io/ephemeral", "true"),
+        ]
+        .iter()
+        .chain(extra)
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        m.remove("");
+        m
+    };
+    for (k, v) in [("scope", "team-b"), ("store", "s3://elsewhere/x")] {
+        let e = c
+            .publish(&p, "csi-inline-1", &inline(&[(k, v)]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{k}: {e:?}");
+        assert!(
+            e.message().contains(&format!("volumeAttributes.{k}")),
+            "{e:?}"
+        );
+    }
+    let t = c.publish(&p, "csi-inline-1", &inline(&[])).await.unwrap();
+    common::write(&t.join("i"), b"inline");
+    c.succeed(&p).await;
+    c.unpublish(&p, "csi-inline-1").await;
+    c.event(&p, "CacheCommitted").await;
+    assert_eq!(c.files("team-a", "npm-inline").await, ["i"]);
+}
+
+// Waiters are served in arrival order: a later pod never overtakes an earlier one, and a
+// waiter that stops asking drops out of the line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_waiters_are_served_in_arrival_order() {
+    use cachevol::cluster::lease::{Acquire, Claimant, Leases};
+    let api = ApiServer::start().await;
+    let leases = Leases::new(api.client(), NS, Duration::from_secs(30));
+    let who = |n: &str| Claimant {
+        uid: format!("uid-{n}"),
+        pod: format!("team-a/{n}"),
+        node: "node-1".into(),
+    };
+    let (a, b, c) = (who("a"), who("b"), who("c"));
+    let held = Acquire::Held { took_over: None };
+    assert_eq!(leases.acquire("team-a", "npm", &a).await.unwrap(), held);
+    let place = |r: Acquire| match r {
+        Acquire::Waiting { place, holder } => {
+            assert!(!holder.is_empty());
+            place
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(place(leases.acquire("team-a", "npm", &b).await.unwrap()), 1);
+    assert_eq!(place(leases.acquire("team-a", "npm", &c).await.unwrap()), 2);
+    // Asking again keeps one's place; the holder asking again still holds it.
+    assert_eq!(place(leases.acquire("team-a", "npm", &c).await.unwrap()), 2);
+    assert_eq!(leases.acquire("team-a", "npm", &a).await.unwrap(), held);
+    // Another key is another lock.
+    assert_eq!(leases.acquire("team-a", "pip", &c).await.unwrap(), held);
+    assert!(leases.renew("team-a", "npm", "uid-a").await.unwrap());
+    assert!(!leases.renew("team-a", "npm", "uid-b").await.unwrap());
+    leases.release("team-a", "npm", "uid-a").await.unwrap();
+    // Free, but b came first: c keeps waiting, b gets it.
+    assert_eq!(place(leases.acquire("team-a", "npm", &c).await.unwrap()), 2);
+    assert_eq!(leases.acquire("team-a", "npm", &b).await.unwrap(), held);
+    assert_eq!(place(leases.acquire("team-a", "npm", &c).await.unwrap()), 1);
+    assert!(
+        !leases.renew("team-a", "npm", "uid-a").await.unwrap(),
+        "a is fenced"
+    );
+    leases.release("team-a", "npm", "uid-a").await.unwrap(); // not a's to release
+    assert_eq!(place(leases.acquire("team-a", "npm", &c).await.unwrap()), 1);
+    leases.release("team-a", "npm", "uid-b").await.unwrap();
+    assert_eq!(leases.acquire("team-a", "npm", &c).await.unwrap(), held);
+}
+
+// The controller's GC runs only on the replica holding the leader Lease; when it dies, the
+// standby takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_runs_on_the_leader_only_and_fails_over() {
+    let Some(c) = Cluster::start("k8s-gc", &[]).await else {
+        return;
+    };
+    let (engine, tmp) = c.engine("team-a");
+    let dir = tmp.path().join("src");
+    for i in 0..3 {
+        common::write(&dir.join("f"), format!("v{i}").as_bytes());
+        engine
+            .commit("old", &dir, &Default::default())
+            .await
+            .unwrap();
+    }
+    assert_eq!(c.generations("team-a", "old").await, [1, 2, 3]);
+    let gc = ["--gc-interval=1s", "--keep-last=1", "--grace=0s"];
+    let mut one = c.plugin("controller-1", &gc);
+    let mut two = c.plugin("controller-2", &gc);
+    one.env.push(("POD_NAME".into(), "controller-1".into()));
+    two.env.push(("POD_NAME".into(), "controller-2".into()));
+    one.spawn();
+    two.spawn();
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(c.client.clone(), NS);
+    let holder = || async {
+        leases
+            .get_opt("cachevol-controller")
+            .await
+            .unwrap()
+            .and_then(|l| l.spec?.holder_identity)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.generations("team-a", "old").await != [3] {
+        assert!(Instant::now() < deadline, "{}\n{}", one.logs(), two.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let leader = holder().await.expect("a leader");
+    let (mut leading, standby) = if leader == "controller-1" {
+        (one, two)
+    } else {
+        (two, one)
+    };
+    assert!(leading.logs().contains("\"gc\"") || leading.logs().contains(" gc "));
+    assert!(
+        !standby.logs().contains("bytes_freed"),
+        "the standby never collects"
+    );
+    leading.kill();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while holder().await.as_deref() == Some(leader.as_str()) {
+        assert!(
+            Instant::now() < deadline,
+            "no failover:\n{}",
+            standby.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The new leader collects: two more generations shrink to one again.
+    for i in 3..5 {
+        common::write(&dir.join("f"), format!("v{i}").as_bytes());
+        engine
+            .commit("old", &dir, &Default::default())
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.generations("team-a", "old").await != [5] {
+        assert!(Instant::now() < deadline, "{}", standby.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+// A store that cannot be reached never fails the pod: it starts from what the node has (here
+// nothing) and a Warning Event says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_store_degrades_with_a_warning_event() {
+    let Some(mut c) = Cluster::start("k8s-degraded", &[]).await else {
+        return;
+    };
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let mut n = c.plugin("node-cut-off", &["--node-id=node-cut-off"]);
+    n.env.push((
+        "AWS_ENDPOINT_URL".into(),
+        format!("http://127.0.0.1:{port}"),
+    ));
+    n.env.push(("CACHEVOL_STORE_TIMEOUT".into(), "1".into()));
+    n.spawn();
+    c.nodes.insert("node-cut-off".into(), n);
+    let (vol, ctx) = c.claim("team-a", "npm", &[], &[]).await.unwrap();
+    let p = c.pod("team-a", "offline", "node-cut-off").await;
+    let started = Instant::now();
+    let t = c.publish(&p, &vol, &ctx).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(ls(&t).is_empty());
+    let m = c.event(&p, "CacheRestoreDegraded").await;
+    assert!(m.contains("unreachable") && m.contains("empty"), "{m}");
+}
