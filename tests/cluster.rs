@@ -36,6 +36,8 @@ struct Plugin {
     args: Vec<String>,
     kubeconfig: PathBuf,
     env: Vec<(String, String)>,
+    /// The port of its --metrics-address, if any.
+    metrics: Option<u16>,
 }
 
 impl Plugin {
@@ -69,6 +71,30 @@ impl Plugin {
 
     fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET `path` of its metrics endpoint: (status code, body).
+    fn http_get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics.unwrap())).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let code = text[9..12].parse().unwrap();
+        let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+        (code, body.to_string())
+    }
+
+    /// The value of one sample line of /metrics (`name{labels}`), 0 when absent.
+    fn metric(&self, sample: &str) -> f64 {
+        let (_, body) = self.http_get("/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+            .unwrap_or(0.0)
     }
 
     fn kill(&mut self) {
@@ -112,6 +138,7 @@ fn plugin(root: &Path, store: &str, name: &str, extra: &[&str]) -> Plugin {
         args,
         kubeconfig: root.join("kubeconfig"),
         env: Vec::new(),
+        metrics: None,
     }
 }
 
@@ -145,7 +172,15 @@ impl Cluster {
         };
         c.controller.spawn();
         for n in nodes {
-            let mut p = c.plugin(n, &[&format!("--node-id={n}")]);
+            let port = free_port();
+            let mut p = c.plugin(
+                n,
+                &[
+                    &format!("--node-id={n}"),
+                    &format!("--metrics-address=127.0.0.1:{port}"),
+                ],
+            );
+            p.metrics = Some(port);
             p.spawn();
             c.nodes.insert(n.to_string(), p);
         }
@@ -419,6 +454,14 @@ fn cap() -> pb::VolumeCapability {
     }
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 fn ls(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
@@ -480,6 +523,28 @@ async fn a_succeeded_pod_commits_and_another_node_restores_it() {
     c.unpublish(&b, &vol).await;
     c.event(&b, "CacheUnchanged").await;
     assert_eq!(c.generations("team-a", "npm").await, [1]);
+
+    // The same story in the node plugins' metrics.
+    let (n1, n2) = (&c.nodes["node-1"], &c.nodes["node-2"]);
+    assert_eq!(n1.http_get("/healthz").0, 200);
+    assert_eq!(n1.http_get("/readyz").0, 200);
+    let miss = r#"cachevol_restores_total{level="miss",outcome="restored"}"#;
+    let hit = r#"cachevol_restores_total{level="key",outcome="restored"}"#;
+    assert_eq!(n1.metric(miss), 1.0);
+    assert_eq!(n2.metric(hit), 1.0);
+    assert_eq!(
+        n1.metric(r#"cachevol_commits_total{outcome="committed"}"#),
+        1.0
+    );
+    assert_eq!(
+        n2.metric(r#"cachevol_commits_total{outcome="unchanged"}"#),
+        1.0
+    );
+    assert!(n1.metric("cachevol_commit_uploaded_bytes_total") > 0.0);
+    assert_eq!(
+        n2.metric(r#"cachevol_grpc_requests_total{code="Ok",method="NodePublishVolume"}"#),
+        1.0
+    );
 }
 
 // 2. Locked across the cluster: B waits for A's commit, then sees A's writes. Then a holder's

@@ -1,0 +1,63 @@
+//! The chart and the binary agree: the arguments `manifests/install.yaml` (the chart rendered
+//! with its default values, kept in step by .ci/chart-check) gives the cachevol containers are
+//! ones `cachevol` accepts. A renamed flag would otherwise only show as pods crash-looping.
+
+use std::process::Command;
+
+use serde::Deserialize;
+
+/// (workload kind, container args) of every container named `cachevol` in install.yaml.
+fn cachevol_containers() -> Vec<(String, Vec<String>)> {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/manifests/install.yaml"
+    ))
+    .unwrap();
+    let mut out = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v = serde_yaml::Value::deserialize(doc).unwrap();
+        let kind = v["kind"].as_str().unwrap_or_default().to_string();
+        let containers = &v["spec"]["template"]["spec"]["containers"];
+        for c in containers.as_sequence().into_iter().flatten() {
+            if c["name"].as_str() == Some("cachevol") {
+                let args = c["args"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a.as_str().unwrap().to_string())
+                    .collect();
+                out.push((kind.clone(), args));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_flag_the_chart_passes_is_one_the_binary_accepts() {
+    let found = cachevol_containers();
+    let kinds: Vec<&str> = found.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(kinds, ["DaemonSet", "Deployment"], "{found:?}");
+    for (kind, args) in found {
+        // Kubernetes expands $(VAR) from the container's env; any value parses the same.
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| {
+                a.replace("$(NODE_NAME)", "node-1")
+                    .replace("$(POD_NAMESPACE)", "cachevol")
+            })
+            .collect();
+        assert!(!args.iter().any(|a| a.contains("$(")), "{kind}: {args:?}");
+        // clap parses every argument (and its value) before it acts on --help.
+        let out = Command::new(env!("CARGO_BIN_EXE_cachevol"))
+            .args(&args)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{kind}: cachevol {args:?} is refused:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
