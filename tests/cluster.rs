@@ -1056,3 +1056,34 @@ async fn an_unreachable_store_degrades_with_a_warning_event() {
     let m = c.event(&p, "CacheRestoreDegraded").await;
     assert!(m.contains("unreachable") && m.contains("empty"), "{m}");
 }
+
+// Level-triggered: what happened while the node plugin was down is decided after it comes
+// back, from a fresh list and its own records: a pod that Succeeded meanwhile commits; a pod
+// that was deleted meanwhile (its ending unknown) does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_happened_while_the_plugin_was_down_is_decided_after_it_restarts() {
+    let Some(mut c) = Cluster::start("k8s-restart", &["node-1"]).await else {
+        return;
+    };
+    let (va, ctxa) = c.claim("team-a", "done-meanwhile", &[], &[]).await.unwrap();
+    let (vb, ctxb) = c.claim("team-a", "gone-meanwhile", &[], &[]).await.unwrap();
+    let a = c.pod("team-a", "a", "node-1").await;
+    let b = c.pod("team-a", "b", "node-1").await;
+    let ta = c.publish(&a, &va, &ctxa).await.unwrap();
+    let tb = c.publish(&b, &vb, &ctxb).await.unwrap();
+    common::write(&ta.join("a"), b"a");
+    common::write(&tb.join("b"), b"b");
+    c.node("node-1").kill();
+    c.succeed(&a).await;
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), "team-a");
+    pods.delete("b", &Default::default()).await.unwrap();
+    c.node("node-1").spawn();
+    // kubelet unmounts both once the plugin is back.
+    c.unpublish(&a, &va).await;
+    c.unpublish(&b, &vb).await;
+    c.event(&a, "CacheCommitted").await;
+    let m = c.event(&b, "CacheCommitSkipped").await;
+    assert!(m.contains("deleted"), "{m}");
+    assert_eq!(c.files("team-a", "done-meanwhile").await, ["a"]);
+    assert!(c.generations("team-a", "gone-meanwhile").await.is_empty());
+}
