@@ -444,13 +444,7 @@ async fn start(
         };
         tokio::spawn(collector.run(leader.clone()));
     }
-    if let Some(addr) = args.cluster.metrics_address {
-        let ready = super::identity::state_dir_ready(state_dir.clone());
-        let bound = crate::metrics::serve(addr, ready)
-            .await
-            .map_err(Error::io("serve metrics on", addr.to_string()))?;
-        tracing::info!(address = %bound, "serving /metrics, /healthz, /readyz");
-    }
+    super::identity::serve_metrics(args.cluster.metrics_address, &state_dir).await?;
     let identity = super::identity::IdentityService::new(state_dir, store);
     let controller = ControllerService::new(records, store_url).with_client(client);
     let socket = server::Socket::bind(&path)?;

@@ -392,13 +392,7 @@ async fn start(
     if let Some(s) = &store {
         Store::open(s)?; // a store that cannot even be opened is a configuration error
     }
-    if let Some(addr) = args.cluster.metrics_address {
-        let ready = super::identity::state_dir_ready(state_dir.clone());
-        let bound = crate::metrics::serve(addr, ready)
-            .await
-            .map_err(Error::io("serve metrics on", addr.to_string()))?;
-        tracing::info!(address = %bound, "serving /metrics, /healthz, /readyz");
-    }
+    super::identity::serve_metrics(args.cluster.metrics_address, &state_dir).await?;
     let identity = super::identity::IdentityService::state_dir_only(state_dir);
     let socket = server::Socket::bind(&path)?;
     let router = tonic::transport::Server::builder()
