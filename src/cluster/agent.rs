@@ -421,7 +421,7 @@ pub async fn report_publish(
     } else {
         metrics::RestoreOutcome::Restored
     };
-    metrics::restore(level, outcome, p.downloaded, p.seconds);
+    metrics::restore(level, outcome, p.bytes, p.seconds);
     let (Some(agent), Some(pod)) = (agent, pod) else {
         return;
     };
