@@ -129,7 +129,19 @@ impl Agent {
             )
         })?;
         let me = claimant(pod, &self.node);
-        match self.leases.acquire(&spec.scope, &spec.key, &me).await {
+        // kube's client retries a struggling API server with long backoffs: bound the wait so
+        // kubelet gets an answer (and retries) rather than a hung mount.
+        let acquired = tokio::time::timeout(
+            Duration::from_secs(15),
+            self.leases.acquire(&spec.scope, &spec.key, &me),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(kube::Error::Service(
+                "no answer from the Kubernetes API within 15s".into(),
+            ))
+        });
+        match acquired {
             Ok(Acquire::Held { took_over }) => {
                 let since = self.waiting.lock().expect("not poisoned").remove(&pod.uid);
                 metrics::lock_acquired(since.map_or(0.0, |t| t.elapsed().as_secs_f64()));
