@@ -195,6 +195,10 @@ async fn bad_requests_and_idempotency() {
         format!("{caps:?}").contains("GetVolumeStats"),
         "GET_VOLUME_STATS: {caps:?}"
     );
+    assert!(
+        format!("{caps:?}").contains("VolumeMountGroup"),
+        "VOLUME_MOUNT_GROUP: {caps:?}"
+    );
     let err = c
         .node_stage_volume(pb::NodeStageVolumeRequest::default())
         .await
@@ -231,6 +235,19 @@ async fn bad_requests_and_idempotency() {
                 ..good.clone()
             },
             "block",
+        ),
+        (
+            pb::NodePublishVolumeRequest {
+                volume_capability: Some(pb::VolumeCapability {
+                    access_type: Some(AccessType::Mount(volume_capability::MountVolume {
+                        volume_mount_group: "wheel".into(),
+                        ..Default::default()
+                    })),
+                    ..cap(Mode::MultiNodeMultiWriter, false)
+                }),
+                ..good.clone()
+            },
+            "volume_mount_group",
         ),
         (
             pb::NodePublishVolumeRequest {

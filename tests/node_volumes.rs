@@ -4,7 +4,9 @@
 //! commit.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+mod common;
 
 use cachevol::engine::CommitOutcome;
 use cachevol::node::{CommitDecision, Ending, NodeConfig, PodRef, Publish, ViewKind, Volumes};
@@ -64,6 +66,7 @@ async fn publish_async(
             context: c.clone(),
             read_only: false,
             pod: Some(pod(p)),
+            group: None,
         })
         .await
         .unwrap()
@@ -220,6 +223,7 @@ async fn locked_is_exclusive_on_the_node_and_publish_is_idempotent() {
             context: c.clone(),
             read_only: false,
             pod: Some(pod("b")),
+            group: None,
         })
         .await
         .unwrap_err()
@@ -386,6 +390,7 @@ async fn pods_asking_at_once_share_one_download_and_read_only_is_honoured() {
             context: c.clone(),
             read_only: true,
             pod: Some(pod("ro")),
+            group: None,
         })
         .await
         .unwrap();
@@ -421,6 +426,7 @@ async fn a_shared_view_pending_its_commit_is_never_discarded_by_a_new_pod() {
             context: c.clone(),
             read_only: false,
             pod: Some(pod("b")),
+            group: None,
         })
         .await
         .unwrap_err();
@@ -434,4 +440,90 @@ async fn a_shared_view_pending_its_commit_is_never_discarded_by_a_new_pod() {
     publish_async(&n, &tb, &c, "b").await;
     assert_eq!(std::fs::read_to_string(tb.join("from-a")).unwrap(), "a");
     finish(&n, &tb, Ending::Aborted).await;
+}
+
+/// Runs `script` with sh as uid `uid` with supplementary group `gid` (a non-root CI container
+/// whose pod has `fsGroup: gid`); whether it succeeded.
+fn as_user(uid: u32, gid: u32, script: &str) -> bool {
+    std::process::Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            &format!("--groups={gid}"),
+            "sh",
+            "-c",
+            script,
+        ])
+        .status()
+        .unwrap()
+        .success()
+}
+
+// With the pod's fsGroup (VOLUME_MOUNT_GROUP), a non-root container can change the cache it
+// restored, and the next pod of that group — another uid — can change what the first wrote.
+#[tokio::test]
+async fn an_fs_group_makes_the_view_writable_by_non_root_pods() {
+    for copy in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path();
+        // Let the unprivileged users reach the targets under the temp dir.
+        std::fs::set_permissions(t, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let store = format!("file://{}", t.join("store").display());
+        let n = node(t, "node1", copy);
+        let c = ctx(&store, "npm", "private", &[]);
+        let src = t.join("seed");
+        common::write(&src.join("pkg/index.js"), b"v1");
+        let e = common::engine(&store, "team-a", &t.join("seed-state"));
+        e.commit("npm", &src, &Default::default()).await.unwrap();
+
+        let publish = |target: PathBuf, who: &'static str| {
+            let n = &n;
+            let c = c.clone();
+            async move {
+                n.volumes
+                    .publish(Publish {
+                        volume_id: "cv-vol".into(),
+                        target,
+                        context: c,
+                        read_only: false,
+                        pod: Some(pod(who)),
+                        group: Some(4242),
+                    })
+                    .await
+                    .unwrap()
+            }
+        };
+        let a = t.join("a");
+        publish(a.clone(), "a").await;
+        let d = a.display();
+        assert!(
+            as_user(5000, 4242, &format!("echo v2 > {d}/pkg/index.js && mkdir {d}/pkg/lib && echo new > {d}/pkg/lib/x.js")),
+            "copy={copy}: uid 5000 in group 4242 cannot write the restored cache"
+        );
+        assert!(
+            !as_user(5000, 5000, &format!("touch {d}/pkg/other")),
+            "outside the group: no"
+        );
+        let done = finish(&n, &a, Ending::Succeeded).await;
+        assert!(generation(&done).is_some(), "{done:?}");
+
+        // Another uid of the same group, on the base the commit left on the node.
+        let b = t.join("b");
+        publish(b.clone(), "b").await;
+        let d = b.display();
+        assert_eq!(std::fs::read(b.join("pkg/lib/x.js")).unwrap(), b"new\n");
+        assert!(
+            as_user(
+                6000,
+                4242,
+                &format!("echo v3 > {d}/pkg/lib/x.js && rm {d}/pkg/index.js")
+            ),
+            "copy={copy}: the next pod of the group cannot change what the first wrote"
+        );
+        finish(&n, &b, Ending::Succeeded).await;
+        let out = t.join("check");
+        e.restore("npm", &[], &out).await.unwrap();
+        assert_eq!(std::fs::read(out.join("pkg/lib/x.js")).unwrap(), b"v3\n");
+        assert!(!out.join("pkg/index.js").exists());
+    }
 }

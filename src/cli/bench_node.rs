@@ -73,6 +73,7 @@ async fn publish(
             uid: format!("uid-{pod}"),
             service_account: "default".into(),
         }),
+        group: None,
     })
     .await
     .map_err(|e| Error::Lock(e.to_string()))?;

@@ -108,6 +108,7 @@ impl NodeService {
             .inflight
             .begin(&format!("{volume_id}\0{}", target.display()))?;
         let pod = PodRef::from_context(&r.volume_context);
+        let group = mount_group(cap)?;
         let spec = self.volumes.spec_of(&r.volume_context)?;
         if let Some(agent) = &self.agent {
             agent.lock(&spec, pod.as_ref()).await?;
@@ -120,6 +121,7 @@ impl NodeService {
                 context: r.volume_context.clone(),
                 read_only: r.readonly || capability::is_read_only(mode),
                 pod: pod.clone(),
+                group,
             })
             .await
         {
@@ -201,6 +203,23 @@ impl NodeService {
     }
 }
 
+/// The pod's fsGroup, which kubelet passes as the mount's `volume_mount_group` because the node
+/// advertises VOLUME_MOUNT_GROUP (and then changes no ownership itself).
+fn mount_group(cap: &pb::VolumeCapability) -> Result<Option<u32>, Error> {
+    let Some(pb::volume_capability::AccessType::Mount(m)) = &cap.access_type else {
+        return Ok(None);
+    };
+    if m.volume_mount_group.is_empty() {
+        return Ok(None);
+    }
+    m.volume_mount_group.parse::<u32>().map(Some).map_err(|_| {
+        Error::invalid(
+            "volume_capability.mount.volume_mount_group",
+            format!("{:?} is not a numeric group id", m.volume_mount_group),
+        )
+    })
+}
+
 #[tonic::async_trait]
 impl Node for Arc<NodeService> {
     async fn node_stage_volume(
@@ -276,6 +295,7 @@ impl Node for Arc<NodeService> {
                 capabilities: vec![
                     rpc(node_service_capability::rpc::Type::GetVolumeStats),
                     rpc(node_service_capability::rpc::Type::SingleNodeMultiWriter),
+                    rpc(node_service_capability::rpc::Type::VolumeMountGroup),
                 ],
             })
         })

@@ -127,6 +127,9 @@ pub struct ViewRecord {
     /// How each pod (by uid) ended, as the cluster agent saw it; the commit waits for all.
     #[serde(default)]
     pub endings: BTreeMap<String, Ending>,
+    /// The group the view is writable by (the pods' fsGroup), if any.
+    #[serde(default)]
+    pub group: Option<u32>,
 }
 
 impl ViewRecord {
@@ -144,6 +147,8 @@ pub struct Publish {
     pub context: HashMap<String, String>,
     pub read_only: bool,
     pub pod: Option<PodRef>,
+    /// The pod's fsGroup (VOLUME_MOUNT_GROUP): the view is made writable by this group.
+    pub group: Option<u32>,
 }
 
 /// What a publish did, for events and logs.
@@ -309,7 +314,14 @@ impl Volumes {
         let started = Instant::now();
         let spec = self.spec_of(&req.context)?;
         let id = match spec.mode {
-            Mode::Shared => format!("s-{}", hash_id(&[&spec.store, &spec.scope, &spec.key])),
+            Mode::Shared => {
+                // Pods of another fsGroup get a view of their own.
+                let group = req.group.map(|g| g.to_string()).unwrap_or_default();
+                format!(
+                    "s-{}",
+                    hash_id(&[&spec.store, &spec.scope, &spec.key, &group])
+                )
+            }
             Mode::Private | Mode::Locked => {
                 let who = req
                     .pod
@@ -387,7 +399,7 @@ impl Volumes {
                 )));
             }
             None => {
-                let base = self.ensure_base(&spec).await?;
+                let base = self.ensure_base(&spec, req.group).await?;
                 published.source = Some(base.source.clone());
                 published.warm = base.warm;
                 published.degraded = base.degraded.clone();
@@ -430,6 +442,10 @@ impl Volumes {
         for d in [&upper, &work, &view] {
             std::fs::create_dir_all(d).map_err(io("create", d))?;
         }
+        if let Some(g) = req.group {
+            // The merged view's root takes the upper dir's owner and mode.
+            grant_group(&upper, g).map_err(io("set the group of", &upper))?;
+        }
         let mut kind = ViewKind::Copy;
         if !self.cfg.force_copy {
             match mount::overlay(std::slice::from_ref(&base.dir), &upper, &work, &view) {
@@ -441,6 +457,9 @@ impl Volumes {
         }
         if kind == ViewKind::Copy {
             mount::copy_tree(&base.dir, &view).map_err(io("copy", &view))?;
+            if let Some(g) = req.group {
+                grant_group(&view, g).map_err(io("set the group of", &view))?;
+            }
             self.engine(spec)?.adopt_copy(&base.dir, &view)?;
         }
         let record = ViewRecord {
@@ -462,6 +481,7 @@ impl Volumes {
             pods: vec![],
             degraded: base.degraded,
             endings: BTreeMap::new(),
+            group: req.group,
         };
         // Saved by the caller once the target is mounted; a crash before that leaves a view
         // mount without a record, which `recover` removes.
@@ -693,10 +713,33 @@ impl Volumes {
         self.cfg.state_dir.join("bases").join(&spec.scope)
     }
 
+    /// The tree of generation `generation` of `key` (None: the empty base), as a base for
+    /// pods of fsGroup `group`: each group has bases of its own, writable by it.
+    fn base_tree(
+        &self,
+        spec: &VolumeSpec,
+        key: &str,
+        generation: Option<u64>,
+        group: Option<u32>,
+    ) -> PathBuf {
+        let mut name = match generation {
+            Some(g) => format!("{g:020}"),
+            None => "_empty".to_string(),
+        };
+        if let Some(g) = group {
+            name.push_str(&format!("-g{g}"));
+        }
+        let root = self.base_root(spec);
+        match generation {
+            Some(_) => root.join(key).join(name).join("tree"),
+            None => root.join(name).join("tree"),
+        }
+    }
+
     /// The base of a volume: the newest generation of its key (else of a restore key) on the
     /// node, downloaded if missing — once, however many pods ask at once. A store that cannot
     /// be reached degrades to the newest base the node has for the key, else to an empty one.
-    async fn ensure_base(&self, spec: &VolumeSpec) -> Result<Base> {
+    async fn ensure_base(&self, spec: &VolumeSpec, group: Option<u32>) -> Result<Base> {
         let engine = self.engine(spec)?;
         let source = if spec.policy == Policy::Push {
             Ok(RestoreSource::Miss)
@@ -707,7 +750,7 @@ impl Volumes {
             Ok(s) => (s, None),
             Err(e) if e.is_store_unavailable() => {
                 let why = format!("store unreachable: {e}");
-                match self.local_bases(spec, &engine).into_iter().next() {
+                match self.local_bases(spec, &engine, group).into_iter().next() {
                     Some((generation, _)) => (
                         RestoreSource::Key {
                             key: spec.key.clone(),
@@ -722,12 +765,10 @@ impl Volumes {
         };
         let dir = match &source {
             RestoreSource::Key { key, generation }
-            | RestoreSource::RestoreKey { key, generation } => self
-                .base_root(spec)
-                .join(key)
-                .join(format!("{generation:020}"))
-                .join("tree"),
-            RestoreSource::Miss => self.base_root(spec).join("_empty").join("tree"),
+            | RestoreSource::RestoreKey { key, generation } => {
+                self.base_tree(spec, key, Some(*generation), group)
+            }
+            RestoreSource::Miss => self.base_tree(spec, &spec.key, None, group),
         };
         let lock = Self::lock_of(&self.base_locks, &dir);
         let _guard = lock.lock().await;
@@ -735,11 +776,20 @@ impl Volumes {
         let (mut bytes, mut downloaded) = (0, 0);
         if !warm {
             std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
-            match engine.restore_source(source.clone(), &dir).await {
+            let restored = match engine.restore_source(source.clone(), &dir).await {
+                Ok(r) => match group {
+                    Some(g) => grant_group(&dir, g)
+                        .map(|_| r)
+                        .map_err(|e| io("set the group of", &dir)(e)),
+                    None => Ok(r),
+                },
+                Err(e) => Err(e.into()),
+            };
+            match restored {
                 Ok(r) => (bytes, downloaded) = (r.bytes, r.downloaded),
                 Err(e) => {
                     let _ = std::fs::remove_dir_all(dir.parent().unwrap_or(&dir));
-                    return Err(e.into());
+                    return Err(e);
                 }
             }
             self.evict_bases();
@@ -755,15 +805,22 @@ impl Volumes {
         })
     }
 
-    /// The generations of `spec.key` the node has complete bases of, newest first.
-    fn local_bases(&self, spec: &VolumeSpec, engine: &Engine) -> Vec<(u64, PathBuf)> {
+    /// The generations of `spec.key` the node has complete bases of for `group`, newest first.
+    fn local_bases(
+        &self,
+        spec: &VolumeSpec,
+        engine: &Engine,
+        group: Option<u32>,
+    ) -> Vec<(u64, PathBuf)> {
         let root = self.base_root(spec).join(&spec.key);
+        let suffix = group.map(|g| format!("-g{g}")).unwrap_or_default();
         let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(&root)
             .into_iter()
             .flatten()
             .filter_map(|e| {
                 let e = e.ok()?;
-                let g: u64 = e.file_name().to_str()?.parse().ok()?;
+                let name = e.file_name().into_string().ok()?;
+                let g: u64 = name.strip_suffix(suffix.as_str())?.parse().ok()?;
                 let tree = e.path().join("tree");
                 engine.has_record(&tree).then_some((g, tree))
             })
@@ -783,11 +840,7 @@ impl Volumes {
         generation: u64,
         tree: &engine::CommittedTree,
     ) -> Result<()> {
-        let new = self
-            .base_root(spec)
-            .join(&spec.key)
-            .join(format!("{generation:020}"))
-            .join("tree");
+        let new = self.base_tree(spec, &spec.key, Some(generation), record.group);
         let lock = Self::lock_of(&self.base_locks, &new);
         let _guard = lock.lock().await;
         if engine.has_record(&new) {
@@ -808,6 +861,10 @@ impl Volumes {
         } else {
             std::fs::rename(old, &new).map_err(io("move", old))?;
             let _ = std::fs::remove_dir(old.parent().unwrap_or(old));
+        }
+        if let Some(g) = record.group {
+            // What the pods wrote joins the group's base: writable by the next pod too.
+            grant_group(&upper, g).map_err(io("set the group of", &upper))?;
         }
         engine::overlay::apply_to_dir(&upper, &new)?;
         engine.record_tree(&new, tree)?;
@@ -960,6 +1017,37 @@ pub struct Usage {
     pub total_bytes: u64,
     pub available_inodes: u64,
     pub total_inodes: u64,
+}
+
+/// Makes the tree at `root` writable by group `gid` (a pod's fsGroup): every entry's group
+/// becomes `gid`; directories get group rwx and setgid (new entries inherit the group), files
+/// group rw (and x where the owner has it). Symbolic links only change group.
+pub fn grant_group(root: &Path, gid: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let md = std::fs::symlink_metadata(&p)?;
+        std::os::unix::fs::lchown(&p, None, Some(gid))?;
+        let ft = md.file_type();
+        if ft.is_symlink() {
+            continue;
+        }
+        let mode = md.permissions().mode() & 0o7777;
+        let want = if ft.is_dir() {
+            for e in std::fs::read_dir(&p)? {
+                stack.push(e?.path());
+            }
+            mode | 0o2070
+        } else if mode & 0o100 != 0 {
+            mode | 0o070
+        } else {
+            mode | 0o060
+        };
+        if want != mode {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(want))?;
+        }
+    }
+    Ok(())
 }
 
 fn dir_is_empty(dir: &Path) -> bool {
