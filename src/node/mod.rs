@@ -856,7 +856,12 @@ impl Volumes {
             .any(|v| v.id != record.id && &v.base_dir == old);
         let old_lock = Self::lock_of(&self.base_locks, old);
         let _old_guard = old_lock.lock().await;
-        if in_use || old.ends_with("_empty/tree") {
+        let empty_base = old
+            .parent()
+            .and_then(|p| p.file_name())
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("_empty"));
+        if in_use || empty_base {
             engine::overlay::link_tree(old, &new)?;
         } else {
             std::fs::rename(old, &new).map_err(io("move", old))?;
