@@ -959,74 +959,87 @@ async fn lock_waiters_are_served_in_arrival_order() {
 // standby takes over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gc_runs_on_the_leader_only_and_fails_over() {
+    use cachevol::cluster::lease::Leases;
     let Some(c) = Cluster::start("k8s-gc", &[]).await else {
         return;
     };
     let (engine, tmp) = c.engine("team-a");
     let dir = tmp.path().join("src");
+    let commit = |i: u32| {
+        let (engine, dir) = (&engine, &dir);
+        async move {
+            common::write(&dir.join("f"), format!("v{i}").as_bytes());
+            engine
+                .commit("old", dir, &Default::default())
+                .await
+                .unwrap();
+        }
+    };
     for i in 0..3 {
-        common::write(&dir.join("f"), format!("v{i}").as_bytes());
-        engine
-            .commit("old", &dir, &Default::default())
-            .await
-            .unwrap();
+        commit(i).await;
     }
     assert_eq!(c.generations("team-a", "old").await, [1, 2, 3]);
+
+    // Another replica leads (this test renews its Lease): ours must not collect.
+    let leases = Leases::new(c.client.clone(), NS, Duration::from_secs(2));
+    assert!(leases
+        .lead("cachevol-controller", "elsewhere")
+        .await
+        .unwrap());
+    let renewing = {
+        let leases = leases.clone();
+        tokio::spawn(async move {
+            loop {
+                leases
+                    .lead("cachevol-controller", "elsewhere")
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
     let gc = ["--gc-interval=1s", "--keep-last=1", "--grace=0s"];
     let mut one = c.plugin("controller-1", &gc);
-    let mut two = c.plugin("controller-2", &gc);
     one.env.push(("POD_NAME".into(), "controller-1".into()));
-    two.env.push(("POD_NAME".into(), "controller-2".into()));
     one.spawn();
-    two.spawn();
-    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
-        Api::namespaced(c.client.clone(), NS);
-    let holder = || async {
-        leases
-            .get_opt("cachevol-controller")
-            .await
-            .unwrap()
-            .and_then(|l| l.spec?.holder_identity)
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c.generations("team-a", "old").await != [3] {
-        assert!(Instant::now() < deadline, "{}\n{}", one.logs(), two.logs());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let leader = holder().await.expect("a leader");
-    let (mut leading, standby) = if leader == "controller-1" {
-        (one, two)
-    } else {
-        (two, one)
-    };
-    assert!(leading.logs().contains("\"gc\"") || leading.logs().contains(" gc "));
-    assert!(
-        !standby.logs().contains("bytes_freed"),
-        "the standby never collects"
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        c.generations("team-a", "old").await,
+        [1, 2, 3],
+        "a replica that does not lead collected:\n{}",
+        one.logs()
     );
-    leading.kill();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while holder().await.as_deref() == Some(leader.as_str()) {
-        assert!(
-            Instant::now() < deadline,
-            "no failover:\n{}",
-            standby.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    // The new leader collects: two more generations shrink to one again.
+    // The other replica is gone: its Lease expires, ours takes it and collects.
+    renewing.abort();
+    let wait_for = |want: Vec<u64>, logs: String| {
+        let c = &c;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while c.generations("team-a", "old").await != want {
+                assert!(Instant::now() < deadline, "{logs}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    wait_for(vec![3], one.logs()).await;
+
+    // A standby replica takes over when the leader dies.
+    let mut two = c.plugin("controller-2", &gc);
+    two.env.push(("POD_NAME".into(), "controller-2".into()));
+    two.spawn();
+    one.kill();
     for i in 3..5 {
-        common::write(&dir.join("f"), format!("v{i}").as_bytes());
-        engine
-            .commit("old", &dir, &Default::default())
-            .await
-            .unwrap();
+        commit(i).await;
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c.generations("team-a", "old").await != [5] {
-        assert!(Instant::now() < deadline, "{}", standby.logs());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for(vec![5], two.logs()).await;
+    let holder = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(c.client.clone(), NS)
+        .get("cachevol-controller")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .holder_identity;
+    assert_eq!(holder.as_deref(), Some("controller-2"));
 }
 
 // A store that cannot be reached never fails the pod: it starts from what the node has (here

@@ -318,7 +318,8 @@ impl Agent {
             let _ = commit_view(&self.volumes, id, ending, Some(self)).await;
             return;
         };
-        if spec.mode == Mode::Locked {
+        // A lost lock matters only to a commit: a view that is skipped anyway says why it is.
+        if spec.mode == Mode::Locked && node::skip_reason(&spec, ending).is_none() {
             for p in &record.pods {
                 match self.leases.renew(&spec.scope, &spec.key, &p.uid).await {
                     Ok(true) => {}

@@ -545,17 +545,7 @@ impl Volumes {
             return Ok(CommitDecision::NotPending);
         }
         let spec = record.spec()?;
-        let skip = match (spec.policy, spec.commit_on, ending) {
-            (Policy::Pull, _, _) => Some("policy pull never commits".to_string()),
-            (_, _, Ending::Aborted) => {
-                Some("the pod was killed, evicted or deleted before it finished".to_string())
-            }
-            (_, CommitOn::Success, Ending::Failed) => {
-                Some("the pod failed and commit-on is success".to_string())
-            }
-            _ => None,
-        };
-        if let Some(why) = skip {
+        if let Some(why) = skip_reason(&spec, ending) {
             self.discard(&record)?;
             return Ok(CommitDecision::Skipped(why));
         }
@@ -1022,6 +1012,20 @@ pub struct Usage {
     pub total_bytes: u64,
     pub available_inodes: u64,
     pub total_inodes: u64,
+}
+
+/// Why a view of `spec` whose pods ended as `ending` is not committed; None: it is.
+pub fn skip_reason(spec: &VolumeSpec, ending: Ending) -> Option<String> {
+    match (spec.policy, spec.commit_on, ending) {
+        (Policy::Pull, _, _) => Some("policy pull never commits".to_string()),
+        (_, _, Ending::Aborted) => {
+            Some("the pod was killed, evicted or deleted before it finished".to_string())
+        }
+        (_, CommitOn::Success, Ending::Failed) => {
+            Some("the pod failed and commit-on is success".to_string())
+        }
+        _ => None,
+    }
 }
 
 /// Makes the tree at `root` writable by group `gid` (a pod's fsGroup): every entry's group
