@@ -1,6 +1,6 @@
-//! Helpers shared by the integration tests: stores (file:// and the S3 server of .ci/run), tree
-//! builders, and a tree comparison that checks what a user would notice after a restore:
-//! contents byte for byte, kinds, modes, symlink targets and mtimes.
+//! Helpers shared by the integration tests: stores (file://, and the S3 server and Azurite of
+//! .ci/run), tree builders, and a tree comparison that checks what a user would notice after a
+//! restore: contents byte for byte, kinds, modes, symlink targets and mtimes.
 #![allow(dead_code)]
 pub mod apiserver;
 
@@ -31,6 +31,30 @@ pub fn s3_url(test: &str) -> Option<String> {
             }
             eprintln!(
                 "SKIPPED {test}: CACHEVOL_TEST_S3_URL is not set (run .ci/run for the S3 tests)"
+            );
+            None
+        }
+    }
+}
+
+/// The Azure Blob store URL of the test environment (`CACHEVOL_TEST_AZ_URL`, e.g.
+/// `az://cachevol/ci-123`, set by .ci/run against Azurite with the `AZURE_*` variables and
+/// `AZURITE_BLOB_STORAGE_URL`), with a fresh prefix for `test`. Unset: fails under CI (`CI`
+/// set), else the test is skipped with a message.
+pub fn az_url(test: &str) -> Option<String> {
+    match std::env::var("CACHEVOL_TEST_AZ_URL") {
+        Ok(base) if !base.is_empty() => Some(format!(
+            "{}/{}-{}",
+            base.trim_end_matches('/'),
+            test,
+            unique()
+        )),
+        _ => {
+            if std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false") {
+                panic!("CACHEVOL_TEST_AZ_URL is not set but CI is: the Azure tests must run in CI (see .ci/run)");
+            }
+            eprintln!(
+                "SKIPPED {test}: CACHEVOL_TEST_AZ_URL is not set (run .ci/run for the Azure tests)"
             );
             None
         }
@@ -318,12 +342,19 @@ pub fn raw_store(
         let fs = object_store::local::LocalFileSystem::new_with_prefix(path).unwrap();
         return (std::sync::Arc::new(fs), object_store::path::Path::default());
     }
+    let prefix = object_store::path::Path::parse(parsed.path().trim_start_matches('/')).unwrap();
+    if matches!(parsed.scheme(), "az" | "azure" | "abfs" | "abfss") {
+        let az = object_store::azure::MicrosoftAzureBuilder::from_env()
+            .with_url(url)
+            .build()
+            .unwrap();
+        return (std::sync::Arc::new(az), prefix);
+    }
     let s3 = object_store::aws::AmazonS3Builder::from_env()
         .with_url(url)
         .with_conditional_put(object_store::aws::S3ConditionalPut::ETagMatch)
         .build()
         .unwrap();
-    let prefix = object_store::path::Path::parse(parsed.path().trim_start_matches('/')).unwrap();
     (std::sync::Arc::new(s3), prefix)
 }
 
