@@ -194,12 +194,16 @@ impl DirState {
         let mut prev: &[u8] = &[];
         for (e, st) in self.entries.iter().zip(&self.stats) {
             let path = e.path.as_bytes();
-            let shared = prev
+            let mut shared = prev
                 .iter()
                 .zip(path)
                 .take(u16::MAX as usize)
                 .take_while(|(a, b)| a == b)
                 .count();
+            // Both parts must stay UTF-8: never split a character ("é" and "ê" share a byte).
+            while !e.path.is_char_boundary(shared) {
+                shared -= 1;
+            }
             let rest = &path[shared..];
             raw.extend_from_slice(&(shared as u16).to_le_bytes());
             raw.extend_from_slice(&(rest.len() as u32).to_le_bytes());
@@ -424,6 +428,7 @@ mod tests {
         link.target = Some("b.rs".into());
         link.mtime = -3;
         let empty = entry("é", Kind::File);
+        let next = entry("ê", Kind::File);
         let stat = |ino: u64, size: u64| Stat {
             ino,
             size,
@@ -441,8 +446,8 @@ mod tests {
                 }),
                 manifest: vec![chunk(5, 8, 100)],
             },
-            entries: vec![entry("a", Kind::Dir), file, other, link, empty],
-            stats: vec![None, Some(stat(1, 30)), Some(stat(2, 5)), None, None],
+            entries: vec![entry("a", Kind::Dir), file, other, link, empty, next],
+            stats: vec![None, Some(stat(1, 30)), Some(stat(2, 5)), None, None, None],
         }
     }
 
