@@ -357,7 +357,8 @@ async fn every_change_is_seen_by_stat() {
     make_rich_tree(&src, 5);
     let opts = CommitOptions::default();
     e.commit("k", &src, &opts).await.unwrap();
-    let changes: Vec<(&str, Box<dyn Fn(&std::path::Path)>)> = vec![
+    type Change = Box<dyn Fn(&std::path::Path)>;
+    let changes: Vec<(&str, Change)> = vec![
         (
             "the same size and mtime, new content (ctime moves)",
             Box::new(|d| {
