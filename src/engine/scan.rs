@@ -45,8 +45,14 @@ pub fn scan(root: &Path) -> Result<Vec<Scanned>> {
         more: Condvar::new(),
     };
     let results: Vec<Result<Walked>> = std::thread::scope(|s| {
-        let others: Vec<_> = (1..workers).map(|_| s.spawn(|| work(&shared))).collect();
-        let mine = work(&shared);
+        // Helpers start only once there is work for them: a tree of one or two directories
+        // is walked on this thread alone (starting, waking and joining threads costs more).
+        let mut others = Vec::new();
+        let mine = work(&shared, &mut |queued| {
+            if queued >= 2 && others.is_empty() {
+                others.extend((1..workers).map(|_| s.spawn(|| work(&shared, &mut |_| {}))));
+            }
+        });
         std::iter::once(mine)
             .chain(
                 others
@@ -80,7 +86,8 @@ struct Walked {
 }
 
 /// One worker: takes directories off the queue until none is left and no one is reading one.
-fn work(shared: &Shared) -> Result<Walked> {
+/// `queued` is told how many directories wait after each one this worker read.
+fn work(shared: &Shared, queued: &mut dyn FnMut(usize)) -> Result<Walked> {
     let mut walked = Walked::default();
     let mut subdirs = Vec::new();
     loop {
@@ -106,11 +113,13 @@ fn work(shared: &Shared) -> Result<Walked> {
         q.failed |= r.is_err();
         let wake = !subdirs.is_empty() || q.busy == 0 || q.failed;
         q.dirs.append(&mut subdirs);
+        let waiting = q.dirs.len();
         drop(q);
         if wake {
             shared.more.notify_all();
         }
         r?;
+        queued(waiting);
     }
 }
 
@@ -189,4 +198,51 @@ fn read_dir(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::ffi::OsStrExt;
+
+    #[test]
+    fn walks_every_directory_once_sorted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut want = Vec::new();
+        for i in 0..30 {
+            let d = format!("d{i:02}");
+            std::fs::create_dir(tmp.path().join(&d)).unwrap();
+            want.push(d.clone());
+            for j in 0..3 {
+                let sub = format!("{d}/s{j}");
+                std::fs::create_dir(tmp.path().join(&sub)).unwrap();
+                want.push(sub.clone());
+                let f = format!("{sub}/f");
+                std::fs::write(tmp.path().join(&f), vec![b'x'; i * 3 + j]).unwrap();
+                want.push(f);
+            }
+        }
+        std::os::unix::fs::symlink("d00/s0/f", tmp.path().join("link")).unwrap();
+        want.push("link".into());
+        want.sort();
+        let got = scan(tmp.path()).unwrap();
+        let paths: Vec<&str> = got.iter().map(|s| s.path.as_str()).collect();
+        assert_eq!(paths, want);
+        let f = got.iter().find(|s| s.path == "d07/s2/f").unwrap();
+        assert_eq!((f.kind, f.stat.size), (Kind::File, 23));
+        let l = got.iter().find(|s| s.path == "link").unwrap();
+        assert_eq!(l.target.as_deref(), Some("d00/s0/f"));
+    }
+
+    #[test]
+    fn a_name_that_is_not_utf8_fails_the_walk() {
+        let tmp = tempfile::tempdir().unwrap();
+        for i in 0..10 {
+            std::fs::create_dir_all(tmp.path().join(format!("a{i}/b"))).unwrap();
+        }
+        let bad = std::ffi::OsStr::from_bytes(b"bad\xff");
+        std::fs::write(tmp.path().join("a7/b").join(bad), b"").unwrap();
+        let err = scan(tmp.path()).err().expect("the walk fails").to_string();
+        assert!(err.contains("not UTF-8"), "{err}");
+    }
 }
