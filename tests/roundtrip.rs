@@ -345,3 +345,103 @@ async fn scopes_isolate_s3_store() {
     };
     scopes_isolate(&url).await;
 }
+
+/// Every kind of change an unchanged commit must not miss: it compares the tree with the
+/// record by stat alone, so each change is made so that as little as possible of the stat moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_change_is_seen_by_stat() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = file_url(&tmp.path().join("store"));
+    let e = engine(&url, "default", &tmp.path().join("state"));
+    let src = tmp.path().join("src");
+    make_rich_tree(&src, 5);
+    let opts = CommitOptions::default();
+    e.commit("k", &src, &opts).await.unwrap();
+    type Change = Box<dyn Fn(&std::path::Path)>;
+    let changes: Vec<(&str, Change)> = vec![
+        (
+            "the same size and mtime, new content (ctime moves)",
+            Box::new(|d| {
+                let p = d.join("many/f003.json");
+                let md = std::fs::metadata(&p).unwrap();
+                let mut data = std::fs::read(&p).unwrap();
+                data[0] = b'[';
+                std::fs::write(&p, &data).unwrap();
+                let f = std::fs::File::options().write(true).open(&p).unwrap();
+                f.set_modified(md.modified().unwrap()).unwrap();
+            }),
+        ),
+        (
+            "a file replaced by another (new inode)",
+            Box::new(|d| {
+                let p = d.join("many/f004.json");
+                let copy = d.join("many/f004.tmp");
+                std::fs::copy(&p, &copy).unwrap();
+                std::fs::write(&copy, b"{\"i\":4,\"seed\":6}").unwrap();
+                std::fs::rename(&copy, &p).unwrap();
+            }),
+        ),
+        (
+            "a file's mode",
+            Box::new(|d| chmod(&d.join("README"), 0o600)),
+        ),
+        (
+            "a directory's mode",
+            Box::new(|d| chmod(&d.join("a/empty-dir"), 0o700)),
+        ),
+        (
+            "a symlink's target, same length",
+            Box::new(|d| {
+                std::fs::remove_file(d.join("dangling")).unwrap();
+                std::os::unix::fs::symlink("does/not/exisT", d.join("dangling")).unwrap();
+            }),
+        ),
+        (
+            "an empty file added",
+            Box::new(|d| write(&d.join("a/b/new-empty"), b"")),
+        ),
+        (
+            "an empty file removed",
+            Box::new(|d| std::fs::remove_file(d.join("a/b/c/empty")).unwrap()),
+        ),
+        (
+            "an empty directory added",
+            Box::new(|d| std::fs::create_dir(d.join("a/b/new-dir")).unwrap()),
+        ),
+        (
+            "an empty directory removed",
+            Box::new(|d| std::fs::remove_dir(d.join("a/empty-dir")).unwrap()),
+        ),
+        (
+            "a file became a directory",
+            Box::new(|d| {
+                std::fs::remove_file(d.join("empty")).unwrap();
+                std::fs::create_dir(d.join("empty")).unwrap();
+            }),
+        ),
+    ];
+    for (generation, (what, change)) in (2..).zip(&changes) {
+        change(&src);
+        let c = e.commit("k", &src, &opts).await.unwrap();
+        assert_eq!(
+            c.outcome,
+            CommitOutcome::Committed { generation },
+            "{what}: not seen"
+        );
+        let again = e.commit("k", &src, &opts).await.unwrap();
+        assert_eq!(
+            again.outcome,
+            CommitOutcome::Unchanged {
+                generation: Some(generation)
+            },
+            "{what}: seen again after its commit"
+        );
+        assert_eq!(again.files_read, 0, "{what}");
+    }
+    let dst = tmp.path().join("dst");
+    engine(&url, "default", &tmp.path().join("state2"))
+        .restore("k", &[], &dst)
+        .await
+        .unwrap();
+    assert_trees_equal(&src, &dst);
+}

@@ -153,11 +153,39 @@ impl Engine {
                 why: "the last restore into it did not finish, so it holds no snapshot; restore it again before committing".into(),
             });
         }
-        let state = DirState::load(&self.state_dir, &dir, self.store.display_url(), &self.scope);
+        // The walk and the reading of the record are independent: they run at once.
         let scan_dir = dir.clone();
-        let scanned = tokio::task::spawn_blocking(move || scan::scan(&scan_dir))
-            .await
-            .expect("scan does not panic")?;
+        let scanning = tokio::task::spawn_blocking(move || scan::scan(&scan_dir));
+        let state = DirState::load(&self.state_dir, &dir, self.store.display_url(), &self.scope);
+        let scanned = scanning.await.expect("scan does not panic")?;
+
+        // The common case, nothing changed since the record: answer without building a tree.
+        if let Some(st) = state.as_ref().filter(|st| unchanged(st, &scanned)) {
+            let total_bytes: u64 = scanned
+                .iter()
+                .filter(|s| s.kind == Kind::File)
+                .map(|s| s.stat.size)
+                .sum();
+            check_budget(key, total_bytes, opts)?;
+            return Ok(CommitReport {
+                outcome: CommitOutcome::Unchanged {
+                    generation: st
+                        .header
+                        .base
+                        .as_ref()
+                        .filter(|b| b.key == key)
+                        .map(|b| b.generation),
+                },
+                key: key.to_string(),
+                files: scanned.iter().filter(|s| s.kind == Kind::File).count() as u64,
+                bytes: total_bytes,
+                files_read: 0,
+                uploaded: 0,
+                new_chunks: 0,
+                merged: 0,
+                seconds: started.elapsed().as_secs_f64(),
+            });
+        }
 
         // Pair each scanned entry with its base entry; unchanged files keep their chunks.
         let base_index: HashMap<&str, usize> = state
@@ -294,15 +322,7 @@ impl Engine {
             .filter(|e| e.kind == Kind::File)
             .map(|e| e.size)
             .sum();
-        if let Some(budget) = opts.budget {
-            if total_bytes > budget {
-                return Err(Error::OverBudget {
-                    key: key.to_string(),
-                    size: total_bytes,
-                    budget,
-                });
-            }
-        }
+        check_budget(key, total_bytes, opts)?;
         let files =
             |entries: &[Entry]| entries.iter().filter(|e| e.kind == Kind::File).count() as u64;
 
@@ -799,6 +819,40 @@ fn entry_of(s: &Scanned, chunks: Vec<ChunkRef>) -> Entry {
         target: s.target.clone(),
         chunks,
     }
+}
+
+fn check_budget(key: &str, total_bytes: u64, opts: &CommitOptions) -> Result<()> {
+    match opts.budget {
+        Some(budget) if total_bytes > budget => Err(Error::OverBudget {
+            key: key.to_string(),
+            size: total_bytes,
+            budget,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Whether the scanned tree is exactly the recorded one: the same paths, and for each the same
+/// kind, mode and link target, the same mtime (but for directories), and for files the same
+/// stat (size, mtime, ctime, inode). It is what `same_tree` would find of the tree built from
+/// the scan with every file's chunks reused, without building it.
+fn unchanged(state: &DirState, scanned: &[Scanned]) -> bool {
+    state.entries.len() == scanned.len()
+        && state
+            .entries
+            .iter()
+            .zip(&state.stats)
+            .zip(scanned)
+            .all(|((e, st), s)| {
+                let size = if s.kind == Kind::File { s.stat.size } else { 0 };
+                e.path == s.path
+                    && e.kind == s.kind
+                    && e.mode == s.mode
+                    && e.size == size
+                    && e.target == s.target
+                    && (e.kind == Kind::Dir || e.mtime == s.stat.mtime)
+                    && (e.kind != Kind::File || *st == Some(s.stat))
+            })
 }
 
 /// Whether `entries` has the same content as the recorded base tree.
