@@ -18,23 +18,7 @@ use cachevol::engine::{Engine, Store};
 /// fresh prefix for `test` so tests never see each other's objects. Unset: fails under CI
 /// (`CI` set), else the test is skipped with a message.
 pub fn s3_url(test: &str) -> Option<String> {
-    match std::env::var("CACHEVOL_TEST_S3_URL") {
-        Ok(base) if !base.is_empty() => Some(format!(
-            "{}/{}-{}",
-            base.trim_end_matches('/'),
-            test,
-            unique()
-        )),
-        _ => {
-            if std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false") {
-                panic!("CACHEVOL_TEST_S3_URL is not set but CI is: the S3 tests must run in CI (see .ci/run)");
-            }
-            eprintln!(
-                "SKIPPED {test}: CACHEVOL_TEST_S3_URL is not set (run .ci/run for the S3 tests)"
-            );
-            None
-        }
-    }
+    env_store_url("CACHEVOL_TEST_S3_URL", "S3", test)
 }
 
 /// The Azure Blob store URL of the test environment (`CACHEVOL_TEST_AZ_URL`, e.g.
@@ -42,7 +26,11 @@ pub fn s3_url(test: &str) -> Option<String> {
 /// `AZURITE_BLOB_STORAGE_URL`), with a fresh prefix for `test`. Unset: fails under CI (`CI`
 /// set), else the test is skipped with a message.
 pub fn az_url(test: &str) -> Option<String> {
-    match std::env::var("CACHEVOL_TEST_AZ_URL") {
+    env_store_url("CACHEVOL_TEST_AZ_URL", "Azure", test)
+}
+
+fn env_store_url(var: &str, what: &str, test: &str) -> Option<String> {
+    match std::env::var(var) {
         Ok(base) if !base.is_empty() => Some(format!(
             "{}/{}-{}",
             base.trim_end_matches('/'),
@@ -51,11 +39,9 @@ pub fn az_url(test: &str) -> Option<String> {
         )),
         _ => {
             if std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false") {
-                panic!("CACHEVOL_TEST_AZ_URL is not set but CI is: the Azure tests must run in CI (see .ci/run)");
+                panic!("{var} is not set but CI is: the {what} tests must run in CI (see .ci/run)");
             }
-            eprintln!(
-                "SKIPPED {test}: CACHEVOL_TEST_AZ_URL is not set (run .ci/run for the Azure tests)"
-            );
+            eprintln!("SKIPPED {test}: {var} is not set (run .ci/run for the {what} tests)");
             None
         }
     }
