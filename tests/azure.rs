@@ -16,14 +16,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use cachevol::engine::{CommitOptions, CommitOutcome, RestoreSource};
 use common::*;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
-
-fn opts(mode: PutMode) -> PutOptions {
-    PutOptions {
-        mode,
-        ..Default::default()
-    }
-}
+use object_store::{ObjectStoreExt, PutPayload};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn azure_round_trip() {
@@ -227,57 +220,12 @@ async fn azure_conditional_puts() {
     };
     let (az, prefix) = raw_store(&url);
     let loc = prefix.clone().join("obj");
-    az.put_opts(
-        &loc,
-        PutPayload::from_static(b"first"),
-        opts(PutMode::Create),
-    )
-    .await
-    .expect("creating a new object succeeds");
-    let err = az
-        .put_opts(
-            &loc,
-            PutPayload::from_static(b"second"),
-            opts(PutMode::Create),
-        )
-        .await
-        .expect_err("creating an existing object must fail (If-None-Match: *)");
-    assert!(
-        matches!(err, object_store::Error::AlreadyExists { .. }),
-        "unexpected error: {err:?}"
-    );
-    let got = az.get(&loc).await.unwrap();
-    let version = UpdateVersion {
-        e_tag: got.meta.e_tag.clone(),
-        version: got.meta.version.clone(),
-    };
+    // Azure answers 409 to a create that lost, 412 ConditionNotMet to a stale update.
+    let version = common::conditional::create_then_swap(&az, &loc, |e| {
+        matches!(e, object_store::Error::AlreadyExists { .. })
+    })
+    .await;
     assert!(version.e_tag.is_some(), "Azure answers with an ETag");
-    assert_eq!(got.bytes().await.unwrap(), Bytes::from_static(b"first"));
-
-    az.put_opts(
-        &loc,
-        PutPayload::from_static(b"third"),
-        opts(PutMode::Update(version.clone())),
-    )
-    .await
-    .expect("update at the current version succeeds");
-    let err = az
-        .put_opts(
-            &loc,
-            PutPayload::from_static(b"fourth"),
-            opts(PutMode::Update(version)),
-        )
-        .await
-        .expect_err("update at a stale version must fail (If-Match)");
-    // 412 ConditionNotMet, from Azure and Azurite alike.
-    assert!(
-        matches!(err, object_store::Error::Precondition { .. }),
-        "unexpected error: {err:?}"
-    );
-    assert_eq!(
-        az.get(&loc).await.unwrap().bytes().await.unwrap(),
-        Bytes::from_static(b"third")
-    );
 
     // The same through cachevol's Store.
     let store = open(&url);
@@ -321,44 +269,10 @@ async fn azure_put_create_has_exactly_one_winner_under_races() {
         return;
     };
     let (az, prefix) = raw_store(&url);
-    const WRITERS: usize = 8;
-    for round in 0..15 {
-        let loc = prefix.clone().join(format!("gen-{round:03}"));
-        let barrier = Arc::new(tokio::sync::Barrier::new(WRITERS));
-        let mut tasks = Vec::new();
-        for w in 0..WRITERS {
-            let (az, loc, barrier) = (az.clone(), loc.clone(), barrier.clone());
-            tasks.push(tokio::spawn(async move {
-                let body = format!("writer {w}").repeat(1000);
-                barrier.wait().await;
-                let res = az
-                    .put_opts(&loc, PutPayload::from(body), opts(PutMode::Create))
-                    .await;
-                (w, res)
-            }));
-        }
-        let mut winners = Vec::new();
-        for t in tasks {
-            let (w, res) = t.await.unwrap();
-            match res {
-                Ok(_) => winners.push(w),
-                Err(object_store::Error::AlreadyExists { .. }) => {}
-                Err(e) => panic!("writer {w}: unexpected error {e:?}"),
-            }
-        }
-        assert_eq!(
-            winners.len(),
-            1,
-            "round {round}: {} writers created the same object: {winners:?}",
-            winners.len()
-        );
-        let data = az.get(&loc).await.unwrap().bytes().await.unwrap();
-        assert_eq!(
-            data,
-            Bytes::from(format!("writer {}", winners[0]).repeat(1000)),
-            "round {round}: the object holds another writer's data than the winner's"
-        );
-    }
+    common::conditional::create_races(&az, &prefix, 15, |e| {
+        matches!(e, object_store::Error::AlreadyExists { .. })
+    })
+    .await;
 }
 
 /// Commits racing on one key each get their own generation, and the head hint (a

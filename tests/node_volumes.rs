@@ -4,7 +4,7 @@
 //! commit.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 mod common;
 
@@ -53,12 +53,14 @@ fn pod(name: &str) -> PodRef {
     }
 }
 
-async fn publish_async(
+/// Publishes volume `cv-vol` at `target` for pod `p` (of fsGroup `group`).
+async fn try_publish(
     n: &Node,
     target: &Path,
     c: &HashMap<String, String>,
     p: &str,
-) -> cachevol::node::Published {
+    group: Option<u32>,
+) -> cachevol::node::Result<cachevol::node::Published> {
     n.volumes
         .publish(Publish {
             volume_id: "cv-vol".into(),
@@ -66,10 +68,18 @@ async fn publish_async(
             context: c.clone(),
             read_only: false,
             pod: Some(pod(p)),
-            group: None,
+            group,
         })
         .await
-        .unwrap()
+}
+
+async fn publish_async(
+    n: &Node,
+    target: &Path,
+    c: &HashMap<String, String>,
+    p: &str,
+) -> cachevol::node::Published {
+    try_publish(n, target, c, p, None).await.unwrap()
 }
 
 /// Unpublishes and commits as a pod that ended with `ending`.
@@ -215,16 +225,7 @@ async fn locked_is_exclusive_on_the_node_and_publish_is_idempotent() {
     publish_async(&n, &ta, &c, "a").await;
     // The same publish again: OK, nothing new.
     publish_async(&n, &ta, &c, "a").await;
-    let err = n
-        .volumes
-        .publish(Publish {
-            volume_id: "cv-vol".into(),
-            target: tb.clone(),
-            context: c.clone(),
-            read_only: false,
-            pod: Some(pod("b")),
-            group: None,
-        })
+    let err = try_publish(&n, &tb, &c, "b", None)
         .await
         .unwrap_err()
         .to_string();
@@ -418,18 +419,7 @@ async fn a_shared_view_pending_its_commit_is_never_discarded_by_a_new_pod() {
 
     // A new pod comes before the commit ran: it is told to wait, and nothing is lost.
     let tb = t.join("b");
-    let err = n
-        .volumes
-        .publish(Publish {
-            volume_id: "cv-vol".into(),
-            target: tb.clone(),
-            context: c.clone(),
-            read_only: false,
-            pod: Some(pod("b")),
-            group: None,
-        })
-        .await
-        .unwrap_err();
+    let err = try_publish(&n, &tb, &c, "b", None).await.unwrap_err();
     assert!(err.to_string().contains("pending"), "{err}");
     let d = n
         .volumes
@@ -476,25 +466,8 @@ async fn an_fs_group_makes_the_view_writable_by_non_root_pods() {
         let e = common::engine(&store, "team-a", &t.join("seed-state"));
         e.commit("npm", &src, &Default::default()).await.unwrap();
 
-        let publish = |target: PathBuf, who: &'static str| {
-            let n = &n;
-            let c = c.clone();
-            async move {
-                n.volumes
-                    .publish(Publish {
-                        volume_id: "cv-vol".into(),
-                        target,
-                        context: c,
-                        read_only: false,
-                        pod: Some(pod(who)),
-                        group: Some(4242),
-                    })
-                    .await
-                    .unwrap()
-            }
-        };
         let a = t.join("a");
-        publish(a.clone(), "a").await;
+        try_publish(&n, &a, &c, "a", Some(4242)).await.unwrap();
         let d = a.display();
         assert!(
             as_user(5000, 4242, &format!("echo v2 > {d}/pkg/index.js && mkdir {d}/pkg/lib && echo new > {d}/pkg/lib/x.js")),
@@ -509,7 +482,7 @@ async fn an_fs_group_makes_the_view_writable_by_non_root_pods() {
 
         // Another uid of the same group, on the base the commit left on the node.
         let b = t.join("b");
-        publish(b.clone(), "b").await;
+        try_publish(&n, &b, &c, "b", Some(4242)).await.unwrap();
         let d = b.display();
         assert_eq!(std::fs::read(b.join("pkg/lib/x.js")).unwrap(), b"new\n");
         assert!(

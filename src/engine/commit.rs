@@ -96,6 +96,29 @@ pub struct CommitReport {
     pub seconds: f64,
 }
 
+impl CommitReport {
+    /// An unchanged commit of `key`: nothing read, nothing uploaded.
+    pub fn unchanged(
+        key: &str,
+        generation: Option<u64>,
+        files: u64,
+        bytes: u64,
+        started: Instant,
+    ) -> CommitReport {
+        CommitReport {
+            outcome: CommitOutcome::Unchanged { generation },
+            key: key.to_string(),
+            files,
+            bytes,
+            files_read: 0,
+            uploaded: 0,
+            new_chunks: 0,
+            merged: 0,
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    }
+}
+
 /// What a commit is made of, however the changes were found.
 struct Plan {
     /// Where the files to read are (the cache dir, or an overlay upper dir).
@@ -167,24 +190,20 @@ impl Engine {
                 .map(|s| s.stat.size)
                 .sum();
             check_budget(key, total_bytes, opts)?;
-            return Ok(CommitReport {
-                outcome: CommitOutcome::Unchanged {
-                    generation: st
-                        .header
-                        .base
-                        .as_ref()
-                        .filter(|b| b.key == key)
-                        .map(|b| b.generation),
-                },
-                key: key.to_string(),
-                files: scanned.iter().filter(|s| s.kind == Kind::File).count() as u64,
-                bytes: total_bytes,
-                files_read: 0,
-                uploaded: 0,
-                new_chunks: 0,
-                merged: 0,
-                seconds: started.elapsed().as_secs_f64(),
-            });
+            let generation = st
+                .header
+                .base
+                .as_ref()
+                .filter(|b| b.key == key)
+                .map(|b| b.generation);
+            let files = scanned.iter().filter(|s| s.kind == Kind::File).count() as u64;
+            return Ok(CommitReport::unchanged(
+                key,
+                generation,
+                files,
+                total_bytes,
+                started,
+            ));
         }
 
         // Pair each scanned entry with its base entry; unchanged files keep their chunks.
@@ -330,19 +349,13 @@ impl Engine {
         // A tree equal to what was restored (even an empty miss) is unchanged: nothing uploads.
         if to_read.is_empty() && same_tree(base_entries, &entries) {
             return Ok(Done {
-                report: CommitReport {
-                    outcome: CommitOutcome::Unchanged {
-                        generation: same_key_base,
-                    },
-                    key: key.to_string(),
-                    files: files(&entries),
-                    bytes: total_bytes,
-                    files_read: 0,
-                    uploaded: 0,
-                    new_chunks: 0,
-                    merged: 0,
-                    seconds: started.elapsed().as_secs_f64(),
-                },
+                report: CommitReport::unchanged(
+                    key,
+                    same_key_base,
+                    files(&entries),
+                    total_bytes,
+                    started,
+                ),
                 record: None,
             });
         }
@@ -452,17 +465,16 @@ impl Engine {
             // Touched but identical: nothing new was packed, no generation is written.
             return Ok(Done {
                 report: CommitReport {
-                    outcome: CommitOutcome::Unchanged {
-                        generation: same_key_base,
-                    },
-                    key: key.to_string(),
-                    files: files(&entries),
-                    bytes: total_bytes,
                     files_read,
                     uploaded: packer.uploaded,
                     new_chunks: packer.new_chunks,
-                    merged: 0,
-                    seconds: started.elapsed().as_secs_f64(),
+                    ..CommitReport::unchanged(
+                        key,
+                        same_key_base,
+                        files(&entries),
+                        total_bytes,
+                        started,
+                    )
                 },
                 record: Some(CommittedTree {
                     base,

@@ -574,20 +574,9 @@ impl Volumes {
                 let upper = dir.join("upper");
                 if dir_is_empty(&upper) && record.base.as_ref().is_some_and(|b| b.key == spec.key) {
                     // Nothing was written: unchanged, without reading the base's record.
+                    let generation = record.base.as_ref().map(|b| b.generation);
                     Ok((
-                        CommitReport {
-                            outcome: CommitOutcome::Unchanged {
-                                generation: record.base.as_ref().map(|b| b.generation),
-                            },
-                            key: spec.key.clone(),
-                            files: 0,
-                            bytes: 0,
-                            files_read: 0,
-                            uploaded: 0,
-                            new_chunks: 0,
-                            merged: 0,
-                            seconds: 0.0,
-                        },
+                        CommitReport::unchanged(&spec.key, generation, 0, 0, Instant::now()),
                         None,
                     ))
                 } else {

@@ -3,6 +3,7 @@
 //! restore: contents byte for byte, kinds, modes, symlink targets and mtimes.
 #![allow(dead_code)]
 pub mod apiserver;
+pub mod conditional;
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
