@@ -352,6 +352,56 @@ async fn truncated_packs_are_refused() {
     assert!(err.to_string().contains("truncated"), "{err}");
 }
 
+/// One bad chunk among many packs: the restore fails, and once it has returned the target is
+/// empty and stays empty (no writer of another pack goes on writing after the failure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_restore_leaves_nothing_behind() {
+    let lab = Lab::new();
+    let mut stream = Vec::new();
+    for d in 0..8u64 {
+        let dir = format!("d{d}");
+        stream.extend(line(&dir_entry(&dir)));
+        // A pack per directory, of 64 files; the first chunk of the first pack is bad.
+        let data: Vec<Vec<u8>> = (0..64).map(|f| noise(d * 100 + f, 64 << 10)).collect();
+        let claims: Vec<(&[u8], Digest)> = data
+            .iter()
+            .enumerate()
+            .map(|(f, raw)| {
+                let claimed = if d == 0 && f == 0 {
+                    Digest::of(b"something else")
+                } else {
+                    Digest::of(raw)
+                };
+                (raw.as_slice(), claimed)
+            })
+            .collect();
+        let (_, refs) = lab.pack(&claims);
+        for (f, r) in refs.into_iter().enumerate() {
+            stream.extend(line(&Entry {
+                path: format!("{dir}/f{f:02}"),
+                kind: Kind::File,
+                mode: 0o644,
+                size: r.n as u64,
+                mtime: 0,
+                target: None,
+                chunks: vec![r],
+            }));
+        }
+    }
+    lab.generation("one-bad-chunk", 1, &stream);
+    lab.refused("one-bad-chunk", &["does not match its digest"])
+        .await;
+    let target = lab.root.join("work/target-one-bad-chunk");
+    for _ in 0..5 {
+        let left: Vec<_> = std::fs::read_dir(&target)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert!(left.is_empty(), "a failed restore left {left:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(40)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_format_versions_are_refused() {
     let lab = Lab::new();

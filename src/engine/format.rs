@@ -281,14 +281,25 @@ pub fn encode_entries(entries: &[Entry]) -> Vec<u8> {
 /// normal, sorted and unique, every parent a directory of the tree (never a symlink, so no entry
 /// is reached through a link), sizes consistent with chunks, no special files, no setuid/setgid.
 pub fn decode_entries(location: &str, stream: &[u8]) -> Result<Vec<Entry>> {
-    let mut entries = Vec::new();
-    for (i, line) in stream.split(|b| *b == b'\n').enumerate() {
-        if line.is_empty() {
-            continue;
+    // A manifest of a big tree is megabytes of JSON: its lines are parsed on every core, in
+    // parts that each start at a line.
+    let lines: Vec<&[u8]> = stream.split(|b| *b == b'\n').collect();
+    let parts = super::par::map_parts(&lines, |part, first| {
+        let mut entries = Vec::with_capacity(part.len());
+        for (i, line) in part.iter().enumerate() {
+            if line.is_empty() {
+                continue;
+            }
+            let e: Entry = serde_json::from_slice(line).map_err(|e| {
+                Error::corrupt(location, format!("manifest line {}: {e}", first + i + 1))
+            })?;
+            entries.push(e);
         }
-        let e: Entry = serde_json::from_slice(line)
-            .map_err(|e| Error::corrupt(location, format!("manifest line {}: {e}", i + 1)))?;
-        entries.push(e);
+        Ok::<_, Error>(entries)
+    });
+    let mut entries = Vec::with_capacity(lines.len());
+    for part in parts {
+        entries.extend(part?);
     }
     validate_tree(location, &mut entries)?;
     Ok(entries)
@@ -426,21 +437,36 @@ thread_local! {
 
 /// Decompresses one chunk's frame and checks it against its ref.
 pub fn open_chunk(location: &str, r: &ChunkRef, frame: &[u8]) -> Result<Vec<u8>> {
-    let raw = DECOMPRESSOR
-        .with(|d| d.borrow_mut().decompress(frame, r.n as usize))
+    let mut raw = Vec::new();
+    open_chunk_into(location, r, frame, &mut raw)?;
+    Ok(raw)
+}
+
+/// [`open_chunk`] into a buffer the caller reuses: a restore decompresses hundreds of megabytes,
+/// and fresh buffers for each chunk cost page faults.
+pub fn open_chunk_into(
+    location: &str,
+    r: &ChunkRef,
+    frame: &[u8],
+    raw: &mut Vec<u8>,
+) -> Result<()> {
+    raw.clear();
+    raw.reserve(r.n as usize);
+    DECOMPRESSOR
+        .with(|d| d.borrow_mut().decompress_to_buffer(frame, raw))
         .map_err(|e| {
             Error::corrupt(
                 location,
                 format!("chunk {} at offset {} does not decompress: {e}", r.h, r.o),
             )
         })?;
-    if raw.len() != r.n as usize || Digest::of(&raw) != r.h {
+    if raw.len() != r.n as usize || Digest::of(raw) != r.h {
         return Err(Error::corrupt(
             location,
             format!("chunk {} at offset {} does not match its digest", r.h, r.o),
         ));
     }
-    Ok(raw)
+    Ok(())
 }
 
 pub fn compress_chunk(raw: &[u8]) -> Vec<u8> {

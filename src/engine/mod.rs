@@ -12,6 +12,7 @@ mod gc;
 mod inspect;
 mod localstate;
 pub mod overlay;
+mod par;
 mod restore;
 mod scan;
 

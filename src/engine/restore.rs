@@ -8,18 +8,18 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use serde::Serialize;
 
 use super::error::{Error, Result};
 use super::format::{self, BaseRef, ChunkRef, Digest, Entry, Kind};
 use super::localstate::{self, DirState, Header, Stat};
-use super::{io_concurrency, names, Engine};
+use super::{io_concurrency, names, par, Engine};
 
 /// Where a restore's content came from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -140,6 +140,10 @@ impl Engine {
                 return Err(e);
             }
         };
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            "restore: manifest loaded"
+        );
         let entries = Arc::new(entries);
         let touch = self.touch_used(&from_key);
         let (written, _) = futures::join!(self.write_tree(&dir, previous, entries.clone()), touch);
@@ -278,42 +282,118 @@ impl Engine {
             stats: Mutex::new(present.iter().map(|p| p.and_then(|p| p.0)).collect()),
             present: present.iter().map(Option::is_some).collect(),
             umask: current_umask(),
+            failed: AtomicBool::new(false),
         });
+        // The tree's directories are made while the first packs are read: a pack's chunks are
+        // written once the directories are there. Every task is awaited, even after a failure,
+        // so nothing writes into the directory once the restore has returned (the failure path
+        // empties it); after a failure the rest stop early.
+        let t0 = Instant::now();
+        let (prepared, ready) = tokio::sync::watch::channel(None::<bool>);
+        // Threads writing at once, whichever packs their batches come from.
+        let writers = Arc::new(tokio::sync::Semaphore::new(io_concurrency()));
         let w = shared.clone();
-        tokio::task::spawn_blocking(move || w.prepare())
-            .await
-            .expect("prepare does not panic")?;
-
-        let downloaded: u64 = futures::stream::iter(by_pack)
+        let prepare = async move {
+            let res = tokio::task::spawn_blocking(move || w.prepare_or_fail())
+                .await
+                .expect("prepare does not panic");
+            tracing::debug!(ms = t0.elapsed().as_millis() as u64, "restore: prepared");
+            let _ = prepared.send(Some(res.is_ok()));
+            res
+        };
+        let write = futures::stream::iter(by_pack)
             .map(|(pack, needs)| {
                 let w = shared.clone();
+                let mut ready = ready.clone();
+                let writers = writers.clone();
                 async move {
+                    if w.failed.load(Ordering::Relaxed) {
+                        return Ok(0);
+                    }
                     let needs: Vec<Need> = needs.into_values().collect();
                     let refs: Vec<ChunkRef> = needs.iter().map(|n| n.r.clone()).collect();
-                    let frames = self.read_frames(pack, refs).await?;
+                    let frames = match self.read_frames(pack, refs).await {
+                        Ok(f) => f,
+                        Err(e) => {
+                            w.failed.store(true, Ordering::Relaxed);
+                            return Err(e);
+                        }
+                    };
                     let bytes: u64 = frames.iter().map(|(r, _)| r.c as u64).sum();
-                    let location = self.layout.pack(&pack.to_hex()).to_string();
-                    let progress = self.progress.clone();
-                    tokio::task::spawn_blocking(move || {
-                        w.write_pack(&location, needs, frames, progress.as_ref())
-                    })
-                    .await
-                    .expect("writer does not panic")?;
+                    if !matches!(
+                        ready.wait_for(|v| v.is_some()).await.as_deref(),
+                        Ok(Some(true))
+                    ) {
+                        return Ok(0); // preparing failed: its error is the restore's
+                    }
+                    // A pack's chunks are written in batches on several threads, so the last
+                    // pack does not leave all but one core idle.
+                    let location: Arc<str> = self.layout.pack(&pack.to_hex()).to_string().into();
+                    let frames: Arc<HashMap<u64, Bytes>> =
+                        Arc::new(frames.into_iter().map(|(r, b)| (r.o, b)).collect());
+                    let writes = batches(needs, WRITE_BATCH).into_iter().map(|batch| {
+                        let (w, location, frames) = (w.clone(), location.clone(), frames.clone());
+                        let progress = self.progress.clone();
+                        let writers = writers.clone();
+                        async move {
+                            let _permit = writers.acquire().await.expect("never closed");
+                            tokio::task::spawn_blocking(move || {
+                                w.write_pack(&location, batch, &frames, progress.as_ref())
+                            })
+                            .await
+                            .expect("writer does not panic")
+                        }
+                    });
+                    for done in futures::future::join_all(writes).await {
+                        done?;
+                    }
                     Ok::<u64, Error>(bytes)
                 }
             })
             .buffer_unordered(io_concurrency())
-            .try_fold(0u64, |a, b| async move { Ok(a + b) })
-            .await?;
+            .collect::<Vec<Result<u64>>>();
+        let (prepared, written) = futures::join!(prepare, write);
+        prepared?;
+        let mut downloaded = 0;
+        for w in written {
+            downloaded += w?;
+        }
 
+        tracing::debug!(
+            ms = t0.elapsed().as_millis() as u64,
+            "restore: files written"
+        );
         let w = shared.clone();
         tokio::task::spawn_blocking(move || w.finish_dirs())
             .await
             .expect("finish does not panic")?;
+        tracing::debug!(
+            ms = t0.elapsed().as_millis() as u64,
+            "restore: directories finished"
+        );
         self.progress.finish();
         let stats = std::mem::take(&mut *shared.stats.lock().expect("not poisoned"));
         Ok((stats, downloaded))
     }
+}
+
+/// Uncompressed bytes a write task takes from a pack at a time.
+const WRITE_BATCH: u64 = 2 << 20;
+
+/// Splits a pack's needs, in pack order, into batches of about `bytes` uncompressed bytes.
+fn batches(mut needs: Vec<Need>, bytes: u64) -> Vec<Vec<Need>> {
+    needs.sort_by_key(|n| n.r.o);
+    let mut out: Vec<Vec<Need>> = Vec::new();
+    let mut size = bytes;
+    for need in needs {
+        if size >= bytes {
+            out.push(Vec::new());
+            size = 0;
+        }
+        size += need.r.n as u64 * need.targets.len() as u64;
+        out.last_mut().expect("a batch was started").push(need);
+    }
+    out
 }
 
 struct Need {
@@ -332,6 +412,8 @@ struct Writer {
     present: Vec<bool>,
     /// The process umask, which applies to every file we create.
     umask: u32,
+    /// Set at the first failure: the other tasks stop early.
+    failed: AtomicBool,
 }
 
 /// Removes everything inside `dir`, keeping `dir` itself (it may be a mount point).
@@ -498,45 +580,78 @@ impl Writer {
         Ok(())
     }
 
+    fn prepare_or_fail(&self) -> Result<()> {
+        let res = self.prepare();
+        if res.is_err() {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        res
+    }
+
     /// Creates directories and symlinks, empty files, and the files that span several chunks
-    /// (at their full size, so chunks can land in any order).
+    /// (at their full size, so chunks can land in any order). Directories are made a level at a
+    /// time, each level on every core (a level needs only the one above); then the rest.
     fn prepare(&self) -> Result<()> {
+        let mut levels: Vec<Vec<usize>> = Vec::new();
+        let mut others = Vec::new();
         for (i, e) in self.entries.iter().enumerate() {
             if self.present[i] {
                 continue;
             }
-            let path = self.path(i);
             match e.kind {
-                Kind::Dir => match std::fs::create_dir(&path) {
-                    Ok(()) => {}
-                    Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
-                        let md =
-                            std::fs::symlink_metadata(&path).map_err(Error::io("stat", &path))?;
-                        if !md.is_dir() {
-                            clear(&path)?;
-                            std::fs::create_dir(&path).map_err(Error::io("create", &path))?;
-                        }
+                Kind::Dir => {
+                    let depth = e.path.bytes().filter(|&b| b == b'/').count();
+                    if levels.len() <= depth {
+                        levels.resize_with(depth + 1, Vec::new);
                     }
-                    Err(err) => return Err(Error::io("create", &path)(err)),
-                },
-                Kind::Symlink => {
-                    let target = e.target.as_deref().expect("validated");
-                    clear(&path)?;
-                    std::os::unix::fs::symlink(target, &path)
-                        .map_err(Error::io("symlink", &path))?;
+                    levels[depth].push(i);
                 }
-                Kind::File if e.chunks.is_empty() => {
-                    let f = self.create(&path, self.create_mode(i))?;
-                    self.seal(i, &f, &path)?;
-                }
-                Kind::File if e.chunks.len() > 1 => {
-                    let f = self.create(&path, self.create_mode(i))?;
-                    f.set_len(e.size).map_err(Error::io("allocate", &path))?;
-                }
-                Kind::File => {}
+                Kind::File if e.chunks.len() == 1 => {}
+                _ => others.push(i),
             }
         }
-        Ok(())
+        for level in &levels {
+            par::each(level, |&i| self.make_dir(i))?;
+        }
+        par::each(&others, |&i| self.prepare_entry(i))
+    }
+
+    fn make_dir(&self, i: usize) -> Result<()> {
+        let path = self.path(i);
+        match std::fs::create_dir(&path) {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+                let md = std::fs::symlink_metadata(&path).map_err(Error::io("stat", &path))?;
+                if !md.is_dir() {
+                    clear(&path)?;
+                    std::fs::create_dir(&path).map_err(Error::io("create", &path))?;
+                }
+                Ok(())
+            }
+            Err(err) => Err(Error::io("create", &path)(err)),
+        }
+    }
+
+    /// A symlink, an empty file, or a file of several chunks at its full size.
+    fn prepare_entry(&self, i: usize) -> Result<()> {
+        let e = &self.entries[i];
+        let path = self.path(i);
+        match e.kind {
+            Kind::Symlink => {
+                let target = e.target.as_deref().expect("validated");
+                clear(&path)?;
+                std::os::unix::fs::symlink(target, &path).map_err(Error::io("symlink", &path))
+            }
+            Kind::File if e.chunks.is_empty() => {
+                let f = self.create(&path, self.create_mode(i))?;
+                self.seal(i, &f, &path)
+            }
+            Kind::File => {
+                let f = self.create(&path, self.create_mode(i))?;
+                f.set_len(e.size).map_err(Error::io("allocate", &path))
+            }
+            Kind::Dir => unreachable!("directories are made level by level"),
+        }
     }
 
     /// Verifies and writes the chunks fetched from one pack.
@@ -544,13 +659,30 @@ impl Writer {
         &self,
         location: &str,
         needs: Vec<Need>,
-        frames: Vec<(ChunkRef, Bytes)>,
+        frames: &HashMap<u64, Bytes>,
         progress: &dyn super::Progress,
     ) -> Result<()> {
-        let frames: HashMap<u64, Bytes> = frames.into_iter().map(|(r, b)| (r.o, b)).collect();
+        let res = self.write_chunks(location, needs, frames, progress);
+        if res.is_err() {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        res
+    }
+
+    fn write_chunks(
+        &self,
+        location: &str,
+        needs: Vec<Need>,
+        frames: &HashMap<u64, Bytes>,
+        progress: &dyn super::Progress,
+    ) -> Result<()> {
+        let mut raw = Vec::new();
         for need in needs {
+            if self.failed.load(Ordering::Relaxed) {
+                return Ok(());
+            }
             let frame = frames.get(&need.r.o).expect("every need was fetched");
-            let raw = format::open_chunk(location, &need.r, frame)?;
+            format::open_chunk_into(location, &need.r, frame, &mut raw)?;
             for &(i, offset) in &need.targets {
                 let path = self.path(i);
                 if self.entries[i].chunks.len() == 1 {
@@ -575,34 +707,49 @@ impl Writer {
         Ok(())
     }
 
-    /// Directory modes and mtimes last, deepest first: writing into a directory changes its
-    /// mtime, and a read-only directory could not be filled. Symlink mtimes too.
+    /// Directory modes and mtimes last, deepest level first (each level on every core): writing
+    /// into a directory changes its mtime, and a read-only directory could not be filled.
+    /// Symlink mtimes too.
     fn finish_dirs(&self) -> Result<()> {
-        for (i, e) in self.entries.iter().enumerate().rev() {
+        let mut levels: Vec<Vec<usize>> = Vec::new();
+        for (i, e) in self.entries.iter().enumerate() {
             if e.kind == Kind::File {
                 continue;
             }
-            let path = self.path(i);
-            let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-                .expect("validated paths have no NUL");
-            let times = [timespec(e.mtime), timespec(e.mtime)];
-            // SAFETY: `c` is a valid NUL-terminated path and `times` outlives the call.
-            let rc = unsafe {
-                if e.kind == Kind::Dir {
-                    libc::chmod(c.as_ptr(), e.mode as libc::mode_t);
-                }
-                libc::utimensat(
-                    libc::AT_FDCWD,
-                    c.as_ptr(),
-                    times.as_ptr(),
-                    libc::AT_SYMLINK_NOFOLLOW,
-                )
-            };
-            if rc != 0 {
-                return Err(Error::io("set times of", &path)(
-                    std::io::Error::last_os_error(),
-                ));
+            let depth = e.path.bytes().filter(|&b| b == b'/').count();
+            if levels.len() <= depth {
+                levels.resize_with(depth + 1, Vec::new);
             }
+            levels[depth].push(i);
+        }
+        for level in levels.iter().rev() {
+            par::each(level, |&i| self.finish_entry(i))?;
+        }
+        Ok(())
+    }
+
+    fn finish_entry(&self, i: usize) -> Result<()> {
+        let e = &self.entries[i];
+        let path = self.path(i);
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+            .expect("validated paths have no NUL");
+        let times = [timespec(e.mtime), timespec(e.mtime)];
+        // SAFETY: `c` is a valid NUL-terminated path and `times` outlives the call.
+        let rc = unsafe {
+            if e.kind == Kind::Dir {
+                libc::chmod(c.as_ptr(), e.mode as libc::mode_t);
+            }
+            libc::utimensat(
+                libc::AT_FDCWD,
+                c.as_ptr(),
+                times.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if rc != 0 {
+            return Err(Error::io("set times of", &path)(
+                std::io::Error::last_os_error(),
+            ));
         }
         Ok(())
     }
