@@ -85,10 +85,12 @@ fn failed(what: impl Into<PathBuf>, detail: impl std::fmt::Display) -> Error {
     }
 }
 
-/// Wall time and peak RSS of one child process.
+/// Wall time, CPU time (user + system, with the children it waited for) and peak RSS of one
+/// child process.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 struct Sample {
     seconds: f64,
+    cpu_seconds: f64,
     peak_rss_kib: u64,
 }
 
@@ -171,6 +173,7 @@ struct Goal {
 struct Summary {
     tar_create_s: f64,
     tar_extract_s: f64,
+    tar_extract_cpu_s: f64,
     tar_zst_bytes: u64,
     tar_create_peak_rss_mib: f64,
     tar_extract_peak_rss_mib: f64,
@@ -179,6 +182,7 @@ struct Summary {
     first_commit_uploaded: u64,
     restore_file_s: f64,
     restore_file_ratio: f64,
+    restore_file_cpu_s: f64,
     restore_s3_s: Option<f64>,
     restore_s3_ratio: Option<f64>,
     s3_first_commit_s: Option<f64>,
@@ -282,6 +286,7 @@ fn summarize(runs: &[RunFigures]) -> Summary {
     Summary {
         tar_create_s,
         tar_extract_s,
+        tar_extract_cpu_s: m(&|r| r.tar_extract.cpu_seconds),
         tar_zst_bytes: m(&|r| r.tar_zst_bytes as f64) as u64,
         tar_create_peak_rss_mib: max(&|r| r.tar_create.rss_mib()),
         tar_extract_peak_rss_mib: max(&|r| r.tar_extract.rss_mib()),
@@ -290,6 +295,7 @@ fn summarize(runs: &[RunFigures]) -> Summary {
         first_commit_uploaded: m(&|r| r.first_commit_uploaded as f64) as u64,
         restore_file_s,
         restore_file_ratio: restore_file_s / tar_extract_s,
+        restore_file_cpu_s: m(&|r| r.restore_file.cpu_seconds),
         restore_s3_s,
         restore_s3_ratio: restore_s3_s.map(|s| s / tar_extract_s),
         s3_first_commit_s,
@@ -306,6 +312,10 @@ fn summarize(runs: &[RunFigures]) -> Summary {
         commit_peak_rss_mib,
         goals,
     }
+}
+
+fn cpu_seconds(t: &libc::timeval) -> f64 {
+    t.tv_sec as f64 + t.tv_usec as f64 / 1e6
 }
 
 /// A child's stdout and its figures.
@@ -600,6 +610,7 @@ impl Bench<'_> {
         Ok(Ran {
             sample: Sample {
                 seconds,
+                cpu_seconds: cpu_seconds(&ru.ru_utime) + cpu_seconds(&ru.ru_stime),
                 peak_rss_kib: ru.ru_maxrss.max(0) as u64,
             },
             stdout,
@@ -685,11 +696,12 @@ impl Bench<'_> {
 
     fn note(&self, t: &TreeCtx, run: u32, step: &str, s: &Sample, extra: &str) {
         self.out.info(&format!(
-            "bench: {} run {}/{}: {step} {:.2}s, peak RSS {:.0} MiB{extra}",
+            "bench: {} run {}/{}: {step} {:.2}s (CPU {:.2}s), peak RSS {:.0} MiB{extra}",
             t.name,
             run + 1,
             self.runs,
             s.seconds,
+            s.cpu_seconds,
             s.rss_mib()
         ));
     }
@@ -881,6 +893,7 @@ fn table(
     runs: u32,
     change_percent: f64,
     s3: bool,
+    cpus: usize,
     header: &str,
 ) -> String {
     let mut t = String::new();
@@ -925,6 +938,22 @@ fn table(
     t += &format!(
         "Goals: restore ≤ {GOAL_RESTORE}× extract; unchanged commit ≤ {GOAL_UNCHANGED}× create with 0 B uploaded; a {change_percent} % change uploads ≤ {GOAL_CHANGE}× the zstd size of the new files; peak RSS ≤ {GOAL_RSS_MIB} MiB.\n"
     );
+    // CPU time bounds the restore: on `cpus` cores it cannot take less than its CPU time
+    // divided by them, whatever it overlaps.
+    t += &format!(
+        "CPU seconds (user + system) of a restore from file:// and of the extract, and the least a restore's wall time can be on {cpus} CPUs (its CPU time / {cpus}), against the extract's wall time:\n"
+    );
+    for (tree, s) in trees.iter().zip(sums) {
+        let floor = s.restore_file_cpu_s / cpus.max(1) as f64;
+        t += &format!(
+            "- {}: restore {:.2} CPU s, extract {:.2} CPU s; floor {:.2} s = {} of the extract\n",
+            tree.name,
+            s.restore_file_cpu_s,
+            s.tar_extract_cpu_s,
+            floor,
+            ratio(floor / s.tar_extract_s),
+        );
+    }
     let mut missed = Vec::new();
     for (tree, s) in trees.iter().zip(sums) {
         for g in s.goals.iter().filter(|g| !g.met) {
@@ -1067,6 +1096,7 @@ pub async fn run(g: &Global, args: BenchArgs, out: &Out) -> Result<i32, Error> {
         args.runs,
         args.change_percent,
         args.s3_url.is_some(),
+        cpus,
         &header,
     );
     let doc = serde_json::json!({
