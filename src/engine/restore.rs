@@ -294,7 +294,7 @@ impl Engine {
         let writers = Arc::new(tokio::sync::Semaphore::new(io_concurrency()));
         let w = shared.clone();
         let prepare = async move {
-            let res = tokio::task::spawn_blocking(move || w.prepare_or_fail())
+            let res = tokio::task::spawn_blocking(move || w.noting_failure(w.prepare()))
                 .await
                 .expect("prepare does not panic");
             tracing::debug!(ms = t0.elapsed().as_millis() as u64, "restore: prepared");
@@ -338,7 +338,12 @@ impl Engine {
                         async move {
                             let _permit = writers.acquire().await.expect("never closed");
                             tokio::task::spawn_blocking(move || {
-                                w.write_pack(&location, batch, &frames, progress.as_ref())
+                                w.noting_failure(w.write_chunks(
+                                    &location,
+                                    batch,
+                                    &frames,
+                                    progress.as_ref(),
+                                ))
                             })
                             .await
                             .expect("writer does not panic")
@@ -580,8 +585,8 @@ impl Writer {
         Ok(())
     }
 
-    fn prepare_or_fail(&self) -> Result<()> {
-        let res = self.prepare();
+    /// Passes a step's result on, first telling the other tasks to stop if it failed.
+    fn noting_failure(&self, res: Result<()>) -> Result<()> {
         if res.is_err() {
             self.failed.store(true, Ordering::Relaxed);
         }
@@ -592,28 +597,32 @@ impl Writer {
     /// (at their full size, so chunks can land in any order). Directories are made a level at a
     /// time, each level on every core (a level needs only the one above); then the rest.
     fn prepare(&self) -> Result<()> {
-        let mut levels: Vec<Vec<usize>> = Vec::new();
-        let mut others = Vec::new();
-        for (i, e) in self.entries.iter().enumerate() {
-            if self.present[i] {
-                continue;
-            }
-            match e.kind {
-                Kind::Dir => {
-                    let depth = e.path.bytes().filter(|&b| b == b'/').count();
-                    if levels.len() <= depth {
-                        levels.resize_with(depth + 1, Vec::new);
-                    }
-                    levels[depth].push(i);
-                }
-                Kind::File if e.chunks.len() == 1 => {}
-                _ => others.push(i),
-            }
-        }
-        for level in &levels {
+        let todo = |i: usize| !self.present[i];
+        let others: Vec<usize> = (0..self.entries.len())
+            .filter(|&i| todo(i))
+            .filter(|&i| match self.entries[i].kind {
+                Kind::Dir => false,
+                Kind::File => self.entries[i].chunks.len() != 1,
+                Kind::Symlink => true,
+            })
+            .collect();
+        for level in &self.levels(|i, e| e.kind == Kind::Dir && todo(i)) {
             par::each(level, |&i| self.make_dir(i))?;
         }
         par::each(&others, |&i| self.prepare_entry(i))
+    }
+
+    /// The entries that `pick` takes, by depth: those at the top first.
+    fn levels(&self, pick: impl Fn(usize, &Entry) -> bool) -> Vec<Vec<usize>> {
+        let mut levels: Vec<Vec<usize>> = Vec::new();
+        for (i, e) in self.entries.iter().enumerate().filter(|(i, e)| pick(*i, e)) {
+            let depth = e.path.bytes().filter(|&b| b == b'/').count();
+            if levels.len() <= depth {
+                levels.resize_with(depth + 1, Vec::new);
+            }
+            levels[depth].push(i);
+        }
+        levels
     }
 
     fn make_dir(&self, i: usize) -> Result<()> {
@@ -654,21 +663,7 @@ impl Writer {
         }
     }
 
-    /// Verifies and writes the chunks fetched from one pack.
-    fn write_pack(
-        &self,
-        location: &str,
-        needs: Vec<Need>,
-        frames: &HashMap<u64, Bytes>,
-        progress: &dyn super::Progress,
-    ) -> Result<()> {
-        let res = self.write_chunks(location, needs, frames, progress);
-        if res.is_err() {
-            self.failed.store(true, Ordering::Relaxed);
-        }
-        res
-    }
-
+    /// Verifies and writes a batch of the chunks fetched from one pack.
     fn write_chunks(
         &self,
         location: &str,
@@ -711,18 +706,7 @@ impl Writer {
     /// into a directory changes its mtime, and a read-only directory could not be filled.
     /// Symlink mtimes too.
     fn finish_dirs(&self) -> Result<()> {
-        let mut levels: Vec<Vec<usize>> = Vec::new();
-        for (i, e) in self.entries.iter().enumerate() {
-            if e.kind == Kind::File {
-                continue;
-            }
-            let depth = e.path.bytes().filter(|&b| b == b'/').count();
-            if levels.len() <= depth {
-                levels.resize_with(depth + 1, Vec::new);
-            }
-            levels[depth].push(i);
-        }
-        for level in levels.iter().rev() {
+        for level in self.levels(|_, e| e.kind != Kind::File).iter().rev() {
             par::each(level, |&i| self.finish_entry(i))?;
         }
         Ok(())
