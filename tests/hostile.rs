@@ -353,21 +353,22 @@ async fn truncated_packs_are_refused() {
 }
 
 /// One bad chunk among many packs: the restore fails, and once it has returned the target is
-/// empty and stays empty (no writer of another pack goes on writing after the failure).
+/// empty and stays empty (no writer of another pack goes on writing after the failure). The
+/// files sit at the top of the target, so a late writer would leave them there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_restore_leaves_nothing_behind() {
     let lab = Lab::new();
-    let mut stream = Vec::new();
-    for d in 0..8u64 {
-        let dir = format!("d{d}");
-        stream.extend(line(&dir_entry(&dir)));
-        // A pack per directory, of 64 files; the first chunk of the first pack is bad.
-        let data: Vec<Vec<u8>> = (0..64).map(|f| noise(d * 100 + f, 64 << 10)).collect();
+    let mut entries = Vec::new();
+    for p in 0..8u64 {
+        // A pack of 64 files; one small chunk of one pack is bad.
+        let data: Vec<Vec<u8>> = (0..64)
+            .map(|f| noise(p * 100 + f, if p == 0 { 512 } else { 64 << 10 }))
+            .collect();
         let claims: Vec<(&[u8], Digest)> = data
             .iter()
             .enumerate()
             .map(|(f, raw)| {
-                let claimed = if d == 0 && f == 0 {
+                let claimed = if p == 0 && f == 0 {
                     Digest::of(b"something else")
                 } else {
                     Digest::of(raw)
@@ -377,17 +378,18 @@ async fn a_failed_restore_leaves_nothing_behind() {
             .collect();
         let (_, refs) = lab.pack(&claims);
         for (f, r) in refs.into_iter().enumerate() {
-            stream.extend(line(&Entry {
-                path: format!("{dir}/f{f:02}"),
+            entries.push(Entry {
+                path: format!("p{p}-f{f:02}"),
                 kind: Kind::File,
                 mode: 0o644,
                 size: r.n as u64,
                 mtime: 0,
                 target: None,
                 chunks: vec![r],
-            }));
+            });
         }
     }
+    let stream = encode_entries(&entries);
     lab.generation("one-bad-chunk", 1, &stream);
     lab.refused("one-bad-chunk", &["does not match its digest"])
         .await;

@@ -289,72 +289,18 @@ impl Engine {
         // so nothing writes into the directory once the restore has returned (the failure path
         // empties it); after a failure the rest stop early.
         let t0 = Instant::now();
-        let (prepared, ready) = tokio::sync::watch::channel(None::<bool>);
-        // Threads writing at once, whichever packs their batches come from.
-        let writers = Arc::new(tokio::sync::Semaphore::new(io_concurrency()));
+        let (prepared, ready) = tokio::sync::watch::channel(false);
         let w = shared.clone();
         let prepare = async move {
             let res = tokio::task::spawn_blocking(move || w.noting_failure(w.prepare()))
                 .await
                 .expect("prepare does not panic");
             tracing::debug!(ms = t0.elapsed().as_millis() as u64, "restore: prepared");
-            let _ = prepared.send(Some(res.is_ok()));
+            let _ = prepared.send(true);
             res
         };
         let write = futures::stream::iter(by_pack)
-            .map(|(pack, needs)| {
-                let w = shared.clone();
-                let mut ready = ready.clone();
-                let writers = writers.clone();
-                async move {
-                    if w.failed.load(Ordering::Relaxed) {
-                        return Ok(0);
-                    }
-                    let needs: Vec<Need> = needs.into_values().collect();
-                    let refs: Vec<ChunkRef> = needs.iter().map(|n| n.r.clone()).collect();
-                    let frames = match self.read_frames(pack, refs).await {
-                        Ok(f) => f,
-                        Err(e) => {
-                            w.failed.store(true, Ordering::Relaxed);
-                            return Err(e);
-                        }
-                    };
-                    let bytes: u64 = frames.iter().map(|(r, _)| r.c as u64).sum();
-                    if !matches!(
-                        ready.wait_for(|v| v.is_some()).await.as_deref(),
-                        Ok(Some(true))
-                    ) {
-                        return Ok(0); // preparing failed: its error is the restore's
-                    }
-                    // A pack's chunks are written in batches on several threads, so the last
-                    // pack does not leave all but one core idle.
-                    let location: Arc<str> = self.layout.pack(&pack.to_hex()).to_string().into();
-                    let frames: Arc<HashMap<u64, Bytes>> =
-                        Arc::new(frames.into_iter().map(|(r, b)| (r.o, b)).collect());
-                    let writes = batches(needs, WRITE_BATCH).into_iter().map(|batch| {
-                        let (w, location, frames) = (w.clone(), location.clone(), frames.clone());
-                        let progress = self.progress.clone();
-                        let writers = writers.clone();
-                        async move {
-                            let _permit = writers.acquire().await.expect("never closed");
-                            tokio::task::spawn_blocking(move || {
-                                w.noting_failure(w.write_chunks(
-                                    &location,
-                                    batch,
-                                    &frames,
-                                    progress.as_ref(),
-                                ))
-                            })
-                            .await
-                            .expect("writer does not panic")
-                        }
-                    });
-                    for done in futures::future::join_all(writes).await {
-                        done?;
-                    }
-                    Ok::<u64, Error>(bytes)
-                }
-            })
+            .map(|(pack, needs)| self.write_pack(&shared, ready.clone(), pack, needs))
             .buffer_unordered(io_concurrency())
             .collect::<Vec<Result<u64>>>();
         let (prepared, written) = futures::join!(prepare, write);
@@ -380,25 +326,40 @@ impl Engine {
         let stats = std::mem::take(&mut *shared.stats.lock().expect("not poisoned"));
         Ok((stats, downloaded))
     }
-}
 
-/// Uncompressed bytes a write task takes from a pack at a time.
-const WRITE_BATCH: u64 = 2 << 20;
-
-/// Splits a pack's needs, in pack order, into batches of about `bytes` uncompressed bytes.
-fn batches(mut needs: Vec<Need>, bytes: u64) -> Vec<Vec<Need>> {
-    needs.sort_by_key(|n| n.r.o);
-    let mut out: Vec<Vec<Need>> = Vec::new();
-    let mut size = bytes;
-    for need in needs {
-        if size >= bytes {
-            out.push(Vec::new());
-            size = 0;
+    /// Fetches what `needs` wants of one pack and, once the directories are made, writes it;
+    /// returns the compressed bytes fetched. Does nothing once another task has failed.
+    async fn write_pack(
+        &self,
+        w: &Arc<Writer>,
+        mut prepared: tokio::sync::watch::Receiver<bool>,
+        pack: Digest,
+        needs: HashMap<u64, Need>,
+    ) -> Result<u64> {
+        if w.failed.load(Ordering::Relaxed) {
+            return Ok(0);
         }
-        size += need.r.n as u64 * need.targets.len() as u64;
-        out.last_mut().expect("a batch was started").push(need);
+        let needs: Vec<Need> = needs.into_values().collect();
+        let refs: Vec<ChunkRef> = needs.iter().map(|n| n.r.clone()).collect();
+        let frames = match self.read_frames(pack, refs).await {
+            Ok(f) => f,
+            Err(e) => {
+                w.failed.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        let bytes: u64 = frames.iter().map(|(r, _)| r.c as u64).sum();
+        // A failed prepare is noted in `failed`: the writer then stops at once.
+        let _ = prepared.wait_for(|done| *done).await;
+        let location = self.layout.pack(&pack.to_hex()).to_string();
+        let (w, progress) = (w.clone(), self.progress.clone());
+        tokio::task::spawn_blocking(move || {
+            w.noting_failure(w.write_chunks(&location, needs, frames, progress.as_ref()))
+        })
+        .await
+        .expect("writer does not panic")?;
+        Ok(bytes)
     }
-    out
 }
 
 struct Need {
@@ -663,14 +624,15 @@ impl Writer {
         }
     }
 
-    /// Verifies and writes a batch of the chunks fetched from one pack.
+    /// Verifies and writes the chunks fetched from one pack.
     fn write_chunks(
         &self,
         location: &str,
         needs: Vec<Need>,
-        frames: &HashMap<u64, Bytes>,
+        frames: Vec<(ChunkRef, Bytes)>,
         progress: &dyn super::Progress,
     ) -> Result<()> {
+        let frames: HashMap<u64, Bytes> = frames.into_iter().map(|(r, b)| (r.o, b)).collect();
         let mut raw = Vec::new();
         for need in needs {
             if self.failed.load(Ordering::Relaxed) {

@@ -26,10 +26,9 @@ pub struct Store {
     inner: Arc<dyn ObjectStore>,
     root: Path,
     display: String,
-    local_root: Option<PathBuf>,
-    /// The same store as `inner` when it is the local file system: ranged reads of packs go to
-    /// the files directly (object_store zero-fills every buffer before reading into it).
-    local: Option<Arc<object_store::local::LocalFileSystem>>,
+    /// The directory and the store behind a `file://` URL (the same store as `inner`): ranged
+    /// reads of packs go to the files directly (object_store zero-fills every buffer first).
+    local: Option<(PathBuf, Arc<object_store::local::LocalFileSystem>)>,
     timeout: Duration,
     conditional_update: bool,
 }
@@ -116,7 +115,6 @@ impl Store {
             inner,
             root: prefix,
             display: redact_url(url),
-            local_root: None,
             local: None,
             timeout,
             conditional_update,
@@ -141,10 +139,9 @@ impl Store {
         let fs = Arc::new(fs);
         Ok(Store {
             inner: fs.clone(),
-            local: Some(fs),
             root: Path::default(),
             display: format!("file://{}", path.display()),
-            local_root: Some(path),
+            local: Some((path, fs)),
             timeout,
             conditional_update: false,
         })
@@ -157,7 +154,7 @@ impl Store {
 
     /// The directory behind a `file://` store.
     pub fn local_root(&self) -> Option<&std::path::Path> {
-        self.local_root.as_deref()
+        self.local.as_ref().map(|(root, _)| root.as_path())
     }
 
     /// Whether the store offers compare-and-swap on an existing object (S3 with conditional put,
@@ -225,7 +222,7 @@ impl Store {
     pub async fn get_range(&self, location: &Path, range: Range<u64>) -> Result<Bytes> {
         let (start, want) = (range.start, range.end - range.start);
         let bytes = match &self.local {
-            Some(fs) => {
+            Some((_, fs)) => {
                 let read = async {
                     let path = fs.path_to_filesystem(location)?;
                     let name = location.to_string();
