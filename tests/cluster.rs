@@ -376,8 +376,8 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("unpublish: {e:?}\n{}", self.logs()));
     }
 
-    /// The (reason, message) of every Event on the pod.
-    async fn events(&self, pod: &PodInfo) -> Vec<(String, String)> {
+    /// The (reason, message, type) of every Event on the pod.
+    async fn events(&self, pod: &PodInfo) -> Vec<(String, String, String)> {
         let api: Api<Event> = Api::namespaced(self.client.clone(), &pod.ns);
         api.list(&Default::default())
             .await
@@ -385,20 +385,35 @@ impl Cluster {
             .items
             .into_iter()
             .filter(|e| e.involved_object.uid.as_deref() == Some(pod.uid.as_str()))
-            .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+            .map(|e| {
+                (
+                    e.reason.unwrap_or_default(),
+                    e.message.unwrap_or_default(),
+                    e.type_.unwrap_or_default(),
+                )
+            })
             .collect()
     }
 
-    /// Waits for an Event with `reason` on the pod; its message.
+    /// Waits for an Event with `reason` on the pod; its message. Problems are Warnings, the
+    /// rest Normal (a skipped commit is either: a refusal or a rule).
     async fn event(&self, pod: &PodInfo, reason: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some((_, m)) = self
+            if let Some((_, m, kind)) = self
                 .events(pod)
                 .await
                 .into_iter()
-                .find(|(r, _)| r == reason)
+                .find(|(r, _, _)| r == reason)
             {
+                let want = match reason {
+                    "CacheRestoreDegraded" | "CacheFenced" => Some("Warning"),
+                    "CacheCommitSkipped" => None,
+                    _ => Some("Normal"),
+                };
+                if let Some(want) = want {
+                    assert_eq!(kind, want, "{reason} on {}: {m}", pod.name);
+                }
                 return m;
             }
             assert!(
@@ -657,6 +672,11 @@ async fn private_concurrent_commits_replace_or_union() {
         c.unpublish(&b, &vol).await;
         c.event(&a, "CacheCommitted").await;
         c.event(&b, "CacheCommitted").await;
+        assert_eq!(
+            c.generations("team-a", &key).await,
+            [1, 2],
+            "both commits landed"
+        );
         let files = c.files("team-a", &key).await;
         if merge == "replace" {
             assert!(
@@ -1061,6 +1081,13 @@ async fn an_unreachable_store_degrades_with_a_warning_event() {
     n.spawn();
     c.nodes.insert("node-cut-off".into(), n);
     let (vol, ctx) = c.claim("team-a", "npm", &[], &[]).await.unwrap();
+    // A generation exists: an empty view then shows the node could not restore it.
+    let (engine, tmp) = c.engine(&ctx["scope"]);
+    common::write(&tmp.path().join("src/f"), b"v1");
+    engine
+        .commit(&ctx["key"], &tmp.path().join("src"), &Default::default())
+        .await
+        .unwrap();
     let p = c.pod("team-a", "offline", "node-cut-off").await;
     let started = Instant::now();
     let t = c.publish(&p, &vol, &ctx).await.unwrap();

@@ -480,9 +480,11 @@ async fn an_fs_group_makes_the_view_writable_by_non_root_pods() {
         let done = finish(&n, &a, Ending::Succeeded).await;
         assert!(generation(&done).is_some(), "{done:?}");
 
-        // Another uid of the same group, on the base the commit left on the node.
+        // Another uid of the same group.
         let b = t.join("b");
-        try_publish(&n, &b, &c, "b", Some(4242)).await.unwrap();
+        let p = try_publish(&n, &b, &c, "b", Some(4242)).await.unwrap();
+        // Overlay views leave the committed tree as the group's base; copies do not.
+        assert_eq!(p.warm, !copy, "copy={copy}: {p:?}");
         let d = b.display();
         assert_eq!(std::fs::read(b.join("pkg/lib/x.js")).unwrap(), b"new\n");
         assert!(

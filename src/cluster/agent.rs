@@ -111,10 +111,6 @@ impl Agent {
         })
     }
 
-    pub fn events(&self) -> &Recorder {
-        &self.events
-    }
-
     /// Before publishing a locked cache: takes its Lease for the pod, or refuses with a
     /// retryable error naming the holder (kubelet retries the mount with backoff).
     pub async fn lock(&self, spec: &VolumeSpec, pod: Option<&PodRef>) -> node::Result<()> {

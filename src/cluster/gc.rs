@@ -23,7 +23,7 @@ pub struct Collector {
 }
 
 /// Keeps `leader` up to date by taking and renewing the leader Lease every third of its
-/// duration; gives it up on shutdown.
+/// duration. A replica that stops holds it until it expires; then a standby takes over.
 pub async fn lead_forever(
     leases: Leases,
     identity: String,

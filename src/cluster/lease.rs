@@ -76,10 +76,6 @@ pub fn lock_name(scope: &str, key: &str) -> String {
     format!("cachevol-lock-{}", &h.finalize().to_hex()[..24])
 }
 
-fn micro(t: Timestamp) -> MicroTime {
-    MicroTime(t)
-}
-
 fn waiters_of(lease: &Lease) -> Vec<Waiter> {
     lease
         .metadata
@@ -136,10 +132,6 @@ impl Leases {
         }
     }
 
-    pub fn namespace(&self) -> &str {
-        &self.namespace
-    }
-
     fn expired(&self, spec: &LeaseSpec, now: Timestamp) -> bool {
         let secs = spec
             .lease_duration_seconds
@@ -176,10 +168,10 @@ impl Leases {
         let spec = lease.spec.get_or_insert_with(Default::default);
         if spec.holder_identity.as_deref() != Some(identity) {
             spec.holder_identity = Some(identity.to_string());
-            spec.acquire_time = Some(micro(now));
+            spec.acquire_time = Some(MicroTime(now));
             spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
         }
-        spec.renew_time = Some(micro(now));
+        spec.renew_time = Some(MicroTime(now));
         spec.lease_duration_seconds = Some(self.duration.as_secs().max(1) as i32);
     }
 
@@ -418,12 +410,6 @@ impl Leases {
             },
         )
         .await
-    }
-
-    /// Gives up the leader Lease `name` if `identity` holds it (on shutdown), so a standby
-    /// takes over without waiting for it to expire.
-    pub async fn resign(&self, name: &str, identity: &str) -> Result<(), kube::Error> {
-        self.release_named(name, identity).await
     }
 
     async fn release_named(&self, name: &str, identity: &str) -> Result<(), kube::Error> {

@@ -322,17 +322,13 @@ impl VolumeSpec {
 /// Settings users write: claim annotations (`cachevol.dev/<name>`) and inline volume attributes
 /// (`<name>`). Users may choose which cache and how they use it, never where it is stored or
 /// whose it is: `store` and `scope` belong to administrators (StorageClass, driver flags).
+/// The names are the `volume_context` keys ([`attr`]).
 pub mod user {
+    use super::attr::*;
     pub const ANNOTATION_PREFIX: &str = "cachevol.dev/";
-    pub const KEY: &str = "key";
-    pub const RESTORE_KEYS: &str = "restore-keys";
-    pub const MODE: &str = "mode";
-    pub const POLICY: &str = "policy";
-    pub const COMMIT_ON: &str = "commit-on";
-    pub const MERGE: &str = "merge";
     pub const ALL: &[&str] = &[KEY, RESTORE_KEYS, MODE, POLICY, COMMIT_ON, MERGE];
     /// Settings only an administrator may make.
-    pub const ADMIN_ONLY: &[&str] = &["store", "scope"];
+    pub const ADMIN_ONLY: &[&str] = &[STORE, SCOPE];
     /// kubelet marks inline (CSI ephemeral) volumes with this volume-context key.
     pub const EPHEMERAL: &str = "csi.storage.k8s.io/ephemeral";
     pub const POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
@@ -343,15 +339,15 @@ impl VolumeSpec {
     /// it (`cachevol.dev/mode`, `volumeAttributes.mode`).
     fn apply_user(&mut self, field: &str, value: &str, shown: &str) -> Result<(), Error> {
         match field {
-            user::KEY => {
+            attr::KEY => {
                 names::key(value).map_err(|e| Error::parameter(shown, e.to_string()))?;
                 self.key = value.to_string();
             }
-            user::RESTORE_KEYS => self.restore_keys = parse_key_list(shown, value)?,
-            user::MODE => self.mode = Mode::parse(shown, value)?,
-            user::POLICY => self.policy = Policy::parse(shown, value)?,
-            user::COMMIT_ON => self.commit_on = CommitOn::parse(shown, value)?,
-            user::MERGE => self.merge = parse_merge(shown, value)?,
+            attr::RESTORE_KEYS => self.restore_keys = parse_key_list(shown, value)?,
+            attr::MODE => self.mode = Mode::parse(shown, value)?,
+            attr::POLICY => self.policy = Policy::parse(shown, value)?,
+            attr::COMMIT_ON => self.commit_on = CommitOn::parse(shown, value)?,
+            attr::MERGE => self.merge = parse_merge(shown, value)?,
             f if user::ADMIN_ONLY.contains(&f) => {
                 return Err(Error::parameter(
                     shown,
@@ -413,7 +409,7 @@ impl VolumeSpec {
                 "inline volumes use the driver's store, and the node plugin has no --store",
             )
         })?;
-        let key = ctx.get(user::KEY).ok_or_else(|| {
+        let key = ctx.get(attr::KEY).ok_or_else(|| {
             Error::parameter("volumeAttributes.key", "required for an inline volume")
         })?;
         let mut spec = VolumeSpec {
@@ -427,9 +423,9 @@ impl VolumeSpec {
             merge: Merge::default(),
             budget: None,
         };
-        spec.apply_user(user::KEY, key, "volumeAttributes.key")?;
+        spec.apply_user(attr::KEY, key, "volumeAttributes.key")?;
         for (name, value) in ctx {
-            if name.starts_with(param::RESERVED_PREFIX) || name == user::KEY {
+            if name.starts_with(param::RESERVED_PREFIX) || name == attr::KEY {
                 continue;
             }
             spec.apply_user(name, value.trim(), &format!("volumeAttributes.{name}"))?;

@@ -12,7 +12,7 @@ use serde::Serialize;
 use super::error::{Error, Result};
 use super::format::Digest;
 use super::store::parse_generation;
-use super::{names, Engine};
+use super::Engine;
 
 #[derive(Clone, Debug)]
 pub struct GcPolicy {
@@ -235,7 +235,6 @@ impl Engine {
     /// stay until GC finds nothing references them (after the grace period), so a restore
     /// that is reading them right now finishes. Returns how many generations were deleted.
     pub async fn wipe(&self, key: &str) -> Result<usize> {
-        names::key(key)?;
         let gens = self.generations(key).await?;
         if gens.is_empty() {
             return Err(Error::NoSuchKey {

@@ -81,7 +81,7 @@ impl PodRef {
         let uid = get("csi.storage.k8s.io/pod.uid");
         (!uid.is_empty()).then(|| PodRef {
             name: get("csi.storage.k8s.io/pod.name"),
-            namespace: get("csi.storage.k8s.io/pod.namespace"),
+            namespace: get(crate::csi::volume::user::POD_NAMESPACE),
             uid,
             service_account: get("csi.storage.k8s.io/serviceAccount.name"),
         })
