@@ -1127,3 +1127,45 @@ async fn what_happened_while_the_plugin_was_down_is_decided_after_it_restarts() 
     assert_eq!(c.files("team-a", "done-meanwhile").await, ["a"]);
     assert!(c.generations("team-a", "gone-meanwhile").await.is_empty());
 }
+
+// A locked cache's Lease is renewed while a slow publish is still restoring (here: a store that
+// accepts connections and never answers, so the restore waits out its timeout, longer than the
+// Lease lasts): a pod on another node still finds it held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_locked_publish_keeps_its_lease() {
+    let Some(mut c) = Cluster::start("k8s-slow-lock", &["node-1"]).await else {
+        return;
+    };
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let mut n = c.plugin("node-slow", &["--node-id=node-slow"]);
+    n.env.push((
+        "AWS_ENDPOINT_URL".into(),
+        format!("http://127.0.0.1:{port}"),
+    ));
+    n.env.push(("CACHEVOL_STORE_TIMEOUT".into(), "5".into()));
+    n.spawn();
+    c.nodes.insert("node-slow".into(), n);
+    let (vol, ctx) = c
+        .claim("team-a", "tools", &[("cachevol.dev/mode", "locked")], &[])
+        .await
+        .unwrap();
+    let a = c.pod("team-a", "slow", "node-slow").await;
+    let b = c.pod("team-a", "next", "node-1").await;
+    let started = Instant::now();
+    let late = async {
+        // Past the 2 s Lease, while a's publish still waits for the store.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        c.publish(&b, &vol, &ctx).await
+    };
+    let (ra, rb) = tokio::join!(c.publish(&a, &vol, &ctx), late);
+    ra.unwrap();
+    assert!(
+        started.elapsed() > Duration::from_secs(4),
+        "the publish should have waited for the silent store"
+    );
+    let err = rb.expect_err("b must not get a held lock");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("team-a/slow"), "{err:?}");
+    drop(silent);
+}

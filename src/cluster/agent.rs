@@ -25,6 +25,15 @@ use crate::engine::{self, CommitOutcome, RestoreSource};
 use crate::metrics;
 use crate::node::{self, CommitDecision, Ending, PodRef, Published, ViewState, Volumes};
 
+/// Renews a lock's Lease while a NodePublishVolume holds it; stops when dropped.
+pub struct Renewing(tokio::task::JoinHandle<()>);
+
+impl Drop for Renewing {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 pub struct Agent {
     volumes: Arc<Volumes>,
     client: kube::Client,
@@ -113,9 +122,17 @@ impl Agent {
 
     /// Before publishing a locked cache: takes its Lease for the pod, or refuses with a
     /// retryable error naming the holder (kubelet retries the mount with backoff).
-    pub async fn lock(&self, spec: &VolumeSpec, pod: Option<&PodRef>) -> node::Result<()> {
+    ///
+    /// The returned guard renews the Lease until it is dropped: a cold restore may take longer
+    /// than the Lease lasts, and the view has no record (which the periodic renewal reads)
+    /// until it is mounted. Drop it once the publish has finished either way.
+    pub async fn lock(
+        &self,
+        spec: &VolumeSpec,
+        pod: Option<&PodRef>,
+    ) -> node::Result<Option<Renewing>> {
         if spec.mode != Mode::Locked {
-            return Ok(());
+            return Ok(None);
         }
         let pod = pod.ok_or_else(|| {
             node::Error::InvalidArgument(
@@ -149,7 +166,16 @@ impl Agent {
                         "took over an expired lock"
                     );
                 }
-                Ok(())
+                let (leases, every) = (self.leases.clone(), self.renew_every);
+                let (scope, key, uid) = (spec.scope.clone(), spec.key.clone(), pod.uid.clone());
+                Ok(Some(Renewing(tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(every).await;
+                        if let Err(e) = leases.renew(&scope, &key, &uid).await {
+                            tracing::warn!(cache.key = key, error = %e, "cannot renew the lock while publishing");
+                        }
+                    }
+                }))))
             }
             Ok(Acquire::Waiting { holder, place }) => {
                 self.waiting

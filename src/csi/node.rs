@@ -110,9 +110,10 @@ impl NodeService {
         let pod = PodRef::from_context(&r.volume_context);
         let group = mount_group(cap)?;
         let spec = self.volumes.spec_of(&r.volume_context)?;
-        if let Some(agent) = &self.agent {
-            agent.lock(&spec, pod.as_ref()).await?;
-        }
+        let _renewing = match &self.agent {
+            Some(agent) => agent.lock(&spec, pod.as_ref()).await?,
+            None => None,
+        };
         let published = match self
             .volumes
             .publish(volumes::Publish {
