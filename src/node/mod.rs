@@ -633,6 +633,12 @@ impl Volumes {
     pub async fn record_ending(&self, uid: &str, ending: Ending) -> Result<Vec<ViewRecord>> {
         let mut out = Vec::new();
         for v in self.views_of_pod(uid) {
+            if v.endings.contains_key(uid) {
+                // Already recorded (the first ending stays): no need to wait for the view's
+                // lock, which a commit holds for its whole upload.
+                out.push(v);
+                continue;
+            }
             let lock = Self::lock_of(&self.view_locks, &v.id);
             let _guard = lock.lock().await;
             let Some(mut r) = self.load(&v.id) else {
