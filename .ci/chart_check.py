@@ -24,6 +24,9 @@ CHART = REPO / "charts" / "cachevol"
 MANIFESTS = REPO / "manifests"
 INSTALL = MANIFESTS / "install.yaml"
 README = REPO / "README.md"
+# The chart rendered with every branch on, for tests/chart_args.rs (flags that only appear when a
+# value is set are not in install.yaml).
+EVERYTHING_ON_RENDER = REPO / "target" / "chart-check" / "everything-on.yaml"
 RELEASE, NAMESPACE = "cachevol", "cachevol"
 # The Kubernetes version objects are validated against (kubernetes-validate ships 1.25-1.37).
 KUBE_VERSION = "1.33.0"
@@ -76,7 +79,7 @@ EVERYTHING_ON = {
         "podAnnotations": {"example.com/a": "b"}, "podLabels": {"team": "ci"},
         "serviceAccount": {"annotations": {
             "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/cachevol"}},
-        "extraArgs": ["--copy-views"], "extraEnv": [{"name": "CACHEVOL_IO_CONCURRENCY",
+        "extraArgs": ["--cluster=on"], "extraEnv": [{"name": "CACHEVOL_IO_CONCURRENCY",
                                                      "value": "8"}],
     },
     "controller": {
@@ -302,7 +305,11 @@ def check_chart(update: bool, f: Findings) -> None:
                               ("existing secret", EXISTING_SECRET)):
             chart.validate_schema(values)
             rendered = render(chart, values)
-            objs = objects(install_stream(rendered))
+            stream = install_stream(rendered)
+            if values is EVERYTHING_ON:
+                EVERYTHING_ON_RENDER.parent.mkdir(parents=True, exist_ok=True)
+                EVERYTHING_ON_RENDER.write_text(stream)
+            objs = objects(stream)
             for o in objs:
                 validate_object(o, f"render ({label})", f)
                 check_cachevol_usage(o, f"render ({label})", f)
