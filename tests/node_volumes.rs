@@ -317,7 +317,18 @@ async fn bases_past_the_node_budget_are_evicted_least_recently_used_first() {
         })
         .unwrap(),
     };
-    let base = |key: &str| state.join(format!("bases/team-a/{key}/00000000000000000001/tree"));
+    // Bases live under a directory of their store: whichever it is, generation 1 of `key`.
+    let base = |key: &str| {
+        std::fs::read_dir(state.join("bases"))
+            .unwrap()
+            .flatten()
+            .map(|e| {
+                e.path()
+                    .join(format!("team-a/{key}/00000000000000000001/tree"))
+            })
+            .find(|p| p.exists())
+            .unwrap_or_default()
+    };
     for key in ["k1", "k2"] {
         let target = t.join(format!("t-{key}"));
         publish_async(&n, &target, &ctx(&store, key, "private", &[]), key).await;
@@ -501,4 +512,137 @@ async fn an_fs_group_makes_the_view_writable_by_non_root_pods() {
         assert_eq!(std::fs::read(out.join("pkg/lib/x.js")).unwrap(), b"v3\n");
         assert!(!out.join("pkg/index.js").exists());
     }
+}
+
+// Two stores (two StorageClasses, or an inline volume beside a PV) with the same scope, key and
+// generation: each pod sees its own store's content, never the other's, and neither view
+// gains the other's files.
+#[tokio::test]
+async fn bases_of_two_stores_are_never_shared() {
+    for copy in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path();
+        let (store_a, store_b) = (
+            format!("file://{}", t.join("store-a").display()),
+            format!("file://{}", t.join("store-b").display()),
+        );
+        for (store, file, content) in [
+            (&store_a, "secret.txt", "team A's secret"),
+            (&store_b, "other.txt", "team B's content"),
+        ] {
+            let src = t.join(format!("src-{file}"));
+            common::write(&src.join(file), content.as_bytes());
+            let e = common::engine(store, "team-a", &t.join(format!("cli-{file}")));
+            let r = e.commit("npm", &src, &Default::default()).await.unwrap();
+            assert_eq!(r.outcome, CommitOutcome::Committed { generation: 1 });
+        }
+        let n = node(t, "node1", copy);
+        let (ta, tb) = (t.join("pods/a/mount"), t.join("pods/b/mount"));
+        publish_async(&n, &ta, &ctx(&store_a, "npm", "private", &[]), "a").await;
+        let pb = try_publish(&n, &tb, &ctx(&store_b, "npm", "private", &[]), "b", None)
+            .await
+            .unwrap();
+        assert!(!pb.warm, "copy={copy}: B's base is not A's: {pb:?}");
+        assert!(
+            !tb.join("secret.txt").exists(),
+            "copy={copy}: store B's pod sees store A's file"
+        );
+        assert_eq!(
+            std::fs::read_to_string(tb.join("other.txt")).unwrap(),
+            "team B's content"
+        );
+        assert!(
+            !ta.join("other.txt").exists(),
+            "copy={copy}: A's live view gained store B's file"
+        );
+        assert_eq!(
+            std::fs::read_to_string(ta.join("secret.txt")).unwrap(),
+            "team A's secret"
+        );
+        // Both commit their own change to their own store.
+        std::fs::write(ta.join("a.txt"), "a").unwrap();
+        std::fs::write(tb.join("b.txt"), "b").unwrap();
+        assert_eq!(
+            generation(&finish(&n, &ta, Ending::Succeeded).await),
+            Some(2)
+        );
+        assert_eq!(
+            generation(&finish(&n, &tb, Ending::Succeeded).await),
+            Some(2)
+        );
+        for (store, has, lacks) in [
+            (&store_a, ["secret.txt", "a.txt"], ["other.txt", "b.txt"]),
+            (&store_b, ["other.txt", "b.txt"], ["secret.txt", "a.txt"]),
+        ] {
+            let out = t.join(format!("check-{}", has[0]));
+            let e = common::engine(store, "team-a", &t.join("check-state"));
+            e.restore("npm", &[], &out).await.unwrap();
+            for f in has {
+                assert!(out.join(f).exists(), "copy={copy}: {store} lacks {f}");
+            }
+            for f in lacks {
+                assert!(!out.join(f).exists(), "copy={copy}: {store} has {f}");
+            }
+        }
+    }
+}
+
+// Two stores without any snapshot yet: each view starts from an empty base of its own store,
+// so the first pod's commit is not refused when a pod of the other store published meanwhile.
+#[tokio::test]
+async fn empty_bases_of_two_stores_are_never_shared() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let (store_a, store_b) = (
+        format!("file://{}", t.join("store-a").display()),
+        format!("file://{}", t.join("store-b").display()),
+    );
+    let n = node(t, "node1", false);
+    let (ta, tb) = (t.join("pods/a/mount"), t.join("pods/b/mount"));
+    publish_async(&n, &ta, &ctx(&store_a, "npm", "private", &[]), "a").await;
+    std::fs::write(ta.join("work.txt"), "A's work").unwrap();
+    publish_async(&n, &tb, &ctx(&store_b, "npm", "private", &[]), "b").await;
+    let view = n.volumes.unpublish("cv-vol", &ta).await.unwrap().unwrap();
+    let d = n.volumes.commit(&view.id, Ending::Succeeded).await;
+    assert!(
+        matches!(&d, Ok(d) if generation(d) == Some(1)),
+        "A's commit: {d:?}"
+    );
+    let out = t.join("check");
+    common::engine(&store_a, "team-a", &t.join("check-state"))
+        .restore("npm", &[], &out)
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(out.join("work.txt")).unwrap(),
+        "A's work"
+    );
+    finish(&n, &tb, Ending::Aborted).await;
+}
+
+// After an upgrade, bases of the earlier layout (without the store in their path) are dropped
+// when the node starts: the next pod restores its cache again.
+#[tokio::test]
+async fn bases_of_the_earlier_layout_are_dropped_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let store = format!("file://{}", t.join("store").display());
+    let src = t.join("src");
+    common::write(&src.join("f"), b"from the store");
+    common::engine(&store, "team-a", &t.join("cli"))
+        .commit("npm", &src, &Default::default())
+        .await
+        .unwrap();
+    let old = t.join("node1/bases/team-a/npm/00000000000000000001/tree");
+    common::write(&old.join("f"), b"stale");
+    let n = node(t, "node1", false);
+    assert!(
+        !t.join("node1/bases/team-a").exists(),
+        "the old base is gone"
+    );
+    let ta = t.join("pods/a/mount");
+    let p = publish_async(&n, &ta, &ctx(&store, "npm", "private", &[]), "a").await;
+    assert!(!p.warm, "{p:?}");
+    assert_eq!(std::fs::read(ta.join("f")).unwrap(), b"from the store");
+    finish(&n, &ta, Ending::Aborted).await;
 }

@@ -84,6 +84,12 @@ impl DirState {
     /// Only the header of the record of `dir`, if it was made for this store and scope: reads
     /// and decompresses just the first line, not the tree.
     pub fn load_header(state_dir: &Path, dir: &Path, store: &str, scope: &str) -> Option<Header> {
+        Self::load_any_header(state_dir, dir)
+            .filter(|h| h.store == store && h.scope == scope && h.dir == dir)
+    }
+
+    /// The header of the record of `dir`, whatever store and scope it was made for.
+    pub fn load_any_header(state_dir: &Path, dir: &Path) -> Option<Header> {
         use std::io::{BufRead, Read};
         let mut f = std::fs::File::open(record_path(state_dir, dir)).ok()?;
         let mut start = [0u8; RECORD_MAGIC.len() + 4];
@@ -104,7 +110,7 @@ impl DirState {
             r.read_until(b'\n', &mut line).ok()?;
             serde_json::from_slice(&line).ok()?
         };
-        (h.store == store && h.scope == scope && h.dir == dir).then_some(h)
+        Some(h)
     }
 
     fn decode(data: &[u8]) -> Option<DirState> {

@@ -323,6 +323,16 @@ impl Engine {
             .is_some()
     }
 
+    /// When `dir` holds a tree recorded for another store or scope than this engine's: which
+    /// one (redacted URL and scope). Such a directory is never restored over nor committed
+    /// from by this engine: its content is another tenant's.
+    pub fn foreign_record(&self, dir: &std::path::Path) -> Option<String> {
+        let dir = localstate::canonical(dir).ok()?;
+        let h = localstate::DirState::load_any_header(&self.state_dir, &dir)?;
+        (h.dir == dir && (h.store != self.store.display_url() || h.scope != self.scope))
+            .then(|| format!("store {} scope {}", h.store, h.scope))
+    }
+
     /// Records `copy`, a plain copy of the recorded tree `base` (the copy fallback of node
     /// views), with the stat of each copied file, so its commit reads only what changes.
     pub fn adopt_copy(&self, base: &std::path::Path, copy: &std::path::Path) -> Result<()> {

@@ -5,7 +5,9 @@
 //!
 //! State under the node's state dir, every record written atomically:
 //! - `engine/`: the engine's records of restored and committed trees;
-//! - `bases/<scope>/<key>/<generation>/tree`: base trees, never modified in place;
+//! - `bases/@<store id>/<scope>/<key>/<generation>/tree`: base trees, never modified in place,
+//!   one directory per store (a short hash of its URL without credentials), so two stores'
+//!   trees of one scope, key and generation are never one directory;
 //! - `views/<id>/{upper,work,view}` and `views/<id>.json`: one view, shared by the pods of a
 //!   `shared` cache on this node or private to one pod.
 
@@ -211,12 +213,37 @@ impl Volumes {
             let p = cfg.state_dir.join(d);
             std::fs::create_dir_all(&p).map_err(io("create", &p))?;
         }
-        Ok(Volumes {
+        let volumes = Volumes {
             cfg,
             engines: Mutex::default(),
             base_locks: Mutex::default(),
             view_locks: Mutex::default(),
-        })
+        };
+        volumes.drop_unkeyed_bases();
+        Ok(volumes)
+    }
+
+    /// Bases of earlier versions (`bases/<scope>/...`, without the store) are never used again:
+    /// which store they came from is not in their path. Those no view uses go to the trash (the
+    /// next pod restores its cache again); a view over one still commits from it (its record
+    /// names the directory), and its committed tree becomes a base of the new layout.
+    fn drop_unkeyed_bases(&self) {
+        let root = self.cfg.state_dir.join("bases");
+        let used: Vec<PathBuf> = self.views().into_iter().map(|v| v.base_dir).collect();
+        for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            let dir = e.path();
+            if is_store_dir(&dir) || used.iter().any(|u| u.starts_with(&dir)) {
+                continue;
+            }
+            match self.trash(&dir) {
+                Ok(()) => {
+                    tracing::info!(dir = %dir.display(), "dropped bases of an earlier layout")
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "could not drop bases of an earlier layout")
+                }
+            }
+        }
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -694,15 +721,22 @@ impl Volumes {
         Ok(())
     }
 
-    fn base_root(&self, spec: &VolumeSpec) -> PathBuf {
-        self.cfg.state_dir.join("bases").join(&spec.scope)
+    /// Where the bases of the engine's store and scope live: `bases/@<store id>/<scope>`.
+    /// Bases of two stores never share a directory, even with the same scope, key and
+    /// generation (two StorageClasses, or an inline volume beside a PV).
+    fn base_root(&self, engine: &Engine) -> PathBuf {
+        self.cfg
+            .state_dir
+            .join("bases")
+            .join(store_dir(engine.store().display_url()))
+            .join(engine.scope())
     }
 
     /// The tree of generation `generation` of `key` (None: the empty base), as a base for
     /// pods of fsGroup `group`: each group has bases of its own, writable by it.
     fn base_tree(
         &self,
-        spec: &VolumeSpec,
+        engine: &Engine,
         key: &str,
         generation: Option<u64>,
         group: Option<u32>,
@@ -714,7 +748,7 @@ impl Volumes {
         if let Some(g) = group {
             name.push_str(&format!("-g{g}"));
         }
-        let root = self.base_root(spec);
+        let root = self.base_root(engine);
         match generation {
             Some(_) => root.join(key).join(name).join("tree"),
             None => root.join(name).join("tree"),
@@ -735,7 +769,11 @@ impl Volumes {
             Ok(s) => (s, None),
             Err(e) if e.is_store_unavailable() => {
                 let why = format!("store unreachable: {e}");
-                match self.local_bases(spec, &engine, group).into_iter().next() {
+                match self
+                    .local_bases(&spec.key, &engine, group)
+                    .into_iter()
+                    .next()
+                {
                     Some((generation, _)) => (
                         RestoreSource::Key {
                             key: spec.key.clone(),
@@ -751,15 +789,23 @@ impl Volumes {
         let dir = match &source {
             RestoreSource::Key { key, generation }
             | RestoreSource::RestoreKey { key, generation } => {
-                self.base_tree(spec, key, Some(*generation), group)
+                self.base_tree(&engine, key, Some(*generation), group)
             }
-            RestoreSource::Miss => self.base_tree(spec, &spec.key, None, group),
+            RestoreSource::Miss => self.base_tree(&engine, &spec.key, None, group),
         };
         let lock = Self::lock_of(&self.base_locks, &dir);
         let _guard = lock.lock().await;
         let warm = engine.has_record(&dir);
         let (mut bytes, mut downloaded) = (0, 0);
         if !warm {
+            if let Some(other) = engine.foreign_record(&dir) {
+                // Never reuse (or restore over) another store's or scope's tree.
+                return Err(engine::Error::Unsupported {
+                    path: dir,
+                    why: format!("this base holds a snapshot of {other}"),
+                }
+                .into());
+            }
             std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
             let restored = match engine.restore_source(source.clone(), &dir).await {
                 Ok(r) => match group {
@@ -791,13 +837,8 @@ impl Volumes {
     }
 
     /// The generations of `spec.key` the node has complete bases of for `group`, newest first.
-    fn local_bases(
-        &self,
-        spec: &VolumeSpec,
-        engine: &Engine,
-        group: Option<u32>,
-    ) -> Vec<(u64, PathBuf)> {
-        let root = self.base_root(spec).join(&spec.key);
+    fn local_bases(&self, key: &str, engine: &Engine, group: Option<u32>) -> Vec<(u64, PathBuf)> {
+        let root = self.base_root(engine).join(key);
         let suffix = group.map(|g| format!("-g{g}")).unwrap_or_default();
         let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(&root)
             .into_iter()
@@ -825,7 +866,7 @@ impl Volumes {
         generation: u64,
         tree: &engine::CommittedTree,
     ) -> Result<()> {
-        let new = self.base_tree(spec, &spec.key, Some(generation), record.group);
+        let new = self.base_tree(engine, &spec.key, Some(generation), record.group);
         let lock = Self::lock_of(&self.base_locks, &new);
         let _guard = lock.lock().await;
         if engine.has_record(&new) {
@@ -869,26 +910,38 @@ impl Volumes {
         };
         let used: Vec<PathBuf> = self.views().into_iter().map(|v| v.base_dir).collect();
         let mut bases: Vec<(std::time::SystemTime, u64, PathBuf)> = Vec::new();
-        let root = self.cfg.state_dir.join("bases");
-        for scope in std::fs::read_dir(&root).into_iter().flatten().flatten() {
-            for key in std::fs::read_dir(scope.path())
+        let subdirs = |d: &Path| -> Vec<PathBuf> {
+            std::fs::read_dir(d)
                 .into_iter()
                 .flatten()
                 .flatten()
-            {
-                for gen in std::fs::read_dir(key.path())
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                {
-                    let tree = gen.path().join("tree");
-                    let Ok(md) = std::fs::metadata(&tree) else {
-                        continue;
-                    };
-                    let size = tree_bytes(&tree);
-                    bases.push((md.modified().unwrap_or(std::time::UNIX_EPOCH), size, tree));
+                .map(|e| e.path())
+                .collect()
+        };
+        let mut trees = Vec::new();
+        for store in subdirs(&self.cfg.state_dir.join("bases")) {
+            if !is_store_dir(&store) {
+                continue;
+            }
+            for scope in subdirs(&store) {
+                for key in subdirs(&scope) {
+                    if key
+                        .file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("_empty"))
+                    {
+                        trees.push(key.join("tree"));
+                    } else {
+                        trees.extend(subdirs(&key).into_iter().map(|g| g.join("tree")));
+                    }
                 }
             }
+        }
+        for tree in trees {
+            let Ok(md) = std::fs::metadata(&tree) else {
+                continue;
+            };
+            let size = tree_bytes(&tree);
+            bases.push((md.modified().unwrap_or(std::time::UNIX_EPOCH), size, tree));
         }
         let mut total: u64 = bases.iter().map(|b| b.1).sum();
         bases.sort();
@@ -1052,6 +1105,17 @@ pub fn grant_group(root: &Path, gid: u32) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The directory of one store's bases: `@` (never part of a scope name) and a short hash of
+/// the store's URL without credentials.
+fn store_dir(display_url: &str) -> String {
+    format!("@{}", &hash_id(&[display_url])[..16])
+}
+
+fn is_store_dir(dir: &Path) -> bool {
+    dir.file_name()
+        .is_some_and(|n| n.as_encoded_bytes().starts_with(b"@"))
 }
 
 fn dir_is_empty(dir: &Path) -> bool {
