@@ -488,3 +488,121 @@ async fn two_pods_private_versus_shared_on_one_node() {
     // The shared view started from generation 1, the private pod a's commit (b changed nothing).
     assert!(check.join("only-a").exists());
 }
+
+fn mount_tmpfs(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "tmpfs"])
+        .arg(dir)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mount tmpfs at {}", dir.display());
+}
+
+// Kubelet's paths are taken as given and only if normal: a `..` would mount outside the pod's
+// directory. What the driver did not mount (its records say what it did) it never unmounts
+// nor removes: NodeUnpublishVolume of such a target answers OK and leaves it alone.
+#[tokio::test]
+async fn paths_the_driver_did_not_make_are_refused_or_left_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let store = format!("file://{}", t.join("store").display());
+    let node = NodePlugin::start(t, "n1", &[]);
+    let mut c = node.client().await;
+
+    // A target that climbs out of kubelet's directory, a relative one, a bad staging path.
+    std::fs::create_dir_all(t.join("targets/a")).unwrap();
+    let escaping = format!("{}/targets/a/../../x", t.display());
+    let good = publish_req(
+        "cv-1",
+        &t.join("targets/a/mount"),
+        context(&store, "npm", "a"),
+    );
+    for (req, field) in [
+        (
+            pb::NodePublishVolumeRequest {
+                target_path: escaping.clone(),
+                ..good.clone()
+            },
+            "target_path",
+        ),
+        (
+            pb::NodePublishVolumeRequest {
+                target_path: format!("{}/targets/./a/mount", t.display()),
+                ..good.clone()
+            },
+            "target_path",
+        ),
+        (
+            pb::NodePublishVolumeRequest {
+                target_path: "targets/a/mount".into(),
+                ..good.clone()
+            },
+            "target_path",
+        ),
+        (
+            pb::NodePublishVolumeRequest {
+                staging_target_path: format!("{}/staging/../../etc", t.display()),
+                ..good.clone()
+            },
+            "staging_target_path",
+        ),
+    ] {
+        let err = c.node_publish_volume(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(err.message().contains(field), "{field}: {}", err.message());
+    }
+    assert!(!t.join("x").exists(), "nothing was made outside the target");
+    assert!(!mounted(&t.join("targets/a/mount")));
+    let err = c
+        .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+            volume_id: "cv-1".into(),
+            target_path: escaping,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    // Someone else's mount: unpublishing it is OK and changes nothing.
+    let foreign = t.join("foreign");
+    mount_tmpfs(&foreign);
+    std::fs::write(foreign.join("keep"), "not cachevol's").unwrap();
+    c.node_unpublish_volume(unpublish_req("cv-1", &foreign))
+        .await
+        .unwrap();
+    assert!(
+        mounted(&foreign),
+        "the driver unmounted a mount it never made"
+    );
+    assert_eq!(
+        std::fs::read_to_string(foreign.join("keep")).unwrap(),
+        "not cachevol's"
+    );
+
+    // Published over someone else's mount: the view is bound over it (the pod sees the cache,
+    // not the tmpfs), and unpublishing takes away only the view.
+    let target = t.join("targets/b/mount");
+    mount_tmpfs(&target);
+    std::fs::write(target.join("keep"), "not cachevol's").unwrap();
+    c.node_publish_volume(publish_req("cv-1", &target, context(&store, "npm", "b")))
+        .await
+        .unwrap();
+    assert!(
+        !target.join("keep").exists(),
+        "the pod sees the tmpfs, not its cache"
+    );
+    std::fs::write(target.join("cached"), "x").unwrap();
+    c.node_unpublish_volume(unpublish_req("cv-1", &target))
+        .await
+        .unwrap();
+    wait_generation(&store, "npm", 1, || node.logs()).await;
+    assert!(mounted(&target), "the tmpfs under the view is still there");
+    assert_eq!(
+        std::fs::read_to_string(target.join("keep")).unwrap(),
+        "not cachevol's"
+    );
+    for m in [&foreign, &target] {
+        cachevol::node::mount::unmount(m).unwrap();
+    }
+}

@@ -90,9 +90,9 @@ impl NodeService {
             .as_ref()
             .ok_or(Error::MissingField("volume_capability"))?;
         let mode = capability::check(cap).map_err(Error::UnsupportedCapability)?;
-        let target = PathBuf::from(target);
-        if !target.is_absolute() {
-            return Err(Error::invalid("target_path", "must be an absolute path"));
+        let target = normal_path("target_path", target)?;
+        if !r.staging_target_path.is_empty() {
+            normal_path("staging_target_path", &r.staging_target_path)?;
         }
         // Spec: a target already published from another volume is ALREADY_EXISTS.
         if let Some(v) = self.volumes.view_of_target(&target) {
@@ -156,7 +156,7 @@ impl NodeService {
 
     async fn unpublish(&self, r: pb::NodeUnpublishVolumeRequest) -> Result<(), Error> {
         let volume_id = required("volume_id", &r.volume_id)?;
-        let target = PathBuf::from(required("target_path", &r.target_path)?);
+        let target = normal_path("target_path", required("target_path", &r.target_path)?)?;
         let _guard = self
             .inflight
             .begin(&format!("{volume_id}\0{}", target.display()))?;
@@ -202,6 +202,26 @@ impl NodeService {
             volume_condition: None,
         })
     }
+}
+
+/// A path kubelet gave, as is: absolute and already normal (no `.` or `..` component, no empty
+/// component, no trailing slash). Anything else is refused rather than resolved: a `..` would
+/// mount or unmount outside the directory kubelet meant.
+fn normal_path(field: &'static str, path: &str) -> Result<PathBuf, Error> {
+    if !path.starts_with('/') {
+        return Err(Error::invalid(field, "must be an absolute path"));
+    }
+    let normal = path == "/"
+        || path[1..]
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..");
+    if !normal {
+        return Err(Error::invalid(
+            field,
+            "must be a normalized path (no '.', '..', '//' or trailing '/')",
+        ));
+    }
+    Ok(PathBuf::from(path))
 }
 
 /// The pod's fsGroup, which kubelet passes as the mount's `volume_mount_group` because the node

@@ -437,10 +437,10 @@ impl Volumes {
         };
 
         std::fs::create_dir_all(&req.target).map_err(io("create", &req.target))?;
-        if !mount::is_mount_point(&req.target).unwrap_or(false) {
-            mount::bind(&self.view_dir(&id).join("view"), &req.target, req.read_only)
-                .map_err(io("bind-mount", &req.target))?;
-        }
+        // Not published by this driver (the early return above): whatever is mounted there
+        // now is not this view, so the view is bound over it, never recorded in its place.
+        mount::bind(&self.view_dir(&id).join("view"), &req.target, req.read_only)
+            .map_err(io("bind-mount", &req.target))?;
         record.targets.insert(req.target.clone(), req.pod.clone());
         if let Some(p) = &req.pod {
             if !record.pods.contains(p) {
@@ -515,14 +515,14 @@ impl Volumes {
         Ok(record)
     }
 
-    /// Unpublishes `target`. Idempotent: a target that is not published (or not mounted) is
-    /// fine. When the last target of a view goes, the view becomes pending: its commit decision
-    /// is the caller's (`commit`), made from the pods' phases or, without a cluster, right away.
-    /// Returns the view when it became pending.
+    /// Unpublishes `target`. Idempotent: a target that is not published (any more) is fine,
+    /// and is left alone: only targets a view record names were mounted by this driver, so
+    /// anything else at that path (another driver's mount, a directory) is not ours to unmount
+    /// or remove. When the last target of a view goes, the view becomes pending: its commit
+    /// decision is the caller's (`commit`), made from the pods' phases or, without a cluster,
+    /// right away. Returns the view when it became pending.
     pub async fn unpublish(&self, volume_id: &str, target: &Path) -> Result<Option<ViewRecord>> {
         let Some(record) = self.view_of_target(target) else {
-            mount::unmount(target).map_err(io("unmount", target))?;
-            let _ = std::fs::remove_dir(target);
             return Ok(None);
         };
         if record.volume_id != volume_id {
@@ -538,11 +538,8 @@ impl Volumes {
         // Read again under the lock: the record may have changed while this call waited.
         let mut record = match self.load(&record.id) {
             Some(r) if r.targets.contains_key(target) => r,
-            _ => {
-                mount::unmount(target).map_err(io("unmount", target))?;
-                let _ = std::fs::remove_dir(target);
-                return Ok(None);
-            }
+            // Unpublished (or the view committed) while this call waited: nothing is ours.
+            _ => return Ok(None),
         };
         mount::unmount(target).map_err(io("unmount", target))?;
         let _ = std::fs::remove_dir(target);
