@@ -646,3 +646,99 @@ async fn bases_of_the_earlier_layout_are_dropped_at_start() {
     assert_eq!(std::fs::read(ta.join("f")).unwrap(), b"from the store");
     finish(&n, &ta, Ending::Aborted).await;
 }
+
+fn mode_of(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+// A pod's fsGroup makes its view group-writable, but that widening is the node's business, not
+// the cache's: an untouched cache commits as unchanged (overlay and copy views), and a pod that
+// changed some files commits them with the modes they had, except where it set a mode itself.
+#[tokio::test]
+async fn an_fs_group_never_reaches_the_snapshot() {
+    for copy in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path();
+        std::fs::set_permissions(t, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let store = format!("file://{}", t.join("store").display());
+        let n = node(t, "node1", copy);
+        let c = ctx(&store, "npm", "private", &[]);
+        let src = t.join("seed");
+        common::write(&src.join("seed.txt"), b"seed");
+        common::write(&src.join("pkg/index.js"), b"v1");
+        common::write(&src.join("bin/tool"), b"#!/bin/sh\n");
+        common::write(&src.join("private.txt"), b"p");
+        for (p, m) in [
+            ("seed.txt", 0o644),
+            ("pkg", 0o755),
+            ("pkg/index.js", 0o644),
+            ("bin", 0o750),
+            ("bin/tool", 0o755),
+            ("private.txt", 0o600),
+        ] {
+            common::chmod(&src.join(p), m);
+        }
+        let e = common::engine(&store, "team-a", &t.join("seed-state"));
+        e.commit("npm", &src, &Default::default()).await.unwrap();
+
+        // Untouched: unchanged, no generation.
+        let a = t.join("a");
+        try_publish(&n, &a, &c, "a", Some(4242)).await.unwrap();
+        assert_eq!(mode_of(&a.join("seed.txt")), 0o664, "the view is widened");
+        let d = finish(&n, &a, Ending::Succeeded).await;
+        match &d {
+            CommitDecision::Committed(r) => assert_eq!(
+                (r.outcome.clone(), r.uploaded),
+                (
+                    CommitOutcome::Unchanged {
+                        generation: Some(1)
+                    },
+                    0
+                ),
+                "copy={copy}: an untouched cache under an fsGroup"
+            ),
+            other => panic!("copy={copy}: {other:?}"),
+        }
+        assert_eq!(e.newest("npm").await.unwrap(), Some(1), "copy={copy}");
+
+        // Changed by a non-root pod of the group; one mode set by the pod itself.
+        let b = t.join("b");
+        try_publish(&n, &b, &c, "b", Some(4242)).await.unwrap();
+        let d = b.display();
+        assert!(as_user(
+            5000,
+            4242,
+            &format!("umask 022 && echo v2 > {d}/pkg/index.js && mkdir {d}/pkg/lib && echo n > {d}/pkg/lib/new.js && echo t >> {d}/bin/tool")
+        ));
+        common::chmod(&b.join("private.txt"), 0o640);
+        let done = finish(&n, &b, Ending::Succeeded).await;
+        assert_eq!(generation(&done), Some(2), "copy={copy}: {done:?}");
+        let out = t.join("check");
+        e.restore("npm", &[], &out).await.unwrap();
+        assert_eq!(std::fs::read(out.join("pkg/index.js")).unwrap(), b"v2\n");
+        for (p, m) in [
+            ("seed.txt", 0o644),
+            ("pkg", 0o755),
+            ("pkg/index.js", 0o644),
+            ("bin", 0o750),
+            ("bin/tool", 0o755),
+            ("private.txt", 0o640),
+            ("pkg/lib", 0o755),
+            ("pkg/lib/new.js", 0o644),
+        ] {
+            assert_eq!(
+                format!("{:o}", mode_of(&out.join(p))),
+                format!("{m:o}"),
+                "copy={copy}: {p}"
+            );
+        }
+
+        // The next pod of the group, over the tree this commit left: untouched is unchanged.
+        let c2 = t.join("c");
+        try_publish(&n, &c2, &c, "c", Some(4242)).await.unwrap();
+        let d = finish(&n, &c2, Ending::Succeeded).await;
+        assert_eq!(generation(&d), None, "copy={copy}: {d:?}");
+        assert_eq!(e.newest("npm").await.unwrap(), Some(2), "copy={copy}");
+    }
+}

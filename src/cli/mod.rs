@@ -165,6 +165,7 @@ impl CommitArgs {
             budget: self.budget,
             writer: self.writer.clone().unwrap_or_else(engine::default_writer),
             note: self.note.clone(),
+            group_widened: false,
         }
     }
 }

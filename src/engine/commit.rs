@@ -56,6 +56,11 @@ pub struct CommitOptions {
     pub budget: Option<u64>,
     pub writer: String,
     pub note: Option<String>,
+    /// The tree's modes were widened for a group (see [`format::widen_for_group`]; the node
+    /// does it for a pod's fsGroup): an entry whose mode is exactly its base entry's mode
+    /// widened is committed with the base's mode, so the widening never reaches a snapshot.
+    /// A mode the pod set itself to anything else is committed as it is.
+    pub group_widened: bool,
 }
 
 impl Default for CommitOptions {
@@ -66,6 +71,7 @@ impl Default for CommitOptions {
             budget: None,
             writer: super::default_writer(),
             note: None,
+            group_widened: false,
         }
     }
 }
@@ -180,7 +186,13 @@ impl Engine {
         let scan_dir = dir.clone();
         let scanning = tokio::task::spawn_blocking(move || scan::scan(&scan_dir));
         let state = DirState::load(&self.state_dir, &dir, self.store.display_url(), &self.scope);
-        let scanned = scanning.await.expect("scan does not panic")?;
+        let mut scanned = scanning.await.expect("scan does not panic")?;
+        if let (true, Some(st)) = (opts.group_widened, &state) {
+            let base = base_modes(&st.entries);
+            for s in scanned.iter_mut() {
+                s.mode = unwidened(&base, &s.path, s.kind, s.mode);
+            }
+        }
 
         // The common case, nothing changed since the record: answer without building a tree.
         if let Some(st) = state.as_ref().filter(|st| unchanged(st, &scanned)) {
@@ -289,7 +301,13 @@ impl Engine {
         let changes = tokio::task::spawn_blocking(move || overlay::changes(&up))
             .await
             .expect("walk does not panic")?;
-        let (entries, to_read) = overlay::apply(&state.entries, changes);
+        let (mut entries, to_read) = overlay::apply(&state.entries, changes);
+        if opts.group_widened {
+            let base = base_modes(&state.entries);
+            for e in entries.iter_mut() {
+                e.mode = unwidened(&base, &e.path, e.kind, e.mode);
+            }
+        }
         let stats = vec![None; entries.len()];
         let plan = Plan {
             read_root: upper.to_path_buf(),
@@ -830,6 +848,23 @@ fn entry_of(s: &Scanned, chunks: Vec<ChunkRef>) -> Entry {
         mtime: s.stat.mtime,
         target: s.target.clone(),
         chunks,
+    }
+}
+
+/// Each base entry's kind and mode, by path.
+fn base_modes(base: &[Entry]) -> HashMap<&str, (Kind, u32)> {
+    base.iter()
+        .map(|e| (e.path.as_str(), (e.kind, e.mode)))
+        .collect()
+}
+
+/// The mode to commit for an entry found with `mode` in a tree widened for a group: its base
+/// entry's mode when `mode` is exactly that mode widened, else `mode` (a new entry, or a mode
+/// the pod changed itself).
+fn unwidened(base: &HashMap<&str, (Kind, u32)>, path: &str, kind: Kind, mode: u32) -> u32 {
+    match base.get(path) {
+        Some(&(k, m)) if k == kind && format::widen_for_group(m, kind) == mode => m,
+        _ => mode,
     }
 }
 

@@ -124,6 +124,17 @@ pub struct Entry {
 /// The mode bits cachevol keeps: permissions and the sticky bit; never setuid or setgid.
 pub const MODE_MASK: u32 = 0o1777;
 
+/// `mode` made usable by its group, as the node does for a pod's fsGroup: directories get group
+/// rwx, files group rw, and x where the owner has it. Symbolic links have no mode of their own.
+pub fn widen_for_group(mode: u32, kind: Kind) -> u32 {
+    match kind {
+        Kind::Dir => mode | 0o070,
+        Kind::File if mode & 0o100 != 0 => mode | 0o070,
+        Kind::File => mode | 0o060,
+        Kind::Symlink => mode,
+    }
+}
+
 impl Entry {
     /// Whether `other` is the same content and metadata (chunk locations may differ).
     pub fn same_content(&self, other: &Entry) -> bool {

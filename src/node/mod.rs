@@ -591,6 +591,7 @@ impl Volumes {
             budget: spec.budget,
             writer,
             note: None,
+            group_widened: record.group.is_some(),
         };
         let dir = self.view_dir(id);
         let result = match record.kind {
@@ -1091,11 +1092,9 @@ pub fn grant_group(root: &Path, gid: u32) -> std::io::Result<()> {
             for e in std::fs::read_dir(&p)? {
                 stack.push(e?.path());
             }
-            mode | 0o2070
-        } else if mode & 0o100 != 0 {
-            mode | 0o070
+            engine::format::widen_for_group(mode, engine::Kind::Dir) | 0o2000
         } else {
-            mode | 0o060
+            engine::format::widen_for_group(mode, engine::Kind::File)
         };
         if want != mode {
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(want))?;
