@@ -742,3 +742,53 @@ async fn an_fs_group_never_reaches_the_snapshot() {
         assert_eq!(e.newest("npm").await.unwrap(), Some(2), "copy={copy}");
     }
 }
+
+// A view opened by an earlier version over a base of the earlier layout still commits after
+// the upgrade: its base is kept while the view uses it, and its commit is a generation.
+#[tokio::test]
+async fn a_view_over_a_base_of_the_earlier_layout_still_commits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let store = format!("file://{}", t.join("store").display());
+    let src = t.join("src");
+    common::write(&src.join("f"), b"v1");
+    common::engine(&store, "team-a", &t.join("cli"))
+        .commit("npm", &src, &Default::default())
+        .await
+        .unwrap();
+    let state = t.join("node1");
+    let n = node(t, "node1", false);
+    let ta = t.join("pods/a/mount");
+    let p = publish_async(&n, &ta, &ctx(&store, "npm", "private", &[]), "a").await;
+    std::fs::write(ta.join("g"), "written before the upgrade").unwrap();
+    drop(n);
+    // What the earlier version left: the view's base at `bases/<scope>/<key>/<generation>`,
+    // recorded by the node's engine.
+    let old = state.join("bases/team-a/npm/00000000000000000001/tree");
+    std::fs::create_dir_all(&old).unwrap();
+    common::engine(&store, "team-a", &state.join("engine"))
+        .restore("npm", &[], &old)
+        .await
+        .unwrap();
+    let record = state.join(format!("views/{}.json", p.view));
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    v["base_dir"] = serde_json::Value::String(old.display().to_string());
+    std::fs::write(&record, serde_json::to_vec(&v).unwrap()).unwrap();
+
+    let n = node(t, "node1", false);
+    assert!(old.join("f").exists(), "a base a view uses is kept");
+    let d = finish(&n, &ta, Ending::Succeeded).await;
+    assert_eq!(generation(&d), Some(2), "{d:?}");
+    let tb = t.join("pods/b/mount");
+    let p = publish_async(&n, &tb, &ctx(&store, "npm", "private", &[]), "b").await;
+    assert!(
+        p.warm,
+        "the committed tree is a base of the new layout: {p:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(tb.join("g")).unwrap(),
+        "written before the upgrade"
+    );
+    finish(&n, &tb, Ending::Aborted).await;
+}
