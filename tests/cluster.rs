@@ -1351,3 +1351,91 @@ async fn a_restore_key_fallback_creates_the_key_for_the_next_pod() {
     }
     assert_eq!(c.generations("ci", "npm-feature").await, [1]);
 }
+
+/// A TCP proxy to the S3 server that can be switched off (connections refused and cut), to play
+/// a store that goes away and comes back.
+struct Switch {
+    port: u16,
+    on: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Switch {
+    async fn to(upstream: &str) -> Switch {
+        use std::sync::atomic::Ordering;
+        let upstream = upstream
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let on = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let flag = on.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !flag.load(Ordering::SeqCst) {
+                    continue; // dropped: the connection is cut
+                }
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                    }
+                });
+            }
+        });
+        Switch { port, on }
+    }
+
+    fn set(&self, on: bool) {
+        self.on.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+// A view whose restore was degraded (the store was down at mount) never commits over newer
+// data once the store is back: it may only create the generation after the one it started from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_degraded_view_never_commits_over_newer_data() {
+    let Some(mut c) = Cluster::start("k8s-degraded-commit", &[]).await else {
+        return;
+    };
+    let endpoint = std::env::var("AWS_ENDPOINT_URL").expect("the S3 server's endpoint");
+    let switch = Switch::to(&endpoint).await;
+    let mut n = c.plugin("node-flaky", &["--node-id=node-flaky"]);
+    n.env.push((
+        "AWS_ENDPOINT_URL".into(),
+        format!("http://127.0.0.1:{}", switch.port),
+    ));
+    n.env.push(("CACHEVOL_STORE_TIMEOUT".into(), "1".into()));
+    n.spawn();
+    c.nodes.insert("node-flaky".into(), n);
+    let (vol, ctx) = c
+        .claim(
+            "team-a",
+            "npm",
+            &[("cachevol.dev/commit-on", "marker")],
+            &[],
+        )
+        .await
+        .unwrap();
+    let (engine, tmp) = c.engine(&ctx["scope"]);
+    common::write(&tmp.path().join("src/newer"), b"v1");
+    engine
+        .commit(&ctx["key"], &tmp.path().join("src"), &Default::default())
+        .await
+        .unwrap();
+
+    switch.set(false);
+    let p = c.pod("team-a", "offline", "node-flaky").await;
+    let t = c.publish(&p, &vol, &ctx).await.unwrap();
+    assert!(ls(&t).is_empty());
+    c.event(&p, "CacheRestoreDegraded").await;
+    common::write(&t.join("stale"), b"written without the newest snapshot");
+    common::write(&t.join(MARKER), b"");
+    switch.set(true);
+    c.delete_pod(&p).await;
+    c.unpublish(&p, &vol).await;
+    let m = c.event(&p, "CacheFenced").await;
+    assert!(m.contains("refused"), "{m}");
+    assert_eq!(c.generations("team-a", "npm").await, [1]);
+    assert_eq!(c.files("team-a", "npm").await, ["newer"]);
+}

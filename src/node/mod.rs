@@ -563,7 +563,10 @@ impl Volumes {
         };
         let opts = CommitOptions {
             merge: spec.merge,
-            fence: spec.mode == Mode::Locked,
+            // A locked view may only follow the generation it restored; so may a view whose
+            // restore was degraded (a stale base or an empty cache): newer data in the store
+            // is never overwritten by a tree that never saw it.
+            fence: spec.mode == Mode::Locked || record.degraded.is_some(),
             budget: spec.budget,
             writer,
             note: None,
