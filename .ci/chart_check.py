@@ -52,7 +52,7 @@ USER_ATTRIBUTES = {
     "restore-keys": None,
     "mode": {"shared", "private", "locked"},
     "policy": {"pull-push", "pull", "push"},
-    "commit-on": {"success", "always"},
+    "commit-on": {"success", "marker", "always"},
     "merge": {"replace", "union"},
 }
 CLASS_PARAMETERS = {"store", "scope", "key", "restoreKeys", "restore-keys", "mode", "policy",

@@ -339,3 +339,122 @@ fn wipe_deletes_a_cache_only_when_asked_to() {
     assert!(env.run(&["restore", "npm", s(&r)]).status.success());
     assert!(!r.join("a").exists());
 }
+
+// A run restored from a restore key that changes nothing still creates its own key (a
+// generation object over the restore key's chunks, nothing packed), so the next run hits it.
+#[test]
+fn a_restore_key_fallback_creates_the_key_even_unchanged() {
+    let env = Env::new();
+    let main = env.dir("main");
+    std::fs::create_dir_all(&main).unwrap();
+    std::fs::write(main.join("dep"), "from main").unwrap();
+    assert!(env.run(&["commit", "npm-main", s(&main)]).status.success());
+
+    let d = env.dir("branch");
+    let run = || {
+        env.run(&[
+            "--json",
+            "run",
+            "--cache",
+            &format!("npm-feature={}", s(&d)),
+            "--restore-key",
+            "npm-feature=npm-main",
+            "--",
+            "true",
+        ])
+    };
+    let out = run();
+    assert!(out.status.success(), "{out:?}");
+    let reports = json(&out);
+    assert_eq!(reports[0]["restore"]["source"]["level"], "restore-key");
+    let commit = &reports[1]["commit"];
+    assert_eq!(commit["outcome"], "committed", "{reports:?}");
+    assert_eq!(commit["generation"], 1);
+    assert_eq!(commit["restore_key"], "npm-main");
+    assert_eq!(commit["new_chunks"], 0, "nothing packed: {reports:?}");
+    let text = env.run(&[
+        "run",
+        "--cache",
+        &format!("npm-other={}", s(&env.dir("other"))),
+        "--restore-key",
+        "npm-main",
+        "--",
+        "true",
+    ]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("created key npm-other from restore key npm-main"),
+        "{text}"
+    );
+
+    // The next run restores the key itself, and unchanged it writes nothing more.
+    let out = run();
+    let reports = json(&out);
+    assert_eq!(
+        reports[0]["restore"]["source"]["level"], "key",
+        "{reports:?}"
+    );
+    assert_eq!(reports[0]["restore"]["source"]["key"], "npm-feature");
+    assert_eq!(reports[1]["commit"]["outcome"], "unchanged", "{reports:?}");
+    assert_eq!(std::fs::read_to_string(d.join("dep")).unwrap(), "from main");
+}
+
+// commit-on marker: only a run that created .cachevol-commit commits, whatever its status; the
+// marker is never part of a snapshot and a stale one never decides a later run.
+#[test]
+fn commit_on_marker_commits_only_marked_runs() {
+    let env = Env::new();
+    let d = env.dir("c");
+    let cache = format!("gl={}", s(&d));
+    let marker = d.join(".cachevol-commit");
+    let run = |script: &str| {
+        env.run(&[
+            "run",
+            "--commit-on",
+            "marker",
+            "--cache",
+            &cache,
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+    };
+
+    // Succeeded without a marker (an actions-runner-controller runner): not committed.
+    let out = run(&format!("echo a > {}/a", s(&d)));
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("not committed") && text.contains(".cachevol-commit"),
+        "{text}"
+    );
+    assert_eq!(env.run(&["show", "gl"]).status.code(), Some(3));
+
+    // Marked, then failed (Jenkins: post { success } ran, then a later stage failed): committed,
+    // and the run's status is still the command's.
+    let out = run(&format!(
+        "echo b > {}/built-by-jenkins; touch {}; exit 3",
+        s(&d),
+        s(&marker)
+    ));
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(!marker.exists(), "the marker is removed once it decided");
+    let show = env.run(&["show", "gl"]);
+    let listing = String::from_utf8_lossy(&show.stdout);
+    assert!(listing.contains("built-by-jenkins"), "{listing}");
+    assert!(!listing.contains(".cachevol-commit"), "{listing}");
+
+    // A marker left behind by hand does not decide the next run, and is never restored.
+    std::fs::write(&marker, "stale").unwrap();
+    let out = run(&format!("test ! -e {} && echo c > {}/c", s(&marker), s(&d)));
+    assert!(
+        out.status.success(),
+        "the stale marker was removed first: {out:?}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("not committed"));
+    let fresh = env.dir("fresh");
+    assert!(env.run(&["restore", "gl", s(&fresh)]).status.success());
+    assert!(fresh.join("built-by-jenkins").exists() && !fresh.join("c").exists());
+    assert!(!fresh.join(".cachevol-commit").exists());
+}

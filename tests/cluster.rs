@@ -1169,3 +1169,273 @@ async fn a_slow_locked_publish_keeps_its_lease() {
     assert!(err.message().contains("team-a/slow"), "{err:?}");
     drop(silent);
 }
+
+impl Cluster {
+    /// Deletes a pod as GitLab's and Jenkins' executors do, while it runs.
+    async fn delete_pod(&self, pod: &PodInfo) {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &pod.ns);
+        pods.delete(&pod.name, &Default::default()).await.unwrap();
+    }
+}
+
+const MARKER: &str = ".cachevol-commit";
+
+// commit-on marker, with pods shaped as each CI system leaves them. GitLab: the job marks the
+// cache, the runner deletes the pod while it runs → committed; no marker → skipped, and the next
+// pod does not see those writes; the marker never shows up in a later view. actions-runner-
+// controller: the runner pod Succeeded without a marker (the job failed) → skipped. Jenkins: the
+// marker is written (post { success }), then the agent fails → committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_on_marker_follows_the_job_not_the_pod() {
+    let Some(c) = Cluster::start("k8s-marker", &["node-1", "node-2"]).await else {
+        return;
+    };
+    let (vol, ctx) = c
+        .claim("ci", "gl", &[("cachevol.dev/commit-on", "marker")], &[])
+        .await
+        .unwrap();
+    assert_eq!(ctx["commit-on"], "marker");
+
+    // GitLab, a job that passed: after_script marks, then the pod is deleted while running.
+    let g1 = c.pod("ci", "runner-g1", "node-1").await;
+    let t = c.publish(&g1, &vol, &ctx).await.unwrap();
+    common::write(&t.join("from-g1"), b"ok");
+    common::write(&t.join(MARKER), b"");
+    c.delete_pod(&g1).await;
+    c.unpublish(&g1, &vol).await;
+    let m = c.event(&g1, "CacheCommitted").await;
+    assert!(m.contains("marked by the job"), "{m}");
+    assert_eq!(c.generations("ci", "gl").await, [1]);
+    assert_eq!(
+        c.files("ci", "gl").await,
+        ["from-g1"],
+        "the marker is never committed"
+    );
+
+    // GitLab, a job that failed: no marker, deleted while running.
+    let g2 = c.pod("ci", "runner-g2", "node-2").await;
+    let t = c.publish(&g2, &vol, &ctx).await.unwrap();
+    assert_eq!(ls(&t), ["from-g1"], "a view starts without a marker");
+    common::write(&t.join("from-g2"), b"broken");
+    c.delete_pod(&g2).await;
+    c.unpublish(&g2, &vol).await;
+    let m = c.event(&g2, "CacheCommitSkipped").await;
+    assert!(m.contains(MARKER) && m.contains("no marker"), "{m}");
+
+    // actions-runner-controller: the runner exits 0 after a failed job, no marker.
+    let a = c.pod("ci", "arc-runner", "node-1").await;
+    let t = c.publish(&a, &vol, &ctx).await.unwrap();
+    assert_eq!(ls(&t), ["from-g1"], "g2's writes were not committed");
+    common::write(&t.join("from-arc"), b"failed job");
+    c.status(&a, json!({"phase": "Succeeded", "containerStatuses": [{"name": "build", "image": "busybox", "imageID": "", "ready": false, "restartCount": 0,
+        "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}]}))
+        .await;
+    c.unpublish(&a, &vol).await;
+    c.event(&a, "CacheCommitSkipped").await;
+    assert_eq!(c.generations("ci", "gl").await, [1]);
+
+    // Jenkins: marked by post { success }, then the pod fails (exit 1).
+    let j = c.pod("ci", "jenkins-agent", "node-2").await;
+    let t = c.publish(&j, &vol, &ctx).await.unwrap();
+    common::write(&t.join("from-jenkins"), b"ok");
+    common::write(&t.join(MARKER), b"");
+    c.status(&j, json!({"phase": "Failed", "containerStatuses": [{"name": "jnlp", "image": "busybox", "imageID": "", "ready": false, "restartCount": 0,
+        "state": {"terminated": {"exitCode": 1, "reason": "Error"}}}]}))
+        .await;
+    c.unpublish(&j, &vol).await;
+    assert!(c
+        .event(&j, "CacheCommitted")
+        .await
+        .contains("marked by the job"));
+    assert_eq!(c.files("ci", "gl").await, ["from-g1", "from-jenkins"]);
+
+    // Under commit-on success, a pod deleted while running whose shell trapped TERM and exited
+    // 0 (Succeeded, after the deletion) is not a success.
+    let (svol, sctx) = c.claim("ci", "on-success", &[], &[]).await.unwrap();
+    let s = c.pod("ci", "trapped", "node-1").await;
+    let t = c.publish(&s, &svol, &sctx).await.unwrap();
+    common::write(&t.join("half"), b"half");
+    c.delete_pod(&s).await;
+    c.unpublish(&s, &svol).await;
+    assert!(c.event(&s, "CacheCommitSkipped").await.contains("deleted"));
+    assert!(c.generations("ci", "on-success").await.is_empty());
+}
+
+// A shared view commits if the marker exists when the last of its pods leaves; a node plugin
+// restarted between the marker and the unmount still commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_marker_survives_a_restart_and_decides_a_shared_view() {
+    let Some(mut c) = Cluster::start("k8s-marker-shared", &["node-1"]).await else {
+        return;
+    };
+    let (vol, ctx) = c
+        .claim(
+            "ci",
+            "shared",
+            &[
+                ("cachevol.dev/commit-on", "marker"),
+                ("cachevol.dev/mode", "shared"),
+            ],
+            &[],
+        )
+        .await
+        .unwrap();
+    let p1 = c.pod("ci", "job-1", "node-1").await;
+    let p2 = c.pod("ci", "job-2", "node-1").await;
+    let t1 = c.publish(&p1, &vol, &ctx).await.unwrap();
+    let t2 = c.publish(&p2, &vol, &ctx).await.unwrap();
+    common::write(&t1.join("one"), b"1");
+    c.delete_pod(&p1).await;
+    c.unpublish(&p1, &vol).await;
+    // job-2 marks the shared view, then the plugin restarts before kubelet unmounts it.
+    common::write(&t2.join("two"), b"2");
+    common::write(&t2.join(MARKER), b"");
+    c.node("node-1").kill();
+    c.delete_pod(&p2).await;
+    c.node("node-1").spawn();
+    c.unpublish(&p2, &vol).await;
+    let m = c.event(&p2, "CacheCommitted").await;
+    assert!(m.contains("marked by the job"), "{m}");
+    assert_eq!(c.files("ci", "shared").await, ["one", "two"]);
+    assert_eq!(c.generations("ci", "shared").await, [1], "committed once");
+}
+
+// A view restored from a restore key and left unchanged creates its own key (no chunk uploaded),
+// so the next pod restores the key itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_key_fallback_creates_the_key_for_the_next_pod() {
+    let Some(c) = Cluster::start("k8s-fallback", &["node-1", "node-2"]).await else {
+        return;
+    };
+    let (mvol, mctx) = c.claim("ci", "npm-main", &[], &[]).await.unwrap();
+    let m = c.pod("ci", "main-build", "node-1").await;
+    let t = c.publish(&m, &mvol, &mctx).await.unwrap();
+    common::write(&t.join("dep"), b"main's");
+    c.succeed(&m).await;
+    c.unpublish(&m, &mvol).await;
+    c.event(&m, "CacheCommitted").await;
+
+    let (fvol, fctx) = c
+        .claim(
+            "ci",
+            "npm-feature",
+            &[("cachevol.dev/restore-keys", "npm-main")],
+            &[],
+        )
+        .await
+        .unwrap();
+    let f = c.pod("ci", "feature-1", "node-1").await;
+    c.publish(&f, &fvol, &fctx).await.unwrap();
+    assert!(c
+        .event(&f, "CacheRestored")
+        .await
+        .contains("restore key npm-main"));
+    c.succeed(&f).await;
+    c.unpublish(&f, &fvol).await;
+    let msg = c.event(&f, "CacheCommitted").await;
+    assert!(
+        msg.contains("created key npm-feature from restore key npm-main"),
+        "{msg}"
+    );
+    assert_eq!(c.generations("ci", "npm-feature").await, [1]);
+
+    for (name, node) in [("feature-2", "node-1"), ("feature-3", "node-2")] {
+        let g = c.pod("ci", name, node).await;
+        let t = c.publish(&g, &fvol, &fctx).await.unwrap();
+        assert_eq!(std::fs::read(t.join("dep")).unwrap(), b"main's");
+        let msg = c.event(&g, "CacheRestored").await;
+        assert!(msg.contains("generation 1 of npm-feature"), "{name}: {msg}");
+        c.succeed(&g).await;
+        c.unpublish(&g, &fvol).await;
+        c.event(&g, "CacheUnchanged").await;
+    }
+    assert_eq!(c.generations("ci", "npm-feature").await, [1]);
+}
+
+/// A TCP proxy to the S3 server that can be switched off (connections refused and cut), to play
+/// a store that goes away and comes back.
+struct Switch {
+    port: u16,
+    on: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Switch {
+    async fn to(upstream: &str) -> Switch {
+        use std::sync::atomic::Ordering;
+        let upstream = upstream
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let on = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let flag = on.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !flag.load(Ordering::SeqCst) {
+                    continue; // dropped: the connection is cut
+                }
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                    }
+                });
+            }
+        });
+        Switch { port, on }
+    }
+
+    fn set(&self, on: bool) {
+        self.on.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+// A view whose restore was degraded (the store was down at mount) never commits over newer
+// data once the store is back: it may only create the generation after the one it started from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_degraded_view_never_commits_over_newer_data() {
+    let Some(mut c) = Cluster::start("k8s-degraded-commit", &[]).await else {
+        return;
+    };
+    let endpoint = std::env::var("AWS_ENDPOINT_URL").expect("the S3 server's endpoint");
+    let switch = Switch::to(&endpoint).await;
+    let mut n = c.plugin("node-flaky", &["--node-id=node-flaky"]);
+    n.env.push((
+        "AWS_ENDPOINT_URL".into(),
+        format!("http://127.0.0.1:{}", switch.port),
+    ));
+    n.env.push(("CACHEVOL_STORE_TIMEOUT".into(), "1".into()));
+    n.spawn();
+    c.nodes.insert("node-flaky".into(), n);
+    let (vol, ctx) = c
+        .claim(
+            "team-a",
+            "npm",
+            &[("cachevol.dev/commit-on", "marker")],
+            &[],
+        )
+        .await
+        .unwrap();
+    let (engine, tmp) = c.engine(&ctx["scope"]);
+    common::write(&tmp.path().join("src/newer"), b"v1");
+    engine
+        .commit(&ctx["key"], &tmp.path().join("src"), &Default::default())
+        .await
+        .unwrap();
+
+    switch.set(false);
+    let p = c.pod("team-a", "offline", "node-flaky").await;
+    let t = c.publish(&p, &vol, &ctx).await.unwrap();
+    assert!(ls(&t).is_empty());
+    c.event(&p, "CacheRestoreDegraded").await;
+    common::write(&t.join("stale"), b"written without the newest snapshot");
+    common::write(&t.join(MARKER), b"");
+    switch.set(true);
+    c.delete_pod(&p).await;
+    c.unpublish(&p, &vol).await;
+    let m = c.event(&p, "CacheFenced").await;
+    assert!(m.contains("refused"), "{m}");
+    assert_eq!(c.generations("team-a", "npm").await, [1]);
+    assert_eq!(c.files("team-a", "npm").await, ["newer"]);
+}

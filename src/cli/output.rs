@@ -106,6 +106,16 @@ impl Out {
 
     pub fn commit(&self, r: &CommitReport) {
         let text = match r.outcome {
+            CommitOutcome::Committed { generation } if r.restore_key.is_some() && r.new_chunks == 0 => format!(
+                "{}: created key {} from restore key {} as generation {generation}: {} files, {}; no new chunks, {} uploaded (the generation object) in {:.2}s",
+                r.key,
+                r.key,
+                r.restore_key.as_deref().unwrap_or_default(),
+                r.files,
+                human_bytes(r.bytes),
+                human_bytes(r.uploaded),
+                r.seconds,
+            ),
             CommitOutcome::Committed { generation } => format!(
                 "{}: committed generation {generation}: {} files, {}; read {} changed files, uploaded {} in {:.2}s{}",
                 r.key,

@@ -15,7 +15,7 @@ use clap::{Args, ValueEnum};
 
 use super::output::{Bars, Out};
 use super::{exit, CommitArgs, Global};
-use crate::engine::{names, Engine, Error};
+use crate::engine::{self, names, Engine, Error};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -38,6 +38,9 @@ pub enum Policy {
 pub enum CommitOn {
     /// Commit only when the command exits 0.
     Success,
+    /// Commit a cache only when the command created `.cachevol-commit` at its root (any
+    /// status); the marker is removed before the command runs and is never committed.
+    Marker,
     /// Commit whatever the command's status.
     Always,
 }
@@ -173,6 +176,8 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
 
     for (key, dir) in &args.caches {
         let restore_keys = restore_keys_for(key, &args.restore_keys)?;
+        // A marker left by an earlier run must not decide this one.
+        remove_marker(dir)?;
         if args.policy == Policy::Push {
             std::fs::create_dir_all(dir).map_err(Error::io("create", dir))?;
             continue;
@@ -205,11 +210,24 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
     let mut opts = args.commit.options();
     opts.fence |= args.mode == Mode::Locked;
     for (key, dir) in &args.caches {
-        if let Some(why) = &skip {
+        let unmarked = (args.commit_on == CommitOn::Marker && !dir.join(engine::MARKER).exists())
+            .then(|| {
+                format!(
+                    "the command created no {} in {}; commit-on marker commits only marked caches",
+                    engine::MARKER,
+                    dir.display()
+                )
+            });
+        let marked = remove_marker(dir);
+        if let Some(why) = skip.as_ref().or(unmarked.as_ref()) {
             out.line(
                 &format!("{key}: not committed: {why}"),
                 &serde_json::json!({"key": key, "skipped": why}),
             );
+            continue;
+        }
+        if let Err(e) = marked {
+            out.warn(&format!("{key}: commit failed: {e}"));
             continue;
         }
         match engine.commit(key, dir, &opts).await {
@@ -219,6 +237,17 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
     }
     drop(locks);
     Ok(if code == exit::OK { exit::OK } else { code })
+}
+
+/// Removes the commit marker from a cache directory, if there is one.
+fn remove_marker(dir: &std::path::Path) -> Result<(), Error> {
+    let marker = dir.join(engine::MARKER);
+    match std::fs::symlink_metadata(&marker) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(&marker),
+        Ok(_) => std::fs::remove_file(&marker),
+        Err(_) => Ok(()),
+    }
+    .map_err(Error::io("remove", &marker))
 }
 
 /// Runs the command with inherited stdio; its exit code, or 128 + signal when killed.

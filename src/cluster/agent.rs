@@ -20,7 +20,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 
 use super::events::{reason, Recorder, Type};
 use super::lease::{Acquire, Claimant, Leases};
-use crate::csi::volume::{Mode, VolumeSpec};
+use crate::csi::volume::{CommitOn, Mode, VolumeSpec};
 use crate::engine::{self, CommitOutcome, RestoreSource};
 use crate::metrics;
 use crate::node::{self, CommitDecision, Ending, PodRef, Published, ViewState, Volumes};
@@ -48,44 +48,90 @@ pub struct Agent {
 }
 
 /// How a pod ended, from its status; None while it runs. `deleted`: the pod object is gone.
+///
+/// `Succeeded` is a success only when the pod's own status backs it: every container that
+/// reported a state exited 0, none was OOM-killed, no DisruptionTarget condition, and the
+/// containers finished before anyone asked to delete the pod — a pod deleted while it ran whose
+/// containers trapped SIGTERM and exited 0 (GitLab, Jenkins) ends Succeeded but was cut short.
+/// Native sidecars (init containers that restart always) are stopped by the kubelet when the
+/// pod completes and do not count.
 pub fn ending_of(pod: &Pod, deleted: bool) -> Option<Ending> {
+    use k8s_openapi::api::core::v1::ContainerStatus;
     let status = pod.status.as_ref();
     let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("");
+    // Evicted, past its deadline, preempted, node shutdown: the kubelet or a controller ended
+    // it and says so in status.reason or a DisruptionTarget condition.
+    let disrupted = status.is_some_and(|s| {
+        s.reason.as_deref().is_some_and(|r| !r.is_empty())
+            || s.conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == "DisruptionTarget" && c.status == "True")
+    });
+    let terminated = |c: &ContainerStatus| c.state.as_ref().and_then(|st| st.terminated.clone());
+    let sidecars: HashSet<&str> = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.init_containers.iter().flatten())
+        .filter(|c| c.restart_policy.as_deref() == Some("Always"))
+        .map(|c| c.name.as_str())
+        .collect();
+    let containers = || {
+        status
+            .into_iter()
+            .flat_map(|s| s.container_statuses.iter().flatten())
+    };
+    let init_containers = || {
+        status
+            .into_iter()
+            .flat_map(|s| s.init_container_statuses.iter().flatten())
+            .filter(|c| !sidecars.contains(c.name.as_str()))
+    };
+    let oom = containers()
+        .chain(init_containers())
+        .any(|c| terminated(c).and_then(|t| t.reason).as_deref() == Some("OOMKilled"));
     match phase {
-        "Succeeded" => Some(Ending::Succeeded),
-        "Failed" => {
-            // Evicted, past its deadline, preempted, node shutdown: the kubelet or a controller
-            // ended it and says so in status.reason or a DisruptionTarget condition.
-            let disrupted = status.is_some_and(|s| {
-                s.reason.as_deref().is_some_and(|r| !r.is_empty())
-                    || s.conditions
-                        .iter()
-                        .flatten()
-                        .any(|c| c.type_ == "DisruptionTarget" && c.status == "True")
-            });
-            let oom = status.is_some_and(|s| {
-                s.container_statuses
-                    .iter()
-                    .flatten()
-                    .chain(s.init_container_statuses.iter().flatten())
-                    .any(|c| {
-                        c.state
-                            .as_ref()
-                            .and_then(|st| st.terminated.as_ref())
-                            .and_then(|t| t.reason.as_deref())
-                            == Some("OOMKilled")
+        "Succeeded" if disrupted || oom => Some(Ending::Aborted),
+        "Succeeded" => {
+            let all_zero = containers().all(|c| terminated(c).is_none_or(|t| t.exit_code == 0));
+            if !all_zero {
+                return Some(Ending::Failed);
+            }
+            match deletion_requested(pod) {
+                None => Some(Ending::Succeeded),
+                Some(asked) => {
+                    let finished = containers()
+                        .map(|c| terminated(c).and_then(|t| t.finished_at).map(|t| t.0))
+                        .collect::<Option<Vec<_>>>()
+                        .and_then(|ts| ts.into_iter().max());
+                    Some(match finished {
+                        Some(f) if f <= asked => Ending::Succeeded,
+                        _ => Ending::Aborted, // deleted first, or no proof it finished before
                     })
-            });
-            Some(if disrupted || oom {
-                Ending::Aborted
-            } else {
-                Ending::Failed
-            })
+                }
+            }
         }
+        "Failed" if disrupted || oom => Some(Ending::Aborted),
+        "Failed" => Some(Ending::Failed),
         // Deleted (or being deleted) before it finished.
         _ if deleted || pod.metadata.deletion_timestamp.is_some() => Some(Ending::Aborted),
         _ => None,
     }
+}
+
+/// When the pod's deletion was asked for: its deletionTimestamp is that moment plus the grace
+/// period the pod was given.
+fn deletion_requested(pod: &Pod) -> Option<k8s_openapi::jiff::Timestamp> {
+    let at = pod.metadata.deletion_timestamp.as_ref()?.0;
+    let grace = pod
+        .metadata
+        .deletion_grace_period_seconds
+        .unwrap_or(0)
+        .max(0);
+    Some(
+        at.checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(grace))
+            .unwrap_or(at),
+    )
 }
 
 fn claimant(pod: &PodRef, node: &str) -> Claimant {
@@ -341,7 +387,8 @@ impl Agent {
             return;
         };
         // A lost lock matters only to a commit: a view that is skipped anyway says why it is.
-        if spec.mode == Mode::Locked && node::skip_reason(&spec, ending).is_none() {
+        let marked = self.volumes.marked(&record);
+        if spec.mode == Mode::Locked && node::skip_reason(&spec, ending, marked).is_none() {
             for p in &record.pods {
                 match self.leases.renew(&spec.scope, &spec.key, &p.uid).await {
                     Ok(true) => {}
@@ -509,11 +556,16 @@ pub async fn commit_view(
     let started = Instant::now();
     let result = volumes.commit(id, ending).await;
     let seconds = started.elapsed().as_secs_f64();
-    let key = record
-        .as_ref()
-        .and_then(|r| r.spec().ok())
-        .map(|s| s.key)
-        .unwrap_or_default();
+    let spec = record.as_ref().and_then(|r| r.spec().ok());
+    let key = spec.as_ref().map(|s| s.key.clone()).unwrap_or_default();
+    // What decided the commit, for the event.
+    let decided = match (spec.as_ref().map(|s| s.commit_on), ending) {
+        (Some(CommitOn::Marker), _) => "marked by the job",
+        (Some(CommitOn::Always), Ending::Failed | Ending::Aborted) => "commit-on always",
+        _ if agent.is_none() => "volume unpublished",
+        (_, Ending::Succeeded) => "pod succeeded",
+        _ => "commit-on always",
+    };
     let (kind, why, text) = match &result {
         Ok(CommitDecision::Committed(r)) => match r.outcome {
             CommitOutcome::Committed { generation } => {
@@ -526,17 +578,23 @@ pub async fn commit_view(
                     seconds,
                     "committed"
                 );
-                (
-                    Type::Normal,
-                    reason::COMMITTED,
-                    format!(
-                        "cache {key}: committed generation {generation}, {} uploaded \
-                         ({} files, {}) in {seconds:.2}s",
+                let text = match &r.restore_key {
+                    Some(from) => format!(
+                        "cache {key}: created key {key} from restore key {from} as generation \
+                         {generation} ({decided}), {} uploaded ({} files, {}) in {seconds:.2}s",
                         mib(r.uploaded),
                         r.files,
                         mib(r.bytes)
                     ),
-                )
+                    None => format!(
+                        "cache {key}: committed generation {generation} ({decided}), {} \
+                         uploaded ({} files, {}) in {seconds:.2}s",
+                        mib(r.uploaded),
+                        r.files,
+                        mib(r.bytes)
+                    ),
+                };
+                (Type::Normal, reason::COMMITTED, text)
             }
             CommitOutcome::Unchanged { generation } => {
                 metrics::commit(metrics::CommitOutcome::Unchanged, 0, seconds);
@@ -589,4 +647,230 @@ pub async fn commit_view(
         }
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(spec: serde_json::Value, meta: serde_json::Value, status: serde_json::Value) -> Pod {
+        let mut metadata = json!({"name": "p", "namespace": "ci", "uid": "u"});
+        metadata
+            .as_object_mut()
+            .unwrap()
+            .extend(meta.as_object().unwrap().clone());
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": metadata,
+            "spec": spec, "status": status,
+        }))
+        .unwrap()
+    }
+
+    fn terminated(name: &str, code: i32, reason: &str, finished: &str) -> serde_json::Value {
+        json!({"name": name, "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+               "state": {"terminated": {"exitCode": code, "reason": reason, "finishedAt": finished}}})
+    }
+
+    fn containers(names: &[&str]) -> serde_json::Value {
+        json!({"containers": names.iter().map(|n| json!({"name": n, "image": "i"})).collect::<Vec<_>>()})
+    }
+
+    /// Pods shaped as each CI system leaves them, and how they ended.
+    #[test]
+    fn how_each_ci_systems_pods_end() {
+        let t0 = "2026-11-30T10:00:00Z";
+        let t1 = "2026-11-30T10:05:00Z";
+        let deleted_at = |ts: &str, grace: i64| json!({"deletionTimestamp": ts, "deletionGracePeriodSeconds": grace});
+        let cases: Vec<(&str, Pod, bool, Option<Ending>)> = vec![
+            (
+                "Kubernetes Job / Argo / Buildkite: every container exited 0",
+                pod(
+                    containers(&["main", "wait"]),
+                    json!({}),
+                    json!({"phase": "Succeeded",
+                    "containerStatuses": [terminated("main", 0, "Completed", t0), terminated("wait", 0, "Completed", t0)]}),
+                ),
+                false,
+                Some(Ending::Succeeded),
+            ),
+            (
+                "a running pod has not ended",
+                pod(
+                    containers(&["main"]),
+                    json!({}),
+                    json!({"phase": "Running"}),
+                ),
+                false,
+                None,
+            ),
+            (
+                "Tekton: a failed step fails the TaskRun's pod",
+                pod(
+                    containers(&["step-build", "step-test"]),
+                    json!({}),
+                    json!({"phase": "Failed",
+                    "containerStatuses": [terminated("step-build", 0, "Completed", t0), terminated("step-test", 1, "Error", t0)]}),
+                ),
+                false,
+                Some(Ending::Failed),
+            ),
+            (
+                "Succeeded but a container says otherwise (not a success)",
+                pod(
+                    containers(&["main", "helper"]),
+                    json!({}),
+                    json!({"phase": "Succeeded",
+                    "containerStatuses": [terminated("main", 0, "Completed", t0), terminated("helper", 2, "Error", t0)]}),
+                ),
+                false,
+                Some(Ending::Failed),
+            ),
+            (
+                "actions-runner-controller: the runner exits 0 whatever the job did",
+                pod(
+                    containers(&["runner"]),
+                    json!({}),
+                    json!({"phase": "Succeeded",
+                    "containerStatuses": [terminated("runner", 0, "Completed", t0)]}),
+                ),
+                false,
+                Some(Ending::Succeeded),
+            ),
+            (
+                "GitLab: deleted while running, killed (137)",
+                pod(
+                    containers(&["build", "helper"]),
+                    deleted_at(t1, 30),
+                    json!({"phase": "Failed",
+                    "containerStatuses": [terminated("build", 137, "Error", t1), terminated("helper", 137, "Error", t1)]}),
+                ),
+                false,
+                Some(Ending::Failed),
+            ),
+            (
+                "GitLab / Jenkins: deleted while running, the shell trapped TERM and exited 0",
+                pod(
+                    containers(&["build"]),
+                    deleted_at("2026-11-30T10:05:30Z", 30),
+                    json!({"phase": "Succeeded",
+                    "containerStatuses": [terminated("build", 0, "Completed", "2026-11-30T10:05:01Z")]}),
+                ),
+                false,
+                Some(Ending::Aborted),
+            ),
+            (
+                "a Job pod deleted long after it completed (TTL controller) succeeded",
+                pod(
+                    containers(&["main"]),
+                    deleted_at("2026-11-30T11:00:30Z", 30),
+                    json!({"phase": "Succeeded",
+                    "containerStatuses": [terminated("main", 0, "Completed", t0)]}),
+                ),
+                false,
+                Some(Ending::Succeeded),
+            ),
+            (
+                "deleted, Succeeded, and no container says when it finished",
+                pod(
+                    containers(&["main"]),
+                    deleted_at(t1, 0),
+                    json!({"phase": "Succeeded"}),
+                ),
+                false,
+                Some(Ending::Aborted),
+            ),
+            (
+                "the pod object is gone while it ran",
+                pod(
+                    containers(&["main"]),
+                    json!({}),
+                    json!({"phase": "Running"}),
+                ),
+                true,
+                Some(Ending::Aborted),
+            ),
+            (
+                "being deleted while running",
+                pod(
+                    containers(&["main"]),
+                    deleted_at(t1, 30),
+                    json!({"phase": "Running"}),
+                ),
+                false,
+                Some(Ending::Aborted),
+            ),
+            (
+                "Job activeDeadlineSeconds: the kubelet fails it with DeadlineExceeded",
+                pod(
+                    containers(&["main"]),
+                    json!({}),
+                    json!({"phase": "Failed", "reason": "DeadlineExceeded",
+                    "containerStatuses": [terminated("main", 137, "Error", t1)]}),
+                ),
+                false,
+                Some(Ending::Aborted),
+            ),
+            (
+                "evicted (node pressure)",
+                pod(
+                    containers(&["main"]),
+                    json!({}),
+                    json!({"phase": "Failed", "reason": "Evicted"}),
+                ),
+                false,
+                Some(Ending::Aborted),
+            ),
+            (
+                "preempted or drained: DisruptionTarget, even if it then exited 0",
+                pod(
+                    containers(&["main"]),
+                    json!({}),
+                    json!({"phase": "Succeeded",
+                    "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}],
+                    "containerStatuses": [terminated("main", 0, "Completed", t0)]}),
+                ),
+                false,
+                Some(Ending::Aborted),
+            ),
+            (
+                "OOM-killed container in a Failed pod",
+                pod(
+                    containers(&["main"]),
+                    json!({}),
+                    json!({"phase": "Failed",
+                    "containerStatuses": [terminated("main", 137, "OOMKilled", t0)]}),
+                ),
+                false,
+                Some(Ending::Aborted),
+            ),
+            (
+                "OOM-killed sidecar in a Succeeded pod (restartPolicy OnFailure kept the phase)",
+                pod(
+                    containers(&["main", "proxy"]),
+                    json!({}),
+                    json!({"phase": "Succeeded",
+                    "containerStatuses": [terminated("main", 0, "Completed", t0), terminated("proxy", 0, "OOMKilled", t0)]}),
+                ),
+                false,
+                Some(Ending::Aborted),
+            ),
+            (
+                "native sidecars stopped by the kubelet at completion do not count",
+                pod(
+                    json!({"initContainers": [{"name": "istio-proxy", "image": "i", "restartPolicy": "Always"}],
+                           "containers": [{"name": "main", "image": "i"}]}),
+                    json!({}),
+                    json!({"phase": "Succeeded",
+                        "initContainerStatuses": [terminated("istio-proxy", 143, "Error", t0)],
+                        "containerStatuses": [terminated("main", 0, "Completed", t0)]}),
+                ),
+                false,
+                Some(Ending::Succeeded),
+            ),
+        ];
+        for (what, p, deleted, want) in cases {
+            assert_eq!(ending_of(&p, deleted), want, "{what}");
+        }
+    }
 }

@@ -100,9 +100,13 @@ choice! {
 choice! {
     /// Which terminal pods commit.
     CommitOn {
-        /// Only pods that Succeeded.
+        /// Only pods that Succeeded: every container exited 0, nothing killed or deleted them.
         #[default]
         Success = "success",
+        /// The job says so itself: it creates `.cachevol-commit` at the volume's root
+        /// ([`crate::engine::MARKER`]); the pod's phase does not matter.
+        Marker = "marker",
+        /// Whatever happened.
         Always = "always",
     }
 }
@@ -612,7 +616,7 @@ mod tests {
         for (kv, name, needle) in [
             (("mode", "exclusive"), "mode", "shared, private, locked"),
             (("policy", "push-pull"), "policy", "pull-push, pull, push"),
-            (("commitOn", "never"), "commitOn", "success, always"),
+            (("commitOn", "never"), "commitOn", "success, marker, always"),
             (("merge", "append"), "merge", "replace, union"),
             (("key", "../etc"), "key", "invalid cache key"),
             (

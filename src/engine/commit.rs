@@ -100,6 +100,10 @@ pub struct CommitReport {
     /// How many times another writer's generation was merged in (union).
     pub merged: u32,
     pub seconds: f64,
+    /// The restore key the tree was restored from, when this commit made a generation of
+    /// `key` from it (the first generation of `key`, even when nothing changed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore_key: Option<String>,
 }
 
 impl CommitReport {
@@ -121,6 +125,7 @@ impl CommitReport {
             new_chunks: 0,
             merged: 0,
             seconds: started.elapsed().as_secs_f64(),
+            restore_key: None,
         }
     }
 }
@@ -195,7 +200,12 @@ impl Engine {
         }
 
         // The common case, nothing changed since the record: answer without building a tree.
-        if let Some(st) = state.as_ref().filter(|st| unchanged(st, &scanned)) {
+        // A tree restored from a restore key is committed even unchanged (below), so the next
+        // run finds its own key.
+        if let Some(st) = state
+            .as_ref()
+            .filter(|st| unchanged(st, &scanned) && !from_other_key(st.header.base.as_ref(), key))
+        {
             let total_bytes: u64 = scanned
                 .iter()
                 .filter(|s| s.kind == Kind::File)
@@ -365,7 +375,13 @@ impl Engine {
 
         let same_key_base = base.as_ref().filter(|b| b.key == key).map(|b| b.generation);
         // A tree equal to what was restored (even an empty miss) is unchanged: nothing uploads.
-        if to_read.is_empty() && same_tree(base_entries, &entries) {
+        // Restored from a restore key, it still becomes a generation of `key` (the chunks and
+        // the manifest are the restore key's: nothing but the generation object is written).
+        let restore_key = base
+            .as_ref()
+            .filter(|b| from_other_key(Some(b), key))
+            .map(|b| b.key.clone());
+        if to_read.is_empty() && restore_key.is_none() && same_tree(base_entries, &entries) {
             return Ok(Done {
                 report: CommitReport::unchanged(
                     key,
@@ -479,7 +495,7 @@ impl Engine {
         }
         self.progress.finish();
 
-        if same_tree(base_entries, &entries) {
+        if restore_key.is_none() && same_tree(base_entries, &entries) {
             // Touched but identical: nothing new was packed, no generation is written.
             return Ok(Done {
                 report: CommitReport {
@@ -598,6 +614,7 @@ impl Engine {
                 new_chunks: packer.new_chunks,
                 merged,
                 seconds: started.elapsed().as_secs_f64(),
+                restore_key,
             },
             record: Some(CommittedTree {
                 base: Some(BaseRef {
@@ -903,6 +920,11 @@ fn unchanged(state: &DirState, scanned: &[Scanned]) -> bool {
 }
 
 /// Whether `entries` has the same content as the recorded base tree.
+/// Whether a tree restored as `base` came from another key than `key` (a restore key).
+fn from_other_key(base: Option<&BaseRef>, key: &str) -> bool {
+    base.is_some_and(|b| b.key != key)
+}
+
 fn same_tree(base: Option<&[Entry]>, entries: &[Entry]) -> bool {
     let Some(base) = base else {
         return false;

@@ -23,6 +23,17 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
+/// The file a job creates at the root of its cache to say "commit this" (`commit-on: marker`).
+/// It is never part of a snapshot: walks and overlay diffs skip it, restores never write it, so
+/// a marker can only come from the run that made it.
+pub const MARKER: &str = ".cachevol-commit";
+
+/// Whether `path` (relative to a cache's root) is the marker or inside it.
+pub fn is_marker(path: &str) -> bool {
+    path.strip_prefix(MARKER)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 pub use commit::{CommitOptions, CommitOutcome, CommitReport, CommittedTree, Merge};
 pub use error::{Error, Result};
 pub use format::{Entry, Generation, Kind, Provenance};

@@ -61,6 +61,9 @@ pub fn changes(upper: &Path) -> Result<Vec<Change>> {
                 path: full.clone(),
                 why: "the name is not UTF-8".into(),
             })?;
+            if rel.is_empty() && name == super::MARKER {
+                continue; // the commit marker is never part of a snapshot
+            }
             let path = if rel.is_empty() {
                 name.to_string()
             } else {

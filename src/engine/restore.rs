@@ -129,7 +129,12 @@ impl Engine {
         };
 
         let loaded = match self.load_generation(&from_key, generation).await {
-            Ok(g) => self.load_entries(&g).await.map(|e| (g, e)),
+            Ok(g) => self.load_entries(&g).await.map(|mut e| {
+                // A marker in a snapshot (written by hand or by an older version) is never
+                // restored: a marker must come from the run that commits.
+                e.retain(|x| !super::is_marker(&x.path));
+                (g, e)
+            }),
             Err(e) => Err(e),
         };
         let (g, entries) = match loaded {

@@ -75,6 +75,8 @@ pub fn scan(root: &Path) -> Result<Vec<Scanned>> {
     if skipped > 0 {
         tracing::warn!(dir = %root.display(), skipped, "skipped special files (sockets, fifos, devices)");
     }
+    // The commit marker belongs to the run that wrote it, never to a snapshot.
+    out.retain(|s| !super::is_marker(&s.path));
     out.sort_unstable_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
 }

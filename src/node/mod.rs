@@ -569,7 +569,7 @@ impl Volumes {
             return Ok(CommitDecision::NotPending);
         }
         let spec = record.spec()?;
-        if let Some(why) = skip_reason(&spec, ending) {
+        if let Some(why) = skip_reason(&spec, ending, self.marked(&record)) {
             self.discard(&record)?;
             return Ok(CommitDecision::Skipped(why));
         }
@@ -587,7 +587,10 @@ impl Volumes {
         };
         let opts = CommitOptions {
             merge: spec.merge,
-            fence: spec.mode == Mode::Locked,
+            // A locked view may only follow the generation it restored; so may a view whose
+            // restore was degraded (a stale base or an empty cache): newer data in the store
+            // is never overwritten by a tree that never saw it.
+            fence: spec.mode == Mode::Locked || record.degraded.is_some(),
             budget: spec.budget,
             writer,
             note: None,
@@ -597,7 +600,9 @@ impl Volumes {
         let result = match record.kind {
             ViewKind::Overlay => {
                 let upper = dir.join("upper");
-                if dir_is_empty(&upper) && record.base.as_ref().is_some_and(|b| b.key == spec.key) {
+                if upper_is_unchanged(&upper)
+                    && record.base.as_ref().is_some_and(|b| b.key == spec.key)
+                {
                     // Nothing was written: unchanged, without reading the base's record.
                     let generation = record.base.as_ref().map(|b| b.generation);
                     Ok((
@@ -636,6 +641,17 @@ impl Volumes {
         }
         self.discard(&record)?;
         Ok(CommitDecision::Committed(report))
+    }
+
+    /// Whether the job marked the view for commit: `.cachevol-commit` at its root. The marker
+    /// is looked for where the pods' writes are (an overlay's upper dir: the view itself is
+    /// unmounted by now), so only this view's pods can have made it.
+    pub fn marked(&self, record: &ViewRecord) -> bool {
+        let root = match record.kind {
+            ViewKind::Overlay => self.view_dir(&record.id).join("upper"),
+            ViewKind::Copy => self.view_dir(&record.id).join("view"),
+        };
+        marker_in(&root)
     }
 
     /// Drops a pending view without committing it (its writer was fenced): the decision is
@@ -1060,10 +1076,18 @@ pub struct Usage {
     pub total_inodes: u64,
 }
 
-/// Why a view of `spec` whose pods ended as `ending` is not committed; None: it is.
-pub fn skip_reason(spec: &VolumeSpec, ending: Ending) -> Option<String> {
+/// Why a view of `spec` whose pods ended as `ending` is not committed; None: it is. `marked`:
+/// the job created the commit marker at the view's root (what decides under `commit-on:
+/// marker`, whatever the pods' phase or deletion).
+pub fn skip_reason(spec: &VolumeSpec, ending: Ending, marked: bool) -> Option<String> {
     match (spec.policy, spec.commit_on, ending) {
         (Policy::Pull, _, _) => Some("policy pull never commits".to_string()),
+        (_, CommitOn::Marker, _) if marked => None,
+        (_, CommitOn::Marker, _) => Some(format!(
+            "the job wrote no marker: commit-on is marker and no file {} was created at the \
+             volume's root",
+            engine::MARKER
+        )),
         (_, _, Ending::Aborted) => {
             Some("the pod was killed, evicted or deleted before it finished".to_string())
         }
@@ -1114,8 +1138,19 @@ fn is_store_dir(dir: &Path) -> bool {
         .is_some_and(|n| n.as_encoded_bytes().starts_with(b"@"))
 }
 
-fn dir_is_empty(dir: &Path) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none())
+/// Whether the commit marker is at the root of `dir` (a whiteout, a deletion in an upper dir,
+/// is no marker).
+fn marker_in(dir: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(dir.join(engine::MARKER))
+        .is_ok_and(|m| !m.file_type().is_char_device())
+}
+
+/// Whether an overlay upper dir holds no change (the commit marker is none).
+fn upper_is_unchanged(upper: &Path) -> bool {
+    std::fs::read_dir(upper).is_ok_and(|mut d| {
+        d.all(|e| e.is_ok_and(|e| e.file_name() == engine::MARKER && marker_in(upper)))
+    })
 }
 
 /// Marks a base as just used (its mtime orders eviction).
@@ -1148,4 +1183,71 @@ fn now_nanos() -> u128 {
 
 fn engine_write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     engine::write_atomic(path, data).map_err(Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(policy: Policy, commit_on: CommitOn) -> VolumeSpec {
+        VolumeSpec {
+            store: "file:///s".into(),
+            scope: "ci".into(),
+            key: "npm".into(),
+            restore_keys: vec![],
+            mode: Mode::Private,
+            policy,
+            commit_on,
+            merge: engine::Merge::Replace,
+            budget: None,
+        }
+    }
+
+    /// The commit decision for every commit-on, ending and marker: under `marker` only the
+    /// marker counts (GitLab and Jenkins pods are deleted while running, ARC pods Succeed
+    /// after failed jobs); `pull` never commits; an aborted pod never commits otherwise.
+    #[test]
+    fn what_decides_a_commit() {
+        use CommitOn::*;
+        use Ending::*;
+        use Policy::*;
+        let cases = [
+            // (policy, commit-on, ending, marked, committed, why contains)
+            (PullPush, Success, Succeeded, false, true, ""),
+            (PullPush, Success, Succeeded, true, true, ""),
+            (PullPush, Success, Failed, true, false, "failed"),
+            (PullPush, Success, Aborted, true, false, "killed"),
+            (PullPush, Always, Failed, false, true, ""),
+            (PullPush, Always, Aborted, false, false, "deleted"),
+            (PullPush, Marker, Succeeded, false, false, MARKER_NAME),
+            (PullPush, Marker, Succeeded, true, true, ""),
+            (PullPush, Marker, Failed, true, true, ""),
+            (PullPush, Marker, Aborted, true, true, ""),
+            (PullPush, Marker, Aborted, false, false, "no marker"),
+            (Push, Marker, Aborted, true, true, ""),
+            (Pull, Marker, Succeeded, true, false, "pull"),
+            (Pull, Always, Succeeded, false, false, "pull"),
+        ];
+        for (policy, commit_on, ending, marked, committed, why) in cases {
+            let got = skip_reason(&spec(policy, commit_on), ending, marked);
+            let case = format!("{policy:?} {commit_on:?} {ending:?} marked={marked}: {got:?}");
+            assert_eq!(got.is_none(), committed, "{case}");
+            if let Some(g) = got {
+                assert!(g.contains(why), "{case}");
+            }
+        }
+    }
+
+    const MARKER_NAME: &str = engine::MARKER;
+
+    #[test]
+    fn an_upper_dir_with_only_the_marker_is_unchanged() {
+        let t = tempfile::tempdir().unwrap();
+        assert!(upper_is_unchanged(t.path()));
+        std::fs::write(t.path().join(engine::MARKER), b"").unwrap();
+        assert!(marker_in(t.path()));
+        assert!(upper_is_unchanged(t.path()));
+        std::fs::write(t.path().join("dep"), b"x").unwrap();
+        assert!(!upper_is_unchanged(t.path()));
+    }
 }
