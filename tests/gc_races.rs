@@ -47,7 +47,10 @@ async fn round(url: &str, local: Option<&Path>, grace: Duration, n: usize, t: &m
     let dir = tmp.path().join("dir");
     write(&dir.join("a/stable.bin"), &noise(seed + 1, 300_000));
     write(&dir.join("b.txt"), format!("round {n}\n").as_bytes());
-    let c = e.commit("k", &dir, &CommitOptions::default()).await.unwrap();
+    let c = e
+        .commit("k", &dir, &CommitOptions::default())
+        .await
+        .unwrap();
     assert_eq!(c.outcome, CommitOutcome::Committed { generation: 1 });
     // Generations 2..=4 from another machine: nothing in common with generation 1.
     let other = tmp.path().join("other");
@@ -66,7 +69,10 @@ async fn round(url: &str, local: Option<&Path>, grace: Duration, n: usize, t: &m
     // The commit reuses generation 1's packs and uploads a few of its own; GC (keep-last 3)
     // drops generation 1 while it runs.
     write(&dir.join("new.bin"), &noise(seed + 5, 3 << 20));
-    write(&dir.join("b.txt"), format!("round {n}, changed\n").as_bytes());
+    write(
+        &dir.join("b.txt"),
+        format!("round {n}, changed\n").as_bytes(),
+    );
     let gc_policy = GcPolicy {
         keep_last: 3,
         ttl: None,
@@ -76,13 +82,10 @@ async fn round(url: &str, local: Option<&Path>, grace: Duration, n: usize, t: &m
     };
     let delay = Duration::from_millis((n as u64 * 13) % 90);
     let opts = CommitOptions::default();
-    let (committed, gc) = tokio::join!(
-        e.commit("k", &dir, &opts),
-        async {
-            tokio::time::sleep(delay).await;
-            e2.gc(&gc_policy).await
-        }
-    );
+    let (committed, gc) = tokio::join!(e.commit("k", &dir, &opts), async {
+        tokio::time::sleep(delay).await;
+        e2.gc(&gc_policy).await
+    });
     gc.unwrap();
     t.rounds += 1;
     let generation = match committed {
@@ -114,7 +117,9 @@ async fn round(url: &str, local: Option<&Path>, grace: Duration, n: usize, t: &m
     };
     match restored {
         None => t.good += 1,
-        Some(why) => t.broken.push(format!("round {n}: generation {generation}: {why}")),
+        Some(why) => t
+            .broken
+            .push(format!("round {n}: generation {generation}: {why}")),
     }
 }
 

@@ -518,9 +518,15 @@ async fn a_corrupt_pack_found_by_one_node_is_not_reused_by_another_nodes_commit(
     let ta = t.join("pods/a/mount");
     publish_async(&n1, &ta, &c, "a").await;
     for i in 0..3u64 {
-        common::write(&ta.join(format!("pkgs/p{i}.tgz")), &common::noise(i, 200_000));
+        common::write(
+            &ta.join(format!("pkgs/p{i}.tgz")),
+            &common::noise(i, 200_000),
+        );
     }
-    assert_eq!(generation(&finish(&n1, &ta, Ending::Succeeded).await), Some(1));
+    assert_eq!(
+        generation(&finish(&n1, &ta, Ending::Succeeded).await),
+        Some(1)
+    );
 
     // One byte of the data pack rots in the store.
     let pack = common::listing(&store_dir)
@@ -545,7 +551,10 @@ async fn a_corrupt_pack_found_by_one_node_is_not_reused_by_another_nodes_commit(
     let p = publish_async(&n1, &tc, &c, "c").await;
     assert!(p.warm, "{p:?}");
     std::fs::write(tc.join("pkgs/new.txt"), "new").unwrap();
-    assert_eq!(generation(&finish(&n1, &tc, Ending::Succeeded).await), Some(2));
+    assert_eq!(
+        generation(&finish(&n1, &tc, Ending::Succeeded).await),
+        Some(2)
+    );
 
     // A third node restores generation 2 whole.
     let n3 = node(t, "node3", false);
@@ -557,6 +566,9 @@ async fn a_corrupt_pack_found_by_one_node_is_not_reused_by_another_nodes_commit(
             common::noise(i, 200_000)
         );
     }
-    assert_eq!(std::fs::read_to_string(td.join("pkgs/new.txt")).unwrap(), "new");
+    assert_eq!(
+        std::fs::read_to_string(td.join("pkgs/new.txt")).unwrap(),
+        "new"
+    );
     finish(&n3, &td, Ending::Succeeded).await;
 }

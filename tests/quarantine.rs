@@ -62,7 +62,14 @@ async fn corrupt_largest_pack(url: &str) -> String {
         .max_by_key(|(_, size)| **size)
         .expect("a pack");
     let loc = object_store::path::Path::from(name.as_str());
-    let mut data = store.get(&loc).await.unwrap().bytes().await.unwrap().to_vec();
+    let mut data = store
+        .get(&loc)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
     let mid = data.len() / 2;
     data[mid] ^= 0x5a;
     store.put(&loc, data.into()).await.unwrap();
@@ -118,7 +125,9 @@ async fn corrupt_pack_is_quarantined(url: String) {
     // age), and forgets the quarantine with it.
     let listing = store_listing(&url).await;
     assert!(
-        listing.keys().any(|k| k.ends_with(&format!("quarantine/{bad}"))),
+        listing
+            .keys()
+            .any(|k| k.ends_with(&format!("quarantine/{bad}"))),
         "the corrupt pack is quarantined: {listing:#?}"
     );
     let out = env.run(&["gc", "--keep-last", "1", "--grace", "1h"]);

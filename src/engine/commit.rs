@@ -406,11 +406,7 @@ impl Engine {
         // Name the packs this commit reuses in its in-flight marker, then check them: GC keeps
         // what a fresh marker names, and a commit does not reuse what a running GC has doomed,
         // what is quarantined (found corrupt) or what is gone: their chunks are uploaded again.
-        let reused: HashSet<Digest> = known
-            .values()
-            .chain(&base_manifest)
-            .map(|r| r.p)
-            .collect();
+        let reused: HashSet<Digest> = known.values().chain(&base_manifest).map(|r| r.p).collect();
         let inflight = self.begin_inflight(key, reused.iter().copied()).await?;
         let res: Result<Done> = async {
         let unusable = self.unusable_packs(&reused).await?;

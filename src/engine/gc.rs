@@ -1,7 +1,8 @@
 //! Retention and garbage collection of one scope: drop keys unused for a TTL, keep the last N
 //! generations of each key, evict least recently used keys while the scope is over its byte
 //! budget, then delete packs that no kept generation references and that are older than a grace
-//! period, so a commit still uploading (or about to reference a pack) is never broken.
+//! period (quarantined ones whatever their age), but never one a running commit reuses or may
+//! have uploaded: see `protect` for how GC and commits see each other.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -24,7 +25,8 @@ pub struct GcPolicy {
     pub ttl: Option<Duration>,
     /// Past this many stored bytes, whole keys are evicted, least recently used first.
     pub scope_budget: Option<u64>,
-    /// Unreferenced packs younger than this are left alone.
+    /// Unreferenced packs younger than this are left alone. Running commits do not depend on
+    /// it: their markers protect what they reuse and upload, whatever the grace.
     pub grace: Duration,
     pub dry_run: bool,
 }
@@ -183,7 +185,7 @@ impl Engine {
             }
         }
 
-        // Sweep packs nothing kept references, once they are past the grace period.
+        // Sweep packs nothing kept references, once past the grace period (or quarantined).
         if let Some(why) = unreadable {
             report.sweep_skipped = Some(why);
             return Ok(report);
@@ -286,7 +288,11 @@ impl Engine {
         for m in self.store.list(&self.layout.manifests()).await? {
             let (Some(g), Some(key)) = (
                 parse_generation(&m.location),
-                m.location.parts().rev().nth(1).map(|p| p.as_ref().to_string()),
+                m.location
+                    .parts()
+                    .rev()
+                    .nth(1)
+                    .map(|p| p.as_ref().to_string()),
             ) else {
                 continue;
             };

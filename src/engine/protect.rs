@@ -237,7 +237,9 @@ impl Engine {
         let loc = self.layout.quarantine().join(id.to_hex());
         let body = Bytes::from(format!("{} {why}\n", super::now_unix()));
         match self.store.put(&loc, body).await {
-            Ok(()) => tracing::warn!(pack = %id.to_hex(), why = %why, "pack quarantined: no commit will reuse it"),
+            Ok(()) => {
+                tracing::warn!(pack = %id.to_hex(), why = %why, "pack quarantined: no commit will reuse it")
+            }
             Err(e) => tracing::warn!(pack = %id.to_hex(), error = %e, "could not quarantine pack"),
         }
     }
