@@ -166,6 +166,17 @@ async fn killed_commits_leave_the_cache_readable_and_gc_collects_their_garbage()
         "young garbage is kept"
     );
 
+    // The killed commits' in-flight markers protect what they uploaded until they go stale
+    // (15 minutes without a rewrite): make them that old.
+    let inflight = std::path::Path::new(url.trim_start_matches("file://")).join("default/inflight");
+    let stale = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64
+        - 20 * 60 * 1_000_000_000;
+    for m in std::fs::read_dir(&inflight).unwrap() {
+        set_mtime(&m.unwrap().path(), stale);
+    }
     let out = cachevol(
         &url,
         &state,

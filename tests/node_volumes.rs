@@ -792,3 +792,73 @@ async fn a_view_over_a_base_of_the_earlier_layout_still_commits() {
     );
     finish(&n, &tb, Ending::Aborted).await;
 }
+
+/// A pack found corrupt by one node's restore is quarantined: another node whose local base
+/// still holds a good copy of the tree commits its pod's changes without deduplicating against
+/// the corrupt pack (the unchanged files are read again from its base), so the generation it
+/// writes restores everywhere.
+#[tokio::test]
+async fn a_corrupt_pack_found_by_one_node_is_not_reused_by_another_nodes_commit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let store_dir = t.join("store");
+    let store = format!("file://{}", store_dir.display());
+    let c = ctx(&store, "npm", "private", &[]);
+    let n1 = node(t, "node1", false);
+    let ta = t.join("pods/a/mount");
+    publish_async(&n1, &ta, &c, "a").await;
+    for i in 0..3u64 {
+        common::write(
+            &ta.join(format!("pkgs/p{i}.tgz")),
+            &common::noise(i, 200_000),
+        );
+    }
+    assert_eq!(
+        generation(&finish(&n1, &ta, Ending::Succeeded).await),
+        Some(1)
+    );
+
+    // One byte of the data pack rots in the store.
+    let pack = common::listing(&store_dir)
+        .into_iter()
+        .filter(|(p, _)| p.to_string_lossy().contains("/packs/"))
+        .max_by_key(|(_, size)| *size)
+        .map(|(p, _)| store_dir.join(p))
+        .unwrap();
+    let mut data = std::fs::read(&pack).unwrap();
+    let mid = data.len() / 2;
+    data[mid] ^= 0x5a;
+    std::fs::write(&pack, data).unwrap();
+
+    // Node 2 cannot restore it: the pod is refused, and the pack is quarantined.
+    let n2 = node(t, "node2", false);
+    assert!(try_publish(&n2, &t.join("pods/b/mount"), &c, "b", None)
+        .await
+        .is_err());
+
+    // Node 1 still has a good base: its next pod changes one file and commits.
+    let tc = t.join("pods/c/mount");
+    let p = publish_async(&n1, &tc, &c, "c").await;
+    assert!(p.warm, "{p:?}");
+    std::fs::write(tc.join("pkgs/new.txt"), "new").unwrap();
+    assert_eq!(
+        generation(&finish(&n1, &tc, Ending::Succeeded).await),
+        Some(2)
+    );
+
+    // A third node restores generation 2 whole.
+    let n3 = node(t, "node3", false);
+    let td = t.join("pods/d/mount");
+    publish_async(&n3, &td, &c, "d").await;
+    for i in 0..3u64 {
+        assert_eq!(
+            std::fs::read(td.join(format!("pkgs/p{i}.tgz"))).unwrap(),
+            common::noise(i, 200_000)
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(td.join("pkgs/new.txt")).unwrap(),
+        "new"
+    );
+    finish(&n3, &td, Ending::Succeeded).await;
+}

@@ -277,6 +277,8 @@ pub fn exit_code(e: &Error) -> i32 {
         Error::Fenced { .. }
         | Error::OverBudget { .. }
         | Error::TooManyConflicts { .. }
+        | Error::InFlightLapsed { .. }
+        | Error::PacksGone { .. }
         | Error::Lock(_)
         | Error::Unsupported { .. } => exit::REFUSED,
         Error::Corrupt { .. } | Error::UnsupportedVersion { .. } => exit::CORRUPT,

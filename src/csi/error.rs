@@ -109,7 +109,10 @@ pub fn engine_code(e: &engine::Error) -> Code {
         E::InvalidName { .. } | E::InvalidStore { .. } => Code::InvalidArgument,
         E::NoSuchKey { .. } | E::NoSuchGeneration { .. } => Code::NotFound,
         // Another writer holds the lock or keeps winning the race: retry later.
-        E::Lock(_) | E::TooManyConflicts { .. } => Code::Aborted,
+        E::Lock(_)
+        | E::TooManyConflicts { .. }
+        | E::InFlightLapsed { .. }
+        | E::PacksGone { .. } => Code::Aborted,
         E::OverBudget { .. } => Code::ResourceExhausted,
         // Refused on purpose and retrying will not help until something changes.
         E::Fenced { .. } | E::Unsupported { .. } | E::UnsupportedVersion { .. } => {

@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::StreamExt;
 use serde::Serialize;
 use tokio::task::JoinSet;
 
@@ -22,6 +21,7 @@ use super::format::{
 };
 use super::localstate::{self, DirState, Stat};
 use super::overlay::{self, remove_under};
+use super::protect::InFlight;
 use super::scan::{self, Scanned};
 use super::{io_concurrency, names, Engine, PACK_TARGET};
 
@@ -134,6 +134,8 @@ impl CommitReport {
 struct Plan {
     /// Where the files to read are (the cache dir, or an overlay upper dir).
     read_root: PathBuf,
+    /// Where a file to read that `read_root` lacks is (an overlay's base).
+    fallback_root: Option<PathBuf>,
     /// The generation the tree started from, if known.
     base: Option<BaseRef>,
     base_manifest: Vec<ChunkRef>,
@@ -259,6 +261,7 @@ impl Engine {
             .collect();
         let plan = Plan {
             read_root: dir.clone(),
+            fallback_root: None,
             base: state.as_ref().and_then(|s| s.header.base.clone()),
             base_manifest: state
                 .as_ref()
@@ -321,6 +324,7 @@ impl Engine {
         let stats = vec![None; entries.len()];
         let plan = Plan {
             read_root: upper.to_path_buf(),
+            fallback_root: Some(base_dir.clone()),
             base: state.header.base.clone(),
             base_manifest: state.header.manifest.clone(),
             base_entries: Some(state.entries),
@@ -356,8 +360,9 @@ impl Engine {
     ) -> Result<Done> {
         let Plan {
             read_root,
+            fallback_root,
             base,
-            base_manifest,
+            mut base_manifest,
             base_entries,
             mut entries,
             mut to_read,
@@ -432,16 +437,23 @@ impl Engine {
                 });
             }
         }
-        let missing = self.missing_packs(&known).await?;
-        if !missing.is_empty() {
+        // Name the packs this commit reuses in its in-flight marker, then check them: GC keeps
+        // what a fresh marker names, and a commit does not reuse what a running GC has doomed,
+        // what is quarantined (found corrupt) or what is gone: their chunks are uploaded again.
+        let reused: HashSet<Digest> = known.values().chain(&base_manifest).map(|r| r.p).collect();
+        let inflight = self.begin_inflight(key, reused.iter().copied()).await?;
+        let res: Result<Done> = async {
+        let unusable = self.unusable_packs(&reused).await?;
+        if !unusable.is_empty() {
             tracing::warn!(
                 cache.key = key,
-                packs = missing.len(),
-                "packs of the base are gone from the store; their chunks will be uploaded again"
+                packs = unusable.len(),
+                "packs of the base are quarantined, being collected or gone; their chunks will be uploaded again"
             );
-            known.retain(|_, r| !missing.contains(&r.p));
+            known.retain(|_, r| !unusable.contains(&r.p));
+            base_manifest.retain(|r| !unusable.contains(&r.p));
             for (i, e) in entries.iter_mut().enumerate() {
-                if e.kind == Kind::File && e.chunks.iter().any(|r| missing.contains(&r.p)) {
+                if e.kind == Kind::File && e.chunks.iter().any(|r| unusable.contains(&r.p)) {
                     e.chunks.clear();
                     to_read.push(i);
                 }
@@ -453,7 +465,15 @@ impl Engine {
         // Read, chunk, hash and compress what may have changed; pack and upload what is new.
         let jobs: Vec<(usize, PathBuf, u64)> = to_read
             .iter()
-            .map(|&i| (i, read_root.join(&entries[i].path), entries[i].size))
+            .map(|&i| {
+                let p = read_root.join(&entries[i].path);
+                // An overlay commit re-reads a file it did not change from the base under it.
+                let p = match &fallback_root {
+                    Some(b) if std::fs::symlink_metadata(&p).is_err() => b.join(&entries[i].path),
+                    _ => p,
+                };
+                (i, p, entries[i].size)
+            })
             .collect();
         self.progress
             .start("commit", jobs.iter().map(|j| j.2).sum());
@@ -540,6 +560,7 @@ impl Engine {
             let theirs = self.load_entries(&theirs).await?;
             entries = union(&theirs, &ours, &changed);
             merged += 1;
+            self.rely_on_merged(&inflight, key, target - 1, &entries).await?;
         }
         let mut attempts = 0;
         let (generation, manifest_refs) = loop {
@@ -563,6 +584,7 @@ impl Engine {
             };
             let body = Bytes::from(g.encode());
             let len = body.len() as u64;
+            inflight.check_fresh(key)?;
             if self
                 .store
                 .put_create(&self.layout.generation(key, target), body)
@@ -590,6 +612,7 @@ impl Engine {
                 let theirs = self.load_entries(&theirs).await?;
                 entries = union(&theirs, &ours, &changed);
                 merged += 1;
+                self.rely_on_merged(&inflight, key, taken, &entries).await?;
             }
             target = taken + 1;
             // Spread colliding writers apart a little.
@@ -626,6 +649,39 @@ impl Engine {
                 stats,
             }),
         })
+        }
+        .await;
+        inflight.end().await;
+        res
+    }
+
+    /// After a union merge: names the packs the merged tree references in the marker, then
+    /// checks them; a merged generation whose packs GC is collecting refuses the commit.
+    async fn rely_on_merged(
+        &self,
+        inflight: &InFlight,
+        key: &str,
+        theirs: u64,
+        entries: &[Entry],
+    ) -> Result<()> {
+        let packs: HashSet<Digest> = entries
+            .iter()
+            .flat_map(|e| &e.chunks)
+            .filter(|r| r.c != 0)
+            .map(|r| r.p)
+            .collect();
+        inflight.rely(packs.iter().copied()).await?;
+        let bad = self.unusable_packs(&packs).await?;
+        if !bad.is_empty() {
+            return Err(Error::PacksGone {
+                key: key.to_string(),
+                why: format!(
+                    "generation {theirs}, merged into it, needs {} packs that are being collected, quarantined or gone",
+                    bad.len()
+                ),
+            });
+        }
+        Ok(())
     }
 
     fn save_state(
@@ -642,26 +698,6 @@ impl Engine {
             stats,
         }
         .save(&self.state_dir)
-    }
-
-    /// The packs among `known`'s that the store no longer has.
-    async fn missing_packs(&self, known: &HashMap<Digest, ChunkRef>) -> Result<HashSet<Digest>> {
-        let packs: HashSet<Digest> = known.values().map(|r| r.p).collect();
-        let results: Vec<Result<Option<Digest>>> = futures::stream::iter(packs)
-            .map(|p| async move {
-                let present = self.store.head(&self.layout.pack(&p.to_hex())).await?;
-                Ok(present.is_none().then_some(p))
-            })
-            .buffer_unordered(32)
-            .collect()
-            .await;
-        let mut missing = HashSet::new();
-        for r in results {
-            if let Some(p) = r? {
-                missing.insert(p);
-            }
-        }
-        Ok(missing)
     }
 
     /// Chunks the files `to_read` on worker threads; new chunks go to the packer as they come.

@@ -74,6 +74,15 @@ pub enum Error {
     #[error("commit of {key:?} gave up after {attempts} conflicting attempts")]
     TooManyConflicts { key: String, attempts: u32 },
 
+    /// A commit could not keep its in-flight marker fresh, so GC may have deleted packs it
+    /// reuses: it is refused rather than report a generation that might not restore.
+    #[error("commit of {key:?} refused: its in-flight marker was last written {seconds}s ago, so garbage collection may have deleted packs it reuses; nothing was published, commit again")]
+    InFlightLapsed { key: String, seconds: u64 },
+
+    /// A union commit merged a newer generation whose packs GC is deleting or has deleted.
+    #[error("commit of {key:?} refused: {why}; nothing was published, commit again")]
+    PacksGone { key: String, why: String },
+
     #[error("{0}")]
     Lock(String),
 }

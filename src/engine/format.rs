@@ -408,6 +408,9 @@ impl PackBuilder {
     pub fn new() -> PackBuilder {
         let mut buf = Vec::with_capacity(9 << 20);
         buf.extend_from_slice(PACK_MAGIC);
+        // A salt no chunk refers to: two packs are never one object, so a commit never finds a
+        // pack it built already in the store (where GC may be about to delete it).
+        buf.extend_from_slice(&Digest::of(super::protect::unique_id().as_bytes()).0[..16]);
         PackBuilder {
             buf,
             chunks: Vec::new(),

@@ -1,16 +1,19 @@
 //! Retention and garbage collection of one scope: drop keys unused for a TTL, keep the last N
 //! generations of each key, evict least recently used keys while the scope is over its byte
 //! budget, then delete packs that no kept generation references and that are older than a grace
-//! period, so a commit still uploading (or about to reference a pack) is never broken.
+//! period (quarantined ones whatever their age), but never one a running commit reuses or may
+//! have uploaded: see `protect` for how GC and commits see each other.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
+use object_store::ObjectMeta;
 use serde::Serialize;
 
 use super::error::{Error, Result};
 use super::format::Digest;
+use super::protect::{self, Doomed, Marker, CLOCK_MARGIN, MARKER_STALE};
 use super::store::parse_generation;
 use super::Engine;
 
@@ -22,7 +25,8 @@ pub struct GcPolicy {
     pub ttl: Option<Duration>,
     /// Past this many stored bytes, whole keys are evicted, least recently used first.
     pub scope_budget: Option<u64>,
-    /// Unreferenced packs younger than this are left alone.
+    /// Unreferenced packs younger than this are left alone. Running commits do not depend on
+    /// it: their markers protect what they reuse and upload, whatever the grace.
     pub grace: Duration,
     pub dry_run: bool,
 }
@@ -51,6 +55,9 @@ pub struct GcReport {
     pub bytes_kept: u64,
     /// Unreferenced packs left for a later run because they are younger than the grace period.
     pub packs_young: usize,
+    /// Unreferenced packs left for a later run because a running commit reuses them or may
+    /// have uploaded them.
+    pub packs_in_flight: usize,
     /// Set when packs were not swept (a generation this version cannot read).
     pub sweep_skipped: Option<String>,
 }
@@ -178,42 +185,181 @@ impl Engine {
             }
         }
 
-        // Sweep packs nothing kept references, once they are past the grace period.
+        // Sweep packs nothing kept references, once past the grace period (or quarantined).
         if let Some(why) = unreadable {
             report.sweep_skipped = Some(why);
             return Ok(report);
         }
-        let live: HashSet<Digest> = refs
+        let mut live: HashSet<Digest> = refs
             .values()
             .flat_map(|m| m.keys().map(|(p, _)| *p))
             .collect();
-        let packs = self.store.list(&self.layout.packs()).await?;
-        let mut doomed = Vec::new();
-        for m in packs {
-            let id = m.location.filename().and_then(Digest::from_hex);
-            match id {
-                Some(id) if live.contains(&id) => {
-                    report.packs_kept += 1;
-                    report.bytes_kept += m.size;
-                }
-                _ if now - m.last_modified.timestamp() < policy.grace.as_secs() as i64 => {
-                    report.packs_young += 1;
-                }
-                _ => {
-                    report.packs_deleted += 1;
-                    report.bytes_freed += m.size;
-                    doomed.push(m.location);
-                }
+        let quarantined = self.quarantined().await?;
+        let mut candidates = Vec::new();
+        for m in self.store.list(&self.layout.packs()).await? {
+            let Some(id) = m.location.filename().and_then(Digest::from_hex) else {
+                continue;
+            };
+            if live.contains(&id) {
+                report.packs_kept += 1;
+                report.bytes_kept += m.size;
+            } else if !quarantined.contains(&id)
+                && now - m.last_modified.timestamp() < policy.grace.as_secs() as i64
+            {
+                report.packs_young += 1;
+            } else {
+                candidates.push((id, m));
             }
         }
-        if !policy.dry_run {
-            futures::stream::iter(doomed)
-                .map(|loc| async move { self.store.delete(&loc).await })
-                .buffer_unordered(16)
-                .try_collect::<Vec<()>>()
-                .await?;
+        if candidates.is_empty() || policy.dry_run {
+            for (_, m) in &candidates {
+                report.packs_deleted += 1;
+                report.bytes_freed += m.size;
+            }
+            if !policy.dry_run {
+                self.forget_quarantine(&quarantined, &live, &HashSet::new())
+                    .await?;
+            }
+            return Ok(report);
         }
+
+        // Announce the packs about to go before looking for running commits: a commit that
+        // checks its packs after this does not reuse them, and one that checked before has its
+        // marker in the store already.
+        let doom = self.layout.doomed().join(protect::unique_id());
+        let announced = Instant::now();
+        let body = Doomed {
+            packs: candidates.iter().map(|(id, _)| id.to_hex()).collect(),
+        };
+        self.store
+            .put(
+                &doom,
+                bytes::Bytes::from(serde_json::to_vec(&body).expect("serializes")),
+            )
+            .await?;
+        let swept = self
+            .sweep(keys, candidates, &mut live, announced, &mut report)
+            .await;
+        let swept = match swept {
+            Ok(gone) => self.forget_quarantine(&quarantined, &live, &gone).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = self.store.delete(&doom).await {
+            tracing::warn!(error = %e, "could not remove gc's doomed list");
+        }
+        swept?;
         Ok(report)
+    }
+
+    /// Deletes the announced candidates except what running commits reuse or may have uploaded
+    /// and what generations written since the retention pass reference. Returns the deleted.
+    async fn sweep(
+        &self,
+        keys: BTreeMap<String, KeyState>,
+        candidates: Vec<(Digest, ObjectMeta)>,
+        live: &mut HashSet<Digest>,
+        announced: Instant,
+        report: &mut GcReport,
+    ) -> Result<HashSet<Digest>> {
+        // Running commits: the packs their markers name stay, and so does every pack written
+        // since the oldest of them started (what they upload themselves).
+        let now = super::now_unix();
+        let mut protected: HashSet<Digest> = HashSet::new();
+        let mut oldest: Option<i64> = None;
+        for m in self.store.list(&self.layout.inflight()).await? {
+            if now - m.last_modified.timestamp() > MARKER_STALE.as_secs() as i64 {
+                self.store.delete(&m.location).await?;
+                continue;
+            }
+            let Some((body, _)) = self.store.get(&m.location).await? else {
+                continue;
+            };
+            let started = match serde_json::from_slice::<Marker>(&body) {
+                Ok(marker) => {
+                    protected.extend(marker.packs.iter().filter_map(|h| Digest::from_hex(h)));
+                    marker.started.unwrap_or(m.last_modified.timestamp())
+                }
+                // A marker this version cannot read: keep every pack.
+                Err(_) => i64::MIN + CLOCK_MARGIN,
+            };
+            oldest = Some(oldest.map_or(started, |o: i64| o.min(started)));
+        }
+        // Generations created since the retention pass (by commits that finished meanwhile).
+        for m in self.store.list(&self.layout.manifests()).await? {
+            let (Some(g), Some(key)) = (
+                parse_generation(&m.location),
+                m.location
+                    .parts()
+                    .rev()
+                    .nth(1)
+                    .map(|p| p.as_ref().to_string()),
+            ) else {
+                continue;
+            };
+            if keys.get(&key).is_some_and(|k| k.gens.contains(&g)) {
+                continue;
+            }
+            match self.generation_refs(&key, g).await {
+                Ok(r) => live.extend(r.keys().map(|(p, _)| *p)),
+                Err(Error::NoSuchGeneration { .. } | Error::Corrupt { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let mut doomed = Vec::new();
+        for (id, m) in candidates {
+            let in_flight = protected.contains(&id)
+                || oldest.is_some_and(|o| m.last_modified.timestamp() >= o - CLOCK_MARGIN);
+            if live.contains(&id) {
+                report.packs_kept += 1;
+                report.bytes_kept += m.size;
+            } else if in_flight {
+                report.packs_in_flight += 1;
+            } else {
+                report.packs_deleted += 1;
+                report.bytes_freed += m.size;
+                doomed.push((id, m.location));
+            }
+        }
+        // Past this, commits that started before the announcement may no longer be honoured.
+        if announced.elapsed() > MARKER_STALE / 2 {
+            report.sweep_skipped = Some("the sweep took too long to be safe; run gc again".into());
+            report.packs_deleted = 0;
+            report.bytes_freed = 0;
+            return Ok(HashSet::new());
+        }
+        let gone: HashSet<Digest> = doomed.iter().map(|(id, _)| *id).collect();
+        futures::stream::iter(doomed)
+            .map(|(_, loc)| async move { self.store.delete(&loc).await })
+            .buffer_unordered(16)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(gone)
+    }
+
+    /// Removes the quarantine markers of packs that are gone and that nothing kept references.
+    async fn forget_quarantine(
+        &self,
+        quarantined: &HashSet<Digest>,
+        live: &HashSet<Digest>,
+        gone: &HashSet<Digest>,
+    ) -> Result<()> {
+        for id in quarantined {
+            if live.contains(id) {
+                continue;
+            }
+            let deleted = gone.contains(id)
+                || self
+                    .store
+                    .head(&self.layout.pack(&id.to_hex()))
+                    .await?
+                    .is_none();
+            if deleted {
+                self.store
+                    .delete(&self.layout.quarantine().join(id.to_hex()))
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     async fn generation_refs(

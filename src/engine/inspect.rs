@@ -88,6 +88,14 @@ impl Engine {
     /// Fetches every pack a generation references, checks each pack against its id and every
     /// chunk against its digest.
     pub async fn verify(&self, key: &str, generation: Option<u64>) -> Result<VerifyReport> {
+        let res = self.verify_all(key, generation).await;
+        if let Err(e) = &res {
+            self.quarantine_from(e).await;
+        }
+        res
+    }
+
+    async fn verify_all(&self, key: &str, generation: Option<u64>) -> Result<VerifyReport> {
         let started = Instant::now();
         let g = self.show(key, generation).await?;
         let entries = self.load_entries(&g).await?;

@@ -13,6 +13,7 @@ mod inspect;
 mod localstate;
 pub mod overlay;
 mod par;
+mod protect;
 mod restore;
 mod scan;
 

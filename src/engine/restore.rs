@@ -142,6 +142,7 @@ impl Engine {
             Err(e) => {
                 // Nothing was touched: the directory still holds what it held.
                 DirState::end_restore(&self.state_dir, &dir);
+                self.quarantine_from(&e).await;
                 return Err(e);
             }
         };
@@ -160,6 +161,7 @@ impl Engine {
                 let d = dir.clone();
                 let _ = tokio::task::spawn_blocking(move || empty_dir(&d)).await;
                 DirState::remove(&self.state_dir, &dir);
+                self.quarantine_from(&e).await;
                 return Err(e);
             }
         };

@@ -434,7 +434,10 @@ fn not_found_is_none<T>(res: Result<T>) -> Result<Option<T>> {
 /// `<prefix>/<scope>/manifests/<key>/<generation, 20 digits>` (create-only; the truth),
 /// `<prefix>/<scope>/heads/<key>` (a hint naming the newest generation),
 /// `<prefix>/<scope>/used/<key>` (last restore, for TTL and LRU retention),
-/// `<prefix>/<scope>/packs/<hh>/<pack hash>`.
+/// `<prefix>/<scope>/packs/<hh>/<pack hash>`,
+/// `<prefix>/<scope>/inflight/<id>` (a running commit and the packs it relies on),
+/// `<prefix>/<scope>/doomed/<id>` (packs a running GC is about to delete),
+/// `<prefix>/<scope>/quarantine/<pack hash>` (a pack found corrupt, truncated or missing).
 #[derive(Clone, Debug)]
 pub struct Layout {
     base: Path,
@@ -464,6 +467,15 @@ impl Layout {
     }
     pub fn pack(&self, id: &str) -> Path {
         self.packs().join(&id[..2]).join(id)
+    }
+    pub fn inflight(&self) -> Path {
+        self.base.clone().join("inflight")
+    }
+    pub fn doomed(&self) -> Path {
+        self.base.clone().join("doomed")
+    }
+    pub fn quarantine(&self) -> Path {
+        self.base.clone().join("quarantine")
     }
 }
 
