@@ -511,7 +511,7 @@ impl Engine {
         let (generation, manifest_refs) = loop {
             attempts += 1;
             let (manifest_refs, stream_hash, stream_len) = self
-                .pack_manifest(&entries, &known, &base_manifest, &mut packer)
+                .pack_manifest(&read_root, &entries, &known, &base_manifest, &mut packer)
                 .await?;
             let g = Generation {
                 key: key.to_string(),
@@ -733,12 +733,26 @@ impl Engine {
     /// returns the refs of its chunks and the stream's digest and length.
     async fn pack_manifest(
         &self,
+        dir: &Path,
         entries: &[Entry],
         known: &HashMap<Digest, ChunkRef>,
         base_manifest: &[ChunkRef],
         packer: &mut Packer<'_>,
     ) -> Result<(Vec<ChunkRef>, Digest, u64)> {
         let stream = format::encode_entries(entries);
+        if stream.len() as u64 > format::MAX_MANIFEST_LEN {
+            // Restore refuses such a manifest (its memory is bounded): never say "committed"
+            // for a generation that cannot be restored.
+            return Err(Error::Unsupported {
+                path: dir.to_path_buf(),
+                why: format!(
+                    "a tree of {} entries has a manifest of {} bytes, over the format's limit of {} bytes: split it into several caches",
+                    entries.len(),
+                    stream.len(),
+                    format::MAX_MANIFEST_LEN
+                ),
+            });
+        }
         let mut reusable: HashMap<Digest, ChunkRef> =
             base_manifest.iter().map(|r| (r.h, r.clone())).collect();
         for (h, r) in known {
