@@ -707,3 +707,57 @@ fn a_legitimate_file_of_zeros_restores_in_bounded_memory() {
     let out = lab.root.join("work/cli-zeros/zeros.img");
     assert!(holds_zeros(&out, 384 << 20, 0));
 }
+
+#[test]
+fn a_generation_number_that_cannot_be_followed_blocks_nothing_for_good() {
+    let lab = Lab::new();
+    let src = lab.target("src");
+    write(&src.join("a.txt"), b"one\n");
+    for key in ["k", "k2"] {
+        let dir = lab.target(&format!("src-{key}"));
+        write(&dir.join("a.txt"), b"one\n");
+        let c = lab.cli(&["commit", key, dir.to_str().unwrap()]);
+        assert_eq!(c.code, 0, "{}", c.stderr);
+        // Planted by a writer of the scope: a valid-looking object at the last u64.
+        let f = lab.file("evil.txt", b"hostile\n");
+        lab.generation(key, u64::MAX, &line(&f));
+        // Without a head hint (none yet, or a commit that crashed before moving it) the
+        // listing is the truth.
+        std::fs::remove_file(lab.store.join("default/heads").join(key)).unwrap();
+    }
+    let out = lab.target("out");
+    for args in [
+        vec!["restore", "k", out.to_str().unwrap()],
+        vec!["show", "k"],
+        vec!["show", "k", "--generation", "18446744073709551615"],
+        vec!["verify", "k"],
+        vec!["commit", "k", src.to_str().unwrap()],
+    ] {
+        let run = lab.cli(&args);
+        assert_eq!(run.code, 5, "{args:?}: {}", run.stderr);
+        assert!(
+            run.stderr.contains("\"k\"") && run.stderr.contains("18446744073709551615"),
+            "{args:?} should name the key and the number: {}",
+            run.stderr
+        );
+    }
+    assert!(!out.join("evil.txt").exists());
+
+    // Wipe frees the key; rollback frees another and keeps its history.
+    assert_eq!(lab.cli(&["wipe", "k", "--yes"]).code, 0);
+    let c = lab.cli(&["commit", "k", src.to_str().unwrap()]);
+    assert_eq!(c.code, 0, "{}", c.stderr);
+    let r = lab.cli(&["rollback", "k2", "--to", "1"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    write(&src.join("b.txt"), b"two\n");
+    let c = lab.cli(&["commit", "k2", src.to_str().unwrap()]);
+    assert_eq!(c.code, 0, "{}", c.stderr);
+    for key in ["k", "k2"] {
+        let dir = lab.target(&format!("out-{key}"));
+        let run = lab.cli(&["restore", key, dir.to_str().unwrap()]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        assert_eq!(std::fs::read(dir.join("a.txt")).unwrap(), b"one\n");
+        assert!(!dir.join("evil.txt").exists());
+    }
+    assert!(lab.root.join("work/out-k2/b.txt").exists());
+}

@@ -384,7 +384,7 @@ impl Engine {
         // A fenced commit may only create the generation after the one it restored: if that is
         // taken already, refuse before uploading anything.
         if opts.fence {
-            let wanted = same_key_base.unwrap_or(0) + 1;
+            let wanted = self.next_generation(key, same_key_base.unwrap_or(0))?;
             if self
                 .store
                 .head(&self.layout.generation(key, wanted))
@@ -489,8 +489,11 @@ impl Engine {
         // The generation: created only if nobody else has it; on a collision, replace takes the
         // next number, union merges into the newer head, a fenced commit is refused.
         let mut target = match (opts.fence, same_key_base) {
-            (true, b) => b.unwrap_or(0) + 1,
-            (false, b) => self.newest(key).await?.unwrap_or(0).max(b.unwrap_or(0)) + 1,
+            (true, b) => self.next_generation(key, b.unwrap_or(0))?,
+            (false, b) => {
+                let newest = self.newest(key).await?.unwrap_or(0);
+                self.next_generation(key, newest.max(b.unwrap_or(0)))?
+            }
         };
         let ours = entries.clone();
         let changed: HashSet<String> = changed_paths(base_entries, &ours);
@@ -557,7 +560,7 @@ impl Engine {
                 entries = union(&theirs, &ours, &changed);
                 merged += 1;
             }
-            target = taken + 1;
+            target = self.next_generation(key, taken)?;
             // Spread colliding writers apart a little.
             let jitter = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

@@ -26,6 +26,10 @@ pub const GEN_MAGIC: &[u8; 8] = b"CVGEN\0\0\0";
 /// Refuse absurd inputs before allocating for them.
 pub const MAX_CHUNK_LEN: u32 = 64 << 20;
 pub const MAX_GENERATION_OBJECT: usize = 64 << 20;
+/// The largest generation number cachevol writes or follows (19 nines: every number fits the
+/// 20-digit object name, and the next one can always be computed). A store object with a larger
+/// number blocks its key: it is an invalid snapshot until `wipe` or `rollback` removes it.
+pub const MAX_GENERATION: u64 = 9_999_999_999_999_999_999;
 /// The longest manifest stream a generation may declare (about 130,000 entries): the manifest is
 /// held and parsed in memory, so this bounds a restore's memory whatever a generation claims.
 /// Commit refuses a tree whose manifest would be longer.

@@ -129,6 +129,17 @@ impl Engine {
     /// the packs it needs must still be in the store.
     pub async fn rollback(&self, key: &str, to: u64, writer: &str) -> Result<u64> {
         names::key(key)?;
+        // Generation objects no generation could follow block the key: rolling back is the
+        // operator's way out, so they go first.
+        for bad in self.generation_objects(key).await? {
+            if bad > super::format::MAX_GENERATION {
+                tracing::warn!(cache.key = key, generation = bad, "deleting a generation object whose number cannot be followed");
+                self.store.delete(&self.layout.generation(key, bad)).await?;
+            }
+        }
+        if self.read_head(key).await?.is_some_and(|(h, _)| h.generation > super::format::MAX_GENERATION) {
+            self.store.delete(&self.layout.head(key)).await?;
+        }
         let old = self.load_generation(key, to).await?;
         let entries = self.load_entries(&old).await?;
         let packs: HashSet<Digest> = entries
@@ -153,7 +164,7 @@ impl Engine {
             }
         }
         for _ in 0..64 {
-            let next = self.newest(key).await?.unwrap_or(0) + 1;
+            let next = self.next_generation(key, self.newest(key).await?.unwrap_or(0))?;
             let g = Generation {
                 generation: next,
                 provenance: Provenance {

@@ -95,8 +95,24 @@ impl Engine {
         &self.scope
     }
 
-    /// Every generation of `key` present in the store, oldest first.
+    /// Every generation of `key` present in the store, oldest first. A generation number
+    /// beyond [`format::MAX_GENERATION`] is an invalid snapshot: no generation could follow it.
     pub async fn generations(&self, key: &str) -> Result<Vec<u64>> {
+        let gens = self.generation_objects(key).await?;
+        if let Some(&bad) = gens.iter().find(|g| **g > format::MAX_GENERATION) {
+            return Err(Error::corrupt(
+                self.layout.generation(key, bad).to_string(),
+                format!(
+                    "cache {key:?} has generation number {bad}, beyond the largest cachevol can follow ({}): no commit could come after it; `cachevol wipe {key} --yes` or `cachevol rollback {key} --to N` removes it",
+                    format::MAX_GENERATION
+                ),
+            ));
+        }
+        Ok(gens)
+    }
+
+    /// The numbers of every generation object of `key`, valid or not, oldest first.
+    pub(crate) async fn generation_objects(&self, key: &str) -> Result<Vec<u64>> {
         names::key(key)?;
         let mut gens: Vec<u64> = self
             .store
@@ -115,7 +131,7 @@ impl Engine {
     pub async fn newest(&self, key: &str) -> Result<Option<u64>> {
         names::key(key)?;
         let hint = self.read_head(key).await?.map(|(h, _)| h.generation);
-        if let Some(h) = hint {
+        if let Some(h) = hint.filter(|h| *h < format::MAX_GENERATION) {
             let next = self.store.head(&self.layout.generation(key, h + 1)).await?;
             let current = self.store.head(&self.layout.generation(key, h)).await?;
             if next.is_none() && current.is_some() {
@@ -123,6 +139,21 @@ impl Engine {
             }
         }
         Ok(self.generations(key).await?.last().copied())
+    }
+
+    /// The generation after `newest` of `key`, or an invalid snapshot if there can be none.
+    pub(crate) fn next_generation(&self, key: &str, newest: u64) -> Result<u64> {
+        newest
+            .checked_add(1)
+            .filter(|n| *n <= format::MAX_GENERATION)
+            .ok_or_else(|| {
+                Error::corrupt(
+                    self.layout.generation(key, newest).to_string(),
+                    format!(
+                        "cache {key:?} is at generation {newest}: no generation can follow it; `cachevol wipe {key} --yes` or `cachevol rollback {key} --to N` gets it going again"
+                    ),
+                )
+            })
     }
 
     async fn read_head(&self, key: &str) -> Result<Option<(Head, object_store::UpdateVersion)>> {
@@ -168,6 +199,14 @@ impl Engine {
     /// Reads and checks one generation object.
     pub async fn load_generation(&self, key: &str, generation: u64) -> Result<Generation> {
         names::key(key)?;
+        if generation > format::MAX_GENERATION {
+            // The listing names the problem and the way out.
+            self.generations(key).await?;
+            return Err(Error::NoSuchGeneration {
+                key: key.to_string(),
+                generation,
+            });
+        }
         let loc = self.layout.generation(key, generation);
         let (data, _) = self
             .store
