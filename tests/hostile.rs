@@ -518,7 +518,9 @@ const RSS_LIMIT_MIB: u64 = 128;
 /// `len` zero bytes whose last byte is `last`, as a reader.
 fn zeros_ending(len: u64, last: u8) -> impl std::io::Read {
     use std::io::Read;
-    std::io::repeat(0).take(len - 1).chain(std::io::Cursor::new([last]))
+    std::io::repeat(0)
+        .take(len - 1)
+        .chain(std::io::Cursor::new([last]))
 }
 
 impl Lab {
@@ -640,7 +642,10 @@ fn a_chunk_referenced_many_times_costs_bounded_memory() {
         manifest_len: 48 * (64 << 20),
         manifest: vec![zeros.clone(); 48],
     };
-    let obj = lab.store.join("default/manifests/zeros").join(format!("{:020}", 1));
+    let obj = lab
+        .store
+        .join("default/manifests/zeros")
+        .join(format!("{:020}", 1));
     write(&obj, &g.encode());
     assert!(std::fs::metadata(&obj).unwrap().len() < 1024);
     lab.bounded("zeros", 5, "manifest");
@@ -677,7 +682,9 @@ fn verify_reads_a_huge_pack_in_bounded_memory() {
     f.set_len(2 << 30).unwrap();
     drop(f);
     let mut hasher = blake3::Hasher::new();
-    hasher.update_reader(std::fs::File::open(&tmp).unwrap()).unwrap();
+    hasher
+        .update_reader(std::fs::File::open(&tmp).unwrap())
+        .unwrap();
     let id = Digest(*hasher.finalize().as_bytes());
     let hex = id.to_hex();
     let path = lab.store.join("default/packs").join(&hex[..2]).join(&hex);
@@ -703,7 +710,10 @@ fn a_legitimate_file_of_zeros_restores_in_bounded_memory() {
     let commit = lab.cli(&["commit", "zeros", src.to_str().unwrap()]);
     assert_eq!(commit.code, 0, "{}", commit.stderr);
     let peaks = lab.bounded("zeros", 0, "");
-    eprintln!("commit {} MiB, restore/verify/show {peaks:?} MiB", commit.peak_mib);
+    eprintln!(
+        "commit {} MiB, restore/verify/show {peaks:?} MiB",
+        commit.peak_mib
+    );
     let out = lab.root.join("work/cli-zeros/zeros.img");
     assert!(holds_zeros(&out, 384 << 20, 0));
 }
@@ -760,4 +770,105 @@ fn a_generation_number_that_cannot_be_followed_blocks_nothing_for_good() {
         assert!(!dir.join("evil.txt").exists());
     }
     assert!(lab.root.join("work/out-k2/b.txt").exists());
+}
+
+#[test]
+fn impossible_offsets_and_paths_are_invalid_snapshots_for_every_command() {
+    let lab = Lab::new();
+    let mut far = lab.file("far.txt", b"far away\n");
+    far.chunks[0].o = u64::MAX - 4;
+    lab.generation("far", 1, &line(&far));
+    let deep = format!("{}/x", ["d"; 2100].join("/"));
+    let mut stream = Vec::new();
+    for i in 1..=2100 {
+        stream.extend(line(&dir_entry(&["d"; 2100][..i].join("/"))));
+    }
+    stream.extend(line(&lab.file(&deep, b"deep\n")));
+    lab.generation("deep", 1, &stream);
+    lab.generation(
+        "long-name",
+        1,
+        &line(&lab.file(&"n".repeat(256), b"long\n")),
+    );
+    for (key, want) in [
+        ("far", "impossible location"),
+        ("deep", "PATH_MAX"),
+        ("long-name", "255 bytes"),
+    ] {
+        let target = lab.target(&format!("out-{key}"));
+        for args in [
+            vec!["restore", key, target.to_str().unwrap()],
+            vec!["verify", key],
+            vec!["show", key],
+        ] {
+            let run = lab.cli(&args);
+            assert_eq!(run.code, 5, "{args:?}: {}", run.stderr);
+            assert!(run.stderr.contains(want), "{args:?}: {}", run.stderr);
+        }
+    }
+}
+
+/// `cachevol --store URL ARGS` with the state in `state`: exit code and stderr.
+fn cli_at(url: &str, state: &Path, args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cachevol"))
+        .arg("--store")
+        .arg(url)
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--quiet")
+        .args(args)
+        .env_remove("CACHEVOL_STORE")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_missing_bucket_is_one_configuration_error_for_every_command() {
+    let stores = [
+        common::s3_url("missing-bucket").map(|u| ("no-such-bucket-cv", u)),
+        common::az_url("missing-container").map(|u| ("no-such-container-cv", u)),
+    ];
+    for (bucket, url) in stores.into_iter().flatten() {
+        // The same endpoint and credentials, another bucket name.
+        let mut url = url::Url::parse(&url).unwrap();
+        url.set_host(Some(bucket)).unwrap();
+        let url = url.to_string();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cache");
+        write(&dir.join("a.txt"), b"a\n");
+        let d = dir.to_str().unwrap();
+        for args in [
+            vec!["commit", "k", d],
+            vec!["ls"],
+            vec!["restore", "k", d],
+            vec!["show", "k"],
+        ] {
+            let (code, err) = cli_at(&url, &tmp.path().join("state"), &args);
+            assert_eq!(code, 2, "{url} {args:?}: {err}");
+            assert!(
+                err.contains(&format!("bucket {bucket:?} does not exist")),
+                "{args:?}: {err}"
+            );
+            assert!(
+                !err.contains("<?xml") && !err.contains("<Code>"),
+                "{args:?}: {err}"
+            );
+        }
+        // `run` goes on without the cache, and its warning says why.
+        let (code, err) = cli_at(
+            &url,
+            &tmp.path().join("state"),
+            &["run", "--cache", &format!("k={d}"), "--", "true"],
+        );
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            err.contains(&format!("bucket {bucket:?} does not exist")),
+            "{err}"
+        );
+        assert!(!err.contains("<?xml"), "{err}");
+    }
 }

@@ -133,11 +133,19 @@ impl Engine {
         // operator's way out, so they go first.
         for bad in self.generation_objects(key).await? {
             if bad > super::format::MAX_GENERATION {
-                tracing::warn!(cache.key = key, generation = bad, "deleting a generation object whose number cannot be followed");
+                tracing::warn!(
+                    cache.key = key,
+                    generation = bad,
+                    "deleting a generation object whose number cannot be followed"
+                );
                 self.store.delete(&self.layout.generation(key, bad)).await?;
             }
         }
-        if self.read_head(key).await?.is_some_and(|(h, _)| h.generation > super::format::MAX_GENERATION) {
+        if self
+            .read_head(key)
+            .await?
+            .is_some_and(|(h, _)| h.generation > super::format::MAX_GENERATION)
+        {
             self.store.delete(&self.layout.head(key)).await?;
         }
         let old = self.load_generation(key, to).await?;

@@ -350,9 +350,13 @@ impl Engine {
         };
         let (writer, progress) = (w.clone(), self.progress.clone());
         let res = self
-            .read_chunks(pack, needs, |n| &n.r, ctl, move |need, at, data| {
-                writer.write_chunk(need, at, data, progress.as_ref())
-            })
+            .read_chunks(
+                pack,
+                needs,
+                |n| &n.r,
+                ctl,
+                move |need, at, data| writer.write_chunk(need, at, data, progress.as_ref()),
+            )
             .await;
         if res.is_err() {
             w.failed.store(true, Ordering::Relaxed);
@@ -655,7 +659,8 @@ impl Writer {
                 if at == 0 {
                     std::io::Write::write_all(&mut f, data).map_err(Error::io("write", &path))?;
                 } else {
-                    f.write_all_at(data, at).map_err(Error::io("write", &path))?;
+                    f.write_all_at(data, at)
+                        .map_err(Error::io("write", &path))?;
                 }
                 if last {
                     self.seal(i, &f, &path)?;
