@@ -541,6 +541,8 @@ impl Lab {
         refs.into_iter().next().unwrap()
     }
 
+    // Reaped with wait4, which std's wait would not give the rusage of.
+    #[allow(clippy::zombie_processes)]
     fn cli(&self, args: &[&str]) -> Run {
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_cachevol"))
             .arg("--store")
