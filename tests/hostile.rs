@@ -502,3 +502,375 @@ async fn restore_never_writes_through_planted_symlinks() {
 async fn warm_restore_never_writes_through_planted_symlinks() {
     planted_symlinks(true).await;
 }
+
+/// What one run of the `cachevol` binary did: exit code, stderr, and its peak RSS in MiB from
+/// `wait4`. Linux counts the spawning process's own peak into a child's at exec, so these tests
+/// never hold big buffers themselves: data is made, hashed and compared in small blocks.
+struct Run {
+    code: i32,
+    stderr: String,
+    peak_mib: u64,
+}
+
+/// The most memory any command may take, whatever the snapshot declares (DESIGN §3).
+const RSS_LIMIT_MIB: u64 = 128;
+
+/// `len` zero bytes whose last byte is `last`, as a reader.
+fn zeros_ending(len: u64, last: u8) -> impl std::io::Read {
+    use std::io::Read;
+    std::io::repeat(0)
+        .take(len - 1)
+        .chain(std::io::Cursor::new([last]))
+}
+
+impl Lab {
+    /// Writes a pack holding one chunk read from `raw` (compressed and hashed as a stream);
+    /// returns the chunk's ref.
+    fn streamed_pack(&self, len: u64, last: u8) -> ChunkRef {
+        let frame = zstd::stream::encode_all(zeros_ending(len, last), 3).unwrap();
+        let mut h = blake3::Hasher::new();
+        h.update_reader(zeros_ending(len, last)).unwrap();
+        let mut b = PackBuilder::new();
+        b.push(Digest(*h.finalize().as_bytes()), len as u32, &frame);
+        let (id, bytes, refs) = b.finish();
+        let hex = id.to_hex();
+        write(
+            &self.store.join("default/packs").join(&hex[..2]).join(&hex),
+            &bytes,
+        );
+        refs.into_iter().next().unwrap()
+    }
+
+    // Reaped with wait4, which std's wait would not give the rusage of.
+    #[allow(clippy::zombie_processes)]
+    fn cli(&self, args: &[&str]) -> Run {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_cachevol"))
+            .arg("--store")
+            .arg(file_url(&self.store))
+            .arg("--state-dir")
+            .arg(self.root.join("state-cli"))
+            .arg("--quiet")
+            .args(args)
+            .env_remove("CACHEVOL_STORE")
+            .env_remove("CACHEVOL_SCOPE")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id() as libc::pid_t;
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.unwrap(), &mut stderr).unwrap();
+        let mut status = 0;
+        // SAFETY: a zeroed rusage is a valid value to be filled in.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: pid is our child, not yet reaped; both pointers are valid for the call.
+        let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        assert_eq!(rc, pid, "wait4");
+        assert!(libc::WIFEXITED(status), "{args:?} was killed: {stderr}");
+        Run {
+            code: libc::WEXITSTATUS(status),
+            stderr,
+            peak_mib: usage.ru_maxrss as u64 / 1024,
+        }
+    }
+
+    /// Runs restore, verify and show of `key` and checks each exits with `code` in bounded
+    /// memory; returns the peaks.
+    fn bounded(&self, key: &str, code: i32, want: &str) -> Vec<u64> {
+        let target = self.target(&format!("cli-{key}"));
+        let runs = [
+            vec!["restore", key, target.to_str().unwrap()],
+            vec!["verify", key],
+            vec!["show", key],
+        ];
+        let mut peaks = Vec::new();
+        for args in runs {
+            let run = self.cli(&args);
+            eprintln!("{args:?}: exit {}, peak RSS {} MiB", run.code, run.peak_mib);
+            assert_eq!(run.code, code, "{args:?}: {}", run.stderr);
+            assert!(run.stderr.contains(want), "{args:?}: {}", run.stderr);
+            assert!(
+                run.peak_mib <= RSS_LIMIT_MIB,
+                "{args:?} took {} MiB (limit {RSS_LIMIT_MIB} MiB)",
+                run.peak_mib
+            );
+            peaks.push(run.peak_mib);
+        }
+        peaks
+    }
+}
+
+fn file_of(path: &str, chunks: Vec<ChunkRef>) -> Entry {
+    Entry {
+        path: path.into(),
+        kind: Kind::File,
+        mode: 0o644,
+        size: chunks.iter().map(|c| c.n as u64).sum(),
+        mtime: 1_700_000_000_000_000_000,
+        target: None,
+        chunks,
+    }
+}
+
+/// Whether `path` holds `len` zero bytes, but for its last byte `last`.
+fn holds_zeros(path: &Path, len: u64, last: u8) -> bool {
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut want = zeros_ending(len, last);
+    let (mut a, mut b) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = std::io::Read::read(&mut f, &mut a).unwrap();
+        if n == 0 {
+            return std::io::Read::read(&mut want, &mut b).unwrap() == 0;
+        }
+        std::io::Read::read_exact(&mut want, &mut b[..n]).unwrap();
+        if a[..n] != b[..n] {
+            return false;
+        }
+    }
+}
+
+#[test]
+fn a_chunk_referenced_many_times_costs_bounded_memory() {
+    // The snapshot: a tiny generation object and a 2 KB pack holding one 64 MiB chunk of
+    // zeros that the manifest lists 48 times (3 GiB of "manifest").
+    let lab = Lab::new();
+    let zeros = lab.streamed_pack(64 << 20, 0);
+    let g = Generation {
+        key: "zeros".into(),
+        generation: 1,
+        provenance: Provenance::default(),
+        totals: Totals::default(),
+        manifest_hash: Digest::of(b"whatever: the length alone is refused"),
+        manifest_len: 48 * (64 << 20),
+        manifest: vec![zeros.clone(); 48],
+    };
+    let obj = lab
+        .store
+        .join("default/manifests/zeros")
+        .join(format!("{:020}", 1));
+    write(&obj, &g.encode());
+    assert!(std::fs::metadata(&obj).unwrap().len() < 1024);
+    lab.bounded("zeros", 5, "manifest");
+
+    // The same chunk as file data, 4 times in one file, and six 64 MiB chunks that differ in
+    // their last byte, alone in six files of six packs (read at once): restored, verified,
+    // shown.
+    let mut stream = line(&file_of("big", vec![zeros; 4]));
+    for i in 0..6u8 {
+        let r = lab.streamed_pack(64 << 20, i + 1);
+        stream.extend(line(&file_of(&format!("f{i}"), vec![r])));
+    }
+    lab.generation("zero-files", 1, &stream);
+    lab.bounded("zero-files", 0, "");
+    let target = lab.root.join("work/cli-zero-files");
+    assert!(holds_zeros(&target.join("big"), 4 << 26, 0));
+    for i in 0..6u8 {
+        assert!(holds_zeros(&target.join(format!("f{i}")), 64 << 20, i + 1));
+    }
+}
+
+#[test]
+fn verify_reads_a_huge_pack_in_bounded_memory() {
+    // A 2 GiB pack (sparse on disk) whose only chunk is at its start: verify hashes it whole to
+    // check its id, and must not hold it in memory to do so.
+    let lab = Lab::new();
+    let data = b"a small file in a huge pack\n";
+    let mut b = PackBuilder::new();
+    b.push(Digest::of(data), data.len() as u32, &compress_chunk(data));
+    let (_, bytes, refs) = b.finish();
+    let tmp = lab.root.join("pack.tmp");
+    write(&tmp, &bytes);
+    let f = std::fs::OpenOptions::new().write(true).open(&tmp).unwrap();
+    f.set_len(2 << 30).unwrap();
+    drop(f);
+    let mut hasher = blake3::Hasher::new();
+    hasher
+        .update_reader(std::fs::File::open(&tmp).unwrap())
+        .unwrap();
+    let id = Digest(*hasher.finalize().as_bytes());
+    let hex = id.to_hex();
+    let path = lab.store.join("default/packs").join(&hex[..2]).join(&hex);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    let chunks = refs.into_iter().map(|r| ChunkRef { p: id, ..r }).collect();
+    lab.generation("huge-pack", 1, &line(&file_of("f", chunks)));
+    lab.bounded("huge-pack", 0, "");
+    assert_eq!(
+        std::fs::read(lab.root.join("work/cli-huge-pack/f")).unwrap(),
+        data.as_slice()
+    );
+}
+
+#[test]
+fn a_legitimate_file_of_zeros_restores_in_bounded_memory() {
+    // Committed by cachevol itself: 384 MiB of zeros is one 2 MiB chunk referenced 192 times.
+    let lab = Lab::new();
+    let src = lab.target("zeros-src");
+    let f = std::fs::File::create(src.join("zeros.img")).unwrap();
+    f.set_len(384 << 20).unwrap();
+    drop(f);
+    let commit = lab.cli(&["commit", "zeros", src.to_str().unwrap()]);
+    assert_eq!(commit.code, 0, "{}", commit.stderr);
+    let peaks = lab.bounded("zeros", 0, "");
+    eprintln!(
+        "commit {} MiB, restore/verify/show {peaks:?} MiB",
+        commit.peak_mib
+    );
+    let out = lab.root.join("work/cli-zeros/zeros.img");
+    assert!(holds_zeros(&out, 384 << 20, 0));
+}
+
+#[test]
+fn a_generation_number_that_cannot_be_followed_blocks_nothing_for_good() {
+    let lab = Lab::new();
+    let src = lab.target("src");
+    write(&src.join("a.txt"), b"one\n");
+    for key in ["k", "k2"] {
+        let dir = lab.target(&format!("src-{key}"));
+        write(&dir.join("a.txt"), b"one\n");
+        let c = lab.cli(&["commit", key, dir.to_str().unwrap()]);
+        assert_eq!(c.code, 0, "{}", c.stderr);
+        // Planted by a writer of the scope: a valid-looking object at the last u64.
+        let f = lab.file("evil.txt", b"hostile\n");
+        lab.generation(key, u64::MAX, &line(&f));
+        // Without a head hint (none yet, or a commit that crashed before moving it) the
+        // listing is the truth.
+        std::fs::remove_file(lab.store.join("default/heads").join(key)).unwrap();
+    }
+    let out = lab.target("out");
+    for args in [
+        vec!["restore", "k", out.to_str().unwrap()],
+        vec!["show", "k"],
+        vec!["show", "k", "--generation", "18446744073709551615"],
+        vec!["verify", "k"],
+        vec!["commit", "k", src.to_str().unwrap()],
+    ] {
+        let run = lab.cli(&args);
+        assert_eq!(run.code, 5, "{args:?}: {}", run.stderr);
+        assert!(
+            run.stderr.contains("\"k\"") && run.stderr.contains("18446744073709551615"),
+            "{args:?} should name the key and the number: {}",
+            run.stderr
+        );
+    }
+    assert!(!out.join("evil.txt").exists());
+
+    // Wipe frees the key; rollback frees another and keeps its history.
+    assert_eq!(lab.cli(&["wipe", "k", "--yes"]).code, 0);
+    let c = lab.cli(&["commit", "k", src.to_str().unwrap()]);
+    assert_eq!(c.code, 0, "{}", c.stderr);
+    let r = lab.cli(&["rollback", "k2", "--to", "1"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    write(&src.join("b.txt"), b"two\n");
+    let c = lab.cli(&["commit", "k2", src.to_str().unwrap()]);
+    assert_eq!(c.code, 0, "{}", c.stderr);
+    for key in ["k", "k2"] {
+        let dir = lab.target(&format!("out-{key}"));
+        let run = lab.cli(&["restore", key, dir.to_str().unwrap()]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        assert_eq!(std::fs::read(dir.join("a.txt")).unwrap(), b"one\n");
+        assert!(!dir.join("evil.txt").exists());
+    }
+    assert!(lab.root.join("work/out-k2/b.txt").exists());
+}
+
+#[test]
+fn impossible_offsets_and_paths_are_invalid_snapshots_for_every_command() {
+    let lab = Lab::new();
+    let mut far = lab.file("far.txt", b"far away\n");
+    far.chunks[0].o = u64::MAX - 4;
+    lab.generation("far", 1, &line(&far));
+    let deep = format!("{}/x", ["d"; 2100].join("/"));
+    let mut stream = Vec::new();
+    for i in 1..=2100 {
+        stream.extend(line(&dir_entry(&["d"; 2100][..i].join("/"))));
+    }
+    stream.extend(line(&lab.file(&deep, b"deep\n")));
+    lab.generation("deep", 1, &stream);
+    lab.generation(
+        "long-name",
+        1,
+        &line(&lab.file(&"n".repeat(256), b"long\n")),
+    );
+    for (key, want) in [
+        ("far", "impossible location"),
+        ("deep", "PATH_MAX"),
+        ("long-name", "255 bytes"),
+    ] {
+        let target = lab.target(&format!("out-{key}"));
+        for args in [
+            vec!["restore", key, target.to_str().unwrap()],
+            vec!["verify", key],
+            vec!["show", key],
+        ] {
+            let run = lab.cli(&args);
+            assert_eq!(run.code, 5, "{args:?}: {}", run.stderr);
+            assert!(run.stderr.contains(want), "{args:?}: {}", run.stderr);
+        }
+    }
+}
+
+/// `cachevol --store URL ARGS` with the state in `state`: exit code and stderr.
+fn cli_at(url: &str, state: &Path, args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cachevol"))
+        .arg("--store")
+        .arg(url)
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--quiet")
+        .args(args)
+        .env_remove("CACHEVOL_STORE")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_missing_bucket_is_one_configuration_error_for_every_command() {
+    let stores = [
+        common::s3_url("missing-bucket").map(|u| ("no-such-bucket-cv", u)),
+        common::az_url("missing-container").map(|u| ("no-such-container-cv", u)),
+    ];
+    for (bucket, url) in stores.into_iter().flatten() {
+        // The same endpoint and credentials, another bucket name.
+        let mut url = url::Url::parse(&url).unwrap();
+        url.set_host(Some(bucket)).unwrap();
+        let url = url.to_string();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cache");
+        write(&dir.join("a.txt"), b"a\n");
+        let d = dir.to_str().unwrap();
+        for args in [
+            vec!["commit", "k", d],
+            vec!["ls"],
+            vec!["restore", "k", d],
+            vec!["show", "k"],
+        ] {
+            let (code, err) = cli_at(&url, &tmp.path().join("state"), &args);
+            assert_eq!(code, 2, "{url} {args:?}: {err}");
+            assert!(
+                err.contains(&format!("bucket {bucket:?} does not exist")),
+                "{args:?}: {err}"
+            );
+            assert!(
+                !err.contains("<?xml") && !err.contains("<Code>"),
+                "{args:?}: {err}"
+            );
+        }
+        // `run` goes on without the cache, and its warning says why.
+        let (code, err) = cli_at(
+            &url,
+            &tmp.path().join("state"),
+            &["run", "--cache", &format!("k={d}"), "--", "true"],
+        );
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            err.contains(&format!("bucket {bucket:?} does not exist")),
+            "{err}"
+        );
+        assert!(!err.contains("<?xml"), "{err}");
+    }
+}

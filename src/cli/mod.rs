@@ -272,7 +272,9 @@ impl Global {
 /// The exit code for an engine error.
 pub fn exit_code(e: &Error) -> i32 {
     match e {
-        Error::InvalidName { .. } | Error::InvalidStore { .. } => exit::USAGE,
+        Error::InvalidName { .. } | Error::InvalidStore { .. } | Error::NoSuchBucket { .. } => {
+            exit::USAGE
+        }
         Error::NoSuchGeneration { .. } | Error::NoSuchKey { .. } => exit::NOT_FOUND,
         Error::Fenced { .. }
         | Error::OverBudget { .. }

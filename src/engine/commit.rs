@@ -423,7 +423,7 @@ impl Engine {
         // A fenced commit may only create the generation after the one it restored: if that is
         // taken already, refuse before uploading anything.
         if opts.fence {
-            let wanted = same_key_base.unwrap_or(0) + 1;
+            let wanted = self.next_generation(key, same_key_base.unwrap_or(0))?;
             if self
                 .store
                 .head(&self.layout.generation(key, wanted))
@@ -543,8 +543,11 @@ impl Engine {
         // The generation: created only if nobody else has it; on a collision, replace takes the
         // next number, union merges into the newer head, a fenced commit is refused.
         let mut target = match (opts.fence, same_key_base) {
-            (true, b) => b.unwrap_or(0) + 1,
-            (false, b) => self.newest(key).await?.unwrap_or(0).max(b.unwrap_or(0)) + 1,
+            (true, b) => self.next_generation(key, b.unwrap_or(0))?,
+            (false, b) => {
+                let newest = self.newest(key).await?.unwrap_or(0);
+                self.next_generation(key, newest.max(b.unwrap_or(0)))?
+            }
         };
         let ours = entries.clone();
         let changed: HashSet<String> = changed_paths(base_entries, &ours);
@@ -566,7 +569,7 @@ impl Engine {
         let (generation, manifest_refs) = loop {
             attempts += 1;
             let (manifest_refs, stream_hash, stream_len) = self
-                .pack_manifest(&entries, &known, &base_manifest, &mut packer)
+                .pack_manifest(&read_root, &entries, &known, &base_manifest, &mut packer)
                 .await?;
             let g = Generation {
                 key: key.to_string(),
@@ -614,7 +617,7 @@ impl Engine {
                 merged += 1;
                 self.rely_on_merged(&inflight, key, taken, &entries).await?;
             }
-            target = taken + 1;
+            target = self.next_generation(key, taken)?;
             // Spread colliding writers apart a little.
             let jitter = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -804,12 +807,26 @@ impl Engine {
     /// returns the refs of its chunks and the stream's digest and length.
     async fn pack_manifest(
         &self,
+        dir: &Path,
         entries: &[Entry],
         known: &HashMap<Digest, ChunkRef>,
         base_manifest: &[ChunkRef],
         packer: &mut Packer<'_>,
     ) -> Result<(Vec<ChunkRef>, Digest, u64)> {
         let stream = format::encode_entries(entries);
+        if stream.len() as u64 > format::MAX_MANIFEST_LEN {
+            // Restore refuses such a manifest (its memory is bounded): never say "committed"
+            // for a generation that cannot be restored.
+            return Err(Error::Unsupported {
+                path: dir.to_path_buf(),
+                why: format!(
+                    "a tree of {} entries has a manifest of {} bytes, over the format's limit of {} bytes: split it into several caches",
+                    entries.len(),
+                    stream.len(),
+                    format::MAX_MANIFEST_LEN
+                ),
+            });
+        }
         let mut reusable: HashMap<Digest, ChunkRef> =
             base_manifest.iter().map(|r| (r.h, r.clone())).collect();
         for (h, r) in known {

@@ -33,6 +33,11 @@ pub enum Error {
         source: object_store::Error,
     },
 
+    /// The store URL names a bucket (S3, GCS) or container (Azure) that does not exist: a
+    /// configuration error, the same for every command.
+    #[error("store {url}: bucket {bucket:?} does not exist (create it, or fix the store URL)")]
+    NoSuchBucket { url: String, bucket: String },
+
     #[error("store {op} {location}: timed out after {seconds}s")]
     StoreTimeout {
         op: &'static str,
@@ -107,7 +112,9 @@ impl Error {
     /// errors in the data or the request: callers degrade to a stale or empty cache on these.
     pub fn is_store_unavailable(&self) -> bool {
         match self {
-            Error::StoreTimeout { .. } => true,
+            // Not reachable as configured: callers that degrade (a pod starting with an empty
+            // cache) do so, and say why.
+            Error::StoreTimeout { .. } | Error::NoSuchBucket { .. } => true,
             Error::Store { source, .. } => !matches!(
                 source,
                 object_store::Error::NotFound { .. }

@@ -26,6 +26,27 @@ pub const GEN_MAGIC: &[u8; 8] = b"CVGEN\0\0\0";
 /// Refuse absurd inputs before allocating for them.
 pub const MAX_CHUNK_LEN: u32 = 64 << 20;
 pub const MAX_GENERATION_OBJECT: usize = 64 << 20;
+/// The largest generation number cachevol writes or follows (19 nines: every number fits the
+/// 20-digit object name, and the next one can always be computed). A store object with a larger
+/// number blocks its key: it is an invalid snapshot until `wipe` or `rollback` removes it.
+pub const MAX_GENERATION: u64 = 9_999_999_999_999_999_999;
+/// The longest manifest stream a generation may declare (about 130,000 entries): the manifest is
+/// held and parsed in memory, so this bounds a restore's memory whatever a generation claims.
+/// Commit refuses a tree whose manifest would be longer.
+pub const MAX_MANIFEST_LEN: u64 = 32 << 20;
+/// Chunks longer than this (raw or compressed) are never held whole in memory: they are streamed
+/// from the store, decompressed in small blocks and verified before anything is written. Commit
+/// writes chunks of at most 2 MiB, so only hostile or foreign snapshots take this path.
+pub const STREAM_CHUNK_OVER: u32 = 4 << 20;
+/// The largest zstd window a streamed chunk may ask for (8 MiB): a frame's header could ask the
+/// decoder for gigabytes. cachevol compresses at level 3 (a 2 MiB window at most).
+const STREAM_WINDOW_LOG: u32 = 23;
+/// Memory a streamed chunk needs at most: the decoder's window and its buffers.
+pub const STREAM_CHUNK_COST: u64 = (1 << STREAM_WINDOW_LOG) + (2 << 20);
+/// The longest path of an entry (Linux PATH_MAX, counting the terminating NUL) and the longest
+/// name in it (NAME_MAX): longer ones could never be restored.
+pub const MAX_PATH_LEN: usize = 4095;
+pub const MAX_NAME_LEN: usize = 255;
 
 /// A BLAKE3 digest, written as 64 hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -249,6 +270,12 @@ impl Generation {
             .map_err(|e| bad(&format!("generation body does not decompress: {e}")))?;
         let g: Generation = serde_json::from_slice(&json)
             .map_err(|e| bad(&format!("generation body is not valid: {e}")))?;
+        if g.manifest_len > MAX_MANIFEST_LEN {
+            return Err(bad(&format!(
+                "manifest of {} bytes is over the format's limit of {MAX_MANIFEST_LEN} bytes",
+                g.manifest_len
+            )));
+        }
         if g.manifest.iter().map(|c| c.n as u64).sum::<u64>() != g.manifest_len {
             return Err(bad(
                 "manifest chunk lengths do not add up to the manifest length",
@@ -268,8 +295,23 @@ pub struct Head {
     pub time: i64,
 }
 
+/// The longest zstd frame a chunk of `n` raw bytes can have (zstd's compress bound).
+pub fn max_frame_len(n: u32) -> u64 {
+    zstd::zstd_safe::compress_bound(n as usize) as u64
+}
+
+/// Checks a chunk ref's declared sizes against the format's limits before anything is allocated
+/// or read for it: raw length within [`MAX_CHUNK_LEN`], a frame no longer than zstd can make of
+/// that raw length, and a frame that lies in a pack a file system or a store can address.
 fn check_chunk_ref(location: &str, c: &ChunkRef) -> Result<()> {
-    if c.n > MAX_CHUNK_LEN || c.c > MAX_CHUNK_LEN || c.c == 0 || c.o < PACK_MAGIC.len() as u64 {
+    let end = c.o.checked_add(c.c as u64);
+    if c.n == 0
+        || c.n > MAX_CHUNK_LEN
+        || c.c == 0
+        || c.c as u64 > max_frame_len(c.n)
+        || c.o < PACK_MAGIC.len() as u64
+        || end.is_none_or(|end| end > i64::MAX as u64)
+    {
         return Err(Error::corrupt(
             location,
             format!("chunk {:?} has an impossible location or size", c.h),
@@ -327,10 +369,14 @@ pub fn check_path(path: &str) -> std::result::Result<(), &'static str> {
     if path.contains('\0') {
         return Err("NUL in path");
     }
+    if path.len() > MAX_PATH_LEN {
+        return Err("path longer than PATH_MAX (4095 bytes)");
+    }
     for part in path.split('/') {
         match part {
             "" => return Err("empty path component"),
             "." | ".." => return Err("'.' or '..' in path"),
+            _ if part.len() > MAX_NAME_LEN => return Err("a name longer than 255 bytes"),
             _ => {}
         }
     }
@@ -368,7 +414,11 @@ pub fn validate_tree(location: &str, entries: &mut [Entry]) -> Result<()> {
             }
             Kind::Symlink => {
                 let t = e.target.as_deref().unwrap_or("");
-                if t.is_empty() || t.contains('\0') || !e.chunks.is_empty() {
+                if t.is_empty()
+                    || t.len() > MAX_PATH_LEN
+                    || t.contains('\0')
+                    || !e.chunks.is_empty()
+                {
                     return Err(bad("a symlink without a valid target".into()));
                 }
             }
@@ -457,7 +507,8 @@ pub fn open_chunk(location: &str, r: &ChunkRef, frame: &[u8]) -> Result<Vec<u8>>
 }
 
 /// [`open_chunk`] into a buffer the caller reuses: a restore decompresses hundreds of megabytes,
-/// and fresh buffers for each chunk cost page faults.
+/// and fresh buffers for each chunk cost page faults. The buffer never grows past the chunk's
+/// declared length: a frame that decompresses to more is refused.
 pub fn open_chunk_into(
     location: &str,
     r: &ChunkRef,
@@ -474,13 +525,71 @@ pub fn open_chunk_into(
                 format!("chunk {} at offset {} does not decompress: {e}", r.h, r.o),
             )
         })?;
-    if raw.len() != r.n as usize || Digest::of(raw) != r.h {
+    verify_chunk(location, r, raw.len() as u64, &Digest::of(raw))
+}
+
+/// The one place where a chunk's content is checked against its ref: `len` bytes that hash to
+/// `digest` were decompressed from the frame `r` names.
+pub fn verify_chunk(location: &str, r: &ChunkRef, len: u64, digest: &Digest) -> Result<()> {
+    if len != r.n as u64 || *digest != r.h {
         return Err(Error::corrupt(
             location,
             format!("chunk {} at offset {} does not match its digest", r.h, r.o),
         ));
     }
     Ok(())
+}
+
+/// Decompresses one chunk's frame from `frame` in small blocks, handing each block and its
+/// offset in the chunk to `sink`, then checks the whole against the ref ([`verify_chunk`]).
+/// Memory stays at [`STREAM_CHUNK_COST`] whatever the frame declares; output past the declared
+/// raw length is refused at once. `sink` sees unverified data: callers verify in a first pass
+/// with a sink that keeps nothing, then write in a second.
+pub fn stream_chunk(
+    location: &str,
+    r: &ChunkRef,
+    frame: impl std::io::Read,
+    mut sink: impl FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<()> {
+    use std::io::Read;
+    let bad = |e: std::io::Error| {
+        Error::corrupt(
+            location,
+            format!("chunk {} at offset {} does not decompress: {e}", r.h, r.o),
+        )
+    };
+    let mut dec = zstd::stream::read::Decoder::new(frame).map_err(bad)?;
+    dec.window_log_max(STREAM_WINDOW_LOG).map_err(bad)?;
+    let mut dec = dec.single_frame();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut hasher = blake3::Hasher::new();
+    let mut pos = 0u64;
+    loop {
+        let k = match dec.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(bad(e)),
+        };
+        if pos + k as u64 > r.n as u64 {
+            return Err(Error::corrupt(
+                location,
+                format!(
+                    "chunk {} at offset {} decompresses to more than its {} bytes",
+                    r.h, r.o, r.n
+                ),
+            ));
+        }
+        hasher.update(&buf[..k]);
+        sink(pos, &buf[..k])?;
+        pos += k as u64;
+    }
+    verify_chunk(location, r, pos, &Digest(*hasher.finalize().as_bytes()))
+}
+
+/// Whether a chunk is too big to hold in memory and is streamed instead ([`stream_chunk`]).
+pub fn is_streamed(r: &ChunkRef) -> bool {
+    r.n > STREAM_CHUNK_OVER || r.c > STREAM_CHUNK_OVER
 }
 
 pub fn compress_chunk(raw: &[u8]) -> Vec<u8> {

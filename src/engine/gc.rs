@@ -381,7 +381,8 @@ impl Engine {
     /// stay until GC finds nothing references them (after the grace period), so a restore
     /// that is reading them right now finishes. Returns how many generations were deleted.
     pub async fn wipe(&self, key: &str) -> Result<usize> {
-        let gens = self.generations(key).await?;
+        // Every object, even one whose number is invalid: wiping is how a blocked key is freed.
+        let gens = self.generation_objects(key).await?;
         if gens.is_empty() {
             return Err(Error::NoSuchKey {
                 scope: self.scope.clone(),

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::error::{Error, Result};
 use super::format::{ChunkRef, Digest, Generation, Provenance};
-use super::{io_concurrency, names, Engine};
+use super::{io_concurrency, names, Engine, ReadCtl};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct KeyInfo {
@@ -99,21 +99,24 @@ impl Engine {
         let started = Instant::now();
         let g = self.show(key, generation).await?;
         let entries = self.load_entries(&g).await?;
-        let mut by_pack: HashMap<Digest, Vec<ChunkRef>> = HashMap::new();
+        let mut by_pack: HashMap<Digest, HashMap<u64, ChunkRef>> = HashMap::new();
         for r in entries.iter().flat_map(|e| &e.chunks).chain(&g.manifest) {
-            by_pack.entry(r.p).or_default().push(r.clone());
+            let slot = by_pack.entry(r.p).or_default().entry(r.o);
+            let known = slot.or_insert_with(|| r.clone());
+            if known != r {
+                return Err(super::one_chunk_per_offset(&self.layout, r));
+            }
         }
         let packs = by_pack.len();
         let (chunks, bytes) = futures::stream::iter(by_pack)
             .map(|(pack, refs)| async move {
-                let loc = self.layout.pack(&pack.to_hex());
-                let (data, _) = self.store.get(&loc).await?.ok_or_else(|| {
-                    Error::corrupt(loc.to_string(), "pack is missing from the store")
-                })?;
-                let loc = loc.to_string();
-                tokio::task::spawn_blocking(move || check_pack(&loc, pack, &data, refs))
-                    .await
-                    .expect("check does not panic")
+                let mut refs: Vec<ChunkRef> = refs.into_values().collect();
+                refs.sort_unstable_by_key(|r| r.o);
+                let counted = (refs.len(), refs.iter().map(|r| r.n as u64).sum::<u64>());
+                self.check_pack(pack).await?;
+                self.read_chunks(pack, refs, |r| r, ReadCtl::default(), |_, _, _| Ok(()))
+                    .await?;
+                Ok::<_, Error>(counted)
             })
             .buffer_unordered(io_concurrency())
             .try_fold((0usize, 0u64), |(c, b), (c2, b2)| async move {
@@ -134,6 +137,25 @@ impl Engine {
     /// the packs it needs must still be in the store.
     pub async fn rollback(&self, key: &str, to: u64, writer: &str) -> Result<u64> {
         names::key(key)?;
+        // Generation objects no generation could follow block the key: rolling back is the
+        // operator's way out, so they go first.
+        for bad in self.generation_objects(key).await? {
+            if bad > super::format::MAX_GENERATION {
+                tracing::warn!(
+                    cache.key = key,
+                    generation = bad,
+                    "deleting a generation object whose number cannot be followed"
+                );
+                self.store.delete(&self.layout.generation(key, bad)).await?;
+            }
+        }
+        if self
+            .read_head(key)
+            .await?
+            .is_some_and(|(h, _)| h.generation > super::format::MAX_GENERATION)
+        {
+            self.store.delete(&self.layout.head(key)).await?;
+        }
         let old = self.load_generation(key, to).await?;
         let entries = self.load_entries(&old).await?;
         let packs: HashSet<Digest> = entries
@@ -158,7 +180,7 @@ impl Engine {
             }
         }
         for _ in 0..64 {
-            let next = self.newest(key).await?.unwrap_or(0) + 1;
+            let next = self.next_generation(key, self.newest(key).await?.unwrap_or(0))?;
             let g = Generation {
                 generation: next,
                 provenance: Provenance {
@@ -188,30 +210,35 @@ impl Engine {
     }
 }
 
-fn check_pack(loc: &str, id: Digest, data: &[u8], refs: Vec<ChunkRef>) -> Result<(usize, u64)> {
-    if Digest::of(data) != id {
-        return Err(Error::corrupt(
-            loc,
-            "pack does not match its id (altered or truncated)",
-        ));
-    }
-    if data.len() < 8 || &data[..8] != super::format::PACK_MAGIC {
-        return Err(Error::corrupt(loc, "not a cachevol pack (bad magic)"));
-    }
-    let mut bytes = 0;
-    let mut seen = HashSet::new();
-    for r in &refs {
-        if !seen.insert((r.o, r.h)) {
-            continue;
+impl Engine {
+    /// Checks a whole pack against its id and its magic, reading it in bounded ranges: a pack
+    /// of any size is checked in the memory of one range.
+    async fn check_pack(&self, id: Digest) -> Result<()> {
+        const RANGE: u64 = 8 << 20;
+        let loc = self.layout.pack(&id.to_hex());
+        let missing = || Error::corrupt(loc.to_string(), "pack is missing from the store");
+        let size = self.store.head(&loc).await?.ok_or_else(missing)?.size;
+        let mut hasher = blake3::Hasher::new();
+        let mut at = 0;
+        while at < size {
+            let end = (at + RANGE).min(size);
+            let _budget = super::reserve(end - at).await;
+            let data = self.read_pack_range(&loc, at..end).await?;
+            if at == 0 && (data.len() < 8 || &data[..8] != super::format::PACK_MAGIC) {
+                return Err(Error::corrupt(
+                    loc.to_string(),
+                    "not a cachevol pack (bad magic)",
+                ));
+            }
+            hasher.update(&data);
+            at = end;
         }
-        let end = r.o as usize + r.c as usize;
-        let frame = data.get(r.o as usize..end).ok_or_else(|| {
-            Error::corrupt(
-                loc,
-                format!("chunk {} lies beyond the end of the pack", r.h),
-            )
-        })?;
-        bytes += super::format::open_chunk(loc, r, frame)?.len() as u64;
+        if Digest(*hasher.finalize().as_bytes()) != id {
+            return Err(Error::corrupt(
+                loc.to_string(),
+                "pack does not match its id (altered or truncated)",
+            ));
+        }
+        Ok(())
     }
-    Ok((seen.len(), bytes))
 }

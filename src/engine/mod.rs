@@ -19,6 +19,7 @@ mod scan;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -106,8 +107,24 @@ impl Engine {
         &self.scope
     }
 
-    /// Every generation of `key` present in the store, oldest first.
+    /// Every generation of `key` present in the store, oldest first. A generation number
+    /// beyond [`format::MAX_GENERATION`] is an invalid snapshot: no generation could follow it.
     pub async fn generations(&self, key: &str) -> Result<Vec<u64>> {
+        let gens = self.generation_objects(key).await?;
+        if let Some(&bad) = gens.iter().find(|g| **g > format::MAX_GENERATION) {
+            return Err(Error::corrupt(
+                self.layout.generation(key, bad).to_string(),
+                format!(
+                    "cache {key:?} has generation number {bad}, beyond the largest cachevol can follow ({}): no commit could come after it; `cachevol wipe {key} --yes` or `cachevol rollback {key} --to N` removes it",
+                    format::MAX_GENERATION
+                ),
+            ));
+        }
+        Ok(gens)
+    }
+
+    /// The numbers of every generation object of `key`, valid or not, oldest first.
+    pub(crate) async fn generation_objects(&self, key: &str) -> Result<Vec<u64>> {
         names::key(key)?;
         let mut gens: Vec<u64> = self
             .store
@@ -126,7 +143,7 @@ impl Engine {
     pub async fn newest(&self, key: &str) -> Result<Option<u64>> {
         names::key(key)?;
         let hint = self.read_head(key).await?.map(|(h, _)| h.generation);
-        if let Some(h) = hint {
+        if let Some(h) = hint.filter(|h| *h < format::MAX_GENERATION) {
             let next = self.store.head(&self.layout.generation(key, h + 1)).await?;
             let current = self.store.head(&self.layout.generation(key, h)).await?;
             if next.is_none() && current.is_some() {
@@ -134,6 +151,21 @@ impl Engine {
             }
         }
         Ok(self.generations(key).await?.last().copied())
+    }
+
+    /// The generation after `newest` of `key`, or an invalid snapshot if there can be none.
+    pub(crate) fn next_generation(&self, key: &str, newest: u64) -> Result<u64> {
+        newest
+            .checked_add(1)
+            .filter(|n| *n <= format::MAX_GENERATION)
+            .ok_or_else(|| {
+                Error::corrupt(
+                    self.layout.generation(key, newest).to_string(),
+                    format!(
+                        "cache {key:?} is at generation {newest}: no generation can follow it; `cachevol wipe {key} --yes` or `cachevol rollback {key} --to N` gets it going again"
+                    ),
+                )
+            })
     }
 
     async fn read_head(&self, key: &str) -> Result<Option<(Head, object_store::UpdateVersion)>> {
@@ -179,6 +211,14 @@ impl Engine {
     /// Reads and checks one generation object.
     pub async fn load_generation(&self, key: &str, generation: u64) -> Result<Generation> {
         names::key(key)?;
+        if generation > format::MAX_GENERATION {
+            // The listing names the problem and the way out.
+            self.generations(key).await?;
+            return Err(Error::NoSuchGeneration {
+                key: key.to_string(),
+                generation,
+            });
+        }
         let loc = self.layout.generation(key, generation);
         let (data, _) = self
             .store
@@ -201,14 +241,67 @@ impl Engine {
         Ok(g)
     }
 
-    /// Fetches, verifies and parses the manifest of a generation.
+    /// Fetches, verifies and parses the manifest of a generation. The stream is assembled in
+    /// one buffer of the declared length (bounded by the format), each distinct chunk
+    /// decompressed once and copied to every place it is used.
     pub async fn load_entries(&self, g: &Generation) -> Result<Vec<Entry>> {
         let location = format!("{}/{}#manifest", g.key, g.generation);
-        let chunks = self.fetch_chunks(&g.manifest).await?;
-        let mut stream = Vec::with_capacity(g.manifest_len as usize);
-        for c in chunks {
-            stream.extend_from_slice(&c);
+        let len = usize::try_from(g.manifest_len)
+            .ok()
+            .filter(|n| *n as u64 <= format::MAX_MANIFEST_LEN)
+            .ok_or_else(|| Error::corrupt(&location, "manifest is over the format's limit"))?;
+        // Where each distinct chunk goes in the stream, grouped by pack.
+        let mut by_pack: HashMap<Digest, HashMap<u64, (ChunkRef, Vec<usize>)>> = HashMap::new();
+        let mut at = 0usize;
+        for r in &g.manifest {
+            let (known, places) = by_pack
+                .entry(r.p)
+                .or_default()
+                .entry(r.o)
+                .or_insert_with(|| (r.clone(), Vec::new()));
+            if known != r {
+                return Err(one_chunk_per_offset(&self.layout, r));
+            }
+            places.push(at);
+            at += r.n as usize;
         }
+        if at != len {
+            return Err(Error::corrupt(
+                location,
+                "manifest chunk lengths do not add up to the manifest length",
+            ));
+        }
+        let stream = Arc::new(std::sync::Mutex::new(vec![0u8; len]));
+        futures::stream::iter(by_pack)
+            .map(|(pack, needs)| {
+                let stream = stream.clone();
+                async move {
+                    let mut needs: Vec<_> = needs.into_values().collect();
+                    needs.sort_by_key(|(r, _)| r.o);
+                    self.read_chunks(
+                        pack,
+                        needs,
+                        |(r, _)| r,
+                        ReadCtl::default(),
+                        move |(_, places): &(ChunkRef, Vec<usize>), at, data| {
+                            let mut s = stream.lock().expect("not poisoned");
+                            for &p in places {
+                                let from = p + at as usize;
+                                s[from..from + data.len()].copy_from_slice(data);
+                            }
+                            Ok(())
+                        },
+                    )
+                    .await
+                }
+            })
+            .buffer_unordered(io_concurrency())
+            .try_collect::<Vec<u64>>()
+            .await?;
+        let stream = Arc::try_unwrap(stream)
+            .expect("every reader is done")
+            .into_inner()
+            .expect("not poisoned");
         if Digest::of(&stream) != g.manifest_hash {
             return Err(Error::corrupt(
                 location,
@@ -218,76 +311,257 @@ impl Engine {
         format::decode_entries(&location, &stream)
     }
 
-    /// Fetches the given chunks (any packs, any order), verified, in the order asked.
-    async fn fetch_chunks(&self, refs: &[ChunkRef]) -> Result<Vec<Vec<u8>>> {
-        let mut by_pack: HashMap<Digest, Vec<ChunkRef>> = HashMap::new();
-        for r in refs {
-            by_pack.entry(r.p).or_default().push(r.clone());
-        }
-        let fetched: Vec<Vec<(ChunkRef, Bytes)>> = futures::stream::iter(by_pack)
-            .map(|(pack, needs)| async move { self.read_frames(pack, needs).await })
-            .buffer_unordered(io_concurrency())
-            .try_collect()
-            .await?;
-        let mut raw: HashMap<(Digest, u64), Vec<u8>> = HashMap::new();
-        for (r, frame) in fetched.into_iter().flatten() {
-            let loc = self.layout.pack(&r.p.to_hex()).to_string();
-            let data = format::open_chunk(&loc, &r, &frame)?;
-            raw.insert((r.p, r.o), data);
-        }
-        Ok(refs
-            .iter()
-            .map(|r| {
-                raw.get(&(r.p, r.o))
-                    .cloned()
-                    .expect("every ref was fetched")
-            })
-            .collect())
-    }
-
-    /// Reads the compressed frames of `needs` from one pack, coalescing nearby ranges so a pack
-    /// is read in few requests, and the whole of it when most of it is wanted.
-    async fn read_frames(
+    /// Reads, decompresses and verifies the chunks `items` name, all in `pack` and sorted by
+    /// offset (one item per offset), handing each verified chunk's data to `deliver` on a
+    /// blocking thread: whole (`(0, bytes)`) for an ordinary chunk, in blocks (`(offset in the
+    /// chunk, bytes)`) for a streamed one, after the whole chunk was verified. Memory: ranges of
+    /// at most [`MAX_WINDOW`] bytes, each held under the process's [`reserve`]d budget. Returns
+    /// the compressed bytes fetched.
+    pub(crate) async fn read_chunks<T: Send + Sync + 'static>(
         &self,
         pack: Digest,
-        mut needs: Vec<ChunkRef>,
-    ) -> Result<Vec<(ChunkRef, Bytes)>> {
-        const GAP: u64 = 256 << 10;
+        items: Vec<T>,
+        chunk: fn(&T) -> &ChunkRef,
+        ctl: ReadCtl,
+        deliver: impl Fn(&T, u64, &[u8]) -> Result<()> + Send + Sync + 'static,
+    ) -> Result<u64> {
         let loc = self.layout.pack(&pack.to_hex());
-        needs.sort_by_key(|r| r.o);
-        needs.dedup_by_key(|r| r.o);
-        let mut out = Vec::with_capacity(needs.len());
-        let mut i = 0;
-        while i < needs.len() {
-            let start = needs[i].o;
-            let mut end = start + needs[i].c as u64;
-            let mut j = i + 1;
-            while j < needs.len() && needs[j].o <= end + GAP {
-                end = end.max(needs[j].o + needs[j].c as u64);
-                j += 1;
+        let location: Arc<str> = loc.to_string().into();
+        let deliver = Arc::new(deliver);
+        let ReadCtl { mut ready, stop } = ctl;
+        let stopped = move || stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed));
+        let mut fetched = 0;
+        for read in plan_reads(items, chunk) {
+            if stopped() {
+                break;
             }
-            let data = self
-                .store
-                .get_range(&loc, start..end)
-                .await
-                .map_err(|e| match e {
-                    Error::Store {
-                        source: object_store::Error::NotFound { .. },
-                        ..
-                    } => Error::corrupt(loc.to_string(), "pack is missing from the store"),
-                    Error::Store { ref source, .. } if source.to_string().contains("Range") => {
-                        Error::corrupt(loc.to_string(), format!("pack is truncated: {source}"))
+            let (location, deliver, stopped) = (location.clone(), deliver.clone(), stopped.clone());
+            match read {
+                Read::Window { range, items } => {
+                    let max_raw = items.iter().map(|t| chunk(t).n as u64).max().unwrap_or(0);
+                    let _budget = reserve(range.end - range.start + max_raw).await;
+                    let data = self.read_pack_range(&loc, range.clone()).await?;
+                    fetched += items.iter().map(|t| chunk(t).c as u64).sum::<u64>();
+                    if let Some(r) = &mut ready {
+                        // The sender's failure is noted in `stop`.
+                        let _ = r.wait_for(|done| *done).await;
                     }
-                    other => other,
-                })?;
-            for r in &needs[i..j] {
-                let from = (r.o - start) as usize;
-                out.push((r.clone(), data.slice(from..from + r.c as usize)));
+                    tokio::task::spawn_blocking(move || {
+                        let mut raw = Vec::new();
+                        for t in &items {
+                            if stopped() {
+                                break;
+                            }
+                            let r = chunk(t);
+                            let from = (r.o - range.start) as usize;
+                            let frame = &data[from..from + r.c as usize];
+                            format::open_chunk_into(&location, r, frame, &mut raw)?;
+                            deliver(t, 0, &raw)?;
+                        }
+                        Ok::<_, Error>(())
+                    })
+                    .await
+                    .expect("a chunk reader does not panic")?;
+                }
+                Read::Streamed(t) => {
+                    let _budget = reserve(format::STREAM_CHUNK_COST).await;
+                    if let Some(r) = &mut ready {
+                        let _ = r.wait_for(|done| *done).await;
+                    }
+                    let (store, loc) = (self.store.clone(), loc.clone());
+                    let handle = tokio::runtime::Handle::current();
+                    fetched += 2 * chunk(&t).c as u64;
+                    tokio::task::spawn_blocking(move || {
+                        let r = chunk(&t);
+                        // Verified whole first, then decompressed again block by block.
+                        stream_from_store(&store, &handle, &loc, &location, r, |_, _| Ok(()))?;
+                        if stopped() {
+                            return Ok(());
+                        }
+                        stream_from_store(&store, &handle, &loc, &location, r, |at, block| {
+                            deliver(&t, at, block)
+                        })
+                    })
+                    .await
+                    .expect("a chunk stream does not panic")?;
+                }
             }
-            i = j;
         }
-        Ok(out)
+        Ok(fetched)
     }
+
+    /// A range of a pack; a missing or short pack is a corrupt snapshot.
+    pub(crate) async fn read_pack_range(
+        &self,
+        loc: &object_store::path::Path,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes> {
+        read_pack_range(&self.store, loc, range).await
+    }
+}
+
+async fn read_pack_range(
+    store: &Store,
+    loc: &object_store::path::Path,
+    range: std::ops::Range<u64>,
+) -> Result<Bytes> {
+    store.get_range(loc, range).await.map_err(|e| match e {
+        Error::Store {
+            source: object_store::Error::NotFound { .. },
+            ..
+        } => Error::corrupt(loc.to_string(), "pack is missing from the store"),
+        Error::Store { ref source, .. } if source.to_string().contains("Range") => {
+            Error::corrupt(loc.to_string(), format!("pack is truncated: {source}"))
+        }
+        other => other,
+    })
+}
+
+/// The error for two chunk refs that name one frame of a pack but differ (digest or lengths):
+/// one of them lies, and the data of one must never be taken for the other.
+pub(crate) fn one_chunk_per_offset(layout: &Layout, r: &ChunkRef) -> Error {
+    Error::corrupt(
+        layout.pack(&r.p.to_hex()).to_string(),
+        format!(
+            "two different chunks claim the frame at offset {} (one is {})",
+            r.o, r.h
+        ),
+    )
+}
+
+/// [`format::stream_chunk`] over ranged reads of the pack: a store failure is reported as such,
+/// not as a chunk that does not decompress. Runs on a blocking thread.
+fn stream_from_store(
+    store: &Store,
+    handle: &tokio::runtime::Handle,
+    loc: &object_store::path::Path,
+    location: &str,
+    r: &ChunkRef,
+    sink: impl FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<()> {
+    let mut reader = PackReader {
+        store,
+        handle,
+        loc,
+        pos: r.o,
+        end: r.o + r.c as u64,
+        buf: Bytes::new(),
+        failed: None,
+    };
+    let res = format::stream_chunk(location, r, &mut reader, sink);
+    match reader.failed.take() {
+        Some(e) => Err(e),
+        None => res,
+    }
+}
+
+/// Reads a byte range of a pack in blocks of 1 MiB, from a blocking thread.
+struct PackReader<'a> {
+    store: &'a Store,
+    handle: &'a tokio::runtime::Handle,
+    loc: &'a object_store::path::Path,
+    pos: u64,
+    end: u64,
+    buf: Bytes,
+    failed: Option<Error>,
+}
+
+impl std::io::Read for PackReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.buf.is_empty() {
+            if self.pos >= self.end {
+                return Ok(0);
+            }
+            let next = (self.pos + (1 << 20)).min(self.end);
+            match self
+                .handle
+                .block_on(read_pack_range(self.store, self.loc, self.pos..next))
+            {
+                Ok(b) => self.buf = b,
+                Err(e) => {
+                    let text = e.to_string();
+                    self.failed = Some(e);
+                    return Err(std::io::Error::other(text));
+                }
+            }
+            self.pos = next;
+        }
+        let k = out.len().min(self.buf.len());
+        out[..k].copy_from_slice(&self.buf[..k]);
+        bytes::Buf::advance(&mut self.buf, k);
+        Ok(k)
+    }
+}
+
+/// How a reader of chunks waits and stops: `ready` turns true when the data may be delivered,
+/// `stop` is set when another task failed and the rest is not wanted.
+#[derive(Default)]
+pub(crate) struct ReadCtl {
+    pub ready: Option<tokio::sync::watch::Receiver<bool>>,
+    pub stop: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// Compressed bytes read in one request at most: a whole pack as commit writes them (8 MiB and
+/// the chunk that closed it), never more, whatever a hostile pack or manifest declares.
+pub(crate) const MAX_WINDOW: u64 = 12 << 20;
+/// Nearby frames are read in one request if the gap between them is at most this.
+const GAP: u64 = 256 << 10;
+
+/// One read of a pack: a range holding ordinary chunks, or a chunk too big for memory.
+pub(crate) enum Read<T> {
+    Window {
+        range: std::ops::Range<u64>,
+        items: Vec<T>,
+    },
+    Streamed(T),
+}
+
+/// Groups chunks (sorted by offset, one item per offset) into few ranged reads: nearby frames
+/// together while the range stays within [`MAX_WINDOW`], streamed chunks alone.
+pub(crate) fn plan_reads<T>(items: Vec<T>, chunk: fn(&T) -> &ChunkRef) -> Vec<Read<T>> {
+    let mut out: Vec<Read<T>> = Vec::new();
+    let mut current: Option<(std::ops::Range<u64>, Vec<T>)> = None;
+    for t in items {
+        let r = chunk(&t);
+        if format::is_streamed(r) {
+            out.push(Read::Streamed(t));
+            continue;
+        }
+        let (start, end) = (r.o, r.o + r.c as u64);
+        match &mut current {
+            Some((range, group))
+                if start <= range.end + GAP && end.max(range.end) - range.start <= MAX_WINDOW =>
+            {
+                range.end = range.end.max(end);
+                group.push(t);
+            }
+            _ => {
+                if let Some((range, items)) = current.take() {
+                    out.push(Read::Window { range, items });
+                }
+                current = Some((start..end, vec![t]));
+            }
+        }
+    }
+    if let Some((range, items)) = current {
+        out.push(Read::Window { range, items });
+    }
+    out
+}
+
+/// The memory all reads of chunk data in this process may hold at once: a restore, a verify and
+/// the node plugin's concurrent restores share it, so a hostile snapshot cannot make the process
+/// hold more than this (plus the manifest) however many packs or references it declares.
+const MEMORY_BUDGET_KIB: usize = 64 << 10;
+static MEMORY: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MEMORY_BUDGET_KIB);
+
+/// Waits until `bytes` of the budget are free (all of it, for more than the budget).
+pub(crate) async fn reserve(bytes: u64) -> tokio::sync::SemaphorePermit<'static> {
+    let kib = bytes.div_ceil(1024).min(MEMORY_BUDGET_KIB as u64) as u32;
+    MEMORY
+        .acquire_many(kib)
+        .await
+        .expect("the budget is never closed")
 }
 
 pub(crate) fn now_unix() -> i64 {

@@ -17,9 +17,9 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use super::error::{Error, Result};
-use super::format::{self, BaseRef, ChunkRef, Digest, Entry, Kind};
+use super::format::{BaseRef, ChunkRef, Digest, Entry, Kind};
 use super::localstate::{self, DirState, Header, Stat};
-use super::{io_concurrency, names, par, Engine};
+use super::{io_concurrency, names, par, Engine, ReadCtl};
 
 /// Where a restore's content came from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -268,16 +268,18 @@ impl Engine {
             }
             let mut offset = 0u64;
             for c in &e.chunks {
-                by_pack
+                let need = by_pack
                     .entry(c.p)
                     .or_default()
                     .entry(c.o)
                     .or_insert_with(|| Need {
                         r: c.clone(),
                         targets: Vec::new(),
-                    })
-                    .targets
-                    .push((i, offset));
+                    });
+                if need.r != *c {
+                    return Err(super::one_chunk_per_offset(&self.layout, c));
+                }
+                need.targets.push((i, offset));
                 offset += c.n as u64;
             }
         }
@@ -289,7 +291,7 @@ impl Engine {
             stats: Mutex::new(present.iter().map(|p| p.and_then(|p| p.0)).collect()),
             present: present.iter().map(Option::is_some).collect(),
             umask: current_umask(),
-            failed: AtomicBool::new(false),
+            failed: Arc::new(AtomicBool::new(false)),
         });
         // The tree's directories are made while the first packs are read: a pack's chunks are
         // written once the directories are there. Every task is awaited, even after a failure,
@@ -339,33 +341,34 @@ impl Engine {
     async fn write_pack(
         &self,
         w: &Arc<Writer>,
-        mut prepared: tokio::sync::watch::Receiver<bool>,
+        prepared: tokio::sync::watch::Receiver<bool>,
         pack: Digest,
         needs: HashMap<u64, Need>,
     ) -> Result<u64> {
         if w.failed.load(Ordering::Relaxed) {
             return Ok(0);
         }
-        let needs: Vec<Need> = needs.into_values().collect();
-        let refs: Vec<ChunkRef> = needs.iter().map(|n| n.r.clone()).collect();
-        let frames = match self.read_frames(pack, refs).await {
-            Ok(f) => f,
-            Err(e) => {
-                w.failed.store(true, Ordering::Relaxed);
-                return Err(e);
-            }
+        let mut needs: Vec<Need> = needs.into_values().collect();
+        needs.sort_unstable_by_key(|n| n.r.o);
+        // A failed prepare is noted in `failed`: the reader then stops at once.
+        let ctl = ReadCtl {
+            ready: Some(prepared),
+            stop: Some(w.failed.clone()),
         };
-        let bytes: u64 = frames.iter().map(|(r, _)| r.c as u64).sum();
-        // A failed prepare is noted in `failed`: the writer then stops at once.
-        let _ = prepared.wait_for(|done| *done).await;
-        let location = self.layout.pack(&pack.to_hex()).to_string();
-        let (w, progress) = (w.clone(), self.progress.clone());
-        tokio::task::spawn_blocking(move || {
-            w.noting_failure(w.write_chunks(&location, needs, frames, progress.as_ref()))
-        })
-        .await
-        .expect("writer does not panic")?;
-        Ok(bytes)
+        let (writer, progress) = (w.clone(), self.progress.clone());
+        let res = self
+            .read_chunks(
+                pack,
+                needs,
+                |n| &n.r,
+                ctl,
+                move |need, at, data| writer.write_chunk(need, at, data, progress.as_ref()),
+            )
+            .await;
+        if res.is_err() {
+            w.failed.store(true, Ordering::Relaxed);
+        }
+        res
     }
 }
 
@@ -386,7 +389,7 @@ struct Writer {
     /// The process umask, which applies to every file we create.
     umask: u32,
     /// Set at the first failure: the other tasks stop early.
-    failed: AtomicBool,
+    failed: Arc<AtomicBool>,
 }
 
 /// Removes everything inside `dir`, keeping `dir` itself (it may be a mount point).
@@ -631,42 +634,53 @@ impl Writer {
         }
     }
 
-    /// Verifies and writes the chunks fetched from one pack.
-    fn write_chunks(
+    /// Writes `data`, verified bytes of one chunk starting `at` bytes into it (the whole chunk,
+    /// or a block of a streamed one), to every place the chunk is used.
+    fn write_chunk(
         &self,
-        location: &str,
-        needs: Vec<Need>,
-        frames: Vec<(ChunkRef, Bytes)>,
+        need: &Need,
+        at: u64,
+        data: &[u8],
         progress: &dyn super::Progress,
     ) -> Result<()> {
-        let frames: HashMap<u64, Bytes> = frames.into_iter().map(|(r, b)| (r.o, b)).collect();
-        let mut raw = Vec::new();
-        for need in needs {
-            if self.failed.load(Ordering::Relaxed) {
-                return Ok(());
-            }
-            let frame = frames.get(&need.r.o).expect("every need was fetched");
-            format::open_chunk_into(location, &need.r, frame, &mut raw)?;
-            for &(i, offset) in &need.targets {
-                let path = self.path(i);
-                if self.entries[i].chunks.len() == 1 {
-                    let mut f = self.create(&path, self.create_mode(i))?;
-                    std::io::Write::write_all(&mut f, &raw).map_err(Error::io("write", &path))?;
-                    self.seal(i, &f, &path)?;
+        if self.failed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let last = at + data.len() as u64 == need.r.n as u64;
+        let reopen = |path: &Path| {
+            OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(path)
+                .map_err(Error::io("open", path))
+        };
+        for &(i, offset) in &need.targets {
+            let path = self.path(i);
+            if self.entries[i].chunks.len() == 1 {
+                // The file is this chunk: created by its first block, sealed after its last.
+                let mut f = if at == 0 {
+                    self.create(&path, self.create_mode(i))?
                 } else {
-                    let f = OpenOptions::new()
-                        .write(true)
-                        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                        .open(&path)
-                        .map_err(Error::io("open", &path))?;
-                    f.write_all_at(&raw, offset)
+                    reopen(&path)?
+                };
+                if at == 0 {
+                    std::io::Write::write_all(&mut f, data).map_err(Error::io("write", &path))?;
+                } else {
+                    f.write_all_at(data, at)
                         .map_err(Error::io("write", &path))?;
-                    if self.remaining[i].fetch_sub(1, Ordering::AcqRel) == 1 {
-                        self.seal(i, &f, &path)?;
-                    }
                 }
-                progress.advance(raw.len() as u64);
+                if last {
+                    self.seal(i, &f, &path)?;
+                }
+            } else {
+                let f = reopen(&path)?;
+                f.write_all_at(data, offset + at)
+                    .map_err(Error::io("write", &path))?;
+                if last && self.remaining[i].fetch_sub(1, Ordering::AcqRel) == 1 {
+                    self.seal(i, &f, &path)?;
+                }
             }
+            progress.advance(data.len() as u64);
         }
         Ok(())
     }

@@ -187,6 +187,15 @@ impl Store {
                 if is_failure(op, &source) {
                     crate::metrics::store_error(metric_op(op));
                 }
+                if is_missing_bucket(&source) {
+                    return Err(Error::NoSuchBucket {
+                        url: self.display.clone(),
+                        bucket: url::Url::parse(&self.display)
+                            .ok()
+                            .and_then(|u| u.host_str().map(str::to_string))
+                            .unwrap_or_default(),
+                    });
+                }
                 Err(Error::Store {
                     op,
                     location: location.to_string(),
@@ -382,6 +391,20 @@ fn is_failure(op: &str, e: &object_store::Error) -> bool {
         }
         _ => true,
     }
+}
+
+/// Whether the store answered that the bucket or container itself does not exist (S3's
+/// `NoSuchBucket`, Azure's `ContainerNotFound`, GCS's "bucket does not exist"): object_store
+/// passes these on as generic errors with the service's XML.
+fn is_missing_bucket(e: &object_store::Error) -> bool {
+    let text = e.to_string();
+    [
+        "<Code>NoSuchBucket</Code>",
+        "<Code>ContainerNotFound</Code>",
+        "The specified bucket does not exist",
+    ]
+    .iter()
+    .any(|m| text.contains(m))
 }
 
 /// The metric's op label for one of [`Store::timed`]'s operation names.
