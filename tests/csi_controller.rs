@@ -331,8 +331,16 @@ async fn create_volume_refuses_bad_requests_naming_what_is_wrong() {
             "push-pull",
             &["\"policy\"", "pull-push, pull, push"],
         ),
-        ("commitOn", "never", &["\"commitOn\"", "success, marker, always"]),
-        ("commit-on", "never", &["\"commit-on\"", "success, marker, always"]),
+        (
+            "commitOn",
+            "never",
+            &["\"commitOn\"", "success, marker, always"],
+        ),
+        (
+            "commit-on",
+            "never",
+            &["\"commit-on\"", "success, marker, always"],
+        ),
         ("merge", "append", &["\"merge\"", "replace, union"]),
         ("key", "../../etc", &["\"key\"", "invalid cache key"]),
         (
