@@ -178,6 +178,8 @@ impl Cluster {
                 &[
                     &format!("--node-id={n}"),
                     &format!("--metrics-address=127.0.0.1:{port}"),
+                    // A publish waiting for a lock answers UNAVAILABLE after this long.
+                    "--lock-wait=1s",
                 ],
             );
             p.metrics = Some(port);
@@ -1438,4 +1440,210 @@ async fn a_degraded_view_never_commits_over_newer_data() {
     assert!(m.contains("refused"), "{m}");
     assert_eq!(c.generations("team-a", "npm").await, [1]);
     assert_eq!(c.files("team-a", "npm").await, ["newer"]);
+}
+
+impl Cluster {
+    /// A node plugin started with `extra` flags (and a metrics port), added to the cluster.
+    fn add_node(&mut self, name: &str, extra: &[&str]) {
+        let port = free_port();
+        let mut args = vec![
+            format!("--node-id={name}"),
+            format!("--metrics-address=127.0.0.1:{port}"),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
+        let mut p = self.plugin(name, &args);
+        p.metrics = Some(port);
+        p.spawn();
+        self.nodes.insert(name.to_string(), p);
+    }
+
+    /// NodePublishVolume retried as kubelet retries a failed mount, per volume: 0.5 s after
+    /// the first failure, doubling, up to 2 min 2 s. The target and the failures seen (each
+    /// one a FailedMount warning on a real cluster).
+    async fn publish_like_kubelet(
+        &self,
+        pod: &PodInfo,
+        vol: &str,
+        ctx: &HashMap<String, String>,
+    ) -> (PathBuf, Vec<tonic::Status>) {
+        let mut delay = Duration::from_millis(500);
+        let mut errors = Vec::new();
+        loop {
+            match self.publish(pod, vol, ctx).await {
+                Ok(t) => return (t, errors),
+                Err(e) if matches!(e.code(), Code::Unavailable | Code::Aborted) => {
+                    errors.push(e);
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(122));
+                }
+                Err(e) => panic!("publish of {}: {e:?}\n{}", pod.name, self.logs()),
+            }
+        }
+    }
+
+    /// When (scope, key) has `n` generations in the store (polled every 50 ms).
+    async fn committed(&self, scope: &str, key: &str, n: usize) -> Instant {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if self.generations(scope, key).await.len() >= n {
+                return Instant::now();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no generation {n}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The lock Leases (by the label the README's troubleshooting command uses).
+    async fn lock_leases(&self) -> Vec<k8s_openapi::api::coordination::v1::Lease> {
+        let api: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(self.client.clone(), NS);
+        api.list(&kube::api::ListParams::default().labels("cachevol.dev/lock=true"))
+            .await
+            .unwrap()
+            .items
+    }
+}
+
+/// The waiters' pod names in the queue of a lock Lease.
+fn queue(lease: &k8s_openapi::api::coordination::v1::Lease) -> Vec<String> {
+    let w = lease
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("cachevol.dev/waiters"))
+        .cloned()
+        .unwrap_or_else(|| "[]".into());
+    serde_json::from_str::<Vec<serde_json::Value>>(&w)
+        .unwrap()
+        .iter()
+        .map(|v| v["pod"].as_str().unwrap().to_string())
+        .collect()
+}
+
+// Locked hand-off in seconds: waiters on other claims of the same cache, on other nodes, keep
+// their NodePublishVolume open and each gets the cache within a second of the previous holder's
+// commit, in queue order, without a single failed mount — where kubelet's retry backoff used to
+// leave the cache idle for up to two minutes. The Lease is gone once the last holder is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locked_waiters_get_the_cache_within_a_second_of_the_holders_commit() {
+    let Some(mut c) = Cluster::start("k8s-handoff", &[]).await else {
+        return;
+    };
+    for n in ["node-a", "node-b", "node-c"] {
+        c.add_node(n, &["--lock-wait=60s"]);
+    }
+    let mut vols = Vec::new();
+    for claim in ["tools-a", "tools-b", "tools-c"] {
+        vols.push(
+            c.claim(
+                "team-a",
+                claim,
+                &[
+                    ("cachevol.dev/mode", "locked"),
+                    ("cachevol.dev/key", "tools"),
+                ],
+                &[],
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let a = c.pod("team-a", "a", "node-a").await;
+    let b = c.pod("team-a", "b", "node-b").await;
+    let cp = c.pod("team-a", "c", "node-c").await;
+    let ta = c.publish(&a, &vols[0].0, &vols[0].1).await.unwrap();
+    common::write(&ta.join("from-a"), b"a");
+
+    let c = &c;
+    let waiter_b = async {
+        let (t, errors) = c.publish_like_kubelet(&b, &vols[1].0, &vols[1].1).await;
+        (t, errors, Instant::now())
+    };
+    let waiter_c = async {
+        // After b is in line.
+        c.event(&b, "CacheLockWaiting").await;
+        let (t, errors) = c.publish_like_kubelet(&cp, &vols[2].0, &vols[2].1).await;
+        (t, errors, Instant::now())
+    };
+    let holders = async {
+        // A runs several seconds while both wait, their calls open.
+        c.event(&cp, "CacheLockWaiting").await;
+        let lease = c.lock_leases().await;
+        assert_eq!(queue(&lease[0]), ["team-a/b", "team-a/c"]);
+        assert_eq!(c.nodes["node-b"].metric("cachevol_lock_waiting_pods"), 1.0);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        c.succeed(&a).await;
+        c.unpublish(&a, &vols[0].0).await;
+        let a_committed = c.committed("team-a", "tools", 1).await;
+        // b holds it now; it runs, then c's turn.
+        let tb = c.target(&b, &vols[1].0);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !tb.join("from-a").exists() {
+            assert!(
+                Instant::now() < deadline,
+                "b never got the cache\n{}",
+                c.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        common::write(&tb.join("from-b"), b"b");
+        c.succeed(&b).await;
+        c.unpublish(&b, &vols[1].0).await;
+        let b_committed = c.committed("team-a", "tools", 2).await;
+        (a_committed, b_committed)
+    };
+    let ((tb, errors_b, b_got), (tc, errors_c, c_got), (a_committed, b_committed)) =
+        tokio::join!(waiter_b, waiter_c, holders);
+    eprintln!(
+        "b got it {:?} after a's commit, c {:?} after b's commit",
+        b_got.checked_duration_since(a_committed),
+        c_got.checked_duration_since(b_committed)
+    );
+    let handoff = |got: Instant, committed: Instant| {
+        got.checked_duration_since(committed)
+            .expect("a waiter got the cache before the previous holder's commit")
+    };
+    assert!(
+        handoff(b_got, a_committed) < Duration::from_secs(1),
+        "b got the cache {:?} after a's commit",
+        handoff(b_got, a_committed)
+    );
+    assert!(
+        handoff(c_got, b_committed) < Duration::from_secs(1),
+        "c got the cache {:?} after b's commit",
+        handoff(c_got, b_committed)
+    );
+    assert!(b_got < c_got, "served in queue order");
+    // Each waited in one open call: no failed mount to report.
+    assert!(errors_b.is_empty(), "{errors_b:?}");
+    assert!(errors_c.is_empty(), "{errors_c:?}");
+    // b saw a's writes (checked while it held the cache), c sees both.
+    let _ = tb;
+    assert!(tc.join("from-a").exists());
+    assert_eq!(
+        std::fs::read(tc.join("from-b")).ok().as_deref(),
+        Some(&b"b"[..]),
+        "{:?}\n{}",
+        c.events(&cp).await,
+        c.logs()
+    );
+    assert_eq!(c.nodes["node-b"].metric("cachevol_lock_waiting_pods"), 0.0);
+    // The last holder is done and nobody waits: no Lease is left behind.
+    c.succeed(&cp).await;
+    c.unpublish(&cp, &vols[2].0).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !c.lock_leases().await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the lock Lease stayed\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
