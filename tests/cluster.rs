@@ -1647,3 +1647,154 @@ async fn locked_waiters_get_the_cache_within_a_second_of_the_holders_commit() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+// A waiting publish is bounded and leaves gracefully: the bound answers UNAVAILABLE naming the
+// holder (kubelet calls again, the pod keeps its place, also across a restart of its node
+// plugin); a second call for the same volume while one waits is ABORTED and loses nothing; a
+// waiter whose pod is deleted stops waiting at once and leaves the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_publish_is_bounded_keeps_its_place_and_stops_when_its_pod_is_deleted() {
+    let Some(mut c) = Cluster::start("k8s-lock-wait", &[]).await else {
+        return;
+    };
+    c.add_node("node-1", &["--lock-wait=60s"]);
+    c.add_node("node-2", &["--lock-wait=2s"]);
+    let (vol, ctx) = c
+        .claim("team-a", "tools", &[("cachevol.dev/mode", "locked")], &[])
+        .await
+        .unwrap();
+    let a = c.pod("team-a", "a", "node-1").await;
+    let b = c.pod("team-a", "b", "node-2").await;
+    let gone = c.pod("team-a", "gone", "node-1").await;
+    c.publish(&a, &vol, &ctx).await.unwrap();
+
+    // b: the bound passes → UNAVAILABLE after about 2 s; a retry while it waits is ABORTED.
+    let started = Instant::now();
+    let (first, second) = tokio::join!(c.publish(&b, &vol, &ctx), async {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        c.publish(&b, &vol, &ctx).await
+    });
+    let waited = started.elapsed();
+    let e = first.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("pod team-a/a on node node-1"), "{e:?}");
+    assert!(e.message().contains("number 1 in line"), "{e:?}");
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(6),
+        "{waited:?}"
+    );
+    assert_eq!(second.unwrap_err().code(), Code::Aborted);
+
+    // `gone` queues behind b, in a call that stays open; its pod is deleted meanwhile.
+    let deleted = async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c
+            .lock_leases()
+            .await
+            .first()
+            .map(queue)
+            .unwrap_or_default()
+            .len()
+            < 2
+        {
+            assert!(Instant::now() < deadline, "gone never queued\n{}", c.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        c.delete_pod(&gone).await;
+        Instant::now()
+    };
+    let (r, deleted_at) = tokio::join!(c.publish(&gone, &vol, &ctx), deleted);
+    let e = r.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        deleted_at.elapsed() < Duration::from_secs(3),
+        "the wait went on {:?} after the pod was deleted",
+        deleted_at.elapsed()
+    );
+    assert_eq!(queue(&c.lock_leases().await[0]), ["team-a/b"]);
+
+    // b's node plugin restarts; b asks again and is still first in line.
+    c.node("node-2").kill();
+    c.node("node-2").spawn();
+    let e = c.publish(&b, &vol, &ctx).await.unwrap_err();
+    assert!(e.message().contains("number 1 in line"), "{e:?}");
+}
+
+// Lock Leases clean up after themselves: released with nobody waiting, a Lease is deleted;
+// with a waiter it stays; one a dead node left (expired, nobody waiting) is deleted by the
+// controller's GC pass. The leader Lease is not a lock Lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_leases_are_deleted_when_nobody_needs_them_and_the_leader_lease_is_not_one() {
+    use cachevol::cluster::lease::{lock_name, Acquire, Claimant, Leases};
+    use k8s_openapi::api::coordination::v1::Lease;
+    let api = ApiServer::start().await;
+    let leases = Leases::new(api.client(), NS, Duration::from_secs(1));
+    let raw: Api<Lease> = Api::namespaced(api.client(), NS);
+    let locks = || async {
+        raw.list(&kube::api::ListParams::default().labels("cachevol.dev/lock=true"))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|l| l.metadata.name.unwrap())
+            .collect::<Vec<_>>()
+    };
+    let who = |n: &str| Claimant {
+        uid: format!("uid-{n}"),
+        pod: format!("team-a/{n}"),
+        node: "node-1".into(),
+    };
+    let held = Acquire::Held { took_over: None };
+    assert!(leases
+        .lead("cachevol-controller", "replica-1")
+        .await
+        .unwrap());
+    assert!(raw.get_opt("cachevol-controller").await.unwrap().is_some());
+    assert!(locks().await.is_empty(), "{:?}", locks().await);
+
+    // Released with nobody waiting: gone.
+    assert_eq!(
+        leases.acquire("team-a", "npm", &who("a")).await.unwrap(),
+        held
+    );
+    assert_eq!(locks().await, [lock_name("team-a", "npm")]);
+    assert!(leases.renew("team-a", "npm", "uid-a").await.unwrap());
+    leases.release("team-a", "npm", "uid-a").await.unwrap();
+    assert!(locks().await.is_empty());
+    assert!(!leases.renew("team-a", "npm", "uid-a").await.unwrap());
+
+    // With a waiter it stays until the waiter, served, releases too.
+    assert_eq!(
+        leases.acquire("team-a", "npm", &who("a")).await.unwrap(),
+        held
+    );
+    assert!(matches!(
+        leases.acquire("team-a", "npm", &who("b")).await.unwrap(),
+        Acquire::Waiting { place: 1, .. }
+    ));
+    leases.release("team-a", "npm", "uid-a").await.unwrap();
+    assert_eq!(locks().await.len(), 1);
+    assert_eq!(
+        leases.acquire("team-a", "npm", &who("b")).await.unwrap(),
+        held
+    );
+    leases.release("team-a", "npm", "uid-b").await.unwrap();
+    assert!(locks().await.is_empty());
+
+    // A holder that died (never renewed, never released): its Lease is collected once it has
+    // been free for the idle time, not before; a held one stays.
+    assert_eq!(
+        leases.acquire("team-a", "pip", &who("dead")).await.unwrap(),
+        held
+    );
+    assert_eq!(
+        leases.acquire("team-a", "go", &who("alive")).await.unwrap(),
+        held
+    );
+    assert_eq!(leases.collect(Duration::from_secs(2)).await.unwrap(), 0);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert!(leases.renew("team-a", "go", "uid-alive").await.unwrap());
+    assert_eq!(leases.collect(Duration::from_secs(2)).await.unwrap(), 1);
+    assert_eq!(locks().await, [lock_name("team-a", "go")]);
+    assert!(raw.get_opt("cachevol-controller").await.unwrap().is_some());
+}
