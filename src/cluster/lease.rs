@@ -502,6 +502,10 @@ impl Leases {
                 let spec = lease.spec.clone().unwrap_or_default();
                 let mine = spec.holder_identity.as_deref() == Some(identity);
                 if mine || spec.holder_identity.is_none() || self.expired(&spec, now) {
+                    // Earlier versions labelled it as a lock: it is not one.
+                    if let Some(l) = lease.metadata.labels.as_mut() {
+                        l.remove(LOCK_LABEL);
+                    }
                     self.hold(lease, identity, now);
                     Step::Write(true)
                 } else {
