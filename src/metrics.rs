@@ -562,6 +562,7 @@ mod tests {
             "cachevol_commit_duration_seconds",
             "cachevol_lock_waits_total",
             "cachevol_lock_wait_duration_seconds",
+            "cachevol_lock_waiting_pods",
             "cachevol_store_request_errors_total",
             "cachevol_gc_runs_total",
             "cachevol_gc_deleted_bytes_total",
