@@ -1482,13 +1482,18 @@ impl Cluster {
         }
     }
 
-    /// When (scope, key) has `n` generations in the store (polled every 50 ms).
+    /// Once (scope, key) has `n` generations in the store (polled every 50 ms): the earliest
+    /// moment the last of them can have landed (the start of the last poll that did not see
+    /// it), so that a latency measured from it is an upper bound.
     async fn committed(&self, scope: &str, key: &str, n: usize) -> Instant {
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut not_yet = Instant::now();
         loop {
+            let asked = Instant::now();
             if self.generations(scope, key).await.len() >= n {
-                return Instant::now();
+                return not_yet;
             }
+            not_yet = asked;
             assert!(
                 Instant::now() < deadline,
                 "no generation {n}\n{}",
@@ -1605,10 +1610,8 @@ async fn locked_waiters_get_the_cache_within_a_second_of_the_holders_commit() {
         b_got.checked_duration_since(a_committed),
         c_got.checked_duration_since(b_committed)
     );
-    let handoff = |got: Instant, committed: Instant| {
-        got.checked_duration_since(committed)
-            .expect("a waiter got the cache before the previous holder's commit")
-    };
+    // (That each got it after the commit shows in what it sees: the previous holder's files.)
+    let handoff = |got: Instant, committed: Instant| got.saturating_duration_since(committed);
     assert!(
         handoff(b_got, a_committed) < Duration::from_secs(1),
         "b got the cache {:?} after a's commit",
@@ -1813,7 +1816,7 @@ async fn lock_leases_are_deleted_when_nobody_needs_them_and_the_leader_lease_is_
 // `cargo test --test cluster -- --ignored --nocapture locked_handoff_latency`): 20 hand-offs of
 // a locked cache between pods of other claims on two nodes, each waiter asking as soon as the
 // holder has the cache and retrying like kubelet. Prints the hand-off latency (waiter's publish
-// answered − holder's commit in the store, polled every 50 ms), p50/p95/max.
+// answered − holder's commit in the store, polled every 50 ms: an upper bound), p50/p95/max.
 // CACHEVOL_BENCH_HANDOFFS and CACHEVOL_BENCH_HOLD_SECS change the count and how long each holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
@@ -1877,10 +1880,15 @@ async fn locked_handoff_latency() {
             c.unpublish(holder, &hv.0).await;
             let unpublished = Instant::now();
             let deadline = Instant::now() + Duration::from_secs(60);
+            // The earliest moment the commit can have landed: the start of the last poll
+            // that did not see it (so the latency printed is an upper bound).
+            let mut not_yet = unpublished;
             loop {
+                let asked = Instant::now();
                 if c.generations("team-a", "bench").await.last().copied() != before {
-                    return (unpublished, Instant::now());
+                    return (unpublished, not_yet);
                 }
+                not_yet = asked;
                 assert!(Instant::now() < deadline, "no commit\n{}", c.logs());
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
