@@ -16,8 +16,8 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Which snapshot a restore started from.
@@ -164,6 +164,7 @@ struct Metrics {
     commit_duration: Histogram,
     lock_waits: IntCounter,
     lock_wait_duration: Histogram,
+    lock_waiting_pods: IntGauge,
     store_errors: IntCounterVec,
     grpc_requests: IntCounterVec,
     grpc_duration: HistogramVec,
@@ -238,6 +239,14 @@ impl Metrics {
                 "cachevol_lock_wait_duration_seconds",
                 "How long pods waited for a locked cache before getting it (0 when they did not).",
                 &LOCK_WAIT_BUCKETS,
+            ),
+            lock_waiting_pods: reg(
+                &registry,
+                IntGauge::new(
+                    "cachevol_lock_waiting_pods",
+                    "Pods whose NodePublishVolume is waiting for a locked cache right now.",
+                )
+                .expect("valid gauge"),
             ),
             store_errors: counter_vec(
                 "cachevol_store_request_errors_total",
@@ -338,6 +347,22 @@ pub fn commit(outcome: CommitOutcome, uploaded_bytes: u64, seconds: f64) {
 /// A publish was refused because another pod holds the locked cache.
 pub fn lock_waiting() {
     METRICS.lock_waits.inc();
+}
+
+/// Counts a pod in `cachevol_lock_waiting_pods` while it lives.
+pub struct WaitingPod(());
+
+impl WaitingPod {
+    pub fn start() -> WaitingPod {
+        METRICS.lock_waiting_pods.inc();
+        WaitingPod(())
+    }
+}
+
+impl Drop for WaitingPod {
+    fn drop(&mut self) {
+        METRICS.lock_waiting_pods.dec();
+    }
 }
 
 /// A pod got a locked cache after waiting `waited_seconds` (0 when it did not wait).
@@ -537,6 +562,7 @@ mod tests {
             "cachevol_commit_duration_seconds",
             "cachevol_lock_waits_total",
             "cachevol_lock_wait_duration_seconds",
+            "cachevol_lock_waiting_pods",
             "cachevol_store_request_errors_total",
             "cachevol_gc_runs_total",
             "cachevol_gc_deleted_bytes_total",

@@ -178,6 +178,8 @@ impl Cluster {
                 &[
                     &format!("--node-id={n}"),
                     &format!("--metrics-address=127.0.0.1:{port}"),
+                    // A publish waiting for a lock answers UNAVAILABLE after this long.
+                    "--lock-wait=1s",
                 ],
             );
             p.metrics = Some(port);
@@ -1438,4 +1440,485 @@ async fn a_degraded_view_never_commits_over_newer_data() {
     assert!(m.contains("refused"), "{m}");
     assert_eq!(c.generations("team-a", "npm").await, [1]);
     assert_eq!(c.files("team-a", "npm").await, ["newer"]);
+}
+
+impl Cluster {
+    /// A node plugin started with `extra` flags (and a metrics port), added to the cluster.
+    fn add_node(&mut self, name: &str, extra: &[&str]) {
+        let port = free_port();
+        let mut args = vec![
+            format!("--node-id={name}"),
+            format!("--metrics-address=127.0.0.1:{port}"),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
+        let mut p = self.plugin(name, &args);
+        p.metrics = Some(port);
+        p.spawn();
+        self.nodes.insert(name.to_string(), p);
+    }
+
+    /// NodePublishVolume retried as kubelet retries a failed mount, per volume: 0.5 s after
+    /// the first failure, doubling, up to 2 min 2 s. The target and the failures seen (each
+    /// one a FailedMount warning on a real cluster).
+    async fn publish_like_kubelet(
+        &self,
+        pod: &PodInfo,
+        vol: &str,
+        ctx: &HashMap<String, String>,
+    ) -> (PathBuf, Vec<tonic::Status>) {
+        let mut delay = Duration::from_millis(500);
+        let mut errors = Vec::new();
+        loop {
+            match self.publish(pod, vol, ctx).await {
+                Ok(t) => return (t, errors),
+                Err(e) if matches!(e.code(), Code::Unavailable | Code::Aborted) => {
+                    errors.push(e);
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(122));
+                }
+                Err(e) => panic!("publish of {}: {e:?}\n{}", pod.name, self.logs()),
+            }
+        }
+    }
+
+    /// Once (scope, key) has `n` generations in the store (polled every 50 ms): the earliest
+    /// moment the last of them can have landed (the start of the last poll that did not see
+    /// it), so that a latency measured from it is an upper bound.
+    async fn committed(&self, scope: &str, key: &str, n: usize) -> Instant {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut not_yet = Instant::now();
+        loop {
+            let asked = Instant::now();
+            if self.generations(scope, key).await.len() >= n {
+                return not_yet;
+            }
+            not_yet = asked;
+            assert!(
+                Instant::now() < deadline,
+                "no generation {n}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The lock Leases (by the label the README's troubleshooting command uses).
+    async fn lock_leases(&self) -> Vec<k8s_openapi::api::coordination::v1::Lease> {
+        let api: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(self.client.clone(), NS);
+        api.list(&kube::api::ListParams::default().labels("cachevol.dev/lock=true"))
+            .await
+            .unwrap()
+            .items
+    }
+}
+
+/// The waiters' pod names in the queue of a lock Lease.
+fn queue(lease: &k8s_openapi::api::coordination::v1::Lease) -> Vec<String> {
+    let w = lease
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("cachevol.dev/waiters"))
+        .cloned()
+        .unwrap_or_else(|| "[]".into());
+    serde_json::from_str::<Vec<serde_json::Value>>(&w)
+        .unwrap()
+        .iter()
+        .map(|v| v["pod"].as_str().unwrap().to_string())
+        .collect()
+}
+
+// Locked hand-off in seconds: waiters on other claims of the same cache, on other nodes, keep
+// their NodePublishVolume open and each gets the cache within a second of the previous holder's
+// commit, in queue order, without a single failed mount — where kubelet's retry backoff used to
+// leave the cache idle for up to two minutes. The Lease is gone once the last holder is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locked_waiters_get_the_cache_within_a_second_of_the_holders_commit() {
+    let Some(mut c) = Cluster::start("k8s-handoff", &[]).await else {
+        return;
+    };
+    for n in ["node-a", "node-b", "node-c"] {
+        c.add_node(n, &["--lock-wait=60s"]);
+    }
+    let mut vols = Vec::new();
+    for claim in ["tools-a", "tools-b", "tools-c"] {
+        vols.push(
+            c.claim(
+                "team-a",
+                claim,
+                &[
+                    ("cachevol.dev/mode", "locked"),
+                    ("cachevol.dev/key", "tools"),
+                ],
+                &[],
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let a = c.pod("team-a", "a", "node-a").await;
+    let b = c.pod("team-a", "b", "node-b").await;
+    let cp = c.pod("team-a", "c", "node-c").await;
+    let ta = c.publish(&a, &vols[0].0, &vols[0].1).await.unwrap();
+    common::write(&ta.join("from-a"), b"a");
+
+    let c = &c;
+    let waiter_b = async {
+        let (t, errors) = c.publish_like_kubelet(&b, &vols[1].0, &vols[1].1).await;
+        (t, errors, Instant::now())
+    };
+    let waiter_c = async {
+        // After b is in line.
+        c.event(&b, "CacheLockWaiting").await;
+        let (t, errors) = c.publish_like_kubelet(&cp, &vols[2].0, &vols[2].1).await;
+        (t, errors, Instant::now())
+    };
+    let holders = async {
+        // A runs several seconds while both wait, their calls open.
+        c.event(&cp, "CacheLockWaiting").await;
+        let lease = c.lock_leases().await;
+        assert_eq!(queue(&lease[0]), ["team-a/b", "team-a/c"]);
+        assert_eq!(c.nodes["node-b"].metric("cachevol_lock_waiting_pods"), 1.0);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        c.succeed(&a).await;
+        c.unpublish(&a, &vols[0].0).await;
+        let a_committed = c.committed("team-a", "tools", 1).await;
+        // b holds it now; it runs, then c's turn.
+        let tb = c.target(&b, &vols[1].0);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !tb.join("from-a").exists() {
+            assert!(
+                Instant::now() < deadline,
+                "b never got the cache\n{}",
+                c.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        common::write(&tb.join("from-b"), b"b");
+        c.succeed(&b).await;
+        c.unpublish(&b, &vols[1].0).await;
+        let b_committed = c.committed("team-a", "tools", 2).await;
+        (a_committed, b_committed)
+    };
+    let ((tb, errors_b, b_got), (tc, errors_c, c_got), (a_committed, b_committed)) =
+        tokio::join!(waiter_b, waiter_c, holders);
+    eprintln!(
+        "b got it {:?} after a's commit, c {:?} after b's commit",
+        b_got.checked_duration_since(a_committed),
+        c_got.checked_duration_since(b_committed)
+    );
+    // (That each got it after the commit shows in what it sees: the previous holder's files.)
+    let handoff = |got: Instant, committed: Instant| got.saturating_duration_since(committed);
+    assert!(
+        handoff(b_got, a_committed) < Duration::from_secs(1),
+        "b got the cache {:?} after a's commit",
+        handoff(b_got, a_committed)
+    );
+    assert!(
+        handoff(c_got, b_committed) < Duration::from_secs(1),
+        "c got the cache {:?} after b's commit",
+        handoff(c_got, b_committed)
+    );
+    assert!(b_got < c_got, "served in queue order");
+    // Each waited in one open call: no failed mount to report.
+    assert!(errors_b.is_empty(), "{errors_b:?}");
+    assert!(errors_c.is_empty(), "{errors_c:?}");
+    // b saw a's writes (checked while it held the cache), c sees both.
+    let _ = tb;
+    assert!(tc.join("from-a").exists());
+    assert_eq!(
+        std::fs::read(tc.join("from-b")).ok().as_deref(),
+        Some(&b"b"[..]),
+        "{:?}\n{}",
+        c.events(&cp).await,
+        c.logs()
+    );
+    assert_eq!(c.nodes["node-b"].metric("cachevol_lock_waiting_pods"), 0.0);
+    // The last holder is done and nobody waits: no Lease is left behind.
+    c.succeed(&cp).await;
+    c.unpublish(&cp, &vols[2].0).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !c.lock_leases().await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the lock Lease stayed\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+// A waiting publish is bounded and leaves gracefully: the bound answers UNAVAILABLE naming the
+// holder (kubelet calls again, the pod keeps its place, also across a restart of its node
+// plugin); a second call for the same volume while one waits is ABORTED and loses nothing; a
+// waiter whose pod is deleted stops waiting at once and leaves the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_publish_is_bounded_keeps_its_place_and_stops_when_its_pod_is_deleted() {
+    let Some(mut c) = Cluster::start("k8s-lock-wait", &[]).await else {
+        return;
+    };
+    c.add_node("node-1", &["--lock-wait=60s"]);
+    c.add_node("node-2", &["--lock-wait=2s"]);
+    let (vol, ctx) = c
+        .claim("team-a", "tools", &[("cachevol.dev/mode", "locked")], &[])
+        .await
+        .unwrap();
+    let a = c.pod("team-a", "a", "node-1").await;
+    let b = c.pod("team-a", "b", "node-2").await;
+    let gone = c.pod("team-a", "gone", "node-1").await;
+    c.publish(&a, &vol, &ctx).await.unwrap();
+
+    // b: the bound passes → UNAVAILABLE after about 2 s; a retry while it waits is ABORTED.
+    let started = Instant::now();
+    let (first, second) = tokio::join!(c.publish(&b, &vol, &ctx), async {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        c.publish(&b, &vol, &ctx).await
+    });
+    let waited = started.elapsed();
+    let e = first.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("pod team-a/a on node node-1"), "{e:?}");
+    assert!(e.message().contains("number 1 in line"), "{e:?}");
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(6),
+        "{waited:?}"
+    );
+    assert_eq!(second.unwrap_err().code(), Code::Aborted);
+
+    // `gone` queues behind b, in a call that stays open; its pod is deleted meanwhile.
+    let deleted = async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c
+            .lock_leases()
+            .await
+            .first()
+            .map(queue)
+            .unwrap_or_default()
+            .len()
+            < 2
+        {
+            assert!(Instant::now() < deadline, "gone never queued\n{}", c.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        c.delete_pod(&gone).await;
+        Instant::now()
+    };
+    let (r, deleted_at) = tokio::join!(c.publish(&gone, &vol, &ctx), deleted);
+    let e = r.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        deleted_at.elapsed() < Duration::from_secs(3),
+        "the wait went on {:?} after the pod was deleted",
+        deleted_at.elapsed()
+    );
+    assert_eq!(queue(&c.lock_leases().await[0]), ["team-a/b"]);
+
+    // b's node plugin restarts; b asks again and is still first in line.
+    c.node("node-2").kill();
+    c.node("node-2").spawn();
+    let e = c.publish(&b, &vol, &ctx).await.unwrap_err();
+    assert!(e.message().contains("number 1 in line"), "{e:?}");
+}
+
+// Lock Leases clean up after themselves: released with nobody waiting, a Lease is deleted;
+// with a waiter it stays; one a dead node left (expired, nobody waiting) is deleted by the
+// controller's GC pass. The leader Lease is not a lock Lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_leases_are_deleted_when_nobody_needs_them_and_the_leader_lease_is_not_one() {
+    use cachevol::cluster::lease::{lock_name, Acquire, Claimant, Leases};
+    use k8s_openapi::api::coordination::v1::Lease;
+    let api = ApiServer::start().await;
+    let leases = Leases::new(api.client(), NS, Duration::from_secs(1));
+    let raw: Api<Lease> = Api::namespaced(api.client(), NS);
+    let locks = || async {
+        raw.list(&kube::api::ListParams::default().labels("cachevol.dev/lock=true"))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|l| l.metadata.name.unwrap())
+            .collect::<Vec<_>>()
+    };
+    let who = |n: &str| Claimant {
+        uid: format!("uid-{n}"),
+        pod: format!("team-a/{n}"),
+        node: "node-1".into(),
+    };
+    let held = Acquire::Held { took_over: None };
+    assert!(leases
+        .lead("cachevol-controller", "replica-1")
+        .await
+        .unwrap());
+    assert!(raw.get_opt("cachevol-controller").await.unwrap().is_some());
+    assert!(locks().await.is_empty(), "{:?}", locks().await);
+    // One an earlier version made, labelled as a lock, loses the label when next renewed.
+    let legacy: Lease = serde_json::from_value(json!({
+        "metadata": {"name": "legacy-leader", "namespace": NS,
+                     "labels": {"cachevol.dev/lock": "true"}},
+        "spec": {"holderIdentity": "replica-1"},
+    }))
+    .unwrap();
+    raw.create(&PostParams::default(), &legacy).await.unwrap();
+    assert!(leases.lead("legacy-leader", "replica-1").await.unwrap());
+    assert!(locks().await.is_empty(), "{:?}", locks().await);
+
+    // Released with nobody waiting: gone.
+    assert_eq!(
+        leases.acquire("team-a", "npm", &who("a")).await.unwrap(),
+        held
+    );
+    assert_eq!(locks().await, [lock_name("team-a", "npm")]);
+    assert!(leases.renew("team-a", "npm", "uid-a").await.unwrap());
+    leases.release("team-a", "npm", "uid-a").await.unwrap();
+    assert!(locks().await.is_empty());
+    assert!(!leases.renew("team-a", "npm", "uid-a").await.unwrap());
+
+    // With a waiter it stays until the waiter, served, releases too.
+    assert_eq!(
+        leases.acquire("team-a", "npm", &who("a")).await.unwrap(),
+        held
+    );
+    assert!(matches!(
+        leases.acquire("team-a", "npm", &who("b")).await.unwrap(),
+        Acquire::Waiting { place: 1, .. }
+    ));
+    leases.release("team-a", "npm", "uid-a").await.unwrap();
+    assert_eq!(locks().await.len(), 1);
+    assert_eq!(
+        leases.acquire("team-a", "npm", &who("b")).await.unwrap(),
+        held
+    );
+    leases.release("team-a", "npm", "uid-b").await.unwrap();
+    assert!(locks().await.is_empty());
+
+    // A holder that died (never renewed, never released): its Lease is collected once it has
+    // been free for the idle time, not before; a held one stays.
+    assert_eq!(
+        leases.acquire("team-a", "pip", &who("dead")).await.unwrap(),
+        held
+    );
+    assert_eq!(
+        leases.acquire("team-a", "go", &who("alive")).await.unwrap(),
+        held
+    );
+    assert_eq!(leases.collect(Duration::from_secs(2)).await.unwrap(), 0);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert!(leases.renew("team-a", "go", "uid-alive").await.unwrap());
+    assert_eq!(leases.collect(Duration::from_secs(2)).await.unwrap(), 1);
+    assert_eq!(locks().await, [lock_name("team-a", "go")]);
+    assert!(raw.get_opt("cachevol-controller").await.unwrap().is_some());
+}
+
+// Benchmark, not a timed test (ignored; run it with
+// `cargo test --test cluster -- --ignored --nocapture locked_handoff_latency`): 20 hand-offs of
+// a locked cache between pods of other claims on two nodes, each waiter asking as soon as the
+// holder has the cache and retrying like kubelet. Prints the hand-off latency (waiter's publish
+// answered − holder's commit in the store, polled every 50 ms: an upper bound), p50/p95/max.
+// CACHEVOL_BENCH_HANDOFFS and CACHEVOL_BENCH_HOLD_SECS change the count and how long each holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn locked_handoff_latency() {
+    let Some(mut c) = Cluster::start("k8s-handoff-bench", &[]).await else {
+        return;
+    };
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let n = env("CACHEVOL_BENCH_HANDOFFS", 20) as usize;
+    let hold = Duration::from_secs(env("CACHEVOL_BENCH_HOLD_SECS", 3));
+    c.add_node("node-1", &[]);
+    c.add_node("node-2", &[]);
+    let mut vols = Vec::new();
+    for claim in ["bench-1", "bench-2"] {
+        vols.push(
+            c.claim(
+                "team-a",
+                claim,
+                &[
+                    ("cachevol.dev/mode", "locked"),
+                    ("cachevol.dev/key", "bench"),
+                ],
+                &[],
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let pods: Vec<PodInfo> = {
+        let mut v = Vec::new();
+        for i in 0..=n {
+            v.push(
+                c.pod("team-a", &format!("job-{i}"), ["node-1", "node-2"][i % 2])
+                    .await,
+            );
+        }
+        v
+    };
+    let c = &c;
+    let mut target = c.publish(&pods[0], &vols[0].0, &vols[0].1).await.unwrap();
+    let mut latencies = Vec::new();
+    let mut since_unpublish = Vec::new();
+    let mut failed_mounts = 0;
+    for i in 0..n {
+        let (holder, next) = (&pods[i], &pods[i + 1]);
+        let (hv, nv) = (&vols[i % 2], &vols[(i + 1) % 2]);
+        let before = c.generations("team-a", "bench").await.last().copied();
+        let waiter = async {
+            let (t, errors) = c.publish_like_kubelet(next, &nv.0, &nv.1).await;
+            (t, errors, Instant::now())
+        };
+        let run = async {
+            tokio::time::sleep(hold).await;
+            common::write(&target.join(format!("from-{i}")), b"x");
+            c.succeed(holder).await;
+            c.unpublish(holder, &hv.0).await;
+            let unpublished = Instant::now();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            // The earliest moment the commit can have landed: the start of the last poll
+            // that did not see it (so the latency printed is an upper bound).
+            let mut not_yet = unpublished;
+            loop {
+                let asked = Instant::now();
+                if c.generations("team-a", "bench").await.last().copied() != before {
+                    return (unpublished, not_yet);
+                }
+                not_yet = asked;
+                assert!(Instant::now() < deadline, "no commit\n{}", c.logs());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let ((t, errors, got), (unpublished, committed)) = tokio::join!(waiter, run);
+        let l = got.saturating_duration_since(committed).as_secs_f64();
+        let u = got.saturating_duration_since(unpublished).as_secs_f64();
+        eprintln!(
+            "hand-off {i}: {l:.3}s after the commit, {u:.3}s after the holder's unpublish ({} failed mounts)",
+            errors.len()
+        );
+        latencies.push(l);
+        since_unpublish.push(u);
+        failed_mounts += errors.len();
+        target = t;
+    }
+    let stats = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        let pct = |p: f64| v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1];
+        format!(
+            "p50 {:.3}s p95 {:.3}s max {:.3}s",
+            pct(0.5),
+            pct(0.95),
+            v[v.len() - 1]
+        )
+    };
+    println!(
+        "locked hand-off over {n} hand-offs (hold {hold:?}): after the commit {}; after the \
+         holder's unpublish (commit included) {}; {failed_mounts} failed mounts",
+        stats(latencies),
+        stats(since_unpublish)
+    );
 }

@@ -25,6 +25,16 @@ use crate::engine::{self, CommitOutcome, RestoreSource};
 use crate::metrics;
 use crate::node::{self, CommitDecision, Ending, PodRef, Published, ViewState, Volumes};
 
+/// How often a waiting publish asks for its lock even when the Lease does not change.
+const WAITER_HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// What a publish waiting for a lock watches.
+struct Wait {
+    changes: std::pin::Pin<Box<dyn futures::Stream<Item = ()> + Send>>,
+    ended: tokio::sync::watch::Receiver<bool>,
+    _gauge: metrics::WaitingPod,
+}
+
 /// Renews a lock's Lease while a NodePublishVolume holds it; stops when dropped.
 pub struct Renewing(tokio::task::JoinHandle<()>);
 
@@ -43,6 +53,12 @@ pub struct Agent {
     renew_every: Duration,
     /// When each waiting pod (by uid) first found its locked cache held.
     waiting: Mutex<HashMap<String, Instant>>,
+    /// How long a NodePublishVolume waits for a held lock before answering UNAVAILABLE.
+    lock_wait: Duration,
+    /// When each waiting pod was last told so with a CacheLockWaiting Event.
+    told: Mutex<HashMap<String, Instant>>,
+    /// Set when a pod with a publish waiting for a lock ends (deleted): the wait stops.
+    ended_pods: Mutex<HashMap<String, tokio::sync::watch::Sender<bool>>>,
     /// One decision at a time per view.
     finishing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -152,6 +168,7 @@ impl Agent {
         client: kube::Client,
         namespace: &str,
         lease_duration: Duration,
+        lock_wait: Duration,
     ) -> Arc<Agent> {
         let node = volumes.config().node_id.clone();
         Arc::new(Agent {
@@ -162,12 +179,46 @@ impl Agent {
             volumes,
             renew_every: (lease_duration / 3).max(Duration::from_millis(200)),
             waiting: Mutex::default(),
+            lock_wait,
+            told: Mutex::default(),
+            ended_pods: Mutex::default(),
             finishing: Mutex::default(),
         })
     }
 
-    /// Before publishing a locked cache: takes its Lease for the pod, or refuses with a
-    /// retryable error naming the holder (kubelet retries the mount with backoff).
+    /// A receiver that turns true when pod `uid` ends (as the pod watcher sees it).
+    fn pod_end(&self, uid: &str) -> tokio::sync::watch::Receiver<bool> {
+        self.ended_pods
+            .lock()
+            .expect("not poisoned")
+            .entry(uid.to_string())
+            .or_insert_with(|| tokio::sync::watch::channel(false).0)
+            .subscribe()
+    }
+
+    fn forget_pod_end(&self, uid: &str) {
+        let mut m = self.ended_pods.lock().expect("not poisoned");
+        if m.get(uid).is_some_and(|s| s.receiver_count() == 0) {
+            m.remove(uid);
+        }
+    }
+
+    /// Whether to post CacheLockWaiting for the pod now: at most once a minute per pod.
+    fn tell_waiting(&self, uid: &str) -> bool {
+        let mut told = self.told.lock().expect("not poisoned");
+        told.retain(|_, at| at.elapsed() < Duration::from_secs(60));
+        if told.contains_key(uid) {
+            return false;
+        }
+        told.insert(uid.to_string(), Instant::now());
+        true
+    }
+
+    /// Before publishing a locked cache: takes its Lease for the pod. When another pod holds it,
+    /// the call stays open and waits for its turn — watching the Lease, keeping the pod's place
+    /// in the queue — for up to `lock_wait`, then refuses with a retryable error naming the
+    /// holder (kubelet calls again, and the pod keeps its place). The wait ends early, leaving
+    /// the queue, when the pod ends; a cancelled call just stops (a retry keeps the place).
     ///
     /// The returned guard renews the Lease until it is dropped: a cold restore may take longer
     /// than the Lease lasts, and the view has no record (which the periodic renewal reads)
@@ -188,63 +239,117 @@ impl Agent {
             )
         })?;
         let me = claimant(pod, &self.node);
-        // kube's client retries a struggling API server with long backoffs: bound the wait so
-        // kubelet gets an answer (and retries) rather than a hung mount.
-        let acquired = tokio::time::timeout(
-            Duration::from_secs(15),
-            self.leases.acquire(&spec.scope, &spec.key, &me),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(kube::Error::Service(
-                "no answer from the Kubernetes API within 15s".into(),
-            ))
-        });
-        match acquired {
-            Ok(Acquire::Held { took_over }) => {
-                let since = self.waiting.lock().expect("not poisoned").remove(&pod.uid);
-                metrics::lock_acquired(since.map_or(0.0, |t| t.elapsed().as_secs_f64()));
-                if let Some(old) = took_over {
-                    tracing::info!(
-                        cache.key = spec.key,
-                        pod = me.pod,
-                        previous = old,
-                        "took over an expired lock"
-                    );
+        let deadline = tokio::time::Instant::now() + self.lock_wait;
+        // Set up once the lock is found held: the Lease's changes, the pod's end, the gauge.
+        let mut wait: Option<Wait> = None;
+        let result = loop {
+            // kube's client retries a struggling API server with long backoffs: bound each try
+            // so kubelet gets an answer (and retries) rather than a hung mount.
+            let acquired = tokio::time::timeout(
+                Duration::from_secs(15),
+                self.leases.acquire(&spec.scope, &spec.key, &me),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(kube::Error::Service(
+                    "no answer from the Kubernetes API within 15s".into(),
+                ))
+            });
+            let (holder, place) = match acquired {
+                Ok(Acquire::Held { took_over }) => break Ok(self.held(spec, pod, &me, took_over)),
+                Ok(Acquire::Waiting { holder, place }) => (holder, place),
+                Err(e) => {
+                    break Err(node::Error::Unavailable(format!(
+                        "cannot take the lock of cache {}: the Kubernetes API failed: {e}",
+                        spec.key
+                    )))
                 }
-                let (leases, every) = (self.leases.clone(), self.renew_every);
-                let (scope, key, uid) = (spec.scope.clone(), spec.key.clone(), pod.uid.clone());
-                Ok(Some(Renewing(tokio::spawn(async move {
-                    loop {
-                        tokio::time::sleep(every).await;
-                        if let Err(e) = leases.renew(&scope, &key, &uid).await {
-                            tracing::warn!(cache.key = key, error = %e, "cannot renew the lock while publishing");
-                        }
-                    }
-                }))))
-            }
-            Ok(Acquire::Waiting { holder, place }) => {
+            };
+            let msg = format!(
+                "cache {} is locked: held by {holder}; this pod is number {place} in line \
+                 and starts when the holder's commit is in the store",
+                spec.key
+            );
+            if wait.is_none() {
                 self.waiting
                     .lock()
                     .expect("not poisoned")
                     .entry(pod.uid.clone())
                     .or_insert_with(Instant::now);
                 metrics::lock_waiting();
-                let msg = format!(
-                    "cache {} is locked: held by {holder}; this pod is number {place} in line \
-                     and starts when the holder's commit is in the store",
-                    spec.key
-                );
-                self.events
-                    .pod(pod, Type::Normal, reason::LOCK_WAITING, msg.clone())
-                    .await;
-                Err(node::Error::Unavailable(msg))
+                if self.tell_waiting(&pod.uid) {
+                    self.events
+                        .pod(pod, Type::Normal, reason::LOCK_WAITING, msg.clone())
+                        .await;
+                }
+                wait = Some(Wait {
+                    changes: Box::pin(self.leases.changes(&spec.scope, &spec.key)),
+                    ended: self.pod_end(&pod.uid),
+                    _gauge: metrics::WaitingPod::start(),
+                });
             }
-            Err(e) => Err(node::Error::Unavailable(format!(
-                "cannot take the lock of cache {}: the Kubernetes API failed: {e}",
-                spec.key
-            ))),
+            if tokio::time::Instant::now() >= deadline {
+                break Err(node::Error::Unavailable(msg));
+            }
+            let w = wait.as_mut().expect("set above");
+            let ended = tokio::select! {
+                _ = w.changes.next() => false,
+                // Ask again now and then anyway: it keeps the pod's entry in the queue fresh.
+                _ = tokio::time::sleep(WAITER_HEARTBEAT) => false,
+                // One last try at the deadline, then UNAVAILABLE.
+                _ = tokio::time::sleep_until(deadline) => false,
+                r = w.ended.wait_for(|ended| *ended) => r.is_ok(),
+            };
+            if ended {
+                tracing::info!(
+                    cache.key = spec.key,
+                    pod = me.pod,
+                    "the pod ended while waiting for a lock"
+                );
+                if let Err(e) = self.leases.leave(&spec.scope, &spec.key, &pod.uid).await {
+                    tracing::warn!(cache.key = spec.key, error = %e, "could not leave a lock's queue; the entry expires by itself");
+                }
+                self.waiting.lock().expect("not poisoned").remove(&pod.uid);
+                break Err(node::Error::Unavailable(format!(
+                    "pod {} ended while waiting for the lock of cache {}",
+                    me.pod, spec.key
+                )));
+            }
+        };
+        if wait.take().is_some() {
+            self.forget_pod_end(&pod.uid);
         }
+        result
+    }
+
+    /// The lock is the pod's: records how long it waited, renews it while publishing.
+    fn held(
+        &self,
+        spec: &VolumeSpec,
+        pod: &PodRef,
+        me: &Claimant,
+        took_over: Option<String>,
+    ) -> Option<Renewing> {
+        let since = self.waiting.lock().expect("not poisoned").remove(&pod.uid);
+        metrics::lock_acquired(since.map_or(0.0, |t| t.elapsed().as_secs_f64()));
+        if let Some(old) = took_over {
+            tracing::info!(
+                cache.key = spec.key,
+                pod = me.pod,
+                previous = old,
+                "took over an expired lock"
+            );
+        }
+        let (leases, every) = (self.leases.clone(), self.renew_every);
+        let (scope, key, uid) = (spec.scope.clone(), spec.key.clone(), pod.uid.clone());
+        Some(Renewing(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = leases.renew(&scope, &key, &uid).await {
+                    tracing::warn!(cache.key = key, error = %e, "cannot renew the lock while publishing");
+                }
+            }
+        })))
     }
 
     /// After a publish failed: gives the lock back unless the pod has a view of that cache.
@@ -299,6 +404,9 @@ impl Agent {
         let Some(ending) = ending_of(pod, deleted) else {
             return;
         };
+        if let Some(tx) = self.ended_pods.lock().expect("not poisoned").get(uid) {
+            tx.send_replace(true);
+        }
         self.ended(uid, ending).await;
     }
 

@@ -20,6 +20,8 @@ pub struct Collector {
     pub state_dir: std::path::PathBuf,
     pub policy: GcPolicy,
     pub interval: Duration,
+    /// With a cluster: lock Leases are deleted once free and unwanted for this long.
+    pub locks: Option<(Leases, Duration)>,
 }
 
 /// Keeps `leader` up to date by taking and renewing the leader Lease every third of its
@@ -57,6 +59,11 @@ impl Collector {
             every.tick().await;
             if leader.load(Ordering::SeqCst) {
                 self.collect().await;
+                if let Some((leases, idle)) = &self.locks {
+                    if let Err(e) = leases.collect(*idle).await {
+                        tracing::warn!(error = %e, "gc: cannot collect abandoned lock Leases");
+                    }
+                }
             }
         }
     }

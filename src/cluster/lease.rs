@@ -8,16 +8,25 @@
 //! A holder that is not renewed (its node died) expires and the first waiter takes over; the
 //! old holder, if it comes back, finds the Lease gone and its commit is refused (fencing).
 //!
-//! The controller's leader Lease uses the same read-modify-write loop: every change is a
-//! replace conditional on the resourceVersion read, retried on 409.
+//! A Lease with no holder and no waiters left is deleted when its holder releases it (the
+//! controller's GC deletes those a dead node left behind, see [`Leases::collect`]), so there is
+//! no Lease per key ever locked.
+//!
+//! The controller's leader Lease uses the same read-modify-write loop (without the lock label):
+//! every change is a replace conditional on a resourceVersion, starting from the copy this
+//! process last read or wrote, re-read and retried with backoff on 409.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use backon::BackoffBuilder;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
 use serde::{Deserialize, Serialize};
 
 use super::{is_conflict, is_not_found};
@@ -30,8 +39,23 @@ pub const KEY: &str = "cachevol.dev/key";
 /// Label on every Lease cachevol makes.
 pub const LOCK_LABEL: &str = "cachevol.dev/lock";
 
-/// How often a read-modify-write is retried after 409s before giving up.
+/// How often a read-modify-write is retried after 409s before giving up, and the backoff
+/// between tries (jittered: writers racing for one Lease spread out).
 const ATTEMPTS: usize = 10;
+
+fn conflict_backoff() -> impl Iterator<Item = Duration> {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(10))
+        .with_max_delay(Duration::from_millis(500))
+        .with_factor(2.0)
+        .with_jitter()
+        .with_max_times(ATTEMPTS)
+        .build()
+}
+
+/// A waiter refreshes its `seen` time when it is older than this (asking again more often only
+/// reads the Lease).
+const SEEN_REFRESH_SECS: i64 = 3;
 
 /// A pod asking for a lock, and the holder's description in messages.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -108,6 +132,8 @@ enum Step<T> {
     Write(T),
     /// Return T without writing.
     Done(T),
+    /// Delete the Lease (if unchanged since read), then return T.
+    Delete(T),
 }
 
 #[derive(Clone)]
@@ -118,6 +144,9 @@ pub struct Leases {
     duration: Duration,
     /// A waiter that has not asked again for this long is dropped from the queue.
     waiter_ttl: Duration,
+    /// The copy of each Lease this process last read or wrote: a change starts from it (its
+    /// resourceVersion makes the write conditional) instead of reading first.
+    known: Arc<Mutex<HashMap<String, Lease>>>,
 }
 
 impl Leases {
@@ -129,7 +158,16 @@ impl Leases {
             duration,
             // kubelet retries a failed mount with backoff up to about two minutes.
             waiter_ttl: Duration::from_secs(150),
+            known: Arc::default(),
         }
+    }
+
+    fn remember(&self, name: &str, lease: Option<Lease>) {
+        let mut known = self.known.lock().expect("not poisoned");
+        match lease {
+            Some(l) => known.insert(name.to_string(), l),
+            None => known.remove(name),
+        };
     }
 
     fn expired(&self, spec: &LeaseSpec, now: Timestamp) -> bool {
@@ -142,16 +180,17 @@ impl Leases {
         }
     }
 
-    fn blank(&self, name: &str, annotations: &[(&str, &str)]) -> Lease {
+    /// A new Lease; `lock`: a lock's, with the lock label (the leader Lease has none).
+    fn blank(&self, name: &str, annotations: &[(&str, &str)], lock: bool) -> Lease {
         Lease {
             metadata: ObjectMeta {
                 name: Some(name.to_string()),
                 namespace: Some(self.namespace.clone()),
-                labels: Some(
+                labels: lock.then(|| {
                     [(LOCK_LABEL.to_string(), "true".to_string())]
                         .into_iter()
-                        .collect(),
-                ),
+                        .collect()
+                }),
                 annotations: Some(
                     annotations
                         .iter()
@@ -175,37 +214,75 @@ impl Leases {
         spec.lease_duration_seconds = Some(self.duration.as_secs().max(1) as i32);
     }
 
-    /// Reads the Lease `name` (created from `blank` when missing), lets `f` change it and
-    /// writes it back conditionally; retried on conflicts.
+    /// Lets `f` change the Lease `name` (created from `blank` when missing) and writes it back
+    /// conditionally. It starts from the copy last seen when there is one: a write based on a
+    /// stale copy gets a 409, and a decision not to write is only taken on a fresh read. On
+    /// conflicts it reads again, after a short jittered backoff.
     async fn modify<T>(
         &self,
         name: &str,
         blank: impl Fn() -> Lease,
         mut f: impl FnMut(&mut Lease, Timestamp) -> Step<T>,
     ) -> Result<T, kube::Error> {
-        let mut last = None;
-        for _ in 0..ATTEMPTS {
+        let mut backoff = conflict_backoff();
+        let mut cached = self.known.lock().expect("not poisoned").get(name).cloned();
+        loop {
             let now = Timestamp::now();
-            let (mut lease, exists) = match self.api.get_opt(name).await? {
+            let fresh = cached.is_none();
+            let (mut lease, exists) = match cached.take() {
                 Some(l) => (l, true),
-                None => (blank(), false),
+                None => match self.api.get_opt(name).await? {
+                    Some(l) => (l, true),
+                    None => (blank(), false),
+                },
             };
-            let out = match f(&mut lease, now) {
+            let step = f(&mut lease, now);
+            if !fresh && matches!(step, Step::Done(_)) {
+                continue; // decided on an old copy: read it and decide again
+            }
+            let (out, written) = match step {
                 Step::Done(t) => return Ok(t),
-                Step::Write(t) => t,
-            };
-            let written = if exists {
-                self.api.replace(name, &PostParams::default(), &lease).await
-            } else {
-                self.api.create(&PostParams::default(), &lease).await
+                Step::Write(t) => {
+                    let w = if exists {
+                        self.api.replace(name, &PostParams::default(), &lease).await
+                    } else {
+                        self.api.create(&PostParams::default(), &lease).await
+                    };
+                    (t, w.map(Some))
+                }
+                Step::Delete(t) if !exists => return Ok(t),
+                Step::Delete(t) => {
+                    let dp = DeleteParams {
+                        preconditions: Some(Preconditions {
+                            resource_version: lease.metadata.resource_version.clone(),
+                            uid: lease.metadata.uid.clone(),
+                        }),
+                        ..Default::default()
+                    };
+                    let w = match self.api.delete(name, &dp).await {
+                        Err(e) if is_not_found(&e) => Ok(None),
+                        r => r.map(|_| None),
+                    };
+                    (t, w)
+                }
             };
             match written {
-                Ok(_) => return Ok(out),
-                Err(e) if is_conflict(&e) => last = Some(e),
+                Ok(l) => {
+                    self.remember(name, l);
+                    return Ok(out);
+                }
+                Err(e) if is_conflict(&e) || (!fresh && is_not_found(&e)) => {
+                    self.remember(name, None);
+                    if fresh {
+                        match backoff.next() {
+                            Some(d) => tokio::time::sleep(d).await,
+                            None => return Err(e),
+                        }
+                    }
+                }
                 Err(e) => return Err(e),
             }
         }
-        Err(last.expect("only conflicts loop"))
     }
 
     /// Takes the lock of cache (scope, key) for `me`, or queues `me` behind its holder.
@@ -221,7 +298,7 @@ impl Leases {
             let out = self
                 .modify(
                     &name,
-                    || self.blank(&name, &[(SCOPE, scope), (KEY, key)]),
+                    || self.blank(&name, &[(SCOPE, scope), (KEY, key)], true),
                     |lease, now| {
                         stale_first = None;
                         let spec = lease.spec.clone().unwrap_or_default();
@@ -235,17 +312,34 @@ impl Leases {
                         }
                         let secs = now.as_second();
                         let ttl = self.waiter_ttl.as_secs() as i64;
+                        let before = waiters.len();
                         waiters.retain(|w| w.uid == me.uid || secs - w.seen <= ttl);
+                        // Nothing to write when only asking again soon after the last time.
+                        let mut changed = waiters.len() != before;
                         match waiters.iter_mut().find(|w| w.uid == me.uid) {
-                            Some(w) => w.seen = secs,
-                            None => waiters.push(Waiter {
-                                uid: me.uid.clone(),
-                                pod: me.pod.clone(),
-                                node: me.node.clone(),
-                                since: secs,
-                                seen: secs,
-                            }),
+                            Some(w) if secs - w.seen < SEEN_REFRESH_SECS => {}
+                            Some(w) => {
+                                w.seen = secs;
+                                changed = true;
+                            }
+                            None => {
+                                changed = true;
+                                waiters.push(Waiter {
+                                    uid: me.uid.clone(),
+                                    pod: me.pod.clone(),
+                                    node: me.node.clone(),
+                                    since: secs,
+                                    seen: secs,
+                                })
+                            }
                         }
+                        let write = |t| {
+                            if changed {
+                                Step::Write(t)
+                            } else {
+                                Step::Done(t)
+                            }
+                        };
                         let place = waiters
                             .iter()
                             .position(|w| w.uid == me.uid)
@@ -259,7 +353,7 @@ impl Leases {
                         let live = spec.holder_identity.is_some() && !self.expired(&spec, now);
                         if live {
                             set_waiters(lease, &waiters);
-                            return Step::Write(Acquire::Waiting {
+                            return write(Acquire::Waiting {
                                 holder: holder_text.unwrap_or_else(|| "another pod".into()),
                                 place,
                             });
@@ -272,7 +366,7 @@ impl Leases {
                             if secs - first.seen > 10 {
                                 stale_first = Some(first.clone());
                             }
-                            return Step::Write(Acquire::Waiting {
+                            return write(Acquire::Waiting {
                                 holder: format!(
                                     "nobody; pod {} (node {}) is first in line",
                                     first.pod, first.node
@@ -325,10 +419,15 @@ impl Leases {
         }
     }
 
+    /// Takes pod `uid` out of the queue of (scope, key) (its pod ended while it waited).
+    pub async fn leave(&self, scope: &str, key: &str, uid: &str) -> Result<(), kube::Error> {
+        self.drop_waiter(&lock_name(scope, key), uid).await
+    }
+
     async fn drop_waiter(&self, name: &str, uid: &str) -> Result<(), kube::Error> {
         self.modify(
             name,
-            || self.blank(name, &[]),
+            || self.blank(name, &[], true),
             |lease, _| {
                 let mut w = waiters_of(lease);
                 let before = w.len();
@@ -344,33 +443,33 @@ impl Leases {
     }
 
     /// Renews the lock of (scope, key) for pod `uid`. False when the pod no longer holds it
-    /// (it expired and another pod took it, or it was released): the pod is fenced.
+    /// (it expired and another pod took it, or it was released): the pod is fenced. Starts from
+    /// the copy of the Lease last written, so a renewal is one conditional write.
     pub async fn renew(&self, scope: &str, key: &str, uid: &str) -> Result<bool, kube::Error> {
         let name = lock_name(scope, key);
-        match self.api.get_opt(&name).await? {
-            None => return Ok(false),
-            Some(l) if l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) != Some(uid) => {
-                return Ok(false)
-            }
-            Some(_) => {}
+        let r = self
+            .modify(
+                &name,
+                || self.blank(&name, &[], true),
+                |lease, now| {
+                    let held = lease.metadata.resource_version.is_some()
+                        && lease
+                            .spec
+                            .as_ref()
+                            .and_then(|s| s.holder_identity.as_deref())
+                            == Some(uid);
+                    if !held {
+                        return Step::Done(false);
+                    }
+                    self.hold(lease, uid, now);
+                    Step::Write(true)
+                },
+            )
+            .await;
+        match r {
+            Err(e) if is_not_found(&e) => Ok(false),
+            r => r,
         }
-        self.modify(
-            &name,
-            || self.blank(&name, &[]),
-            |lease, now| {
-                let held = lease
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.holder_identity.as_deref())
-                    == Some(uid);
-                if !held {
-                    return Step::Done(false);
-                }
-                self.hold(lease, uid, now);
-                Step::Write(true)
-            },
-        )
-        .await
     }
 
     /// The description of the current holder of (scope, key), if any.
@@ -388,7 +487,8 @@ impl Leases {
         }))
     }
 
-    /// Releases the lock of (scope, key) if pod `uid` holds it; the queue stays.
+    /// Releases the lock of (scope, key) if pod `uid` holds it; the queue stays. A Lease left
+    /// with nobody waiting is deleted.
     pub async fn release(&self, scope: &str, key: &str, uid: &str) -> Result<(), kube::Error> {
         self.release_named(&lock_name(scope, key), uid).await
     }
@@ -397,11 +497,15 @@ impl Leases {
     pub async fn lead(&self, name: &str, identity: &str) -> Result<bool, kube::Error> {
         self.modify(
             name,
-            || self.blank(name, &[]),
+            || self.blank(name, &[], false),
             |lease, now| {
                 let spec = lease.spec.clone().unwrap_or_default();
                 let mine = spec.holder_identity.as_deref() == Some(identity);
                 if mine || spec.holder_identity.is_none() || self.expired(&spec, now) {
+                    // Earlier versions labelled it as a lock: it is not one.
+                    if let Some(l) = lease.metadata.labels.as_mut() {
+                        l.remove(LOCK_LABEL);
+                    }
                     self.hold(lease, identity, now);
                     Step::Write(true)
                 } else {
@@ -413,18 +517,27 @@ impl Leases {
     }
 
     async fn release_named(&self, name: &str, identity: &str) -> Result<(), kube::Error> {
+        let ttl = self.waiter_ttl.as_secs() as i64;
         let r = self
             .modify(
                 name,
-                || self.blank(name, &[]),
-                |lease, _| {
+                || self.blank(name, &[], true),
+                |lease, now| {
+                    let secs = now.as_second();
+                    let nobody_waits = waiters_of(lease).iter().all(|w| secs - w.seen > ttl);
                     let spec = lease.spec.get_or_insert_with(Default::default);
-                    if spec.holder_identity.as_deref() != Some(identity) {
+                    if lease.metadata.resource_version.is_none()
+                        || spec.holder_identity.as_deref() != Some(identity)
+                    {
                         return Step::Done(());
+                    }
+                    if nobody_waits {
+                        return Step::Delete(());
                     }
                     spec.holder_identity = None;
                     spec.acquire_time = None;
-                    spec.renew_time = None;
+                    // Kept: when it was freed, for the controller's GC.
+                    spec.renew_time = Some(MicroTime(now));
                     if let Some(a) = lease.metadata.annotations.as_mut() {
                         a.remove(HOLDER);
                     }
@@ -436,6 +549,82 @@ impl Leases {
             Err(e) if is_not_found(&e) => Ok(()),
             r => r,
         }
+    }
+
+    /// The changes of the lock Lease of (scope, key), as they happen (a watch): each item says
+    /// "look again". Errors are retried inside with backoff.
+    pub fn changes(&self, scope: &str, key: &str) -> impl futures::Stream<Item = ()> + Send {
+        use futures::StreamExt;
+        use kube::runtime::{watcher, WatchStreamExt};
+        let config =
+            watcher::Config::default().fields(&format!("metadata.name={}", lock_name(scope, key)));
+        watcher(self.api.clone(), config)
+            .default_backoff()
+            .filter_map(|e| async move {
+                match e {
+                    Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))
+                    | Ok(watcher::Event::InitDone) => Some(()),
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "watching a lock Lease failed; retrying");
+                        None
+                    }
+                }
+            })
+    }
+
+    /// The controller's GC of lock Leases a dead node left behind: deletes those nobody has
+    /// held for `idle` (a holder that stopped renewing counts from its last renewal) and no
+    /// live pod waits for. Returns how many it deleted.
+    pub async fn collect(&self, idle: Duration) -> Result<usize, kube::Error> {
+        let list = self
+            .api
+            .list(&ListParams::default().labels(&format!("{LOCK_LABEL}=true")))
+            .await?;
+        let now = Timestamp::now();
+        let mut deleted = 0;
+        for lease in list.items {
+            let Some(name) = lease.metadata.name.clone() else {
+                continue;
+            };
+            if !self.abandoned(&lease, now, idle) {
+                continue;
+            }
+            let dp = DeleteParams {
+                preconditions: Some(Preconditions {
+                    resource_version: lease.metadata.resource_version.clone(),
+                    uid: lease.metadata.uid.clone(),
+                }),
+                ..Default::default()
+            };
+            match self.api.delete(&name, &dp).await {
+                Ok(_) => {
+                    deleted += 1;
+                    tracing::info!(lease = name, "deleted an abandoned lock Lease");
+                }
+                // Changed meanwhile (someone asked for it) or gone: leave it.
+                Err(e) if is_conflict(&e) || is_not_found(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(deleted)
+    }
+
+    fn abandoned(&self, lease: &Lease, now: Timestamp, idle: Duration) -> bool {
+        let spec = lease.spec.clone().unwrap_or_default();
+        let last = spec
+            .renew_time
+            .as_ref()
+            .map(|t| t.0)
+            .or_else(|| lease.metadata.creation_timestamp.as_ref().map(|t| t.0));
+        let quiet = last
+            .is_none_or(|t| t.as_millisecond() + idle.as_millis() as i64 <= now.as_millisecond());
+        let free = spec.holder_identity.is_none() || self.expired(&spec, now);
+        let ttl = self.waiter_ttl.as_secs() as i64;
+        let nobody_waits = waiters_of(lease)
+            .iter()
+            .all(|w| now.as_second() - w.seen > ttl);
+        free && quiet && nobody_waits
     }
 }
 

@@ -411,6 +411,13 @@ async fn start(
         ),
     }
     let leader = Arc::new(std::sync::atomic::AtomicBool::new(client.is_none()));
+    let lock_leases = client.as_ref().map(|c| {
+        crate::cluster::lease::Leases::new(
+            c.clone(),
+            &args.cluster.namespace,
+            args.cluster.lease_duration,
+        )
+    });
     // Leadership matters only for GC: without it, no replica takes the Lease.
     if let (Some(c), false) = (&client, args.gc_interval.is_zero()) {
         let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
@@ -441,6 +448,8 @@ async fn start(
             state_dir: state_dir.clone(),
             policy: args.retention.policy(false),
             interval: args.gc_interval,
+            // Lock Leases free for a few lease durations, nobody waiting: a dead node's.
+            locks: lock_leases.map(|l| (l, args.cluster.lease_duration * 4)),
         };
         tokio::spawn(collector.run(leader.clone()));
     }

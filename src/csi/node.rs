@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
@@ -354,6 +355,11 @@ pub struct NodeArgs {
     /// Bytes of base trees kept on the node (e.g. 50Gi); least recently used go first.
     #[arg(long, value_parser = crate::cli::parse_size)]
     pub base_budget: Option<u64>,
+    /// How long a NodePublishVolume of a locked cache held by another pod stays open waiting
+    /// for its turn before answering UNAVAILABLE (kubelet then calls again; the pod keeps its
+    /// place in line). Keep it below kubelet's 2-minute CSI call timeout.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "90s")]
+    pub lock_wait: Duration,
     #[command(flatten)]
     pub cluster: ClusterArgs,
 }
@@ -410,6 +416,7 @@ async fn start(
             c,
             &args.cluster.namespace,
             args.cluster.lease_duration,
+            args.lock_wait,
         )
     });
     match &agent {
