@@ -78,14 +78,7 @@ impl Engine {
         // Every generation object and every last-use marker, in two listings.
         let mut keys: BTreeMap<String, KeyState> = BTreeMap::new();
         for m in self.store.list(&self.layout.manifests()).await? {
-            let (Some(g), Some(key)) = (
-                parse_generation(&m.location),
-                m.location
-                    .parts()
-                    .rev()
-                    .nth(1)
-                    .map(|p| p.as_ref().to_string()),
-            ) else {
+            let Some((key, g)) = key_and_generation(&m.location) else {
                 continue;
             };
             let k = keys.entry(key).or_insert(KeyState {
@@ -286,14 +279,7 @@ impl Engine {
         }
         // Generations created since the retention pass (by commits that finished meanwhile).
         for m in self.store.list(&self.layout.manifests()).await? {
-            let (Some(g), Some(key)) = (
-                parse_generation(&m.location),
-                m.location
-                    .parts()
-                    .rev()
-                    .nth(1)
-                    .map(|p| p.as_ref().to_string()),
-            ) else {
+            let Some((key, g)) = key_and_generation(&m.location) else {
                 continue;
             };
             if keys.get(&key).is_some_and(|k| k.gens.contains(&g)) {
@@ -405,4 +391,11 @@ impl Engine {
         self.store.delete(&self.layout.used(key)).await?;
         Ok(())
     }
+}
+
+/// The key and generation of a generation object (`.../manifests/<key>/<generation>`).
+fn key_and_generation(location: &object_store::path::Path) -> Option<(String, u64)> {
+    let g = parse_generation(location)?;
+    let key = location.parts().rev().nth(1)?.as_ref().to_string();
+    Some((key, g))
 }
