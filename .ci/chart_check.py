@@ -60,6 +60,7 @@ CLASS_PARAMETERS = {"store", "scope", "key", "restoreKeys", "restore-keys", "mod
 
 # Values that switch every template branch on, rendered and validated besides the defaults.
 EVERYTHING_ON = {
+    "image": {"digest": "sha256:" + "ab" * 32},
     "imagePullSecrets": [{"name": "regcred"}],
     "kubeletDir": "/var/lib/k0s/kubelet",
     "logLevel": "info,cachevol=debug",
@@ -81,6 +82,8 @@ EVERYTHING_ON = {
             "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/cachevol"}},
         "extraArgs": ["--cluster=on"], "extraEnv": [{"name": "CACHEVOL_IO_CONCURRENCY",
                                                      "value": "8"}],
+        "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}},
+        "revisionHistoryLimit": 3,
     },
     "controller": {
         "replicas": 2, "gc": {"scopeBudget": "200Gi", "ttl": "0"},
@@ -89,7 +92,9 @@ EVERYTHING_ON = {
         "extraArgs": ["--quiet"], "extraEnv": [{"name": "CACHEVOL_STORE_TIMEOUT",
                                                 "value": "30"}],
     },
-    "sidecars": {"provisioner": {"extraArgs": ["--v=5"]}},
+    "sidecars": {"provisioner": {"extraArgs": ["--v=5"]},
+                 "livenessProbe": {"image": {"digest": "sha256:" + "cd" * 32}},
+                 "nodeDriverRegistrar": {"httpPort": 9909}},
     "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
                 "service": {"annotations": {"example.com/scrape": "true"}}},
     "storageClass": {"name": "ci-cache", "isDefaultClass": True,
@@ -104,6 +109,10 @@ EXISTING_SECRET = {
     "storageClass": {"create": False},
     "metrics": {"service": {"enabled": False}},
     "fullnameOverride": "cv",
+    # RBAC and service accounts brought by the cluster's administrators.
+    "rbac": {"create": False},
+    "node": {"serviceAccount": {"create": False, "name": "ci-csi-node"}},
+    "controller": {"serviceAccount": {"create": False, "name": "ci-csi-controller"}},
 }
 # Values the schema must refuse (each with the reason it must).
 BAD_VALUES = [
@@ -119,6 +128,8 @@ BAD_VALUES = [
     ({"controller": {"gc": {"ttl": "forever"}}}, "duration"),
     ({"node": {"copyView": True}}, "misspelt value"),
     ({"metrics": {"port": 70000}}, "port range"),
+    ({"image": {"digest": "latest"}}, "digest form"),
+    ({"node": {"updateStrategy": {"type": "Recreate"}}}, "DaemonSet strategy"),
 ]
 
 
@@ -347,6 +358,18 @@ def check_rendered(label: str, values: dict, objs: list[dict], rendered: dict[st
     kubelet = values.get("kubeletDir", "/var/lib/kubelet")
     expect(f"--kubelet-registration-path={kubelet}/plugins/{DRIVER}/csi.sock"
            in node["node-driver-registrar"]["args"], "registration path under kubeletDir")
+    reg = node["node-driver-registrar"]
+    expect(any(a.startswith("--http-endpoint=:") for a in reg["args"])
+           and reg.get("livenessProbe", {}).get("httpGet", {}).get("path") == "/healthz",
+           "node-driver-registrar serves /healthz and is probed")
+    expect(ds.get("securityContext", {}).get("seccompProfile", {}).get("type") == "RuntimeDefault",
+           "node pod: RuntimeDefault seccomp")
+    for name in ("node-driver-registrar", "liveness-probe"):
+        expect(node[name]["securityContext"].get("capabilities", {}).get("drop") == ["ALL"],
+               f"{name} drops every capability")
+    # Helm merges a user's map into the default one.
+    want_selector = {"kubernetes.io/os": "linux", **values.get("node", {}).get("nodeSelector", {})}
+    expect(ds.get("nodeSelector") == want_selector, f"node nodeSelector {ds.get('nodeSelector')}")
     mounts = {m["name"]: m for m in node["cachevol"]["volumeMounts"]}
     expect(mounts["kubelet-dir"]["mountPath"] == kubelet
            and mounts["kubelet-dir"].get("mountPropagation") == "Bidirectional",
@@ -356,6 +379,17 @@ def check_rendered(label: str, values: dict, objs: list[dict], rendered: dict[st
     expect(any(t.get("operator") == "Exists" and "key" not in t
                for t in ds.get("tolerations", [])), "node plugin tolerates every taint")
     dep = by_kind["Deployment"][0]["spec"]["template"]["spec"]
+    expect(dep.get("nodeSelector") == {"kubernetes.io/os": "linux"}, "controller on Linux nodes")
+    rbac = values.get("rbac", {}).get("create", True)
+    expect(("ClusterRole" in by_kind) == rbac and ("RoleBinding" in by_kind) == rbac,
+           f"RBAC objects rendered only with rbac.create ({rbac})")
+    for comp, spec in (("node", ds), ("controller", dep)):
+        sa = values.get(comp, {}).get("serviceAccount", {})
+        want = sa.get("name") or f"{values.get('fullnameOverride') or RELEASE}-{comp}"
+        expect(spec.get("serviceAccountName") == want,
+               f"{comp} serviceAccountName {spec.get('serviceAccountName')}, want {want}")
+        made = {o["metadata"]["name"] for o in by_kind.get("ServiceAccount", [])}
+        expect((want in made) == sa.get("create", True), f"{comp} ServiceAccount made: {made}")
     ctl = {c["name"]: c for c in dep["containers"]}
     expect("--extra-create-metadata" in ctl["csi-provisioner"]["args"],
            "csi-provisioner --extra-create-metadata")

@@ -40,12 +40,32 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{- define "cachevol.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
+{{- end }}
 
-{{/* A sidecar's image reference; call with the sidecar's values. */}}
+{{/* A sidecar's image reference; call with the sidecar's values. A digest wins over the tag. */}}
 {{- define "cachevol.sidecarImage" -}}
+{{- if .image.digest }}
+{{- printf "%s@%s" .image.repository .image.digest }}
+{{- else }}
 {{- printf "%s:%s" .image.repository .image.tag }}
+{{- end }}
+{{- end }}
+
+{{/* A component's ServiceAccount name; call with (dict "ctx" $ "component" "node"). */}}
+{{- define "cachevol.serviceAccountName" -}}
+{{- $sa := (index .ctx.Values .component).serviceAccount }}
+{{- if $sa.name }}
+{{- $sa.name }}
+{{- else if $sa.create }}
+{{- printf "%s-%s" (include "cachevol.fullname" .ctx) .component }}
+{{- else }}
+{{- "default" }}
+{{- end }}
 {{- end }}
 
 {{/* The Secret of store credentials, or nothing when there is none. */}}
