@@ -1,16 +1,38 @@
+# syntax=docker/dockerfile:1
 # Multi-stage build of the cachevol binary (CLI, CSI node plugin and controller in one).
-FROM rust:1-bookworm AS build
-WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
-COPY src ./src
-COPY build.rs ./
-COPY proto ./proto
-RUN cargo build --release --locked && strip target/release/cachevol
+#
+#   docker buildx build --platform linux/amd64,linux/arm64 \
+#     --build-arg VERSION=0.1.0 --build-arg REVISION=$(git rev-parse HEAD) -t IMAGE .
+#
+# Each platform is built natively (or under emulation) for TARGETPLATFORM; the cargo registry
+# and the target dir are BuildKit cache mounts (one per platform), so a change to src/ rebuilds
+# cachevol alone, not every dependency. Pin the base images by digest for releases:
+#   --build-arg BUILD_IMAGE=rust:1-bookworm@sha256:… --build-arg RUNTIME_IMAGE=gcr.io/distroless/cc-debian12@sha256:…
+ARG BUILD_IMAGE=rust:1-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12
 
-FROM debian:bookworm-slim
-# util-linux: mount/umount for the node plugin; ca-certificates: TLS to object stores.
-RUN apt-get update \
- && apt-get install -y --no-install-recommends util-linux ca-certificates \
- && rm -rf /var/lib/apt/lists/*
-COPY --from=build /src/target/release/cachevol /usr/local/bin/cachevol
+FROM ${BUILD_IMAGE} AS build
+ARG TARGETPLATFORM
+WORKDIR /src
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY proto ./proto
+COPY src ./src
+RUN --mount=type=cache,id=cargo-registry-${TARGETPLATFORM},target=/usr/local/cargo/registry \
+    --mount=type=cache,id=cargo-target-${TARGETPLATFORM},target=/src/target \
+    cargo build --release --locked \
+ && install -D -m 0755 -s target/release/cachevol /out/cachevol
+
+# distroless/cc: glibc, libgcc and CA certificates, nothing else. The binary mounts through
+# system calls (no mount(8)), speaks TLS with rustls, and needs no shell.
+FROM ${RUNTIME_IMAGE}
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="cachevol" \
+      org.opencontainers.image.description="Persistent, incremental, deduplicated cache volumes for ephemeral CI pods on Kubernetes (CSI driver and CLI)" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}"
+COPY --from=build /out/cachevol /usr/local/bin/cachevol
+# The default user is root: the node plugin mounts (its DaemonSet runs it privileged). The
+# controller needs no root, and the chart runs it as 65532 (distroless' nonroot).
 ENTRYPOINT ["/usr/local/bin/cachevol"]
