@@ -1,6 +1,7 @@
-//! Helpers shared by the integration tests: stores (file://, and the S3 server and Azurite of
-//! .ci/run), tree builders, and a tree comparison that checks what a user would notice after a
-//! restore: contents byte for byte, kinds, modes, symlink targets and mtimes.
+//! Helpers shared by the integration tests: stores (file://, the S3 server and Azurite of
+//! .ci/run, a real GCS bucket when one is configured), tree builders, and a tree comparison
+//! that checks what a user would notice after a restore: contents byte for byte, kinds, modes,
+//! symlink targets and mtimes.
 #![allow(dead_code)]
 pub mod apiserver;
 pub mod conditional;
@@ -30,14 +31,29 @@ pub fn az_url(test: &str) -> Option<String> {
     env_store_url("CACHEVOL_TEST_AZ_URL", "Azure", test)
 }
 
+/// The Google Cloud Storage URL of a real bucket (`CACHEVOL_TEST_GS_URL`, e.g.
+/// `gs://my-bucket/cachevol-test`, with object_store's `GOOGLE_*` credentials), with a fresh
+/// prefix for `test`. Unset: the test is skipped with a message, **also under CI**: .ci/run
+/// starts no GCS emulator, since none it can install serves object_store's XML API uploads
+/// and their preconditions (README, "Testing gs://").
+pub fn gs_url(test: &str) -> Option<String> {
+    match std::env::var("CACHEVOL_TEST_GS_URL") {
+        Ok(base) if !base.is_empty() => Some(fresh_prefix(&base, test)),
+        _ => {
+            eprintln!(
+                "SKIPPED {test}: CACHEVOL_TEST_GS_URL is not set. The GCS tests need a real \
+                 bucket (gs://BUCKET/PREFIX and GOOGLE_* credentials), also under CI: no GCS \
+                 emulator installable here serves object_store's XML API writes with \
+                 preconditions (README, \"Testing gs://\")"
+            );
+            None
+        }
+    }
+}
+
 fn env_store_url(var: &str, what: &str, test: &str) -> Option<String> {
     match std::env::var(var) {
-        Ok(base) if !base.is_empty() => Some(format!(
-            "{}/{}-{}",
-            base.trim_end_matches('/'),
-            test,
-            unique()
-        )),
+        Ok(base) if !base.is_empty() => Some(fresh_prefix(&base, test)),
         _ => {
             if std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false") {
                 panic!("{var} is not set but CI is: the {what} tests must run in CI (see .ci/run)");
@@ -46,6 +62,11 @@ fn env_store_url(var: &str, what: &str, test: &str) -> Option<String> {
             None
         }
     }
+}
+
+/// `base` with a prefix below it that no other test (or run) uses.
+fn fresh_prefix(base: &str, test: &str) -> String {
+    format!("{}/{}-{}", base.trim_end_matches('/'), test, unique())
 }
 
 /// A number unique within this process and very likely across processes.
@@ -330,6 +351,13 @@ pub fn raw_store(
         return (std::sync::Arc::new(fs), object_store::path::Path::default());
     }
     let prefix = object_store::path::Path::parse(parsed.path().trim_start_matches('/')).unwrap();
+    if parsed.scheme() == "gs" {
+        let gcs = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+            .with_url(url)
+            .build()
+            .unwrap();
+        return (std::sync::Arc::new(gcs), prefix);
+    }
     if matches!(parsed.scheme(), "az" | "azure" | "abfs" | "abfss") {
         let az = object_store::azure::MicrosoftAzureBuilder::from_env()
             .with_url(url)
