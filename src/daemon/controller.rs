@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use super::{Error, RetentionArgs, Tasks};
-use crate::cluster::{self, ClusterArgs};
+use super::{ClusterArgs, Error, RetentionArgs, Tasks};
+use crate::cluster;
 use crate::csi::controller::ControllerService;
 use crate::csi::pb::controller_server::ControllerServer;
 use crate::csi::pb::identity_server::IdentityServer;

@@ -89,6 +89,25 @@ pub async fn serve_metrics(
     Ok(())
 }
 
+/// Flags the node plugin and the controller share.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// Use the Kubernetes API (pod phases, Leases, Events, claim annotations).
+    #[arg(long, env = "CACHEVOL_CLUSTER", value_enum, default_value_t)]
+    pub cluster: crate::cluster::ClusterMode,
+    /// The driver's own namespace: its Leases live here.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "cachevol")]
+    pub namespace: String,
+    /// How long a Lease stays held without renewal (locked caches, the controller's leader).
+    /// A node that dies loses its locks after this long.
+    #[arg(long, value_parser = spec::parse_duration, default_value = "30s")]
+    pub lease_duration: Duration,
+    /// Serve Prometheus metrics and health on this address (/metrics, /healthz, /readyz),
+    /// e.g. 0.0.0.0:9090. Off when not given.
+    #[arg(long, env = "CACHEVOL_METRICS_ADDRESS")]
+    pub metrics_address: Option<SocketAddr>,
+}
+
 /// Retention rules as flags, shared by `cachevol gc` and the controller's periodic GC.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RetentionArgs {

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Error, Tasks};
-use crate::cluster::{self, agent::Agent, ClusterArgs};
+use super::{ClusterArgs, Error, Tasks};
+use crate::cluster::{self, agent::Agent};
 use crate::csi::node::NodeService;
 use crate::csi::pb::identity_server::IdentityServer;
 use crate::csi::pb::node_server::NodeServer;
