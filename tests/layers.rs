@@ -7,7 +7,8 @@
 //! ```
 //!
 //! Modules of one layer do not import each other, except in the directions listed in
-//! [`SIDEWAYS`].
+//! [`SIDEWAYS`]. The pure layers ([`PURE`]: engine, spec, node) name no gRPC, Kubernetes, HTTP
+//! or Prometheus crate.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -175,6 +176,42 @@ fn violations(rel: &Path, source: &str) -> Vec<String> {
     out
 }
 
+/// Layers that stay free of the adapters' crates: gRPC, Kubernetes, HTTP, Prometheus.
+const PURE: &[&str] = &["engine", "spec", "node"];
+const ADAPTER_CRATES: &[&str] = &["tonic", "kube", "k8s_openapi", "hyper", "prometheus"];
+
+/// Every use of an adapter crate in `rel` when it belongs to a pure layer, as messages.
+fn impurities(rel: &Path, source: &str) -> Vec<String> {
+    let module = module_of(rel);
+    if !PURE.contains(&module.as_str()) {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for (n, line) in source.lines().enumerate() {
+        let code = line.trim_start();
+        if code.starts_with("//") {
+            continue;
+        }
+        for krate in ADAPTER_CRATES {
+            let path = format!("{krate}::");
+            let found = code.match_indices(&path).any(|(at, _)| {
+                !code[..at]
+                    .chars()
+                    .next_back()
+                    .is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':')
+            });
+            if found {
+                out.push(format!(
+                    "src/{}:{}: {module} uses {krate}, an adapter's crate",
+                    rel.display(),
+                    n + 1
+                ));
+            }
+        }
+    }
+    out
+}
+
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).expect("read src/") {
         let path = entry.expect("read src/").path();
@@ -200,6 +237,7 @@ fn no_arrow_points_up() {
         modules.insert(module_of(rel));
         let source = std::fs::read_to_string(path).unwrap();
         bad.extend(violations(rel, &source));
+        bad.extend(impurities(rel, &source));
     }
     assert!(
         bad.is_empty(),
@@ -274,6 +312,17 @@ fn the_check_sees_every_form_of_path() {
         .len(),
         1
     );
+    // The pure layers name no adapter crate.
+    assert_eq!(
+        impurities(Path::new("spec/volume.rs"), "use tonic::Status;\n").len(),
+        1
+    );
+    assert_eq!(
+        impurities(Path::new("node/mod.rs"), "let c: kube::Client;\n").len(),
+        1
+    );
+    assert!(impurities(Path::new("csi/mod.rs"), "use tonic::Status;\n").is_empty());
+    assert!(impurities(Path::new("spec/pod.rs"), "/// kubelet's tonic::Status\n").is_empty());
     // A new top-level module must be placed.
     assert_eq!(violations(Path::new("extra.rs"), "").len(), 1);
 }
