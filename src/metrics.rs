@@ -453,11 +453,24 @@ pub type ReadyFn = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 /// returns the bound address; the server keeps running on a spawned task for the life of the
 /// runtime.
 pub async fn serve(addr: SocketAddr, ready: ReadyFn) -> std::io::Result<SocketAddr> {
+    let (local, server) = bind(addr, ready).await?;
+    tokio::spawn(server);
+    Ok(local)
+}
+
+/// Binds `addr` as [`serve`] does and returns the server for the caller to run, so a daemon can
+/// supervise it (the future only ends if the server stops).
+pub async fn bind(
+    addr: SocketAddr,
+    ready: ReadyFn,
+) -> std::io::Result<(
+    SocketAddr,
+    impl std::future::Future<Output = ()> + Send + 'static,
+)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     LazyLock::force(&METRICS);
-    tokio::spawn(accept_loop(listener, ready));
-    Ok(local)
+    Ok((local, accept_loop(listener, ready)))
 }
 
 async fn accept_loop(listener: tokio::net::TcpListener, ready: ReadyFn) {

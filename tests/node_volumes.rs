@@ -9,7 +9,8 @@ use std::path::Path;
 mod common;
 
 use cachevol::engine::CommitOutcome;
-use cachevol::node::{CommitDecision, Ending, NodeConfig, PodRef, Publish, ViewKind, Volumes};
+use cachevol::node::{CommitDecision, NodeConfig, Publish, ViewKind, Volumes};
+use cachevol::spec::{Ending, PodRef};
 
 struct Node {
     volumes: Volumes,

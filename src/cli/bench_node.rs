@@ -11,7 +11,8 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::engine::{CommitOptions, Engine, Error, Store};
-use crate::node::{CommitDecision, Ending, NodeConfig, PodRef, Publish, Volumes};
+use crate::node::{CommitDecision, NodeConfig, Publish, Volumes};
+use crate::spec::{Ending, PodRef};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct NodeFigures {

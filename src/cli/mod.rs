@@ -9,11 +9,12 @@ mod run;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::engine::{self, CommitOptions, Engine, Error, GcPolicy, Merge, Store};
+use crate::daemon::{self, RetentionArgs};
+use crate::engine::{self, CommitOptions, Engine, Error, Merge, Store};
+use crate::spec::parse_size;
 use output::{Bars, Out};
 
 /// Exit codes of `cachevol` (besides `run`, which exits with its command's status).
@@ -119,13 +120,13 @@ enum Command {
     ///
     /// --store is the store of volumes whose StorageClass names none; --state-dir keeps the
     /// volume records (default /var/lib/cachevol-controller). No Kubernetes API is used.
-    Controller(crate::csi::controller::ControllerArgs),
+    Controller(daemon::controller::ControllerArgs),
     /// Serve the CSI Identity and Node services (the DaemonSet beside kubelet).
     ///
     /// --store is the store of volumes whose context names none; --state-dir keeps bases,
     /// views and records (default /var/lib/cachevol). Without a Kubernetes API, a volume is
     /// committed when it is unpublished.
-    Node(crate::csi::node::NodeArgs),
+    Node(daemon::node::NodeArgs),
 }
 
 impl Command {
@@ -180,62 +181,6 @@ struct GcArgs {
     /// Collect every scope of the store, not only --scope.
     #[arg(long)]
     all_scopes: bool,
-}
-
-/// Retention rules, shared by `cachevol gc` and the controller's periodic GC.
-#[derive(Args, Debug, Clone)]
-pub struct RetentionArgs {
-    /// Generations kept per key.
-    #[arg(long, default_value_t = 3)]
-    keep_last: usize,
-    /// Drop keys unused for this long (e.g. 30d; 0 disables).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "30d")]
-    ttl: Duration,
-    /// Evict least recently used keys while the scope stores more than this (e.g. 50Gi).
-    #[arg(long, value_parser = parse_size)]
-    scope_budget: Option<u64>,
-    /// Unreferenced packs younger than this are kept (in-flight commits).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
-    grace: Duration,
-}
-
-impl RetentionArgs {
-    pub fn policy(&self, dry_run: bool) -> GcPolicy {
-        GcPolicy {
-            keep_last: self.keep_last,
-            ttl: (!self.ttl.is_zero()).then_some(self.ttl),
-            scope_budget: self.scope_budget,
-            grace: self.grace,
-            dry_run,
-        }
-    }
-}
-
-/// Parses `10Gi`, `500M`, `1.5G`, `4096` into bytes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
-    let mult: f64 = match unit.trim() {
-        "" | "B" => 1.0,
-        "K" | "k" | "KB" => 1e3,
-        "M" | "MB" => 1e6,
-        "G" | "GB" => 1e9,
-        "T" | "TB" => 1e12,
-        "Ki" | "KiB" => 1024.0,
-        "Mi" | "MiB" => 1024f64.powi(2),
-        "Gi" | "GiB" => 1024f64.powi(3),
-        "Ti" | "TiB" => 1024f64.powi(4),
-        u => {
-            return Err(format!(
-                "unknown size unit {u:?} (use K, M, G, T, Ki, Mi, Gi, Ti)"
-            ))
-        }
-    };
-    Ok((n * mult) as u64)
 }
 
 fn home() -> PathBuf {
@@ -326,10 +271,10 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Error> {
         Command::Run(args) => run::run(&g, args, out, bars).await,
         Command::Bench(args) => bench::run(&g, args, out).await,
         Command::Node(args) => {
-            Ok(crate::csi::node::run(args, g.store.clone(), g.state_dir.clone()).await)
+            Ok(daemon::node::run(args, g.store.clone(), g.state_dir.clone()).await)
         }
         Command::Controller(args) => {
-            Ok(crate::csi::controller::run(args, g.store_url(), g.state_dir.clone()).await)
+            Ok(daemon::controller::run(args, g.store_url(), g.state_dir.clone()).await)
         }
         Command::Restore {
             key,
@@ -429,14 +374,6 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse() {
-        assert_eq!(parse_size("10Gi").unwrap(), 10 << 30);
-        assert_eq!(parse_size("500M").unwrap(), 500_000_000);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("12 parsecs").is_err());
-    }
 
     #[test]
     fn cli_is_consistent() {

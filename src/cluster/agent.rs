@@ -20,10 +20,10 @@ use kube::runtime::{watcher, WatchStreamExt};
 
 use super::events::{reason, Recorder, Type};
 use super::lease::{Acquire, Claimant, Leases};
-use crate::csi::volume::{CommitOn, Mode, VolumeSpec};
 use crate::engine::{self, CommitOutcome, RestoreSource};
 use crate::metrics;
-use crate::node::{self, CommitDecision, Ending, PodRef, Published, ViewState, Volumes};
+use crate::node::{self, CommitDecision, Published, ViewState, Volumes};
+use crate::spec::{CommitOn, Ending, Mode, PodRef, VolumeSpec};
 
 /// How often a waiting publish asks for its lock even when the Lease does not change.
 const WAITER_HEARTBEAT: Duration = Duration::from_secs(5);
@@ -369,10 +369,21 @@ impl Agent {
     }
 
     /// Runs the pod watcher and the periodic work (lease renewal, pending views) forever.
+    /// Returns only if the watch or the periodic work stops; a panic in either is the caller's
+    /// (the daemon supervises this task and exits).
     pub async fn run(self: Arc<Self>) {
         let ticker = self.clone();
-        tokio::spawn(async move { ticker.tick_forever().await });
-        self.watch_pods().await;
+        let mut ticks = tokio::spawn(async move { ticker.tick_forever().await });
+        tokio::select! {
+            ended = &mut ticks => {
+                if let Err(e) = ended {
+                    if e.is_panic() {
+                        std::panic::resume_unwind(e.into_panic());
+                    }
+                }
+            }
+            () = self.watch_pods() => ticks.abort(),
+        }
     }
 
     async fn watch_pods(self: &Arc<Self>) {

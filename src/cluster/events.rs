@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 
-use crate::node::PodRef;
+use crate::spec::PodRef;
 
 /// Event reasons (the contract: users filter on them).
 pub mod reason {

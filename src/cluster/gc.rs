@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::lease::Leases;
-use crate::csi::records::Records;
 use crate::engine::{Engine, GcPolicy, Store};
+use crate::spec::records::Records;
 
 /// The controller's leader Lease (in the driver's namespace).
 pub const LEADER_LEASE: &str = "cachevol-controller";

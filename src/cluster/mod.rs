@@ -11,9 +11,6 @@ pub mod events;
 pub mod gc;
 pub mod lease;
 
-use std::net::SocketAddr;
-use std::time::Duration;
-
 /// Whether the node plugin and the controller use the Kubernetes API.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ClusterMode {
@@ -24,25 +21,6 @@ pub enum ClusterMode {
     On,
     /// Never: views are committed when unpublished, locked caches lock per node only.
     Off,
-}
-
-/// Flags the node plugin and the controller share.
-#[derive(clap::Args, Debug, Clone)]
-pub struct ClusterArgs {
-    /// Use the Kubernetes API (pod phases, Leases, Events, claim annotations).
-    #[arg(long, env = "CACHEVOL_CLUSTER", value_enum, default_value_t)]
-    pub cluster: ClusterMode,
-    /// The driver's own namespace: its Leases live here.
-    #[arg(long, env = "POD_NAMESPACE", default_value = "cachevol")]
-    pub namespace: String,
-    /// How long a Lease stays held without renewal (locked caches, the controller's leader).
-    /// A node that dies loses its locks after this long.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
-    pub lease_duration: Duration,
-    /// Serve Prometheus metrics and health on this address (/metrics, /healthz, /readyz),
-    /// e.g. 0.0.0.0:9090. Off when not given.
-    #[arg(long, env = "CACHEVOL_METRICS_ADDRESS")]
-    pub metrics_address: Option<SocketAddr>,
 }
 
 /// Connects to the Kubernetes API as `mode` asks; `None` when cluster features are off.

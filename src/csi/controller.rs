@@ -1,4 +1,4 @@
-//! The CSI Controller service and the `cachevol controller` process. CreateVolume turns a claim
+//! The CSI Controller service. CreateVolume turns a claim
 //! into volume attributes (which cache, how it is shared and committed) and a deterministic id;
 //! it provisions no storage, so DeleteVolume only forgets the record and never deletes cache
 //! data. Retention of the store is the garbage collector's job, not DeleteVolume's.
@@ -11,17 +11,11 @@ use tonic::{Request, Response, Status};
 
 use super::capability;
 use super::inflight::InFlight;
-use super::pb::controller_server::{Controller, ControllerServer};
-use super::pb::identity_server::IdentityServer;
+use super::pb::controller_server::Controller;
 use super::pb::{self, controller_service_capability as csc};
-use super::records::{self, Records, VolumeRecord};
-use super::server;
-use super::volume::{param, VolumeSpec};
 use super::{handle, Error};
-use crate::engine::Store;
-
-/// Default controller state dir (volume records).
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/cachevol-controller";
+use crate::spec::records::{self, Records, VolumeRecord};
+use crate::spec::{param, VolumeSpec};
 
 /// The Controller RPCs cachevol implements and advertises. SINGLE_NODE_MULTI_WRITER (with the
 /// node's capability of the same name) lets ReadWriteOncePod claims arrive as
@@ -341,126 +335,6 @@ impl Controller for ControllerService {
         })
         .await
     }
-}
-
-/// `cachevol controller`: the CSI Identity and Controller services for csi-provisioner.
-#[derive(clap::Args, Debug, Clone)]
-pub struct ControllerArgs {
-    /// The CSI endpoint to serve on.
-    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
-    pub endpoint: String,
-    #[command(flatten)]
-    pub cluster: crate::cluster::ClusterArgs,
-    /// Run retention and garbage collection of the stores this often (0 turns it off). With a
-    /// cluster, only the replica holding the leader Lease collects.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
-    pub gc_interval: std::time::Duration,
-    #[command(flatten)]
-    pub retention: crate::cli::RetentionArgs,
-}
-
-/// Runs the controller until SIGTERM/SIGINT; returns the process exit code. `store`: the default
-/// store URL (`--store`); `state_dir`: `--state-dir`, default [`DEFAULT_STATE_DIR`].
-pub async fn run(args: ControllerArgs, store: String, state_dir: Option<PathBuf>) -> i32 {
-    match start(args, store, state_dir).await {
-        Ok(()) => 0,
-        Err(e) => {
-            tracing::error!("cachevol controller: {e}");
-            eprintln!("cachevol controller: {e}");
-            match e {
-                Error::InvalidField { .. } | Error::InvalidParameter { .. } => 2,
-                _ => 1,
-            }
-        }
-    }
-}
-
-async fn start(
-    args: ControllerArgs,
-    store_url: String,
-    state_dir: Option<PathBuf>,
-) -> Result<(), Error> {
-    let state_dir = state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
-    let path = server::parse_endpoint(&args.endpoint)?;
-    super::volume::check_store_url(&store_url).map_err(|why| Error::invalid("--store", why))?;
-    let store = Store::open(&store_url)?;
-    if store.local_root().is_some() {
-        tracing::warn!(
-            store = store.display_url(),
-            "the default store is a local directory: only nodes that mount the same path share caches"
-        );
-    }
-    let records = Arc::new(Records::open(&state_dir)?);
-    tracing::info!(
-        version = env!("CARGO_PKG_VERSION"),
-        store = store.display_url(),
-        state_dir = %state_dir.display(),
-        volumes = records.len(),
-        "cachevol controller starting"
-    );
-    let client = crate::cluster::connect(args.cluster.cluster)
-        .await
-        .map_err(|why| Error::Unavailable(format!("--cluster: {why}")))?;
-    match &client {
-        Some(_) => tracing::info!(
-            namespace = args.cluster.namespace,
-            "cluster features on: claim annotations are read, GC runs under the leader Lease"
-        ),
-        None => tracing::info!(
-            "cluster features off: no Kubernetes API in use (claim annotations are not read)"
-        ),
-    }
-    let leader = Arc::new(std::sync::atomic::AtomicBool::new(client.is_none()));
-    let lock_leases = client.as_ref().map(|c| {
-        crate::cluster::lease::Leases::new(
-            c.clone(),
-            &args.cluster.namespace,
-            args.cluster.lease_duration,
-        )
-    });
-    // Leadership matters only for GC: without it, no replica takes the Lease.
-    if let (Some(c), false) = (&client, args.gc_interval.is_zero()) {
-        let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
-            format!(
-                "{}-{}",
-                std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .map(|h| h.trim().to_string())
-                    .unwrap_or_else(|_| "controller".into()),
-                std::process::id()
-            )
-        });
-        let leases = crate::cluster::lease::Leases::new(
-            c.clone(),
-            &args.cluster.namespace,
-            args.cluster.lease_duration,
-        );
-        tokio::spawn(crate::cluster::gc::lead_forever(
-            leases,
-            identity,
-            args.cluster.lease_duration,
-            leader.clone(),
-        ));
-    }
-    if !args.gc_interval.is_zero() {
-        let collector = crate::cluster::gc::Collector {
-            default_store: store_url.clone(),
-            records: records.clone(),
-            state_dir: state_dir.clone(),
-            policy: args.retention.policy(false),
-            interval: args.gc_interval,
-            // Lock Leases free for a few lease durations, nobody waiting: a dead node's.
-            locks: lock_leases.map(|l| (l, args.cluster.lease_duration * 4)),
-        };
-        tokio::spawn(collector.run(leader.clone()));
-    }
-    super::identity::serve_metrics(args.cluster.metrics_address, &state_dir).await?;
-    let identity = super::identity::IdentityService::new(state_dir, store);
-    let controller = ControllerService::new(records, store_url).with_client(client);
-    let socket = server::Socket::bind(&path)?;
-    let router = tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(identity))
-        .add_service(ControllerServer::new(controller));
-    server::serve(socket, router).await
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use tonic::{Code, Status};
 
-use crate::engine;
+use crate::{engine, spec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -148,6 +148,17 @@ impl From<Error> for Status {
     }
 }
 
+impl From<spec::Error> for Error {
+    /// The volume model's errors keep their meaning (and message): a bad setting is a bad
+    /// parameter, unreadable records are local I/O.
+    fn from(e: spec::Error) -> Error {
+        match e {
+            spec::Error::InvalidParameter { name, why } => Error::InvalidParameter { name, why },
+            spec::Error::Io { op, path, source } => Error::Io { op, path, source },
+        }
+    }
+}
+
 impl From<engine::Error> for Status {
     fn from(e: engine::Error) -> Status {
         Status::from(Error::Engine(e))
@@ -197,6 +208,20 @@ mod tests {
             "{}",
             status.message()
         );
+    }
+
+    #[test]
+    fn volume_model_errors_map_by_meaning() {
+        let bad = spec::VolumeSpec::from_context(&Default::default()).unwrap_err();
+        let s = Status::from(Error::from(bad));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("\"store\""), "{}", s.message());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        // A state dir that is a file: the records cannot be opened.
+        let io = spec::records::Records::open(&file).err().unwrap();
+        assert_eq!(Status::from(Error::from(io)).code(), Code::Internal);
     }
 
     #[test]

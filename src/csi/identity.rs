@@ -79,25 +79,8 @@ impl IdentityService {
     }
 }
 
-/// Serves /metrics, /healthz and /readyz on `addr` (when given) for the node plugin or the
-/// controller: ready while the state dir is writable.
-pub async fn serve_metrics(
-    addr: Option<std::net::SocketAddr>,
-    state_dir: &std::path::Path,
-) -> Result<(), super::Error> {
-    let Some(addr) = addr else {
-        return Ok(());
-    };
-    let dir = state_dir.to_path_buf();
-    let ready: crate::metrics::ReadyFn = Arc::new(move || check_writable(&dir));
-    let bound = crate::metrics::serve(addr, ready)
-        .await
-        .map_err(super::Error::io("serve metrics on", addr.to_string()))?;
-    tracing::info!(address = %bound, "serving /metrics, /healthz, /readyz");
-    Ok(())
-}
-
-fn check_writable(dir: &std::path::Path) -> Result<(), String> {
+/// Ok when `dir` is a directory this process can write to; else why not (readiness).
+pub fn check_writable(dir: &std::path::Path) -> Result<(), String> {
     if !dir.is_dir() {
         return Err(format!("state dir {} does not exist", dir.display()));
     }

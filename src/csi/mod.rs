@@ -1,7 +1,9 @@
 //! The CSI driver's gRPC side: the generated CSI protocol ([`pb`]), the unix-socket server
 //! ([`server`]), one mapping of errors to gRPC codes ([`error`]), and the services kubelet and the
-//! kubernetes-csi sidecars call ([`identity`], [`controller`]). Volume attributes, capability
-//! checks and the in-flight guard are shared by the controller and the node.
+//! kubernetes-csi sidecars call ([`identity`], [`controller`], [`node`]). Capability checks and
+//! the in-flight guard are shared by the controller and the node; what a volume is (its
+//! attributes, the controller's records) is the volume model's ([`crate::spec`]). The processes
+//! that serve these services are wired in [`crate::daemon`].
 
 pub mod capability;
 pub mod controller;
@@ -9,9 +11,7 @@ pub mod error;
 pub mod identity;
 pub mod inflight;
 pub mod node;
-pub mod records;
 pub mod server;
-pub mod volume;
 
 mod redact;
 

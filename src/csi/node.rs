@@ -5,18 +5,15 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use super::pb::node_server::{Node, NodeServer};
+use super::pb::node_server::Node;
 use super::pb::{self, node_service_capability, volume_usage};
-use super::{capability, handle, inflight::InFlight, server, Error};
-use crate::cluster::{self, agent::Agent, ClusterArgs};
-use crate::engine::Store;
-use crate::node::{self as volumes, Ending, NodeConfig, PodRef, Volumes};
-
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/cachevol";
+use super::{capability, handle, inflight::InFlight, Error};
+use crate::cluster::{self, agent::Agent};
+use crate::node::{self as volumes, Volumes};
+use crate::spec::{Ending, PodRef};
 
 impl From<volumes::Error> for Error {
     fn from(e: volumes::Error) -> Error {
@@ -75,6 +72,15 @@ impl NodeService {
         self.commits.lock().await.spawn(async move {
             let _ = cluster::agent::commit_view(&volumes, &id, Ending::Succeeded, None).await;
         });
+    }
+
+    /// Decides the views a previous run left pending (unpublished, not yet committed): called
+    /// once at start-up.
+    pub async fn resume_pending(&self) {
+        for v in self.volumes.recover() {
+            tracing::info!(view = v.id, "resuming a pending commit");
+            self.commit_later(v.id).await;
+        }
     }
 
     /// Waits for background commits (on shutdown).
@@ -338,115 +344,4 @@ impl Node for Arc<NodeService> {
         })
         .await
     }
-}
-
-/// `cachevol node`: the CSI Identity and Node services for kubelet.
-#[derive(clap::Args, Debug, Clone)]
-pub struct NodeArgs {
-    /// The CSI endpoint to serve on.
-    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
-    pub endpoint: String,
-    /// This node's name (kubelet's node name).
-    #[arg(long, env = "NODE_NAME")]
-    pub node_id: String,
-    /// Never use overlayfs: every view is a copy of its base.
-    #[arg(long)]
-    pub copy_views: bool,
-    /// Bytes of base trees kept on the node (e.g. 50Gi); least recently used go first.
-    #[arg(long, value_parser = crate::cli::parse_size)]
-    pub base_budget: Option<u64>,
-    /// How long a NodePublishVolume of a locked cache held by another pod stays open waiting
-    /// for its turn before answering UNAVAILABLE (kubelet then calls again; the pod keeps its
-    /// place in line). Keep it below kubelet's 2-minute CSI call timeout.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "90s")]
-    pub lock_wait: Duration,
-    #[command(flatten)]
-    pub cluster: ClusterArgs,
-}
-
-/// Runs the node plugin until SIGTERM/SIGINT; returns the process exit code.
-pub async fn run(args: NodeArgs, store: Option<String>, state_dir: Option<PathBuf>) -> i32 {
-    match start(args, store, state_dir).await {
-        Ok(()) => 0,
-        Err(e) => {
-            tracing::error!("cachevol node: {e}");
-            eprintln!("cachevol node: {e}");
-            match e {
-                Error::InvalidField { .. }
-                | Error::InvalidParameter { .. }
-                | Error::MissingField(_) => 2,
-                _ => 1,
-            }
-        }
-    }
-}
-
-async fn start(
-    args: NodeArgs,
-    store: Option<String>,
-    state_dir: Option<PathBuf>,
-) -> Result<(), Error> {
-    if args.node_id.is_empty() {
-        return Err(Error::MissingField("--node-id"));
-    }
-    let state_dir = state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
-    let path = server::parse_endpoint(&args.endpoint)?;
-    if let Some(s) = &store {
-        super::volume::check_store_url(s).map_err(|why| Error::parameter("--store", why))?;
-    }
-    let volumes = Arc::new(Volumes::new(NodeConfig {
-        node_id: args.node_id.clone(),
-        state_dir: state_dir.clone(),
-        default_store: store.clone(),
-        force_copy: args.copy_views,
-        base_budget: args.base_budget,
-    })?);
-    tracing::info!(
-        version = env!("CARGO_PKG_VERSION"),
-        node = args.node_id,
-        state_dir = %state_dir.display(),
-        "cachevol node starting"
-    );
-    let client = cluster::connect(args.cluster.cluster)
-        .await
-        .map_err(|why| Error::Unavailable(format!("--cluster: {why}")))?;
-    let agent = client.map(|c| {
-        Agent::new(
-            volumes.clone(),
-            c,
-            &args.cluster.namespace,
-            args.cluster.lease_duration,
-            args.lock_wait,
-        )
-    });
-    match &agent {
-        Some(a) => {
-            tracing::info!(
-                namespace = args.cluster.namespace,
-                "cluster features on: commits follow pod phases, locked caches take Leases"
-            );
-            tokio::spawn(a.clone().run());
-        }
-        None => tracing::info!(
-            "cluster features off: no Kubernetes API in use; views are committed when unpublished"
-        ),
-    }
-    let service = Arc::new(NodeService::new(volumes.clone(), agent));
-    // Views left pending by a previous run (unpublished, not yet committed) are committed now.
-    for v in volumes.recover() {
-        tracing::info!(view = v.id, "resuming a pending commit");
-        service.commit_later(v.id).await;
-    }
-    if let Some(s) = &store {
-        Store::open(s)?; // a store that cannot even be opened is a configuration error
-    }
-    super::identity::serve_metrics(args.cluster.metrics_address, &state_dir).await?;
-    let identity = super::identity::IdentityService::state_dir_only(state_dir);
-    let socket = server::Socket::bind(&path)?;
-    let router = tonic::transport::Server::builder()
-        .add_service(super::pb::identity_server::IdentityServer::new(identity))
-        .add_service(NodeServer::new(service.clone()));
-    let served = server::serve(socket, router).await;
-    service.drain().await;
-    served
 }

@@ -20,10 +20,10 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::csi::volume::{CommitOn, Mode, Policy, VolumeSpec};
 use crate::engine::{
     self, CommitOptions, CommitOutcome, CommitReport, Engine, RestoreSource, Store,
 };
+use crate::spec::{attr, CommitOn, Ending, Mode, PodRef, Policy, VolumeSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -65,29 +65,6 @@ pub struct NodeConfig {
     pub force_copy: bool,
     /// Bytes of base trees kept on the node; least recently used bases past it are evicted.
     pub base_budget: Option<u64>,
-}
-
-/// The pod a publish is for, from kubelet's pod info on mount (`csi.storage.k8s.io/pod.*`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PodRef {
-    pub name: String,
-    pub namespace: String,
-    pub uid: String,
-    pub service_account: String,
-}
-
-impl PodRef {
-    /// Reads kubelet's pod info from a NodePublishVolume `volume_context`.
-    pub fn from_context(ctx: &HashMap<String, String>) -> Option<PodRef> {
-        let get = |k: &str| ctx.get(k).cloned().unwrap_or_default();
-        let uid = get("csi.storage.k8s.io/pod.uid");
-        (!uid.is_empty()).then(|| PodRef {
-            name: get("csi.storage.k8s.io/pod.name"),
-            namespace: get(crate::csi::volume::user::POD_NAMESPACE),
-            uid,
-            service_account: get("csi.storage.k8s.io/serviceAccount.name"),
-        })
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,19 +143,6 @@ pub struct Published {
     pub bytes: u64,
     pub downloaded: u64,
     pub seconds: f64,
-}
-
-/// How a view's pods ended, for the commit decision. Ordered from best to worst: a view
-/// shared by several pods ends as the worst of them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Ending {
-    /// Every pod succeeded (or, without a cluster, the volume was unpublished).
-    Succeeded,
-    /// A pod failed (non-zero exit).
-    Failed,
-    /// OOM-killed, evicted, past its deadline, deleted while running: never committed.
-    Aborted,
 }
 
 #[derive(Clone, Debug)]
@@ -327,9 +291,9 @@ impl Volumes {
                 .map_err(|e| Error::InvalidArgument(e.to_string()));
         }
         let mut ctx = ctx.clone();
-        if !ctx.contains_key(crate::csi::volume::attr::STORE) {
+        if !ctx.contains_key(attr::STORE) {
             if let Some(s) = &self.cfg.default_store {
-                ctx.insert(crate::csi::volume::attr::STORE.into(), s.clone());
+                ctx.insert(attr::STORE.into(), s.clone());
             }
         }
         VolumeSpec::from_context(&ctx).map_err(|e| Error::InvalidArgument(e.to_string()))

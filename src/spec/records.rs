@@ -125,7 +125,7 @@ impl Records {
     pub fn stores(&self) -> std::collections::BTreeSet<String> {
         self.lock()
             .values()
-            .filter_map(|r| r.volume_context.get(super::volume::attr::STORE).cloned())
+            .filter_map(|r| r.volume_context.get(super::attr::STORE).cloned())
             .collect()
     }
 

@@ -1,0 +1,121 @@
+//! `cachevol node`: the CSI Identity and Node services for kubelet, the cluster agent when a
+//! Kubernetes API is in use, and the metrics server, as one supervised process.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{ClusterArgs, Error, Tasks};
+use crate::cluster::{self, agent::Agent};
+use crate::csi::node::NodeService;
+use crate::csi::pb::identity_server::IdentityServer;
+use crate::csi::pb::node_server::NodeServer;
+use crate::csi::{self, identity::IdentityService, server};
+use crate::engine::Store;
+use crate::node::{NodeConfig, Volumes};
+use crate::spec;
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/cachevol";
+
+/// `cachevol node`: the CSI Identity and Node services for kubelet.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// The CSI endpoint to serve on.
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
+    pub endpoint: String,
+    /// This node's name (kubelet's node name).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_id: String,
+    /// Never use overlayfs: every view is a copy of its base.
+    #[arg(long)]
+    pub copy_views: bool,
+    /// Bytes of base trees kept on the node (e.g. 50Gi); least recently used go first.
+    #[arg(long, value_parser = spec::parse_size)]
+    pub base_budget: Option<u64>,
+    /// How long a NodePublishVolume of a locked cache held by another pod stays open waiting
+    /// for its turn before answering UNAVAILABLE (kubelet then calls again; the pod keeps its
+    /// place in line). Keep it below kubelet's 2-minute CSI call timeout.
+    #[arg(long, value_parser = spec::parse_duration, default_value = "90s")]
+    pub lock_wait: Duration,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// Runs the node plugin until SIGTERM/SIGINT or until a supervised task dies; returns the
+/// process exit code.
+pub async fn run(args: NodeArgs, store: Option<String>, state_dir: Option<PathBuf>) -> i32 {
+    super::exit_code("node", start(args, store, state_dir)).await
+}
+
+async fn start(
+    args: NodeArgs,
+    store: Option<String>,
+    state_dir: Option<PathBuf>,
+) -> Result<(), Error> {
+    if args.node_id.is_empty() {
+        return Err(csi::Error::MissingField("--node-id").into());
+    }
+    let state_dir = state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    let path = server::parse_endpoint(&args.endpoint)?;
+    if let Some(s) = &store {
+        spec::check_store_url(s).map_err(|why| csi::Error::parameter("--store", why))?;
+    }
+    let volumes = Arc::new(
+        Volumes::new(NodeConfig {
+            node_id: args.node_id.clone(),
+            state_dir: state_dir.clone(),
+            default_store: store.clone(),
+            force_copy: args.copy_views,
+            base_budget: args.base_budget,
+        })
+        .map_err(csi::Error::from)?,
+    );
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        node = args.node_id,
+        state_dir = %state_dir.display(),
+        "cachevol node starting"
+    );
+    let client = cluster::connect(args.cluster.cluster)
+        .await
+        .map_err(|why| csi::Error::Unavailable(format!("--cluster: {why}")))?;
+    let mut tasks = Tasks::new();
+    let agent = client.map(|c| {
+        Agent::new(
+            volumes.clone(),
+            c,
+            &args.cluster.namespace,
+            args.cluster.lease_duration,
+            args.lock_wait,
+        )
+    });
+    match &agent {
+        Some(a) => {
+            tracing::info!(
+                namespace = args.cluster.namespace,
+                "cluster features on: commits follow pod phases, locked caches take Leases"
+            );
+            tasks.spawn("cluster agent", a.clone().run());
+        }
+        None => tracing::info!(
+            "cluster features off: no Kubernetes API in use; views are committed when unpublished"
+        ),
+    }
+    let service = Arc::new(NodeService::new(volumes.clone(), agent));
+    // Views left pending by a previous run (unpublished, not yet committed) are committed now.
+    service.resume_pending().await;
+    if let Some(s) = &store {
+        Store::open(s).map_err(csi::Error::from)?; // a store that cannot even be opened is a configuration error
+    }
+    super::serve_metrics(args.cluster.metrics_address, &state_dir, &mut tasks).await?;
+    let identity = IdentityService::state_dir_only(state_dir);
+    let socket = server::Socket::bind(&path)?;
+    let router = tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(identity))
+        .add_service(NodeServer::new(service.clone()));
+    let served = tasks.serve(server::serve(socket, router)).await;
+    // Commits already started finish (or, past a dead task, are resumed by the next start).
+    service.drain().await;
+    served??;
+    Ok(())
+}

@@ -1,0 +1,23 @@
+//! The volume model: what a cachevol volume is and the settings around it, with no gRPC, no
+//! Kubernetes and no command line. The CSI services ([`crate::csi`]), the node's volumes
+//! ([`crate::node`]), the cluster adapter ([`crate::cluster`]) and the daemons
+//! ([`crate::daemon`]) all speak these types; it depends only on the engine (names, merge, GC
+//! policy).
+//!
+//! - [`VolumeSpec`] and its attribute, parameter and annotation names ([`attr`], [`param`],
+//!   [`user`]); [`Mode`], [`Policy`], [`CommitOn`];
+//! - [`PodRef`] (the pod a publish is for) and [`Ending`] (how a view's pods ended);
+//! - [`records`]: the controller's durable record of the volumes it created;
+//! - sizes, durations and retention settings as users write them ([`parse_size`],
+//!   [`parse_duration`], [`Retention`]).
+
+mod error;
+mod pod;
+pub mod records;
+mod settings;
+mod volume;
+
+pub use error::Error;
+pub use pod::{Ending, PodRef};
+pub use settings::{parse_duration, parse_size, Retention};
+pub use volume::{attr, check_store_url, param, user, CommitOn, Mode, Policy, VolumeSpec};
