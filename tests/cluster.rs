@@ -594,8 +594,31 @@ async fn locked_caches_serialize_pods_across_nodes_and_fence_a_dead_holder() {
     let m = c.event(&b, "CacheLockWaiting").await;
     assert!(m.contains("team-a/a"), "{m}");
     common::write(&ta.join("from-a"), b"a");
-    // Still held while A runs (renewed past the lease's duration).
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Still held while A runs: once A's node has renewed the Lease past its duration (it would
+    // have expired by now without the renewals), B still finds it held.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let leases = c.lock_leases().await;
+        let spec = leases
+            .first()
+            .and_then(|l| l.spec.clone())
+            .unwrap_or_default();
+        let renewed_for = match (&spec.acquire_time, &spec.renew_time) {
+            (Some(a), Some(r)) => r.0.as_millisecond() - a.0.as_millisecond(),
+            _ => 0,
+        };
+        let duration = i64::from(spec.lease_duration_seconds.unwrap_or(0)) * 1000;
+        if duration > 0 && renewed_for > duration {
+            assert_eq!(spec.holder_identity.as_deref(), Some(a.uid.as_str()));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A's Lease was never renewed past its duration: {spec:?}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(
         c.publish(&b, &vol, &ctx).await.unwrap_err().code(),
         Code::Unavailable
