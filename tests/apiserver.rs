@@ -1072,8 +1072,18 @@ async fn unavailable_answers_503() {
     );
 
     // kube's default client retries a 503 with backoff: the call completes once available.
+    let asked = server.requests().len();
     let pending = tokio::spawn(async move { pods.list(&ListParams::default()).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // It has been answered 503 and asked again (twice), and is still waiting.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while server.requests().len() < asked + 3 {
+        assert!(
+            std::time::Instant::now() < deadline && !pending.is_finished(),
+            "the default client did not retry a 503: {:#?}",
+            server.requests()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(
         !pending.is_finished(),
         "the default client gave up on a 503"

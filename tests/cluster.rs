@@ -1,7 +1,8 @@
 //! The Kubernetes side end to end, with no cluster: the API server stand-in (tests/common/
 //! apiserver.rs) speaks real HTTP/JSON and watch semantics to the unmodified kube client in two
 //! `cachevol node` processes (two nodes, separate state dirs) and a `cachevol controller`
-//! process; caches live in the S3 server .ci/run starts. The test acts as csi-provisioner
+//! process; caches live in a `file://` store in the test's temp dir, or on the S3 server or
+//! Azurite .ci/run starts (`CACHEVOL_TEST_STORE=s3|az`; a test about S3 itself always uses S3). The test acts as csi-provisioner
 //! (CreateVolume over the controller's socket) and as kubelet (pods in the stand-in, their
 //! phases, NodePublish/NodeUnpublish over the node sockets), and reads the Events the plugins
 //! post on the pods.
@@ -154,11 +155,23 @@ struct Cluster {
 }
 
 impl Cluster {
-    /// None when the S3 server is not configured (skipped outside CI).
-    async fn start(test: &str, nodes: &[&str]) -> Option<Cluster> {
-        let store = common::s3_url(test)?;
-        let api = ApiServer::start().await;
+    /// On the store `CACHEVOL_TEST_STORE` names (a `file://` directory in the test's temp dir
+    /// by default, so the suite always runs; `s3` or `az` for the servers of .ci/run).
+    async fn start(test: &str, nodes: &[&str]) -> Cluster {
         let root = tempfile::tempdir().unwrap();
+        let store = common::test_store_url(test, &root.path().join("store"));
+        Cluster::start_on(root, store, nodes).await
+    }
+
+    /// On the S3 server of .ci/run, for the tests about S3 itself (fails under `CI` when it is
+    /// not configured; None, skipped with a message, outside CI).
+    async fn start_s3(test: &str, nodes: &[&str]) -> Option<Cluster> {
+        let store = common::s3_url(test)?;
+        Some(Cluster::start_on(tempfile::tempdir().unwrap(), store, nodes).await)
+    }
+
+    async fn start_on(root: tempfile::TempDir, store: String, nodes: &[&str]) -> Cluster {
+        let api = ApiServer::start().await;
         api.write_kubeconfig(&root.path().join("kubeconfig"))
             .unwrap();
         let controller = plugin(root.path(), &store, "controller", &["--gc-interval=0"]);
@@ -186,7 +199,7 @@ impl Cluster {
             p.spawn();
             c.nodes.insert(n.to_string(), p);
         }
-        Some(c)
+        c
     }
 
     /// A plugin process of this cluster, not started: `name` is `controller…` or a node.
@@ -513,9 +526,7 @@ impl Drop for Cluster {
 // 1. Pod A on node 1 writes and succeeds: committed. Pod B on node 2 restores A's files.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_succeeded_pod_commits_and_another_node_restores_it() {
-    let Some(c) = Cluster::start("k8s-succeeded", &["node-1", "node-2"]).await else {
-        return;
-    };
+    let c = Cluster::start("k8s-succeeded", &["node-1", "node-2"]).await;
     let (vol, ctx) = c.claim("team-a", "npm", &[], &[]).await.unwrap();
     let a = c.pod("team-a", "build-a", "node-1").await;
     let t = c.publish(&a, &vol, &ctx).await.unwrap();
@@ -568,9 +579,7 @@ async fn a_succeeded_pod_commits_and_another_node_restores_it() {
 // node plugin dies: its lease expires, the next pod proceeds, and its late commit is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locked_caches_serialize_pods_across_nodes_and_fence_a_dead_holder() {
-    let Some(mut c) = Cluster::start("k8s-locked", &["node-1", "node-2"]).await else {
-        return;
-    };
+    let mut c = Cluster::start("k8s-locked", &["node-1", "node-2"]).await;
     let (vol, ctx) = c
         .claim("team-a", "cargo", &[("cachevol.dev/mode", "locked")], &[])
         .await
@@ -585,8 +594,31 @@ async fn locked_caches_serialize_pods_across_nodes_and_fence_a_dead_holder() {
     let m = c.event(&b, "CacheLockWaiting").await;
     assert!(m.contains("team-a/a"), "{m}");
     common::write(&ta.join("from-a"), b"a");
-    // Still held while A runs (renewed past the lease's duration).
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Still held while A runs: once A's node has renewed the Lease past its duration (it would
+    // have expired by now without the renewals), B still finds it held.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let leases = c.lock_leases().await;
+        let spec = leases
+            .first()
+            .and_then(|l| l.spec.clone())
+            .unwrap_or_default();
+        let renewed_for = match (&spec.acquire_time, &spec.renew_time) {
+            (Some(a), Some(r)) => r.0.as_millisecond() - a.0.as_millisecond(),
+            _ => 0,
+        };
+        let duration = i64::from(spec.lease_duration_seconds.unwrap_or(0)) * 1000;
+        if duration > 0 && renewed_for > duration {
+            assert_eq!(spec.holder_identity.as_deref(), Some(a.uid.as_str()));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A's Lease was never renewed past its duration: {spec:?}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(
         c.publish(&b, &vol, &ctx).await.unwrap_err().code(),
         Code::Unavailable
@@ -640,9 +672,7 @@ async fn locked_caches_serialize_pods_across_nodes_and_fence_a_dead_holder() {
 // 3. Private: two concurrent pods both commit. replace → one wins whole; union → both files.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn private_concurrent_commits_replace_or_union() {
-    let Some(c) = Cluster::start("k8s-private", &["node-1", "node-2"]).await else {
-        return;
-    };
+    let c = Cluster::start("k8s-private", &["node-1", "node-2"]).await;
     for merge in ["replace", "union"] {
         let key = format!("pip-{merge}");
         let (vol, ctx) = c
@@ -694,9 +724,7 @@ async fn private_concurrent_commits_replace_or_union() {
 // 4. Shared: two pods on one node see each other's writes; one commit after both finish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_pods_on_one_node_share_a_view_and_commit_once() {
-    let Some(c) = Cluster::start("k8s-shared", &["node-1"]).await else {
-        return;
-    };
+    let c = Cluster::start("k8s-shared", &["node-1"]).await;
     let (vol, ctx) = c
         .claim("team-a", "go", &[("cachevol.dev/mode", "shared")], &[])
         .await
@@ -726,9 +754,7 @@ async fn shared_pods_on_one_node_share_a_view_and_commit_once() {
 // 5. A Failed pod with commit-on success uploads nothing; an OOM-killed pod with always neither.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_and_oom_killed_pods_upload_nothing() {
-    let Some(c) = Cluster::start("k8s-failed", &["node-1"]).await else {
-        return;
-    };
+    let c = Cluster::start("k8s-failed", &["node-1"]).await;
     let (v1, ctx1) = c.claim("team-a", "on-success", &[], &[]).await.unwrap();
     let (v2, ctx2) = c
         .claim(
@@ -773,9 +799,7 @@ async fn failed_and_oom_killed_pods_upload_nothing() {
 // 6. policy pull never uploads; restore-keys fall back and the commit goes to the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_never_uploads_and_restore_keys_fall_back() {
-    let Some(c) = Cluster::start("k8s-pull", &["node-1", "node-2"]).await else {
-        return;
-    };
+    let c = Cluster::start("k8s-pull", &["node-1", "node-2"]).await;
     let (main_vol, main_ctx) = c.claim("team-a", "main", &[], &[]).await.unwrap();
     let a = c.pod("team-a", "on-main", "node-1").await;
     let t = c.publish(&a, &main_vol, &main_ctx).await.unwrap();
@@ -830,9 +854,7 @@ async fn pull_never_uploads_and_restore_keys_fall_back() {
 // 7. The same claim name in two namespaces: two caches that never see each other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_claim_in_two_namespaces_is_two_caches() {
-    let Some(c) = Cluster::start("k8s-tenants", &["node-1"]).await else {
-        return;
-    };
+    let c = Cluster::start("k8s-tenants", &["node-1"]).await;
     let (va, ctxa) = c.claim("team-a", "npm", &[], &[]).await.unwrap();
     let (vb, ctxb) = c.claim("team-b", "npm", &[], &[]).await.unwrap();
     assert_ne!(va, vb);
@@ -861,9 +883,7 @@ async fn the_same_claim_in_two_namespaces_is_two_caches() {
 // 9. An inline volume or an annotation that names another scope or a store is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_cannot_misconfigure_or_escape_their_namespace() {
-    let Some(c) = Cluster::start("k8s-trust", &["node-1"]).await else {
-        return;
-    };
+    let c = Cluster::start("k8s-trust", &["node-1"]).await;
     let e = c
         .claim(
             "team-a",
@@ -982,9 +1002,7 @@ async fn lock_waiters_are_served_in_arrival_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gc_runs_on_the_leader_only_and_fails_over() {
     use cachevol::cluster::lease::Leases;
-    let Some(c) = Cluster::start("k8s-gc", &[]).await else {
-        return;
-    };
+    let c = Cluster::start("k8s-gc", &[]).await;
     let (engine, tmp) = c.engine("team-a");
     let dir = tmp.path().join("src");
     let commit = |i: u32| {
@@ -1068,7 +1086,7 @@ async fn gc_runs_on_the_leader_only_and_fails_over() {
 // nothing) and a Warning Event says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_store_degrades_with_a_warning_event() {
-    let Some(mut c) = Cluster::start("k8s-degraded", &[]).await else {
+    let Some(mut c) = Cluster::start_s3("k8s-degraded", &[]).await else {
         return;
     };
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1104,9 +1122,7 @@ async fn an_unreachable_store_degrades_with_a_warning_event() {
 // that was deleted meanwhile (its ending unknown) does not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_happened_while_the_plugin_was_down_is_decided_after_it_restarts() {
-    let Some(mut c) = Cluster::start("k8s-restart", &["node-1"]).await else {
-        return;
-    };
+    let mut c = Cluster::start("k8s-restart", &["node-1"]).await;
     let (va, ctxa) = c.claim("team-a", "done-meanwhile", &[], &[]).await.unwrap();
     let (vb, ctxb) = c.claim("team-a", "gone-meanwhile", &[], &[]).await.unwrap();
     let a = c.pod("team-a", "a", "node-1").await;
@@ -1135,7 +1151,7 @@ async fn what_happened_while_the_plugin_was_down_is_decided_after_it_restarts() 
 // Lease lasts): a pod on another node still finds it held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_locked_publish_keeps_its_lease() {
-    let Some(mut c) = Cluster::start("k8s-slow-lock", &["node-1"]).await else {
+    let Some(mut c) = Cluster::start_s3("k8s-slow-lock", &["node-1"]).await else {
         return;
     };
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1189,9 +1205,7 @@ const MARKER: &str = ".cachevol-commit";
 // marker is written (post { success }), then the agent fails → committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commit_on_marker_follows_the_job_not_the_pod() {
-    let Some(c) = Cluster::start("k8s-marker", &["node-1", "node-2"]).await else {
-        return;
-    };
+    let c = Cluster::start("k8s-marker", &["node-1", "node-2"]).await;
     let (vol, ctx) = c
         .claim("ci", "gl", &[("cachevol.dev/commit-on", "marker")], &[])
         .await
@@ -1267,9 +1281,7 @@ async fn commit_on_marker_follows_the_job_not_the_pod() {
 // restarted between the marker and the unmount still commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_marker_survives_a_restart_and_decides_a_shared_view() {
-    let Some(mut c) = Cluster::start("k8s-marker-shared", &["node-1"]).await else {
-        return;
-    };
+    let mut c = Cluster::start("k8s-marker-shared", &["node-1"]).await;
     let (vol, ctx) = c
         .claim(
             "ci",
@@ -1306,9 +1318,7 @@ async fn a_marker_survives_a_restart_and_decides_a_shared_view() {
 // so the next pod restores the key itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_key_fallback_creates_the_key_for_the_next_pod() {
-    let Some(c) = Cluster::start("k8s-fallback", &["node-1", "node-2"]).await else {
-        return;
-    };
+    let c = Cluster::start("k8s-fallback", &["node-1", "node-2"]).await;
     let (mvol, mctx) = c.claim("ci", "npm-main", &[], &[]).await.unwrap();
     let m = c.pod("ci", "main-build", "node-1").await;
     let t = c.publish(&m, &mvol, &mctx).await.unwrap();
@@ -1397,7 +1407,7 @@ impl Switch {
 // data once the store is back: it may only create the generation after the one it started from.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_degraded_view_never_commits_over_newer_data() {
-    let Some(mut c) = Cluster::start("k8s-degraded-commit", &[]).await else {
+    let Some(mut c) = Cluster::start_s3("k8s-degraded-commit", &[]).await else {
         return;
     };
     let endpoint = std::env::var("AWS_ENDPOINT_URL").expect("the S3 server's endpoint");
@@ -1536,9 +1546,7 @@ fn queue(lease: &k8s_openapi::api::coordination::v1::Lease) -> Vec<String> {
 // leave the cache idle for up to two minutes. The Lease is gone once the last holder is done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locked_waiters_get_the_cache_within_a_second_of_the_holders_commit() {
-    let Some(mut c) = Cluster::start("k8s-handoff", &[]).await else {
-        return;
-    };
+    let mut c = Cluster::start("k8s-handoff", &[]).await;
     for n in ["node-a", "node-b", "node-c"] {
         c.add_node(n, &["--lock-wait=60s"]);
     }
@@ -1657,9 +1665,7 @@ async fn locked_waiters_get_the_cache_within_a_second_of_the_holders_commit() {
 // waiter whose pod is deleted stops waiting at once and leaves the queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_publish_is_bounded_keeps_its_place_and_stops_when_its_pod_is_deleted() {
-    let Some(mut c) = Cluster::start("k8s-lock-wait", &[]).await else {
-        return;
-    };
+    let mut c = Cluster::start("k8s-lock-wait", &[]).await;
     c.add_node("node-1", &["--lock-wait=60s"]);
     c.add_node("node-2", &["--lock-wait=2s"]);
     let (vol, ctx) = c
@@ -1821,9 +1827,7 @@ async fn lock_leases_are_deleted_when_nobody_needs_them_and_the_leader_lease_is_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn locked_handoff_latency() {
-    let Some(mut c) = Cluster::start("k8s-handoff-bench", &[]).await else {
-        return;
-    };
+    let mut c = Cluster::start("k8s-handoff-bench", &[]).await;
     let env = |k: &str, d: u64| {
         std::env::var(k)
             .ok()

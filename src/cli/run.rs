@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -119,9 +118,8 @@ impl KeyLock {
             .truncate(false)
             .open(&path)
             .map_err(Error::io("open", &path))?;
-        let fd = file.as_raw_fd();
-        // SAFETY: fd is an open descriptor owned by `file`.
-        if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        // flock(2) on Linux, as before: runs of older versions still exclude each other.
+        if file.try_lock().is_err() {
             let holder = std::fs::read_to_string(&path).unwrap_or_default();
             out.info(&format!(
                 "{key}: waiting for the lock (held by {})",
@@ -131,13 +129,9 @@ impl KeyLock {
                     holder.trim()
                 }
             ));
-            // SAFETY: as above; blocks until the holder releases it (or exits).
-            if unsafe { libc::flock(fd, libc::LOCK_EX) } != 0 {
-                return Err(Error::Lock(format!(
-                    "locking {}: {}",
-                    path.display(),
-                    std::io::Error::last_os_error()
-                )));
+            // Blocks until the holder releases it (or exits).
+            if let Err(e) = file.lock() {
+                return Err(Error::Lock(format!("locking {}: {e}", path.display())));
             }
         }
         let _ = file.set_len(0);

@@ -126,6 +126,222 @@ fn set_waiters(lease: &mut Lease, w: &[Waiter]) {
     );
 }
 
+/// What the lock decisions read from a Lease: its fields, not the API object, so the decisions
+/// are pure functions of them and of the time (see [`Rules`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeaseView {
+    /// It was read from the API server (it has a resourceVersion), not made up because missing.
+    pub exists: bool,
+    /// `holderIdentity`: a pod uid, or the controller's identity for the leader Lease.
+    pub holder: Option<String>,
+    /// `renewTime`, Unix milliseconds.
+    pub renewed_ms: Option<i64>,
+    /// `leaseDurationSeconds`.
+    pub duration_secs: Option<i64>,
+    /// `creationTimestamp`, Unix milliseconds.
+    pub created_ms: Option<i64>,
+    /// The holder's description (annotation [`HOLDER`]).
+    pub holder_text: Option<String>,
+    /// The queue (annotation [`WAITERS`]), first in line first.
+    pub waiters: Vec<Waiter>,
+}
+
+impl LeaseView {
+    pub fn of(lease: &Lease) -> LeaseView {
+        let spec = lease.spec.clone().unwrap_or_default();
+        LeaseView {
+            exists: lease.metadata.resource_version.is_some(),
+            holder: spec.holder_identity,
+            renewed_ms: spec.renew_time.map(|MicroTime(t)| t.as_millisecond()),
+            duration_secs: spec.lease_duration_seconds.map(i64::from),
+            created_ms: lease
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.as_millisecond()),
+            holder_text: lease
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(HOLDER).cloned()),
+            waiters: waiters_of(lease),
+        }
+    }
+}
+
+/// What [`Rules::acquire`] decided for a claimant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AcquireDecision {
+    pub outcome: Acquire,
+    /// The queue to store.
+    pub waiters: Vec<Waiter>,
+    /// Make the claimant the holder (or renew it when it already is).
+    pub hold: bool,
+    /// The holder description to store, when it changes hands.
+    pub holder_text: Option<String>,
+    /// Something changed: write the Lease (otherwise only answer).
+    pub write: bool,
+    /// The first in line has not asked for a while: check that its pod still exists.
+    pub stale_first: Option<Waiter>,
+}
+
+/// What [`Rules::release`] decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// Not held by this identity (or not there): nothing to do.
+    NotHeld,
+    /// Nobody waits: delete the Lease.
+    Delete,
+    /// Others wait: clear the holder, keep the queue.
+    Free,
+}
+
+/// The lock and leader decisions, pure: over a [`LeaseView`] and the time (Unix milliseconds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rules {
+    /// The Lease duration this process writes, and assumes when a Lease has none.
+    pub duration_secs: i64,
+    /// A waiter that has not asked again for this long (seconds) is dropped from the queue.
+    pub waiter_ttl_secs: i64,
+}
+
+impl Rules {
+    /// The holder (if any) was not renewed within the Lease's duration.
+    pub fn expired(&self, v: &LeaseView, now_ms: i64) -> bool {
+        let secs = v.duration_secs.unwrap_or(self.duration_secs);
+        match v.renewed_ms {
+            Some(t) => t + secs * 1000 < now_ms,
+            None => true,
+        }
+    }
+
+    /// Whether every waiter has stopped asking.
+    fn nobody_waits(&self, v: &LeaseView, now_ms: i64) -> bool {
+        let secs = now_ms.div_euclid(1000);
+        v.waiters
+            .iter()
+            .all(|w| secs - w.seen > self.waiter_ttl_secs)
+    }
+
+    /// `me` asks for the lock: it takes it when free and first in line (or already holds it:
+    /// kubelet retrying a publish), else it joins or stays in the queue.
+    pub fn acquire(&self, v: &LeaseView, me: &Claimant, now_ms: i64) -> AcquireDecision {
+        let mut waiters = v.waiters.clone();
+        if v.holder.as_deref() == Some(me.uid.as_str()) {
+            // Ours already (kubelet retrying a publish that worked): renew.
+            waiters.retain(|w| w.uid != me.uid);
+            return AcquireDecision {
+                outcome: Acquire::Held { took_over: None },
+                waiters,
+                hold: true,
+                holder_text: None,
+                write: true,
+                stale_first: None,
+            };
+        }
+        let secs = now_ms.div_euclid(1000);
+        let ttl = self.waiter_ttl_secs;
+        let before = waiters.len();
+        waiters.retain(|w| w.uid == me.uid || secs - w.seen <= ttl);
+        // Nothing to write when only asking again soon after the last time.
+        let mut changed = waiters.len() != before;
+        match waiters.iter_mut().find(|w| w.uid == me.uid) {
+            Some(w) if secs - w.seen < SEEN_REFRESH_SECS => {}
+            Some(w) => {
+                w.seen = secs;
+                changed = true;
+            }
+            None => {
+                changed = true;
+                waiters.push(Waiter {
+                    uid: me.uid.clone(),
+                    pod: me.pod.clone(),
+                    node: me.node.clone(),
+                    since: secs,
+                    seen: secs,
+                })
+            }
+        }
+        let place = waiters
+            .iter()
+            .position(|w| w.uid == me.uid)
+            .expect("just added")
+            + 1;
+        let wait = |holder: String, waiters: Vec<Waiter>, stale_first| AcquireDecision {
+            outcome: Acquire::Waiting { holder, place },
+            waiters,
+            hold: false,
+            holder_text: None,
+            write: changed,
+            stale_first,
+        };
+        let live = v.holder.is_some() && !self.expired(v, now_ms);
+        if live {
+            let holder = v
+                .holder_text
+                .clone()
+                .unwrap_or_else(|| "another pod".into());
+            return wait(holder, waiters, None);
+        }
+        if place > 1 {
+            // Free, but another pod came first: it is served first, unless it has not asked
+            // for a while (then check that it still exists).
+            let first = waiters[0].clone();
+            let holder = format!(
+                "nobody; pod {} (node {}) is first in line",
+                first.pod, first.node
+            );
+            let stale = (secs - first.seen > 10).then_some(first);
+            return wait(holder, waiters, stale);
+        }
+        let took_over = v.holder.as_ref().map(|_| {
+            v.holder_text
+                .clone()
+                .unwrap_or_else(|| "an earlier holder".into())
+        });
+        waiters.retain(|w| w.uid != me.uid);
+        AcquireDecision {
+            outcome: Acquire::Held { took_over },
+            waiters,
+            hold: true,
+            holder_text: Some(me.describe()),
+            write: true,
+            stale_first: None,
+        }
+    }
+
+    /// Pod `uid` renews the lock: only while it still holds it (else it is fenced).
+    pub fn renew(&self, v: &LeaseView, uid: &str) -> bool {
+        v.exists && v.holder.as_deref() == Some(uid)
+    }
+
+    /// `identity` lets go of the lock.
+    pub fn release(&self, v: &LeaseView, identity: &str, now_ms: i64) -> Release {
+        if !v.exists || v.holder.as_deref() != Some(identity) {
+            Release::NotHeld
+        } else if self.nobody_waits(v, now_ms) {
+            Release::Delete
+        } else {
+            Release::Free
+        }
+    }
+
+    /// `identity` takes or keeps the leader Lease: when it holds it, nobody does, or the holder
+    /// expired.
+    pub fn lead(&self, v: &LeaseView, identity: &str, now_ms: i64) -> bool {
+        v.holder.as_deref() == Some(identity) || v.holder.is_none() || self.expired(v, now_ms)
+    }
+
+    /// A lock Lease a dead node left behind: nobody has held it for `idle_ms` (a holder that
+    /// stopped renewing counts from its last renewal) and no pod still asks for it.
+    pub fn abandoned(&self, v: &LeaseView, now_ms: i64, idle_ms: i64) -> bool {
+        let last = v.renewed_ms.or(v.created_ms);
+        let quiet = last.is_none_or(|t| t + idle_ms <= now_ms);
+        let free = v.holder.is_none() || self.expired(v, now_ms);
+        free && quiet && self.nobody_waits(v, now_ms)
+    }
+}
+
 /// What a read-modify-write step decided.
 enum Step<T> {
     /// Write the modified Lease, then return T.
@@ -170,13 +386,10 @@ impl Leases {
         };
     }
 
-    fn expired(&self, spec: &LeaseSpec, now: Timestamp) -> bool {
-        let secs = spec
-            .lease_duration_seconds
-            .map_or(self.duration.as_secs() as i64, i64::from);
-        match &spec.renew_time {
-            Some(MicroTime(t)) => t.as_millisecond() + secs * 1000 < now.as_millisecond(),
-            None => true,
+    fn rules(&self) -> Rules {
+        Rules {
+            duration_secs: self.duration.as_secs() as i64,
+            waiter_ttl_secs: self.waiter_ttl.as_secs() as i64,
         }
     }
 
@@ -300,89 +513,22 @@ impl Leases {
                     &name,
                     || self.blank(&name, &[(SCOPE, scope), (KEY, key)], true),
                     |lease, now| {
-                        stale_first = None;
-                        let spec = lease.spec.clone().unwrap_or_default();
-                        let mut waiters = waiters_of(lease);
-                        if spec.holder_identity.as_deref() == Some(me.uid.as_str()) {
-                            // Ours already (kubelet retrying a publish that worked): renew.
-                            waiters.retain(|w| w.uid != me.uid);
-                            set_waiters(lease, &waiters);
+                        let d =
+                            self.rules()
+                                .acquire(&LeaseView::of(lease), me, now.as_millisecond());
+                        stale_first = d.stale_first;
+                        set_waiters(lease, &d.waiters);
+                        if let Some(text) = d.holder_text {
+                            set_annotation(lease, HOLDER, text);
+                        }
+                        if d.hold {
                             self.hold(lease, &me.uid, now);
-                            return Step::Write(Acquire::Held { took_over: None });
                         }
-                        let secs = now.as_second();
-                        let ttl = self.waiter_ttl.as_secs() as i64;
-                        let before = waiters.len();
-                        waiters.retain(|w| w.uid == me.uid || secs - w.seen <= ttl);
-                        // Nothing to write when only asking again soon after the last time.
-                        let mut changed = waiters.len() != before;
-                        match waiters.iter_mut().find(|w| w.uid == me.uid) {
-                            Some(w) if secs - w.seen < SEEN_REFRESH_SECS => {}
-                            Some(w) => {
-                                w.seen = secs;
-                                changed = true;
-                            }
-                            None => {
-                                changed = true;
-                                waiters.push(Waiter {
-                                    uid: me.uid.clone(),
-                                    pod: me.pod.clone(),
-                                    node: me.node.clone(),
-                                    since: secs,
-                                    seen: secs,
-                                })
-                            }
+                        if d.write {
+                            Step::Write(d.outcome)
+                        } else {
+                            Step::Done(d.outcome)
                         }
-                        let write = |t| {
-                            if changed {
-                                Step::Write(t)
-                            } else {
-                                Step::Done(t)
-                            }
-                        };
-                        let place = waiters
-                            .iter()
-                            .position(|w| w.uid == me.uid)
-                            .expect("just added")
-                            + 1;
-                        let holder_text = lease
-                            .metadata
-                            .annotations
-                            .as_ref()
-                            .and_then(|a| a.get(HOLDER).cloned());
-                        let live = spec.holder_identity.is_some() && !self.expired(&spec, now);
-                        if live {
-                            set_waiters(lease, &waiters);
-                            return write(Acquire::Waiting {
-                                holder: holder_text.unwrap_or_else(|| "another pod".into()),
-                                place,
-                            });
-                        }
-                        if place > 1 {
-                            // Free, but another pod came first: it is served first, unless it
-                            // has not asked for a while (then check that it still exists).
-                            let first = waiters[0].clone();
-                            set_waiters(lease, &waiters);
-                            if secs - first.seen > 10 {
-                                stale_first = Some(first.clone());
-                            }
-                            return write(Acquire::Waiting {
-                                holder: format!(
-                                    "nobody; pod {} (node {}) is first in line",
-                                    first.pod, first.node
-                                ),
-                                place,
-                            });
-                        }
-                        let took_over = spec
-                            .holder_identity
-                            .as_ref()
-                            .map(|_| holder_text.unwrap_or_else(|| "an earlier holder".into()));
-                        waiters.retain(|w| w.uid != me.uid);
-                        set_waiters(lease, &waiters);
-                        set_annotation(lease, HOLDER, me.describe());
-                        self.hold(lease, &me.uid, now);
-                        Step::Write(Acquire::Held { took_over })
                     },
                 )
                 .await?;
@@ -452,13 +598,7 @@ impl Leases {
                 &name,
                 || self.blank(&name, &[], true),
                 |lease, now| {
-                    let held = lease.metadata.resource_version.is_some()
-                        && lease
-                            .spec
-                            .as_ref()
-                            .and_then(|s| s.holder_identity.as_deref())
-                            == Some(uid);
-                    if !held {
+                    if !self.rules().renew(&LeaseView::of(lease), uid) {
                         return Step::Done(false);
                     }
                     self.hold(lease, uid, now);
@@ -499,9 +639,8 @@ impl Leases {
             name,
             || self.blank(name, &[], false),
             |lease, now| {
-                let spec = lease.spec.clone().unwrap_or_default();
-                let mine = spec.holder_identity.as_deref() == Some(identity);
-                if mine || spec.holder_identity.is_none() || self.expired(&spec, now) {
+                let v = LeaseView::of(lease);
+                if self.rules().lead(&v, identity, now.as_millisecond()) {
                     // Earlier versions labelled it as a lock: it is not one.
                     if let Some(l) = lease.metadata.labels.as_mut() {
                         l.remove(LOCK_LABEL);
@@ -517,23 +656,18 @@ impl Leases {
     }
 
     async fn release_named(&self, name: &str, identity: &str) -> Result<(), kube::Error> {
-        let ttl = self.waiter_ttl.as_secs() as i64;
         let r = self
             .modify(
                 name,
                 || self.blank(name, &[], true),
                 |lease, now| {
-                    let secs = now.as_second();
-                    let nobody_waits = waiters_of(lease).iter().all(|w| secs - w.seen > ttl);
+                    let v = LeaseView::of(lease);
+                    match self.rules().release(&v, identity, now.as_millisecond()) {
+                        Release::NotHeld => return Step::Done(()),
+                        Release::Delete => return Step::Delete(()),
+                        Release::Free => {}
+                    }
                     let spec = lease.spec.get_or_insert_with(Default::default);
-                    if lease.metadata.resource_version.is_none()
-                        || spec.holder_identity.as_deref() != Some(identity)
-                    {
-                        return Step::Done(());
-                    }
-                    if nobody_waits {
-                        return Step::Delete(());
-                    }
                     spec.holder_identity = None;
                     spec.acquire_time = None;
                     // Kept: when it was freed, for the controller's GC.
@@ -611,20 +745,11 @@ impl Leases {
     }
 
     fn abandoned(&self, lease: &Lease, now: Timestamp, idle: Duration) -> bool {
-        let spec = lease.spec.clone().unwrap_or_default();
-        let last = spec
-            .renew_time
-            .as_ref()
-            .map(|t| t.0)
-            .or_else(|| lease.metadata.creation_timestamp.as_ref().map(|t| t.0));
-        let quiet = last
-            .is_none_or(|t| t.as_millisecond() + idle.as_millis() as i64 <= now.as_millisecond());
-        let free = spec.holder_identity.is_none() || self.expired(&spec, now);
-        let ttl = self.waiter_ttl.as_secs() as i64;
-        let nobody_waits = waiters_of(lease)
-            .iter()
-            .all(|w| now.as_second() - w.seen > ttl);
-        free && quiet && nobody_waits
+        self.rules().abandoned(
+            &LeaseView::of(lease),
+            now.as_millisecond(),
+            idle.as_millis() as i64,
+        )
     }
 }
 
@@ -643,6 +768,309 @@ mod tests {
             assert!(n
                 .bytes()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-'));
+        }
+    }
+
+    const RULES: Rules = Rules {
+        duration_secs: 15,
+        waiter_ttl_secs: 150,
+    };
+    /// "Now" in the tables: Unix second 1000.
+    const NOW: i64 = 1_000_000;
+
+    fn pod(uid: &str) -> Claimant {
+        Claimant {
+            uid: uid.into(),
+            pod: format!("ci/{uid}"),
+            node: "n1".into(),
+        }
+    }
+
+    fn waiter(uid: &str, since: i64, seen: i64) -> Waiter {
+        Waiter {
+            uid: uid.into(),
+            pod: format!("ci/{uid}"),
+            node: "n1".into(),
+            since,
+            seen,
+        }
+    }
+
+    /// A Lease held by `holder` (renewed `ago_ms` before NOW), with `waiters` queued.
+    fn held(holder: Option<&str>, ago_ms: i64, waiters: Vec<Waiter>) -> LeaseView {
+        LeaseView {
+            exists: true,
+            holder: holder.map(String::from),
+            renewed_ms: Some(NOW - ago_ms),
+            duration_secs: Some(15),
+            created_ms: Some(0),
+            holder_text: holder.map(|h| format!("pod ci/{h} on node n1")),
+            waiters,
+        }
+    }
+
+    fn uids(w: &[Waiter]) -> Vec<&str> {
+        w.iter().map(|w| w.uid.as_str()).collect()
+    }
+
+    #[test]
+    fn expiry_counts_from_the_last_renewal_and_the_leases_own_duration() {
+        // (renewed ms before now, the Lease's duration, expired)
+        let table = [
+            (Some(15_000), Some(15), false),
+            (Some(15_001), Some(15), true),
+            (Some(1_000), Some(0), true),
+            (Some(20_000), Some(30), false),
+            // no duration on the Lease: this process's own
+            (Some(16_000), None, true),
+            (Some(14_000), None, false),
+            (None, Some(15), true),
+        ];
+        for (ago, secs, want) in table {
+            let v = LeaseView {
+                holder: Some("a".into()),
+                renewed_ms: ago.map(|a| NOW - a),
+                duration_secs: secs,
+                ..Default::default()
+            };
+            assert_eq!(RULES.expired(&v, NOW), want, "{ago:?} {secs:?}");
+        }
+    }
+
+    #[test]
+    fn acquire_decisions() {
+        struct Case {
+            what: &'static str,
+            lease: LeaseView,
+            outcome: Acquire,
+            queue: Vec<&'static str>,
+            hold: bool,
+            write: bool,
+        }
+        let secs = NOW / 1000;
+        let fresh = |uid| waiter(uid, secs - 1, secs - 1);
+        let cases = [
+            Case {
+                what: "a missing Lease is taken",
+                lease: LeaseView::default(),
+                outcome: Acquire::Held { took_over: None },
+                queue: vec![],
+                hold: true,
+                write: true,
+            },
+            Case {
+                what: "the holder asking again renews",
+                lease: held(Some("me"), 5_000, vec![fresh("b")]),
+                outcome: Acquire::Held { took_over: None },
+                queue: vec!["b"],
+                hold: true,
+                write: true,
+            },
+            Case {
+                what: "a live holder: queued first",
+                lease: held(Some("a"), 1_000, vec![]),
+                outcome: Acquire::Waiting {
+                    holder: "pod ci/a on node n1".into(),
+                    place: 1,
+                },
+                queue: vec!["me"],
+                hold: false,
+                write: true,
+            },
+            Case {
+                what: "a live holder, asked again a second ago: nothing to write",
+                lease: held(Some("a"), 1_000, vec![fresh("b"), fresh("me")]),
+                outcome: Acquire::Waiting {
+                    holder: "pod ci/a on node n1".into(),
+                    place: 2,
+                },
+                queue: vec!["b", "me"],
+                hold: false,
+                write: false,
+            },
+            Case {
+                what: "a live holder, asked again after the refresh time: seen is written",
+                lease: held(Some("a"), 1_000, vec![waiter("me", secs - 60, secs - 5)]),
+                outcome: Acquire::Waiting {
+                    holder: "pod ci/a on node n1".into(),
+                    place: 1,
+                },
+                queue: vec!["me"],
+                hold: false,
+                write: true,
+            },
+            Case {
+                what: "a waiter that stopped asking drops out",
+                lease: held(
+                    Some("a"),
+                    1_000,
+                    vec![waiter("gone", secs - 500, secs - 151), fresh("me")],
+                ),
+                outcome: Acquire::Waiting {
+                    holder: "pod ci/a on node n1".into(),
+                    place: 1,
+                },
+                queue: vec!["me"],
+                hold: false,
+                write: true,
+            },
+            Case {
+                what: "an expired holder is taken over by the first in line",
+                lease: held(Some("a"), 16_000, vec![fresh("me"), fresh("b")]),
+                outcome: Acquire::Held {
+                    took_over: Some("pod ci/a on node n1".into()),
+                },
+                queue: vec!["b"],
+                hold: true,
+                write: true,
+            },
+            Case {
+                what: "free, but another pod is first in line",
+                lease: held(None, 1_000, vec![fresh("b")]),
+                outcome: Acquire::Waiting {
+                    holder: "nobody; pod ci/b (node n1) is first in line".into(),
+                    place: 2,
+                },
+                queue: vec!["b", "me"],
+                hold: false,
+                write: true,
+            },
+            Case {
+                what: "released and first in line: taken, nobody taken over",
+                lease: held(None, 1_000, vec![fresh("me"), fresh("b")]),
+                outcome: Acquire::Held { took_over: None },
+                queue: vec!["b"],
+                hold: true,
+                write: true,
+            },
+        ];
+        for c in cases {
+            let d = RULES.acquire(&c.lease, &pod("me"), NOW);
+            assert_eq!(d.outcome, c.outcome, "{}", c.what);
+            assert_eq!(uids(&d.waiters), c.queue, "{}", c.what);
+            assert_eq!(d.hold, c.hold, "{}", c.what);
+            assert_eq!(d.write, c.write, "{}", c.what);
+            assert_eq!(
+                d.holder_text.is_some(),
+                c.hold && c.lease.holder.as_deref() != Some("me"),
+                "{}",
+                c.what
+            );
+        }
+    }
+
+    #[test]
+    fn a_new_waiter_is_stamped_now_and_a_quiet_first_in_line_is_checked() {
+        let secs = NOW / 1000;
+        let d = RULES.acquire(&held(Some("a"), 0, vec![]), &pod("me"), NOW);
+        assert_eq!(d.waiters, [waiter("me", secs, secs)]);
+        // Free, first in line quiet for 11 s: its pod is looked up; 10 s: not yet.
+        for (quiet, checked) in [(11, true), (10, false)] {
+            let first = waiter("b", secs - 20, secs - quiet);
+            let d = RULES.acquire(&held(None, 0, vec![first.clone()]), &pod("me"), NOW);
+            assert_eq!(d.stale_first.is_some(), checked, "{quiet}");
+            assert!(!d.hold);
+        }
+        // Not while the holder is live.
+        let first = waiter("b", secs - 20, secs - 11);
+        let d = RULES.acquire(&held(Some("a"), 0, vec![first]), &pod("me"), NOW);
+        assert_eq!(d.stale_first, None);
+    }
+
+    #[test]
+    fn renew_only_while_held_else_fenced() {
+        let table = [
+            (held(Some("me"), 0, vec![]), true),
+            // expired but nobody took it yet: still ours
+            (held(Some("me"), 60_000, vec![]), true),
+            (held(Some("b"), 0, vec![]), false),
+            (held(None, 0, vec![]), false),
+            // gone (released and deleted): a blank copy
+            (LeaseView::default(), false),
+            (
+                LeaseView {
+                    exists: false,
+                    ..held(Some("me"), 0, vec![])
+                },
+                false,
+            ),
+        ];
+        for (i, (v, want)) in table.into_iter().enumerate() {
+            assert_eq!(RULES.renew(&v, "me"), want, "row {i}");
+        }
+    }
+
+    #[test]
+    fn release_deletes_when_nobody_waits_and_frees_otherwise() {
+        let secs = NOW / 1000;
+        let table = [
+            (held(Some("me"), 0, vec![]), Release::Delete),
+            (
+                held(Some("me"), 0, vec![waiter("b", secs, secs - 150)]),
+                Release::Free,
+            ),
+            (
+                held(Some("me"), 0, vec![waiter("b", secs - 900, secs - 151)]),
+                Release::Delete,
+            ),
+            (held(Some("b"), 0, vec![]), Release::NotHeld),
+            (held(None, 0, vec![]), Release::NotHeld),
+            (LeaseView::default(), Release::NotHeld),
+        ];
+        for (i, (v, want)) in table.into_iter().enumerate() {
+            assert_eq!(RULES.release(&v, "me", NOW), want, "row {i}");
+        }
+    }
+
+    #[test]
+    fn leading_needs_the_lease_free_expired_or_ours() {
+        let table = [
+            (LeaseView::default(), true),
+            (held(Some("me"), 0, vec![]), true),
+            (held(None, 0, vec![]), true),
+            (held(Some("other"), 15_000, vec![]), false),
+            (held(Some("other"), 15_001, vec![]), true),
+        ];
+        for (i, (v, want)) in table.into_iter().enumerate() {
+            assert_eq!(RULES.lead(&v, "me", NOW), want, "row {i}");
+        }
+    }
+
+    #[test]
+    fn abandoned_leases_are_free_quiet_and_unwanted() {
+        let secs = NOW / 1000;
+        let idle = 600_000;
+        let table = [
+            ("released long ago", held(None, idle, vec![]), true),
+            ("released recently", held(None, idle - 1, vec![]), false),
+            ("a dead holder, quiet", held(Some("a"), idle, vec![]), true),
+            ("a live holder", held(Some("a"), 1_000, vec![]), false),
+            (
+                "a pod still asks",
+                held(None, idle, vec![waiter("b", secs - 900, secs - 5)]),
+                false,
+            ),
+            (
+                "never renewed: counts from creation",
+                LeaseView {
+                    renewed_ms: None,
+                    created_ms: Some(NOW - idle),
+                    ..held(None, 0, vec![])
+                },
+                true,
+            ),
+            (
+                "never renewed, created recently",
+                LeaseView {
+                    renewed_ms: None,
+                    created_ms: Some(NOW - 1),
+                    ..held(None, 0, vec![])
+                },
+                false,
+            ),
+        ];
+        for (what, v, want) in table {
+            assert_eq!(RULES.abandoned(&v, NOW, idle), want, "{what}");
         }
     }
 }

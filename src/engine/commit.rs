@@ -152,6 +152,61 @@ struct Done {
     record: Option<CommittedTree>,
 }
 
+/// What every phase of one commit reads.
+struct Commit<'a> {
+    key: &'a str,
+    opts: &'a CommitOptions,
+    started: Instant,
+    /// The generation of `key` the tree was restored from, if it was restored from `key`.
+    same_key_base: Option<u64>,
+    /// The key the tree was restored from, when it is another key (a restore key).
+    restore_key: Option<String>,
+    /// The bytes of the tree's files.
+    total_bytes: u64,
+}
+
+impl Commit<'_> {
+    /// The report of a commit that writes no generation (before anything new was packed).
+    fn unchanged(&self, entries: &[Entry]) -> CommitReport {
+        CommitReport::unchanged(
+            self.key,
+            self.same_key_base,
+            count_files(entries),
+            self.total_bytes,
+            self.started,
+        )
+    }
+}
+
+/// What [`Engine::write_generation`] writes: the packed tree (`ours`) and what it came from.
+struct Written<'a> {
+    read_root: &'a Path,
+    base: &'a Option<BaseRef>,
+    base_entries: Option<&'a [Entry]>,
+    base_manifest: &'a [ChunkRef],
+    known: &'a HashMap<Digest, ChunkRef>,
+    ours: &'a [Entry],
+}
+
+/// A generation written: its number, its manifest, how many union merges it took.
+struct Generated {
+    generation: u64,
+    manifest: Vec<ChunkRef>,
+    merged: u32,
+}
+
+fn count_files(entries: &[Entry]) -> u64 {
+    entries.iter().filter(|e| e.kind == Kind::File).count() as u64
+}
+
+fn file_bytes(entries: &[Entry]) -> u64 {
+    entries
+        .iter()
+        .filter(|e| e.kind == Kind::File)
+        .map(|e| e.size)
+        .sum()
+}
+
 /// A tree as committed (or found unchanged): what a directory or a node base now holds.
 #[derive(Clone, Debug)]
 pub struct CommittedTree {
@@ -350,13 +405,120 @@ impl Engine {
     }
 
     /// The part of a commit shared by every way of finding changes: budget, dedup against
-    /// what the scope has, chunking and packing, the generation, the head.
+    /// what the scope has, chunking and packing, the generation, the head. Each phase is a
+    /// method below, in the order they run.
     async fn commit_plan(
         &self,
         key: &str,
         plan: Plan,
         opts: &CommitOptions,
         started: Instant,
+    ) -> Result<Done> {
+        let total_bytes = file_bytes(&plan.entries);
+        check_budget(key, total_bytes, opts)?;
+        let c = Commit {
+            key,
+            opts,
+            started,
+            same_key_base: plan
+                .base
+                .as_ref()
+                .filter(|b| b.key == key)
+                .map(|b| b.generation),
+            // Restored from a restore key, the tree still becomes a generation of `key` (the
+            // chunks and the manifest are the restore key's: only the generation is written).
+            restore_key: plan
+                .base
+                .as_ref()
+                .filter(|b| from_other_key(Some(b), key))
+                .map(|b| b.key.clone()),
+            total_bytes,
+        };
+        // A tree equal to what was restored (even an empty miss) is unchanged: nothing uploads.
+        if plan.to_read.is_empty()
+            && c.restore_key.is_none()
+            && same_tree(plan.base_entries.as_deref(), &plan.entries)
+        {
+            return Ok(Done {
+                report: c.unchanged(&plan.entries),
+                record: None,
+            });
+        }
+        let known = self.known_chunks(key, &plan).await?;
+        if opts.fence {
+            self.check_fence(&c).await?;
+        }
+        // Name the packs this commit reuses in its in-flight marker, then check them: GC keeps
+        // what a fresh marker names.
+        let reused: HashSet<Digest> = known
+            .values()
+            .chain(&plan.base_manifest)
+            .map(|r| r.p)
+            .collect();
+        let inflight = self.begin_inflight(key, reused.iter().copied()).await?;
+        let res = self
+            .commit_protected(&c, plan, known, &reused, &inflight)
+            .await;
+        inflight.end().await;
+        res
+    }
+
+    /// Phase 1, what the scope already has: the base's chunks, and (without a known base) the
+    /// key's newest generation's. Their chunks are not uploaded again.
+    async fn known_chunks(&self, key: &str, plan: &Plan) -> Result<HashMap<Digest, ChunkRef>> {
+        let mut known: HashMap<Digest, ChunkRef> = HashMap::new();
+        for r in plan
+            .base_entries
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .flat_map(|e| &e.chunks)
+            .chain(&plan.base_manifest)
+        {
+            known.entry(r.h).or_insert_with(|| r.clone());
+        }
+        if plan.base.is_none() {
+            if let Some(n) = self.newest(key).await? {
+                let g = self.load_generation(key, n).await?;
+                for e in self.load_entries(&g).await? {
+                    for r in e.chunks {
+                        known.entry(r.h).or_insert(r);
+                    }
+                }
+            }
+        }
+        Ok(known)
+    }
+
+    /// Phase 2, a fenced commit only: it may only create the generation after the one it
+    /// restored. If that is taken already, it is refused before anything is uploaded.
+    async fn check_fence(&self, c: &Commit<'_>) -> Result<()> {
+        let restored = c.same_key_base.unwrap_or(0);
+        let wanted = self.next_generation(c.key, restored)?;
+        if self
+            .store
+            .head(&self.layout.generation(c.key, wanted))
+            .await?
+            .is_some()
+        {
+            return Err(Error::Fenced {
+                key: c.key.to_string(),
+                restored,
+                taken: wanted,
+            });
+        }
+        Ok(())
+    }
+
+    /// The phases that run while the in-flight marker names the packs this commit reuses:
+    /// drop unusable packs, chunk and pack, write the generation, advance the head.
+    async fn commit_protected(
+        &self,
+        c: &Commit<'_>,
+        plan: Plan,
+        mut known: HashMap<Digest, ChunkRef>,
+        reused: &HashSet<Digest>,
+        inflight: &InFlight,
     ) -> Result<Done> {
         let Plan {
             read_root,
@@ -369,106 +531,147 @@ impl Engine {
             stats,
         } = plan;
         let base_entries = base_entries.as_deref();
-        let total_bytes: u64 = entries
-            .iter()
-            .filter(|e| e.kind == Kind::File)
-            .map(|e| e.size)
-            .sum();
-        check_budget(key, total_bytes, opts)?;
-        let files =
-            |entries: &[Entry]| entries.iter().filter(|e| e.kind == Kind::File).count() as u64;
-
-        let same_key_base = base.as_ref().filter(|b| b.key == key).map(|b| b.generation);
-        // A tree equal to what was restored (even an empty miss) is unchanged: nothing uploads.
-        // Restored from a restore key, it still becomes a generation of `key` (the chunks and
-        // the manifest are the restore key's: nothing but the generation object is written).
-        let restore_key = base
-            .as_ref()
-            .filter(|b| from_other_key(Some(b), key))
-            .map(|b| b.key.clone());
-        if to_read.is_empty() && restore_key.is_none() && same_tree(base_entries, &entries) {
+        self.drop_unusable_packs(
+            c.key,
+            reused,
+            &mut known,
+            &mut base_manifest,
+            &mut entries,
+            &mut to_read,
+        )
+        .await?;
+        let mut packer = Packer::new(self);
+        let (entries, stats, files_read) = self
+            .chunk_and_pack(
+                &read_root,
+                fallback_root.as_deref(),
+                entries,
+                stats,
+                &to_read,
+                &known,
+                &mut packer,
+            )
+            .await?;
+        if c.restore_key.is_none() && same_tree(base_entries, &entries) {
+            // Touched but identical: nothing new was packed, no generation is written.
             return Ok(Done {
-                report: CommitReport::unchanged(
-                    key,
-                    same_key_base,
-                    files(&entries),
-                    total_bytes,
-                    started,
-                ),
-                record: None,
+                report: CommitReport {
+                    files_read,
+                    uploaded: packer.uploaded,
+                    new_chunks: packer.new_chunks,
+                    ..c.unchanged(&entries)
+                },
+                record: Some(CommittedTree {
+                    base,
+                    manifest: base_manifest,
+                    entries,
+                    stats,
+                }),
             });
         }
+        fault("after-packs");
+        let w = self
+            .write_generation(
+                c,
+                Written {
+                    read_root: &read_root,
+                    base: &base,
+                    base_entries,
+                    base_manifest: &base_manifest,
+                    known: &known,
+                    ours: &entries,
+                },
+                &mut packer,
+                inflight,
+            )
+            .await?;
+        fault("after-manifest");
+        self.advance_head(c.key, w.generation).await?;
 
-        // What the scope already has: the base's chunks, and (without a known base) the key's
-        // newest generation. Packs that have vanished (GC) are not relied on.
-        let mut known: HashMap<Digest, ChunkRef> = HashMap::new();
-        for r in base_entries
-            .unwrap_or_default()
-            .iter()
-            .flat_map(|e| &e.chunks)
-            .chain(&base_manifest)
-        {
-            known.entry(r.h).or_insert_with(|| r.clone());
-        }
-        if base.is_none() {
-            if let Some(n) = self.newest(key).await? {
-                let g = self.load_generation(key, n).await?;
-                for e in self.load_entries(&g).await? {
-                    for r in e.chunks {
-                        known.entry(r.h).or_insert(r);
-                    }
-                }
-            }
-        }
-        // A fenced commit may only create the generation after the one it restored: if that is
-        // taken already, refuse before uploading anything.
-        if opts.fence {
-            let wanted = self.next_generation(key, same_key_base.unwrap_or(0))?;
-            if self
-                .store
-                .head(&self.layout.generation(key, wanted))
-                .await?
-                .is_some()
-            {
-                return Err(Error::Fenced {
-                    key: key.to_string(),
-                    restored: same_key_base.unwrap_or(0),
-                    taken: wanted,
-                });
-            }
-        }
-        // Name the packs this commit reuses in its in-flight marker, then check them: GC keeps
-        // what a fresh marker names, and a commit does not reuse what a running GC has doomed,
-        // what is quarantined (found corrupt) or what is gone: their chunks are uploaded again.
-        let reused: HashSet<Digest> = known.values().chain(&base_manifest).map(|r| r.p).collect();
-        let inflight = self.begin_inflight(key, reused.iter().copied()).await?;
-        let res: Result<Done> = async {
-        let unusable = self.unusable_packs(&reused).await?;
-        if !unusable.is_empty() {
-            tracing::warn!(
-                cache.key = key,
-                packs = unusable.len(),
-                "packs of the base are quarantined, being collected or gone; their chunks will be uploaded again"
-            );
-            known.retain(|_, r| !unusable.contains(&r.p));
-            base_manifest.retain(|r| !unusable.contains(&r.p));
-            for (i, e) in entries.iter_mut().enumerate() {
-                if e.kind == Kind::File && e.chunks.iter().any(|r| unusable.contains(&r.p)) {
-                    e.chunks.clear();
-                    to_read.push(i);
-                }
-            }
-            to_read.sort_unstable();
-            to_read.dedup();
-        }
+        // The record describes the directory (ours), with the generation it is now part of
+        // (for a union commit, that generation holds more than the directory does).
+        Ok(Done {
+            report: CommitReport {
+                outcome: CommitOutcome::Committed {
+                    generation: w.generation,
+                },
+                key: c.key.to_string(),
+                files: count_files(&entries),
+                bytes: c.total_bytes,
+                files_read,
+                uploaded: packer.uploaded,
+                new_chunks: packer.new_chunks,
+                merged: w.merged,
+                seconds: c.started.elapsed().as_secs_f64(),
+                restore_key: c.restore_key.clone(),
+            },
+            record: Some(CommittedTree {
+                base: Some(BaseRef {
+                    key: c.key.to_string(),
+                    generation: w.generation,
+                }),
+                manifest: w.manifest,
+                entries,
+                stats,
+            }),
+        })
+    }
 
-        // Read, chunk, hash and compress what may have changed; pack and upload what is new.
+    /// Phase 3, packs this commit must not reuse: those a running GC has doomed, those
+    /// quarantined (found corrupt) and those gone. Their chunks are forgotten and the files
+    /// that had chunks in them are read again.
+    async fn drop_unusable_packs(
+        &self,
+        key: &str,
+        reused: &HashSet<Digest>,
+        known: &mut HashMap<Digest, ChunkRef>,
+        base_manifest: &mut Vec<ChunkRef>,
+        entries: &mut [Entry],
+        to_read: &mut Vec<usize>,
+    ) -> Result<()> {
+        let unusable = self.unusable_packs(reused).await?;
+        if unusable.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(
+            cache.key = key,
+            packs = unusable.len(),
+            "packs of the base are quarantined, being collected or gone; their chunks will be uploaded again"
+        );
+        known.retain(|_, r| !unusable.contains(&r.p));
+        base_manifest.retain(|r| !unusable.contains(&r.p));
+        for (i, e) in entries.iter_mut().enumerate() {
+            if e.kind == Kind::File && e.chunks.iter().any(|r| unusable.contains(&r.p)) {
+                e.chunks.clear();
+                to_read.push(i);
+            }
+        }
+        to_read.sort_unstable();
+        to_read.dedup();
+        Ok(())
+    }
+
+    /// Phase 4, chunk and pack: reads, chunks, hashes and compresses the files in `to_read`,
+    /// packs and uploads the chunks the scope lacks, and fills in every chunk reference.
+    /// Files that vanished while being read are left out. Returns the tree, its stats and how
+    /// many files were read.
+    #[allow(clippy::too_many_arguments)]
+    async fn chunk_and_pack(
+        &self,
+        read_root: &Path,
+        fallback_root: Option<&Path>,
+        mut entries: Vec<Entry>,
+        stats: Vec<Option<Stat>>,
+        to_read: &[usize],
+        known: &HashMap<Digest, ChunkRef>,
+        packer: &mut Packer<'_>,
+    ) -> Result<(Vec<Entry>, Vec<Option<Stat>>, u64)> {
         let jobs: Vec<(usize, PathBuf, u64)> = to_read
             .iter()
             .map(|&i| {
                 let p = read_root.join(&entries[i].path);
                 // An overlay commit re-reads a file it did not change from the base under it.
-                let p = match &fallback_root {
+                let p = match fallback_root {
                     Some(b) if std::fs::symlink_metadata(&p).is_err() => b.join(&entries[i].path),
                     _ => p,
                 };
@@ -477,8 +680,7 @@ impl Engine {
             .collect();
         self.progress
             .start("commit", jobs.iter().map(|j| j.2).sum());
-        let mut packer = Packer::new(self);
-        let (digests, vanished) = self.chunk_files(jobs, &known, &mut packer).await?;
+        let (digests, vanished) = self.chunk_files(jobs, known, packer).await?;
         let files_read = digests.len() as u64;
         for (i, d) in digests {
             entries[i].size = d.iter().map(|(_, n)| *n as u64).sum();
@@ -493,14 +695,13 @@ impl Engine {
                 })
                 .collect();
         }
-        let (keep, stats): (Vec<Entry>, Vec<Option<Stat>>) = entries
+        let (mut entries, stats): (Vec<Entry>, Vec<Option<Stat>>) = entries
             .into_iter()
             .zip(stats)
             .enumerate()
             .filter(|(i, _)| !vanished.contains(i))
             .map(|(_, pair)| pair)
             .unzip();
-        let mut entries = keep;
         let new_refs = packer.finish_data().await?;
         for e in entries.iter_mut() {
             for r in e.chunks.iter_mut() {
@@ -514,62 +715,50 @@ impl Engine {
             }
         }
         self.progress.finish();
+        Ok((entries, stats, files_read))
+    }
 
-        if restore_key.is_none() && same_tree(base_entries, &entries) {
-            // Touched but identical: nothing new was packed, no generation is written.
-            return Ok(Done {
-                report: CommitReport {
-                    files_read,
-                    uploaded: packer.uploaded,
-                    new_chunks: packer.new_chunks,
-                    ..CommitReport::unchanged(
-                        key,
-                        same_key_base,
-                        files(&entries),
-                        total_bytes,
-                        started,
-                    )
-                },
-                record: Some(CommittedTree {
-                    base,
-                    manifest: base_manifest,
-                    entries,
-                    stats,
-                }),
-            });
-        }
-        fault("after-packs");
-
-        // The generation: created only if nobody else has it; on a collision, replace takes the
-        // next number, union merges into the newer head, a fenced commit is refused.
-        let mut target = match (opts.fence, same_key_base) {
+    /// Phase 5, the generation: its manifest is packed and it is created only if nobody else
+    /// has it. On a collision, replace takes the next number, union merges into the newer head
+    /// (also before the first try when the head moved since the restore), a fenced commit is
+    /// refused; after [`MAX_ATTEMPTS`] it gives up.
+    async fn write_generation(
+        &self,
+        c: &Commit<'_>,
+        t: Written<'_>,
+        packer: &mut Packer<'_>,
+        inflight: &InFlight,
+    ) -> Result<Generated> {
+        let (key, opts) = (c.key, c.opts);
+        let mut target = match (opts.fence, c.same_key_base) {
             (true, b) => self.next_generation(key, b.unwrap_or(0))?,
             (false, b) => {
                 let newest = self.newest(key).await?.unwrap_or(0);
                 self.next_generation(key, newest.max(b.unwrap_or(0)))?
             }
         };
-        let ours = entries.clone();
-        let changed: HashSet<String> = changed_paths(base_entries, &ours);
+        let changed: HashSet<String> = changed_paths(t.base_entries, t.ours);
+        let mut entries = t.ours.to_vec();
         let mut merged = 0;
         // Union: a generation newer than the one this tree was restored from is a conflict as
         // much as a lost create is, so our changes are merged into it before the first attempt.
         if opts.merge == Merge::Union
             && !opts.fence
             && target > 1
-            && Some(target - 1) != same_key_base
+            && Some(target - 1) != c.same_key_base
         {
             let theirs = self.load_generation(key, target - 1).await?;
             let theirs = self.load_entries(&theirs).await?;
-            entries = union(&theirs, &ours, &changed);
+            entries = union(&theirs, t.ours, &changed);
             merged += 1;
-            self.rely_on_merged(&inflight, key, target - 1, &entries).await?;
+            self.rely_on_merged(inflight, key, target - 1, &entries)
+                .await?;
         }
         let mut attempts = 0;
-        let (generation, manifest_refs) = loop {
+        loop {
             attempts += 1;
             let (manifest_refs, stream_hash, stream_len) = self
-                .pack_manifest(&read_root, &entries, &known, &base_manifest, &mut packer)
+                .pack_manifest(t.read_root, &entries, t.known, t.base_manifest, packer)
                 .await?;
             let g = Generation {
                 key: key.to_string(),
@@ -577,7 +766,7 @@ impl Engine {
                 provenance: Provenance {
                     time: super::now_unix(),
                     writer: opts.writer.clone(),
-                    base: base.clone(),
+                    base: t.base.clone(),
                     note: opts.note.clone(),
                 },
                 totals: Totals::of(&entries),
@@ -594,13 +783,17 @@ impl Engine {
                 .await?
             {
                 packer.uploaded += len;
-                break (target, manifest_refs);
+                return Ok(Generated {
+                    generation: target,
+                    manifest: manifest_refs,
+                    merged,
+                });
             }
             let taken = self.newest(key).await?.unwrap_or(target).max(target);
             if opts.fence {
                 return Err(Error::Fenced {
                     key: key.to_string(),
-                    restored: same_key_base.unwrap_or(0),
+                    restored: c.same_key_base.unwrap_or(0),
                     taken: target,
                 });
             }
@@ -613,9 +806,9 @@ impl Engine {
             if opts.merge == Merge::Union {
                 let theirs = self.load_generation(key, taken).await?;
                 let theirs = self.load_entries(&theirs).await?;
-                entries = union(&theirs, &ours, &changed);
+                entries = union(&theirs, t.ours, &changed);
                 merged += 1;
-                self.rely_on_merged(&inflight, key, taken, &entries).await?;
+                self.rely_on_merged(inflight, key, taken, &entries).await?;
             }
             target = self.next_generation(key, taken)?;
             // Spread colliding writers apart a little.
@@ -623,39 +816,7 @@ impl Engine {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.subsec_nanos() as u64 % 20);
             tokio::time::sleep(Duration::from_millis(jitter)).await;
-        };
-        fault("after-manifest");
-        self.advance_head(key, generation).await?;
-
-        // The record describes the directory (ours), with the generation it is now part of
-        // (for a union commit, that generation holds more than the directory does).
-        Ok(Done {
-            report: CommitReport {
-                outcome: CommitOutcome::Committed { generation },
-                key: key.to_string(),
-                files: files(&ours),
-                bytes: total_bytes,
-                files_read,
-                uploaded: packer.uploaded,
-                new_chunks: packer.new_chunks,
-                merged,
-                seconds: started.elapsed().as_secs_f64(),
-                restore_key,
-            },
-            record: Some(CommittedTree {
-                base: Some(BaseRef {
-                    key: key.to_string(),
-                    generation,
-                }),
-                manifest: manifest_refs,
-                entries: ours,
-                stats,
-            }),
-        })
         }
-        .await;
-        inflight.end().await;
-        res
     }
 
     /// After a union merge: names the packs the merged tree references in the marker, then

@@ -575,8 +575,7 @@ pub(crate) fn now_unix() -> i64 {
 pub fn default_writer() -> String {
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
-        // SAFETY: getuid has no preconditions and cannot fail.
-        .unwrap_or_else(|_| format!("uid{}", unsafe { libc::getuid() }));
+        .unwrap_or_else(|_| format!("uid{}", rustix::process::getuid().as_raw()));
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".into());

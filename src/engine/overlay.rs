@@ -6,13 +6,12 @@
 //! points back into the lower one; finding such a pointer is an error, not a guess.
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use super::error::{Error, Result};
 use super::format::{Entry, Kind, MODE_MASK};
-use super::restore::{clear, timespec};
+use super::restore::{clear, timestamps};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
@@ -28,21 +27,10 @@ pub enum Change {
 /// The value of an overlay xattr in the trusted namespace (mounted as root) or the user
 /// namespace (`userxattr` mounts).
 fn overlay_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
-    let c = CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
     for ns in ["trusted", "user"] {
-        let attr = CString::new(format!("{ns}.overlay.{name}")).expect("no NUL");
         let mut buf = [0u8; 256];
-        // SAFETY: valid NUL-terminated strings and a buffer of the length passed.
-        let n = unsafe {
-            libc::lgetxattr(
-                c.as_ptr(),
-                attr.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
-        if n >= 0 {
-            return Some(buf[..n as usize].to_vec());
+        if let Ok(n) = rustix::fs::lgetxattr(path, format!("{ns}.overlay.{name}"), &mut buf) {
+            return Some(buf[..n].to_vec());
         }
     }
     None
@@ -227,23 +215,13 @@ pub fn apply_to_dir(upper: &Path, dir: &Path) -> Result<()> {
 }
 
 fn set_mtime(path: &Path, ns: i64) -> Result<()> {
-    let c = CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL in paths");
-    let times = [timespec(ns), timespec(ns)];
-    // SAFETY: valid path and times for the duration of the call.
-    if unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    } != 0
-    {
-        return Err(Error::io("set times of", path)(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(())
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        path,
+        &timestamps(ns),
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(|errno| Error::io("set times of", path)(errno.into()))
 }
 
 /// Hard-links a tree: new directories (same modes and mtimes), the same file inodes. Cheap,

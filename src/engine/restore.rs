@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -477,10 +476,15 @@ pub(crate) fn clear(path: &Path) -> Result<()> {
     }
 }
 
-pub(crate) fn timespec(ns: i64) -> libc::timespec {
-    libc::timespec {
-        tv_sec: ns.div_euclid(1_000_000_000) as libc::time_t,
+/// Access and modification time both `ns` (Unix nanoseconds), for `utimensat`/`futimens`.
+pub(crate) fn timestamps(ns: i64) -> rustix::fs::Timestamps {
+    let t = rustix::fs::Timespec {
+        tv_sec: ns.div_euclid(1_000_000_000),
         tv_nsec: ns.rem_euclid(1_000_000_000) as _,
+    };
+    rustix::fs::Timestamps {
+        last_access: t,
+        last_modification: t,
     }
 }
 
@@ -535,22 +539,14 @@ impl Writer {
     /// Sets mode and mtime of a completely written file and records its stat.
     fn seal(&self, i: usize, f: &std::fs::File, path: &Path) -> Result<()> {
         let e = &self.entries[i];
-        let fd = f.as_raw_fd();
-        let times = [timespec(e.mtime), timespec(e.mtime)];
         let chmod = self.create_mode(i) != e.mode;
-        // SAFETY: fd is an open descriptor owned by `f`; `times` outlives the call.
-        let rc = unsafe {
-            if chmod && libc::fchmod(fd, e.mode as libc::mode_t) != 0 {
-                -1
-            } else {
-                libc::futimens(fd, times.as_ptr())
+        let set = || {
+            if chmod {
+                rustix::fs::fchmod(f, rustix::fs::Mode::from_raw_mode(e.mode))?;
             }
+            rustix::fs::futimens(f, &timestamps(e.mtime))
         };
-        if rc != 0 {
-            return Err(Error::io("set times of", path)(
-                std::io::Error::last_os_error(),
-            ));
-        }
+        set().map_err(|errno| Error::io("set times of", path)(errno.into()))?;
         let md = f.metadata().map_err(Error::io("stat", path))?;
         self.stats.lock().expect("not poisoned")[i] = Some(stat_of(&md));
         Ok(())
@@ -698,26 +694,16 @@ impl Writer {
     fn finish_entry(&self, i: usize) -> Result<()> {
         let e = &self.entries[i];
         let path = self.path(i);
-        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-            .expect("validated paths have no NUL");
-        let times = [timespec(e.mtime), timespec(e.mtime)];
-        // SAFETY: `c` is a valid NUL-terminated path and `times` outlives the call.
-        let rc = unsafe {
-            if e.kind == Kind::Dir {
-                libc::chmod(c.as_ptr(), e.mode as libc::mode_t);
-            }
-            libc::utimensat(
-                libc::AT_FDCWD,
-                c.as_ptr(),
-                times.as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        };
-        if rc != 0 {
-            return Err(Error::io("set times of", &path)(
-                std::io::Error::last_os_error(),
-            ));
+        if e.kind == Kind::Dir {
+            // A failure shows in the check after restore; the times are what must be set.
+            let _ = rustix::fs::chmod(&path, rustix::fs::Mode::from_raw_mode(e.mode));
         }
-        Ok(())
+        rustix::fs::utimensat(
+            rustix::fs::CWD,
+            &path,
+            &timestamps(e.mtime),
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|errno| Error::io("set times of", &path)(errno.into()))
     }
 }

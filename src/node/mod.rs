@@ -967,15 +967,11 @@ impl Volumes {
                 }
             }
         }
-        // SAFETY: statvfs fills the struct; the path is a valid C string.
-        let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
-        let c = std::ffi::CString::new(self.cfg.state_dir.as_os_str().as_encoded_bytes())
-            .expect("no NUL");
-        if unsafe { libc::statvfs(c.as_ptr(), &mut sv) } == 0 {
-            u.available_bytes = sv.f_bavail as u64 * sv.f_frsize as u64;
-            u.total_bytes = sv.f_blocks as u64 * sv.f_frsize as u64;
-            u.available_inodes = sv.f_favail as u64;
-            u.total_inodes = sv.f_files as u64;
+        if let Ok(sv) = rustix::fs::statvfs(&self.cfg.state_dir) {
+            u.available_bytes = sv.f_bavail * sv.f_frsize;
+            u.total_bytes = sv.f_blocks * sv.f_frsize;
+            u.available_inodes = sv.f_favail;
+            u.total_inodes = sv.f_files;
         }
         Ok(u)
     }

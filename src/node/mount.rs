@@ -8,18 +8,8 @@ use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-fn cstr(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_encoded_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
-}
-
-fn check(rc: libc::c_int) -> io::Result<()> {
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
+use rustix::io::Errno;
+use rustix::mount::{MountFlags, UnmountFlags};
 
 /// Mounts an overlay of `lower` (layers, top first) with `upper` and `work` at `target`.
 /// metacopy and redirect_dir are off so the upper dir is a complete change set; index off keeps
@@ -40,53 +30,29 @@ pub fn overlay(lower: &[PathBuf], upper: &Path, work: &Path, target: &Path) -> i
         upper.display(),
         work.display()
     );
-    let (src, fstype, target, data) = (
-        CString::new("overlay").expect("no NUL"),
-        CString::new("overlay").expect("no NUL"),
-        cstr(target)?,
-        CString::new(opts).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL"))?,
-    );
-    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
-    check(unsafe {
-        libc::mount(
-            src.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            data.as_ptr().cast(),
-        )
-    })
+    let data =
+        CString::new(opts).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL"))?;
+    rustix::mount::mount(
+        "overlay",
+        target,
+        "overlay",
+        MountFlags::empty(),
+        data.as_c_str(),
+    )?;
+    Ok(())
 }
 
 /// Bind-mounts `source` at `target`, read-only if asked.
 pub fn bind(source: &Path, target: &Path, read_only: bool) -> io::Result<()> {
-    let (s, t) = (cstr(source)?, cstr(target)?);
-    // SAFETY: valid NUL-terminated strings; null fstype and data are allowed for MS_BIND.
-    check(unsafe {
-        libc::mount(
-            s.as_ptr(),
-            t.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND,
-            std::ptr::null(),
-        )
-    })?;
+    rustix::mount::mount_bind(source, target)?;
     if read_only {
-        // A bind mount ignores MS_RDONLY on creation; it takes a remount.
-        // SAFETY: as above.
-        let rc = unsafe {
-            libc::mount(
-                std::ptr::null(),
-                t.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
+        // A bind mount ignores MS_RDONLY on creation; it takes a remount (MS_REMOUNT is added;
+        // the data is ignored for a bind remount).
+        if let Err(e) =
+            rustix::mount::mount_remount(target, MountFlags::BIND | MountFlags::RDONLY, "")
+        {
             let _ = unmount(target);
-            return Err(e);
+            return Err(e.into());
         }
     }
     Ok(())
@@ -95,20 +61,14 @@ pub fn bind(source: &Path, target: &Path, read_only: bool) -> io::Result<()> {
 /// Unmounts `target`; not mounted is fine. Busy mounts are detached lazily: kubelet has
 /// already stopped the pod's containers when it unpublishes.
 pub fn unmount(target: &Path) -> io::Result<()> {
-    let t = cstr(target)?;
-    // SAFETY: valid NUL-terminated string.
-    let rc = unsafe { libc::umount2(t.as_ptr(), libc::UMOUNT_NOFOLLOW) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::EINVAL) | Some(libc::ENOENT) => Ok(()),
-        Some(libc::EBUSY) => {
-            // SAFETY: as above.
-            check(unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) })
+    match rustix::mount::unmount(target, UnmountFlags::NOFOLLOW) {
+        Ok(()) => Ok(()),
+        Err(Errno::INVAL | Errno::NOENT) => Ok(()),
+        Err(Errno::BUSY) => {
+            rustix::mount::unmount(target, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW)?;
+            Ok(())
         }
-        _ => Err(e),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -203,16 +163,13 @@ pub fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
 }
 
 fn clone_file(src: &Path, dst: &Path) -> io::Result<()> {
-    use std::os::unix::io::AsRawFd;
     let s = std::fs::File::open(src)?;
     let d = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(dst)?;
     // FICLONE: share the data blocks (btrfs, xfs with reflink); EOPNOTSUPP/EXDEV elsewhere.
-    const FICLONE: libc::c_ulong = 0x4004_9409;
-    // SAFETY: both descriptors are open for the duration of the call.
-    if unsafe { libc::ioctl(d.as_raw_fd(), FICLONE as _, s.as_raw_fd()) } == 0 {
+    if rustix::fs::ioctl_ficlone(&d, &s).is_ok() {
         return Ok(());
     }
     let (mut s, mut d) = (s, d);
@@ -221,19 +178,21 @@ fn clone_file(src: &Path, dst: &Path) -> io::Result<()> {
 }
 
 fn set_times(path: &Path, md: &std::fs::Metadata, nofollow: bool) -> io::Result<()> {
-    let c = cstr(path)?;
-    let ts = libc::timespec {
-        tv_sec: md.mtime() as libc::time_t,
+    let ts = rustix::fs::Timespec {
+        tv_sec: md.mtime(),
         tv_nsec: md.mtime_nsec() as _,
     };
-    let times = [ts, ts];
-    let flags = if nofollow {
-        libc::AT_SYMLINK_NOFOLLOW
-    } else {
-        0
+    let times = rustix::fs::Timestamps {
+        last_access: ts,
+        last_modification: ts,
     };
-    // SAFETY: valid path and times for the duration of the call.
-    check(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), flags) })
+    let flags = if nofollow {
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW
+    } else {
+        rustix::fs::AtFlags::empty()
+    };
+    rustix::fs::utimensat(rustix::fs::CWD, path, &times, flags)?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -435,3 +435,19 @@ pub async fn dial_unix(socket: &Path) -> tonic::transport::Channel {
         .await
         .expect("connect to the plugin's socket")
 }
+
+/// The store of a test that runs on any backend: `CACHEVOL_TEST_STORE` picks it (`file`, the
+/// default: a `file://` store at `dir`, so the test always runs; `s3` or `az`: the servers of
+/// .ci/run, which must then be configured).
+pub fn test_store_url(test: &str, dir: &Path) -> String {
+    let backend = std::env::var("CACHEVOL_TEST_STORE").unwrap_or_default();
+    match backend.as_str() {
+        "" | "file" => {
+            std::fs::create_dir_all(dir).unwrap();
+            file_url(dir)
+        }
+        "s3" => s3_url(test).expect("CACHEVOL_TEST_STORE=s3 needs CACHEVOL_TEST_S3_URL"),
+        "az" => az_url(test).expect("CACHEVOL_TEST_STORE=az needs CACHEVOL_TEST_AZ_URL"),
+        other => panic!("CACHEVOL_TEST_STORE={other}: expected file, s3 or az"),
+    }
+}
