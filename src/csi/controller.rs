@@ -383,7 +383,7 @@ async fn start(
     let state_dir = state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
     let path = server::parse_endpoint(&args.endpoint)?;
     super::volume::check_store_url(&store_url).map_err(|why| Error::invalid("--store", why))?;
-    let store = Store::open(&store_url)?;
+    let store = Store::open(&store_url)?.on_error(std::sync::Arc::new(crate::metrics::store_error));
     if store.local_root().is_some() {
         tracing::warn!(
             store = store.display_url(),

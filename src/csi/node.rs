@@ -14,7 +14,7 @@ use super::pb::{self, node_service_capability, volume_usage};
 use super::{capability, handle, inflight::InFlight, server, Error};
 use crate::cluster::{self, agent::Agent, ClusterArgs};
 use crate::engine::Store;
-use crate::node::{self as volumes, Ending, NodeConfig, PodRef, Volumes};
+use crate::node::{self as volumes, Ending, NodeConfig, PodRef, Report, Volumes};
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/cachevol";
 
@@ -73,7 +73,7 @@ impl NodeService {
         }
         let volumes = self.volumes.clone();
         self.commits.lock().await.spawn(async move {
-            let _ = cluster::agent::commit_view(&volumes, &id, Ending::Succeeded, None).await;
+            let _ = volumes.decide(&id, Ending::Succeeded).await;
         });
     }
 
@@ -132,19 +132,9 @@ impl NodeService {
                 if let Some(agent) = &self.agent {
                     agent.unlock_unused(&spec, pod.as_ref()).await;
                 }
-                if !matches!(e, volumes::Error::Busy(_) | volumes::Error::Unavailable(_)) {
-                    crate::metrics::restore(
-                        crate::metrics::RestoreLevel::Miss,
-                        crate::metrics::RestoreOutcome::Failed,
-                        0,
-                        0.0,
-                    );
-                }
                 return Err(e.into());
             }
         };
-        cluster::agent::report_publish(self.agent.as_deref(), &spec, pod.as_ref(), &published)
-            .await;
         tracing::info!(
             view = published.view,
             warm = published.warm,
@@ -394,13 +384,6 @@ async fn start(
     if let Some(s) = &store {
         super::volume::check_store_url(s).map_err(|why| Error::parameter("--store", why))?;
     }
-    let volumes = Arc::new(Volumes::new(NodeConfig {
-        node_id: args.node_id.clone(),
-        state_dir: state_dir.clone(),
-        default_store: store.clone(),
-        force_copy: args.copy_views,
-        base_budget: args.base_budget,
-    })?);
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         node = args.node_id,
@@ -410,6 +393,26 @@ async fn start(
     let client = cluster::connect(args.cluster.cluster)
         .await
         .map_err(|why| Error::Unavailable(format!("--cluster: {why}")))?;
+    // Metrics always; with a cluster, Events on the pods too.
+    let metrics: Arc<dyn Report> = Arc::new(crate::metrics::Report);
+    let report: Arc<dyn Report> = match &client {
+        Some(c) => Arc::new(cluster::events::ClusterReport {
+            metrics,
+            events: cluster::events::Recorder::new(c.clone(), "cachevol-node", &args.node_id),
+        }),
+        None => metrics,
+    };
+    let volumes = Arc::new(Volumes::with(
+        NodeConfig {
+            node_id: args.node_id.clone(),
+            state_dir: state_dir.clone(),
+            default_store: store.clone(),
+            force_copy: args.copy_views,
+            base_budget: args.base_budget,
+        },
+        Arc::new(volumes::mount::System),
+        report,
+    )?);
     let agent = client.map(|c| {
         Agent::new(
             volumes.clone(),
