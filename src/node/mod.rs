@@ -369,3 +369,6 @@ fn now_nanos() -> u128 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos())
 }
+
+#[cfg(test)]
+mod tests;
