@@ -200,7 +200,8 @@ impl Volumes {
                 Ok::<(), Error>(())
             })
             .await?;
-            self.engine(spec)?.adopt_copy(&base.dir, &view)?;
+            let (engine, from, to) = (self.engine(spec)?, base.dir.clone(), view.clone());
+            blocking(move || engine.adopt_copy(&from, &to)).await?;
         }
         let record = ViewRecord {
             id: id.to_string(),
