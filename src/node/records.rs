@@ -1,8 +1,8 @@
 //! The view records: one atomic file per view (`views/<id>.json`), read once when the node
 //! starts and kept in an in-memory index that every save and removal updates, so listing the
 //! node's views reads no file. A record that cannot be read at start is reported (a warning and
-//! the reporter's count), never silently dropped from sight. Also one lock per view: its
-//! publishes, unpublishes and commits take turns.
+//! the reporter's count), never silently dropped from sight. Also one lock per view (its
+//! publishes, unpublishes and commits take turns) and one per locked cache on the node.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -93,7 +93,7 @@ impl Records {
         }
     }
 
-    /// The lock of view `id`.
+    /// The lock of view `id` (or of another name: a view id never contains NUL).
     pub(super) fn lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.locks
             .lock()

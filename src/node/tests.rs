@@ -455,3 +455,21 @@ async fn records_are_read_once_and_kept_in_step_with_saves() {
     assert_eq!(n.volumes.views_of_pod("uid-a").len(), 1);
     assert!(n.volumes.views_of_pod("uid-b").is_empty());
 }
+
+/// Two pods publishing one locked cache at once (without a cluster, the node's lock is the only
+/// one): one gets it, the other is refused, even while the first is still restoring.
+#[tokio::test]
+async fn two_pods_publishing_a_locked_cache_at_once_do_not_both_get_it() {
+    let n = node(Fake::default()).await;
+    let (a, b) = tokio::join!(
+        n.volumes.publish(publish_req(&n, "a", "locked", &[])),
+        n.volumes.publish(publish_req(&n, "b", "locked", &[])),
+    );
+    let got: Vec<bool> = [&a, &b].iter().map(|r| r.is_ok()).collect();
+    assert_eq!(got, [true, false], "a: {a:?}, b: {b:?}");
+    assert!(
+        matches!(&b, Err(Error::Unavailable(m)) if m.contains("cache npm is locked")),
+        "{b:?}"
+    );
+    assert_eq!(n.volumes.views().len(), 1);
+}

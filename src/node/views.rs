@@ -75,6 +75,23 @@ impl Volumes {
                 });
             }
         }
+        // A locked cache: held from the check below until the view's record is saved, so two
+        // pods publishing it at once never both find it free (the record is what holds it).
+        let cache_lock = (spec.mode == Mode::Locked).then(|| {
+            self.records.lock(&format!(
+                "cache\0{}\0{}\0{}",
+                spec.store, spec.scope, spec.key
+            ))
+        });
+        let _cache_guard = match &cache_lock {
+            Some(l) => Some(l.try_lock().map_err(|_| {
+                Error::Unavailable(format!(
+                    "cache {} is locked: another pod's publish on this node is taking it",
+                    spec.key
+                ))
+            })?),
+            None => None,
+        };
         if spec.mode == Mode::Locked {
             // Exclusive on this node: another view of the same cache that is still live holds it.
             let holder = self.views().into_iter().find(|v| {
