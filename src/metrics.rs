@@ -20,93 +20,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-/// Which snapshot a restore started from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RestoreLevel {
-    /// The cache's own key had a snapshot.
-    Key,
-    /// The key had none; one of its restore keys had.
-    RestoreKey,
-    /// Neither had one: the cache starts empty.
-    Miss,
-}
-
-impl RestoreLevel {
-    const ALL: [RestoreLevel; 3] = [Self::Key, Self::RestoreKey, Self::Miss];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Key => "key",
-            Self::RestoreKey => "restore-key",
-            Self::Miss => "miss",
-        }
-    }
-}
-
-/// How a restore ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RestoreOutcome {
-    /// Downloaded from the store.
-    Restored,
-    /// Already on the node (or in the directory): nothing or little to download.
-    Warm,
-    /// The store could not be used: a stale local copy or an empty cache instead.
-    Degraded,
-    /// The restore failed.
-    Failed,
-}
-
-impl RestoreOutcome {
-    const ALL: [RestoreOutcome; 4] = [Self::Restored, Self::Warm, Self::Degraded, Self::Failed];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Restored => "restored",
-            Self::Warm => "warm",
-            Self::Degraded => "degraded",
-            Self::Failed => "failed",
-        }
-    }
-}
-
-/// How a commit ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CommitOutcome {
-    /// A new generation is in the store.
-    Committed,
-    /// Nothing changed: nothing uploaded, no new generation.
-    Unchanged,
-    /// Not committed on purpose (policy `pull`, `commit-on: success` and the pod failed, ...).
-    Skipped,
-    /// Refused because the writer's lock or generation was overtaken.
-    Fenced,
-    /// Refused on purpose: over budget, too many conflicting commits, unsupported file, ...
-    Refused,
-    /// The commit failed (store unreachable, local I/O, ...).
-    Failed,
-}
-
-impl CommitOutcome {
-    const ALL: [CommitOutcome; 6] = [
-        Self::Committed,
-        Self::Unchanged,
-        Self::Skipped,
-        Self::Fenced,
-        Self::Refused,
-        Self::Failed,
-    ];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Committed => "committed",
-            Self::Unchanged => "unchanged",
-            Self::Skipped => "skipped",
-            Self::Fenced => "fenced",
-            Self::Refused => "refused",
-            Self::Failed => "failed",
-        }
-    }
-}
+pub use crate::node::report::{CommitOutcome, RestoreLevel, RestoreOutcome};
 
 /// The store operations `op` of [`store_error`] may name; anything else is counted as `other`.
 pub const STORE_OPS: [&str; 6] = ["get", "put", "list", "head", "delete", "copy"];
@@ -166,6 +80,7 @@ struct Metrics {
     lock_wait_duration: Histogram,
     lock_waiting_pods: IntGauge,
     store_errors: IntCounterVec,
+    unreadable_records: IntCounter,
     grpc_requests: IntCounterVec,
     grpc_duration: HistogramVec,
     gc_runs: IntCounterVec,
@@ -252,6 +167,10 @@ impl Metrics {
                 "cachevol_store_request_errors_total",
                 "Failed or timed-out object store requests by operation (not found and lost create races are answers, not errors).",
                 &["op"],
+            ),
+            unreadable_records: counter(
+                "cachevol_unreadable_view_records_total",
+                "View records the node plugin could not read at start (their views are ignored).",
             ),
             grpc_requests: counter_vec(
                 "cachevol_grpc_requests_total",
@@ -377,6 +296,44 @@ pub fn lock_acquired(waited_seconds: f64) {
 pub fn store_error(op: &'static str) {
     let op = if STORE_OPS.contains(&op) { op } else { "other" };
     METRICS.store_errors.with_label_values(&[op]).inc();
+}
+
+/// A view record could not be read when the node plugin started.
+pub fn unreadable_record() {
+    METRICS.unreadable_records.inc();
+}
+
+/// What the node reports, counted in this registry (no Events: see the cluster's reporter).
+pub struct Report;
+
+impl crate::node::Report for Report {
+    fn restore(&self, level: RestoreLevel, outcome: RestoreOutcome, bytes: u64, secs: f64) {
+        restore(level, outcome, bytes, secs)
+    }
+
+    fn commit(&self, outcome: CommitOutcome, uploaded_bytes: u64, secs: f64) {
+        commit(outcome, uploaded_bytes, secs)
+    }
+
+    fn lock_waiting(&self) {
+        lock_waiting()
+    }
+
+    fn lock_waiters(&self, delta: i64) {
+        METRICS.lock_waiting_pods.add(delta)
+    }
+
+    fn lock_acquired(&self, waited_secs: f64) {
+        lock_acquired(waited_secs)
+    }
+
+    fn store_error(&self, op: &'static str) {
+        store_error(op)
+    }
+
+    fn unreadable_record(&self) {
+        unreadable_record()
+    }
 }
 
 /// One CSI RPC: its method (one of [`CSI_METHODS`], else counted as `other`), the status code it

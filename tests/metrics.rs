@@ -269,7 +269,10 @@ async fn endpoint_serves_metrics_health_and_readiness() {
 #[tokio::test]
 async fn store_counts_failures_but_not_normal_answers() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&format!("file://{}", dir.path().display())).unwrap();
+    // The daemons hand their stores the metrics' hook; the engine itself keeps no metrics.
+    let store = Store::open(&format!("file://{}", dir.path().display()))
+        .unwrap()
+        .on_error(std::sync::Arc::new(metrics::store_error));
     let series = |op: &str| format!("cachevol_store_request_errors_total{{op=\"{op}\"}}");
     let ops = ["get", "head", "put", "delete", "list"];
     let counts = || {

@@ -6,8 +6,8 @@
 //! seen, and every decision is taken again from the records and a fresh list of the node's pods
 //! after a restart. A pod that vanished while the agent was down is handled from those records.
 //!
-//! Without a cluster ([`commit_view`] with no agent), unpublishing a view means its pod is done
-//! and it is committed as a success; metrics are recorded either way.
+//! Without a cluster there is no agent: unpublishing a view means its pod is done and it is
+//! committed as a success ([`Volumes::decide`](crate::node::Volumes::decide)).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -18,21 +18,20 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::{watcher, WatchStreamExt};
 
-use super::events::{reason, Recorder, Type};
+use super::events::{reason, Type};
 use super::lease::{Acquire, Claimant, Leases};
-use crate::engine::{self, CommitOutcome, RestoreSource};
-use crate::metrics;
-use crate::node::{self, CommitDecision, Published, ViewState, Volumes};
-use crate::spec::{CommitOn, Ending, Mode, PodRef, VolumeSpec};
+use crate::node::report::{CommitOutcome, Waiting};
+use crate::node::{self, CommitDecision, ViewState, Volumes};
+use crate::spec::{Ending, Mode, PodRef, VolumeSpec};
 
 /// How often a waiting publish asks for its lock even when the Lease does not change.
 const WAITER_HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// What a publish waiting for a lock watches.
-struct Wait {
+struct Wait<'a> {
     changes: std::pin::Pin<Box<dyn futures::Stream<Item = ()> + Send>>,
     ended: tokio::sync::watch::Receiver<bool>,
-    _gauge: metrics::WaitingPod,
+    _gauge: Waiting<'a>,
 }
 
 /// Renews a lock's Lease while a NodePublishVolume holds it; stops when dropped.
@@ -49,7 +48,6 @@ pub struct Agent {
     client: kube::Client,
     node: String,
     leases: Leases,
-    events: Recorder,
     renew_every: Duration,
     /// When each waiting pod (by uid) first found its locked cache held.
     waiting: Mutex<HashMap<String, Instant>>,
@@ -158,10 +156,6 @@ fn claimant(pod: &PodRef, node: &str) -> Claimant {
     }
 }
 
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
-}
-
 impl Agent {
     pub fn new(
         volumes: Arc<Volumes>,
@@ -173,7 +167,6 @@ impl Agent {
         let node = volumes.config().node_id.clone();
         Arc::new(Agent {
             leases: Leases::new(client.clone(), namespace, lease_duration),
-            events: Recorder::new(client.clone(), "cachevol-node", &node),
             client,
             node,
             volumes,
@@ -276,16 +269,17 @@ impl Agent {
                     .expect("not poisoned")
                     .entry(pod.uid.clone())
                     .or_insert_with(Instant::now);
-                metrics::lock_waiting();
+                self.volumes.report().lock_waiting();
                 if self.tell_waiting(&pod.uid) {
-                    self.events
-                        .pod(pod, Type::Normal, reason::LOCK_WAITING, msg.clone())
+                    self.volumes
+                        .report()
+                        .event(pod, Type::Normal, reason::LOCK_WAITING, msg.clone())
                         .await;
                 }
                 wait = Some(Wait {
                     changes: Box::pin(self.leases.changes(&spec.scope, &spec.key)),
                     ended: self.pod_end(&pod.uid),
-                    _gauge: metrics::WaitingPod::start(),
+                    _gauge: Waiting::start(self.volumes.report()),
                 });
             }
             if tokio::time::Instant::now() >= deadline {
@@ -331,7 +325,9 @@ impl Agent {
         took_over: Option<String>,
     ) -> Option<Renewing> {
         let since = self.waiting.lock().expect("not poisoned").remove(&pod.uid);
-        metrics::lock_acquired(since.map_or(0.0, |t| t.elapsed().as_secs_f64()));
+        self.volumes
+            .report()
+            .lock_acquired(since.map_or(0.0, |t| t.elapsed().as_secs_f64()));
         if let Some(old) = took_over {
             tracing::info!(
                 cache.key = spec.key,
@@ -502,7 +498,7 @@ impl Agent {
             return; // a pod still runs, or its ending has not been seen yet
         };
         let Ok(spec) = record.spec() else {
-            let _ = commit_view(&self.volumes, id, ending, Some(self)).await;
+            let _ = self.volumes.decide(id, ending).await;
             return;
         };
         // A lost lock matters only to a commit: a view that is skipped anyway says why it is.
@@ -527,10 +523,11 @@ impl Agent {
                         );
                         match self.volumes.abandon(id, why.clone()).await {
                             Ok(CommitDecision::Skipped(_)) => {
-                                metrics::commit(metrics::CommitOutcome::Fenced, 0, 0.0);
+                                let report = self.volumes.report();
+                                report.commit(CommitOutcome::Fenced, 0, 0.0);
                                 for q in &record.pods {
-                                    self.events
-                                        .pod(q, Type::Warning, reason::FENCED, why.clone())
+                                    report
+                                        .event(q, Type::Warning, reason::FENCED, why.clone())
                                         .await;
                                 }
                             }
@@ -549,7 +546,7 @@ impl Agent {
                 }
             }
         }
-        let result = commit_view(&self.volumes, id, ending, Some(self)).await;
+        let result = self.volumes.decide(id, ending).await;
         let retry_later =
             matches!(&result, Err(node::Error::Engine(e)) if e.is_store_unavailable());
         if spec.mode == Mode::Locked && !retry_later {
@@ -592,180 +589,6 @@ impl Agent {
             }
         }
     }
-}
-
-/// Reports a publish: a restore metric always, and with a cluster an Event on the pod.
-pub async fn report_publish(
-    agent: Option<&Agent>,
-    spec: &VolumeSpec,
-    pod: Option<&PodRef>,
-    p: &Published,
-) {
-    let Some(source) = &p.source else {
-        return; // kubelet repeating a publish that was done
-    };
-    let (level, what) = match source {
-        RestoreSource::Key { key, generation } => (
-            metrics::RestoreLevel::Key,
-            format!("generation {generation} of {key}"),
-        ),
-        RestoreSource::RestoreKey { key, generation } => (
-            metrics::RestoreLevel::RestoreKey,
-            format!("generation {generation} of restore key {key}"),
-        ),
-        RestoreSource::Miss => (metrics::RestoreLevel::Miss, "nothing".to_string()),
-    };
-    let outcome = if p.degraded.is_some() {
-        metrics::RestoreOutcome::Degraded
-    } else if p.warm {
-        metrics::RestoreOutcome::Warm
-    } else {
-        metrics::RestoreOutcome::Restored
-    };
-    metrics::restore(level, outcome, p.bytes, p.seconds);
-    let (Some(agent), Some(pod)) = (agent, pod) else {
-        return;
-    };
-    if let Some(why) = &p.degraded {
-        let msg = format!("cache {}: {why}", spec.key);
-        agent
-            .events
-            .pod(pod, Type::Warning, reason::RESTORE_DEGRADED, msg)
-            .await;
-        return;
-    }
-    let msg = match source {
-        RestoreSource::Miss if spec.restore_keys.is_empty() => format!(
-            "cache {} has no snapshot yet: starting empty ({:.2}s)",
-            spec.key, p.seconds
-        ),
-        RestoreSource::Miss => format!(
-            "cache {} has no snapshot yet, nor its restore keys {}: starting empty ({:.2}s)",
-            spec.key,
-            spec.restore_keys.join(", "),
-            p.seconds
-        ),
-        _ if p.warm => format!(
-            "cache {}: {what}, already on node {} ({:.3}s)",
-            spec.key, agent.node, p.seconds
-        ),
-        _ => format!(
-            "cache {}: restored {what}, {} ({} downloaded) in {:.2}s",
-            spec.key,
-            mib(p.bytes),
-            mib(p.downloaded),
-            p.seconds
-        ),
-    };
-    agent
-        .events
-        .pod(pod, Type::Normal, reason::RESTORED, msg)
-        .await;
-}
-
-/// Decides and commits a pending view as `ending`, and reports the outcome: a metric always,
-/// Events on the view's pods with a cluster.
-pub async fn commit_view(
-    volumes: &Volumes,
-    id: &str,
-    ending: Ending,
-    agent: Option<&Agent>,
-) -> node::Result<CommitDecision> {
-    let record = volumes.load(id);
-    let started = Instant::now();
-    let result = volumes.commit(id, ending).await;
-    let seconds = started.elapsed().as_secs_f64();
-    let spec = record.as_ref().and_then(|r| r.spec().ok());
-    let key = spec.as_ref().map(|s| s.key.clone()).unwrap_or_default();
-    // What decided the commit, for the event.
-    let decided = match (spec.as_ref().map(|s| s.commit_on), ending) {
-        (Some(CommitOn::Marker), _) => "marked by the job",
-        (Some(CommitOn::Always), Ending::Failed | Ending::Aborted) => "commit-on always",
-        _ if agent.is_none() => "volume unpublished",
-        (_, Ending::Succeeded) => "pod succeeded",
-        _ => "commit-on always",
-    };
-    let (kind, why, text) = match &result {
-        Ok(CommitDecision::Committed(r)) => match r.outcome {
-            CommitOutcome::Committed { generation } => {
-                metrics::commit(metrics::CommitOutcome::Committed, r.uploaded, seconds);
-                tracing::info!(
-                    view = id,
-                    cache.key = key,
-                    generation,
-                    uploaded = r.uploaded,
-                    seconds,
-                    "committed"
-                );
-                let text = match &r.restore_key {
-                    Some(from) => format!(
-                        "cache {key}: created key {key} from restore key {from} as generation \
-                         {generation} ({decided}), {} uploaded ({} files, {}) in {seconds:.2}s",
-                        mib(r.uploaded),
-                        r.files,
-                        mib(r.bytes)
-                    ),
-                    None => format!(
-                        "cache {key}: committed generation {generation} ({decided}), {} \
-                         uploaded ({} files, {}) in {seconds:.2}s",
-                        mib(r.uploaded),
-                        r.files,
-                        mib(r.bytes)
-                    ),
-                };
-                (Type::Normal, reason::COMMITTED, text)
-            }
-            CommitOutcome::Unchanged { generation } => {
-                metrics::commit(metrics::CommitOutcome::Unchanged, 0, seconds);
-                tracing::info!(view = id, cache.key = key, "unchanged");
-                (
-                    Type::Normal,
-                    reason::UNCHANGED,
-                    match generation {
-                        Some(g) => {
-                            format!("cache {key}: unchanged since generation {g}, nothing uploaded")
-                        }
-                        None => format!("cache {key}: still empty, nothing uploaded"),
-                    },
-                )
-            }
-        },
-        Ok(CommitDecision::Skipped(why)) => {
-            metrics::commit(metrics::CommitOutcome::Skipped, 0, seconds);
-            tracing::info!(view = id, cache.key = key, why, "not committed");
-            (
-                Type::Normal,
-                reason::COMMIT_SKIPPED,
-                format!("cache {key}: not committed: {why}"),
-            )
-        }
-        Ok(CommitDecision::NotPending) => return result,
-        Err(node::Error::Engine(e)) if e.is_store_unavailable() => {
-            metrics::commit(metrics::CommitOutcome::Failed, 0, seconds);
-            tracing::warn!(view = id, error = %e, "commit failed: the store is unreachable; retried later");
-            return result;
-        }
-        Err(node::Error::Engine(e @ engine::Error::Fenced { .. })) => {
-            metrics::commit(metrics::CommitOutcome::Fenced, 0, seconds);
-            tracing::warn!(view = id, error = %e, "commit fenced");
-            (Type::Warning, reason::FENCED, e.to_string())
-        }
-        Err(e) => {
-            metrics::commit(metrics::CommitOutcome::Refused, 0, seconds);
-            tracing::warn!(view = id, error = %e, "commit refused");
-            (
-                Type::Warning,
-                reason::COMMIT_SKIPPED,
-                format!("cache {key}: commit refused: {e}"),
-            )
-        }
-    };
-    if let (Some(agent), Some(record)) = (agent, &record) {
-        for p in &record.pods {
-            agent.events.pod(p, kind, why, text.clone()).await;
-        }
-    }
-    result
 }
 
 #[cfg(test)]

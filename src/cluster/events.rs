@@ -2,32 +2,20 @@
 //! event never fails or delays the caller for long: it is best effort, logged when it fails.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 
+use crate::node::report::{CommitOutcome, RestoreLevel, RestoreOutcome};
+use crate::node::Report;
 use crate::spec::PodRef;
 
-/// Event reasons (the contract: users filter on them).
-pub mod reason {
-    pub const RESTORED: &str = "CacheRestored";
-    pub const RESTORE_DEGRADED: &str = "CacheRestoreDegraded";
-    pub const COMMITTED: &str = "CacheCommitted";
-    pub const UNCHANGED: &str = "CacheUnchanged";
-    pub const COMMIT_SKIPPED: &str = "CacheCommitSkipped";
-    pub const LOCK_WAITING: &str = "CacheLockWaiting";
-    pub const FENCED: &str = "CacheFenced";
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Type {
-    Normal,
-    Warning,
-}
+pub use crate::node::report::{reason, EventType as Type};
 
 /// Posts core/v1 Events about pods.
 pub struct Recorder {
@@ -130,5 +118,51 @@ impl Recorder {
             }
             Err(_) => tracing::warn!(pod = pod.name, reason, "posting an event timed out"),
         }
+    }
+}
+
+/// What the node reports with a cluster: what `metrics` counts, and Events on the pods.
+pub struct ClusterReport {
+    pub metrics: Arc<dyn Report>,
+    pub events: Recorder,
+}
+
+impl Report for ClusterReport {
+    fn restore(&self, level: RestoreLevel, outcome: RestoreOutcome, bytes: u64, secs: f64) {
+        self.metrics.restore(level, outcome, bytes, secs)
+    }
+
+    fn commit(&self, outcome: CommitOutcome, uploaded_bytes: u64, secs: f64) {
+        self.metrics.commit(outcome, uploaded_bytes, secs)
+    }
+
+    fn lock_waiting(&self) {
+        self.metrics.lock_waiting()
+    }
+
+    fn lock_waiters(&self, delta: i64) {
+        self.metrics.lock_waiters(delta)
+    }
+
+    fn lock_acquired(&self, waited_secs: f64) {
+        self.metrics.lock_acquired(waited_secs)
+    }
+
+    fn store_error(&self, op: &'static str) {
+        self.metrics.store_error(op)
+    }
+
+    fn unreadable_record(&self) {
+        self.metrics.unreadable_record()
+    }
+
+    fn event<'a>(
+        &'a self,
+        pod: &'a PodRef,
+        kind: Type,
+        reason: &'static str,
+        message: String,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(self.events.pod(pod, kind, reason, message))
     }
 }

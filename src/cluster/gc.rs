@@ -74,7 +74,7 @@ impl Collector {
         stores.insert(self.default_store.clone());
         for url in stores {
             let store = match Store::open(&url) {
-                Ok(s) => s,
+                Ok(s) => s.on_error(std::sync::Arc::new(crate::metrics::store_error)),
                 Err(e) => {
                     tracing::warn!(error = %e, "gc: cannot open a store");
                     crate::metrics::gc_run(false, 0);

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use super::pb::node_server::Node;
 use super::pb::{self, node_service_capability, volume_usage};
 use super::{capability, handle, inflight::InFlight, Error};
-use crate::cluster::{self, agent::Agent};
+use crate::cluster::agent::Agent;
 use crate::node::{self as volumes, Volumes};
 use crate::spec::{Ending, PodRef};
 
@@ -70,7 +70,7 @@ impl NodeService {
         }
         let volumes = self.volumes.clone();
         self.commits.lock().await.spawn(async move {
-            let _ = cluster::agent::commit_view(&volumes, &id, Ending::Succeeded, None).await;
+            let _ = volumes.decide(&id, Ending::Succeeded).await;
         });
     }
 
@@ -138,19 +138,9 @@ impl NodeService {
                 if let Some(agent) = &self.agent {
                     agent.unlock_unused(&spec, pod.as_ref()).await;
                 }
-                if !matches!(e, volumes::Error::Busy(_) | volumes::Error::Unavailable(_)) {
-                    crate::metrics::restore(
-                        crate::metrics::RestoreLevel::Miss,
-                        crate::metrics::RestoreOutcome::Failed,
-                        0,
-                        0.0,
-                    );
-                }
                 return Err(e.into());
             }
         };
-        cluster::agent::report_publish(self.agent.as_deref(), &spec, pod.as_ref(), &published)
-            .await;
         tracing::info!(
             view = published.view,
             warm = published.warm,

@@ -49,7 +49,9 @@ async fn start(
     let state_dir = state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
     let path = server::parse_endpoint(&args.endpoint)?;
     spec::check_store_url(&store_url).map_err(|why| csi::Error::invalid("--store", why))?;
-    let store = Store::open(&store_url).map_err(csi::Error::from)?;
+    let store = Store::open(&store_url)
+        .map_err(csi::Error::from)?
+        .on_error(Arc::new(crate::metrics::store_error));
     if store.local_root().is_some() {
         tracing::warn!(
             store = store.display_url(),

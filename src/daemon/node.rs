@@ -12,7 +12,7 @@ use crate::csi::pb::identity_server::IdentityServer;
 use crate::csi::pb::node_server::NodeServer;
 use crate::csi::{self, identity::IdentityService, server};
 use crate::engine::Store;
-use crate::node::{NodeConfig, Volumes};
+use crate::node::{NodeConfig, Report, Volumes};
 use crate::spec;
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/cachevol";
@@ -60,16 +60,6 @@ async fn start(
     if let Some(s) = &store {
         spec::check_store_url(s).map_err(|why| csi::Error::parameter("--store", why))?;
     }
-    let volumes = Arc::new(
-        Volumes::new(NodeConfig {
-            node_id: args.node_id.clone(),
-            state_dir: state_dir.clone(),
-            default_store: store.clone(),
-            force_copy: args.copy_views,
-            base_budget: args.base_budget,
-        })
-        .map_err(csi::Error::from)?,
-    );
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         node = args.node_id,
@@ -79,6 +69,29 @@ async fn start(
     let client = cluster::connect(args.cluster.cluster)
         .await
         .map_err(|why| csi::Error::Unavailable(format!("--cluster: {why}")))?;
+    // Metrics always; with a cluster, Events on the pods too.
+    let metrics: Arc<dyn Report> = Arc::new(crate::metrics::Report);
+    let report: Arc<dyn Report> = match &client {
+        Some(c) => Arc::new(cluster::events::ClusterReport {
+            metrics,
+            events: cluster::events::Recorder::new(c.clone(), "cachevol-node", &args.node_id),
+        }),
+        None => metrics,
+    };
+    let volumes = Arc::new(
+        Volumes::with(
+            NodeConfig {
+                node_id: args.node_id.clone(),
+                state_dir: state_dir.clone(),
+                default_store: store.clone(),
+                force_copy: args.copy_views,
+                base_budget: args.base_budget,
+            },
+            Arc::new(crate::node::mount::System),
+            report,
+        )
+        .map_err(csi::Error::from)?,
+    );
     let mut tasks = Tasks::new();
     let agent = client.map(|c| {
         Agent::new(

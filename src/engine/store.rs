@@ -31,7 +31,13 @@ pub struct Store {
     local: Option<(PathBuf, Arc<object_store::local::LocalFileSystem>)>,
     timeout: Duration,
     conditional_update: bool,
+    /// Told of each failed or timed-out request (its op: get, head, put, delete, list, copy,
+    /// other), for whoever counts them; the engine itself keeps no metrics.
+    on_error: Option<ErrorHook>,
 }
+
+/// What a [`Store`] calls on a failed request: the operation's metric name.
+pub type ErrorHook = Arc<dyn Fn(&'static str) + Send + Sync>;
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -117,6 +123,7 @@ impl Store {
             display: redact_url(url),
             local: None,
             timeout,
+            on_error: None,
             conditional_update,
         })
     }
@@ -143,6 +150,7 @@ impl Store {
             display: format!("file://{}", path.display()),
             local: Some((path, fs)),
             timeout,
+            on_error: None,
             conditional_update: false,
         })
     }
@@ -175,6 +183,19 @@ impl Store {
         self.list_dirs(&self.root).await
     }
 
+    /// Calls `hook` with the operation of every request that fails or times out (normal answers
+    /// such as not found or a lost create race are no failures).
+    pub fn on_error(mut self, hook: ErrorHook) -> Store {
+        self.on_error = Some(hook);
+        self
+    }
+
+    fn failed(&self, op: &'static str) {
+        if let Some(hook) = &self.on_error {
+            hook(metric_op(op));
+        }
+    }
+
     async fn timed<T>(
         &self,
         op: &'static str,
@@ -185,7 +206,7 @@ impl Store {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(source)) => {
                 if is_failure(op, &source) {
-                    crate::metrics::store_error(metric_op(op));
+                    self.failed(op);
                 }
                 if is_missing_bucket(&source) {
                     return Err(Error::NoSuchBucket {
@@ -203,7 +224,7 @@ impl Store {
                 })
             }
             Err(_) => {
-                crate::metrics::store_error(metric_op(op));
+                self.failed(op);
                 Err(Error::StoreTimeout {
                     op,
                     location: location.to_string(),

@@ -195,6 +195,135 @@ fn set_times(path: &Path, md: &std::fs::Metadata, nofollow: bool) -> io::Result<
     Ok(())
 }
 
+/// The mounts the node makes, so the node's decisions can run without root: [`System`] makes
+/// them (the functions above), a fake records them.
+pub trait Mounter: Send + Sync + 'static {
+    /// See [`overlay`].
+    fn overlay(
+        &self,
+        lower: &[PathBuf],
+        upper: &Path,
+        work: &Path,
+        target: &Path,
+    ) -> io::Result<()>;
+    /// See [`bind`].
+    fn bind(&self, source: &Path, target: &Path, read_only: bool) -> io::Result<()>;
+    /// See [`unmount`].
+    fn unmount(&self, target: &Path) -> io::Result<()>;
+    /// Where something is mounted.
+    fn mount_points(&self) -> io::Result<Vec<PathBuf>>;
+    /// Whether something is mounted exactly at `path`.
+    fn is_mount_point(&self, path: &Path) -> io::Result<bool> {
+        Ok(self.mount_points()?.iter().any(|m| m == path))
+    }
+}
+
+/// The system's mounts.
+pub struct System;
+
+impl Mounter for System {
+    fn overlay(
+        &self,
+        lower: &[PathBuf],
+        upper: &Path,
+        work: &Path,
+        target: &Path,
+    ) -> io::Result<()> {
+        overlay(lower, upper, work, target)
+    }
+
+    fn bind(&self, source: &Path, target: &Path, read_only: bool) -> io::Result<()> {
+        bind(source, target, read_only)
+    }
+
+    fn unmount(&self, target: &Path) -> io::Result<()> {
+        unmount(target)
+    }
+
+    fn mount_points(&self) -> io::Result<Vec<PathBuf>> {
+        Ok(mounts()?.into_iter().map(|m| m.mount_point).collect())
+    }
+
+    fn is_mount_point(&self, path: &Path) -> io::Result<bool> {
+        is_mount_point(path)
+    }
+}
+
+/// A mount table in memory, for tests: mounts are recorded, nothing is mounted.
+#[cfg(test)]
+pub mod fake {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// One mount the fake made.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub enum Mount {
+        Overlay { lower: Vec<PathBuf>, upper: PathBuf },
+        Bind { source: PathBuf, read_only: bool },
+    }
+
+    #[derive(Default)]
+    pub struct Fake {
+        pub table: Mutex<Vec<(PathBuf, Mount)>>,
+        /// Overlay mounts are refused (as where overlayfs is not allowed).
+        pub refuse_overlay: bool,
+    }
+
+    impl Fake {
+        pub fn at(&self, target: &Path) -> Option<Mount> {
+            let t = self.table.lock().unwrap();
+            t.iter().find(|(p, _)| p == target).map(|(_, m)| m.clone())
+        }
+    }
+
+    impl Mounter for Fake {
+        fn overlay(
+            &self,
+            lower: &[PathBuf],
+            upper: &Path,
+            _work: &Path,
+            target: &Path,
+        ) -> io::Result<()> {
+            if self.refuse_overlay {
+                return Err(io::Error::from_raw_os_error(libc::EPERM));
+            }
+            let m = Mount::Overlay {
+                lower: lower.to_vec(),
+                upper: upper.to_path_buf(),
+            };
+            self.table.lock().unwrap().push((target.to_path_buf(), m));
+            Ok(())
+        }
+
+        fn bind(&self, source: &Path, target: &Path, read_only: bool) -> io::Result<()> {
+            let m = Mount::Bind {
+                source: source.to_path_buf(),
+                read_only,
+            };
+            self.table.lock().unwrap().push((target.to_path_buf(), m));
+            Ok(())
+        }
+
+        fn unmount(&self, target: &Path) -> io::Result<()> {
+            let mut t = self.table.lock().unwrap();
+            if let Some(i) = t.iter().rposition(|(p, _)| p == target) {
+                t.remove(i);
+            }
+            Ok(())
+        }
+
+        fn mount_points(&self) -> io::Result<Vec<PathBuf>> {
+            Ok(self
+                .table
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(p, _)| p.clone())
+                .collect())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

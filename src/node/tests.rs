@@ -1,0 +1,475 @@
+//! Publish, unpublish and the commit decision without root: mounts go to a fake
+//! [`Mounter`](super::Mounter) that records them, and the pods' writes are made where an overlay
+//! would have put them (its upper dir). The store is a `file://` directory.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+
+use super::mount::fake::{Fake, Mount};
+use super::report::{CommitOutcome, EventType, RestoreLevel, RestoreOutcome};
+use super::*;
+use crate::engine::{self, CommitOptions, Engine, Store};
+
+/// What the node reported, in order.
+#[derive(Default)]
+struct Seen(Mutex<Vec<String>>);
+
+impl Seen {
+    fn all(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+    /// What was counted (no events).
+    fn counted(&self) -> Vec<String> {
+        let all = self.all();
+        all.into_iter()
+            .filter(|s| !s.starts_with("event"))
+            .collect()
+    }
+    fn events(&self) -> Vec<String> {
+        let all = self.all();
+        all.into_iter().filter(|s| s.starts_with("event")).collect()
+    }
+    fn push(&self, s: String) {
+        self.0.lock().unwrap().push(s);
+    }
+}
+
+impl Report for Seen {
+    fn restore(&self, level: RestoreLevel, outcome: RestoreOutcome, _: u64, _: f64) {
+        self.push(format!("restore {} {}", level.label(), outcome.label()));
+    }
+    fn commit(&self, outcome: CommitOutcome, _: u64, _: f64) {
+        self.push(format!("commit {}", outcome.label()));
+    }
+    fn unreadable_record(&self) {
+        self.push("unreadable record".into());
+    }
+    fn event<'a>(
+        &'a self,
+        pod: &'a PodRef,
+        kind: EventType,
+        reason: &'static str,
+        message: String,
+    ) -> BoxFuture<'a, ()> {
+        self.push(format!("event {kind:?} {reason} {}: {message}", pod.name));
+        Box::pin(async {})
+    }
+}
+
+struct Node {
+    tmp: tempfile::TempDir,
+    store: String,
+    mounts: Arc<Fake>,
+    seen: Arc<Seen>,
+    volumes: Volumes,
+}
+
+impl Node {
+    fn state(&self) -> PathBuf {
+        self.tmp.path().join("state")
+    }
+}
+
+fn node_with(tmp: tempfile::TempDir, mounts: Fake) -> Node {
+    let store = format!("file://{}", tmp.path().join("store").display());
+    let (mounts, seen) = (Arc::new(mounts), Arc::new(Seen::default()));
+    let volumes = Volumes::with(
+        NodeConfig {
+            node_id: "node1".into(),
+            state_dir: tmp.path().join("state"),
+            default_store: None,
+            force_copy: false,
+            base_budget: None,
+        },
+        mounts.clone(),
+        seen.clone(),
+    )
+    .unwrap();
+    Node {
+        tmp,
+        store,
+        mounts,
+        seen,
+        volumes,
+    }
+}
+
+/// A node whose store holds generation 1 of `ci/npm`: one file, `f`.
+async fn node(mounts: Fake) -> Node {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), "one").unwrap();
+    let url = format!("file://{}", tmp.path().join("store").display());
+    Engine::new(Store::open(&url).unwrap(), "ci", tmp.path().join("cli"))
+        .unwrap()
+        .commit("npm", &src, &CommitOptions::default())
+        .await
+        .unwrap();
+    node_with(tmp, mounts)
+}
+
+fn pod(name: &str) -> PodRef {
+    PodRef {
+        name: name.into(),
+        namespace: "ci".into(),
+        uid: format!("uid-{name}"),
+        service_account: "default".into(),
+    }
+}
+
+fn publish_req(n: &Node, pod_name: &str, mode: &str, extra: &[(&str, &str)]) -> Publish {
+    let mut context: HashMap<String, String> = [
+        ("store", n.store.as_str()),
+        ("scope", "ci"),
+        ("key", "npm"),
+        ("mode", mode),
+    ]
+    .iter()
+    .chain(extra)
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    context.insert("commit-on".into(), "success".into());
+    for (k, v) in extra {
+        context.insert(k.to_string(), v.to_string());
+    }
+    Publish {
+        volume_id: "cv-1".into(),
+        target: n.tmp.path().join("pods").join(pod_name).join("mount"),
+        context,
+        read_only: false,
+        pod: Some(pod(pod_name)),
+        group: None,
+    }
+}
+
+/// Where the pods' writes to an overlay view land.
+fn upper(n: &Node, view: &str) -> PathBuf {
+    n.state().join("views").join(view).join("upper")
+}
+
+fn generation(d: &CommitDecision) -> Option<u64> {
+    match d {
+        CommitDecision::Committed(r) => match r.outcome {
+            engine::CommitOutcome::Committed { generation } => Some(generation),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn publish_binds_an_overlay_of_the_restored_base_once() {
+    let n = node(Fake::default()).await;
+    let req = publish_req(&n, "a", "private", &[]);
+    let target = req.target.clone();
+    let p = n.volumes.publish(req.clone()).await.unwrap();
+    assert!(!p.warm);
+    let view = n.state().join("views").join(&p.view).join("view");
+    let record = n.volumes.load(&p.view).unwrap();
+    assert_eq!(record.kind, ViewKind::Overlay);
+    assert_eq!(record.state, ViewState::Active);
+    assert_eq!(record.pods, vec![pod("a")]);
+    assert_eq!(
+        std::fs::read_to_string(record.base_dir.join("f")).unwrap(),
+        "one",
+        "the base holds generation 1"
+    );
+    assert_eq!(
+        n.mounts.at(&view),
+        Some(Mount::Overlay {
+            lower: vec![record.base_dir.clone()],
+            upper: upper(&n, &p.view)
+        })
+    );
+    assert_eq!(
+        n.mounts.at(&target),
+        Some(Mount::Bind {
+            source: view.clone(),
+            read_only: false
+        })
+    );
+    assert_eq!(n.seen.counted(), ["restore key restored"]);
+    let events = n.seen.events();
+    assert_eq!(events.len(), 1);
+    assert!(
+        events[0].starts_with(
+            "event Normal CacheRestored a: cache npm: restored generation 1 of npm, 0.0 MiB"
+        ),
+        "{events:?}"
+    );
+    assert_eq!(
+        n.volumes.view_of_target(&target).map(|v| v.id),
+        Some(p.view.clone())
+    );
+
+    // kubelet repeats the call: nothing is mounted again, nothing reported.
+    let again = n.volumes.publish(req).await.unwrap();
+    assert_eq!(again.view, p.view);
+    assert!(again.source.is_none());
+    assert_eq!(n.mounts.table.lock().unwrap().len(), 2);
+    assert_eq!(n.seen.all().len(), 2);
+
+    // A read-only publish of another pod's view is bound read-only.
+    let mut ro = publish_req(&n, "b", "private", &[]);
+    ro.read_only = true;
+    let pb = n.volumes.publish(ro.clone()).await.unwrap();
+    assert!(pb.warm, "the base is on the node");
+    assert_eq!(
+        n.mounts.at(&ro.target),
+        Some(Mount::Bind {
+            source: n.state().join("views").join(&pb.view).join("view"),
+            read_only: true
+        })
+    );
+}
+
+#[tokio::test]
+async fn a_locked_cache_is_refused_while_another_pods_view_holds_it() {
+    let n = node(Fake::default()).await;
+    let a = n
+        .volumes
+        .publish(publish_req(&n, "a", "locked", &[]))
+        .await
+        .unwrap();
+    let e = n
+        .volumes
+        .publish(publish_req(&n, "b", "locked", &[]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Unavailable(m) if m.contains("pod ci/a")),
+        "{e}"
+    );
+    assert_eq!(
+        n.seen.counted(),
+        ["restore key restored"],
+        "a refusal is no failed restore"
+    );
+    // Once a's view is decided, b gets the cache.
+    let target = n.tmp.path().join("pods/a/mount");
+    let pending = n.volumes.unpublish("cv-1", &target).await.unwrap();
+    assert_eq!(pending.map(|v| v.id), Some(a.view.clone()));
+    n.volumes.decide(&a.view, Ending::Succeeded).await.unwrap();
+    n.volumes
+        .publish(publish_req(&n, "b", "locked", &[]))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn unpublishing_the_last_target_unmounts_and_leaves_the_view_pending() {
+    let n = node(Fake::default()).await;
+    let req = publish_req(&n, "a", "private", &[]);
+    let p = n.volumes.publish(req.clone()).await.unwrap();
+    // Another volume's id at the same target is not ours to unmount.
+    assert!(matches!(
+        n.volumes.unpublish("cv-other", &req.target).await,
+        Err(Error::NotPublished(..))
+    ));
+    let pending = n.volumes.unpublish("cv-1", &req.target).await.unwrap();
+    let pending = pending.expect("the last target went: pending");
+    assert_eq!(pending.state, ViewState::Pending);
+    assert_eq!(n.volumes.load(&p.view).unwrap().state, ViewState::Pending);
+    assert!(
+        n.mounts.table.lock().unwrap().is_empty(),
+        "target and view unmounted"
+    );
+    // Idempotent.
+    assert!(n
+        .volumes
+        .unpublish("cv-1", &req.target)
+        .await
+        .unwrap()
+        .is_none());
+    // A new pod of the same private volume does not wait for it; a restart finds it pending.
+    drop(n.volumes);
+    let n = node_with(n.tmp, Fake::default());
+    let pending = n.volumes.recover();
+    assert_eq!(pending.iter().map(|v| &v.id).collect::<Vec<_>>(), [&p.view]);
+}
+
+/// Publishes for pod `name`, writes `files` where the pod's writes land, unpublishes, and
+/// decides as the pod ended.
+async fn run_pod(
+    n: &Node,
+    name: &str,
+    extra: &[(&str, &str)],
+    files: &[&str],
+    ending: Ending,
+) -> CommitDecision {
+    let req = publish_req(n, name, "private", extra);
+    let p = n.volumes.publish(req.clone()).await.unwrap();
+    for f in files {
+        std::fs::write(upper(n, &p.view).join(f), *f).unwrap();
+    }
+    let v = n.volumes.unpublish("cv-1", &req.target).await.unwrap();
+    assert_eq!(v.map(|v| v.id), Some(p.view.clone()));
+    let d = n.volumes.decide(&p.view, ending).await.unwrap();
+    assert!(n.volumes.load(&p.view).is_none(), "a decided view is gone");
+    assert!(!n.state().join("views").join(&p.view).exists());
+    assert!(n.mounts.table.lock().unwrap().is_empty());
+    d
+}
+
+#[tokio::test]
+async fn the_commit_decision_follows_commit_on_the_ending_and_the_marker() {
+    let n = node(Fake::default()).await;
+    // commit-on success: a failed pod's writes are dropped, and the pod is told why.
+    let d = run_pod(&n, "a", &[], &["x"], Ending::Failed).await;
+    assert!(
+        matches!(&d, CommitDecision::Skipped(w) if w.contains("failed")),
+        "{d:?}"
+    );
+    assert_eq!(n.seen.counted(), ["restore key restored", "commit skipped"]);
+    let seen = n.seen.events();
+    assert!(
+        seen[1].starts_with("event Normal CacheCommitSkipped a: cache npm: not committed"),
+        "{seen:?}"
+    );
+
+    // A succeeded pod's writes are generation 2, and the committed tree is the next base.
+    let d = run_pod(&n, "b", &[], &["y"], Ending::Succeeded).await;
+    assert_eq!(generation(&d), Some(2), "{d:?}");
+    assert_eq!(n.seen.counted().last().unwrap(), "commit committed");
+    let seen = n.seen.all();
+    assert!(
+        seen[seen.len() - 1]
+            .contains("CacheCommitted b: cache npm: committed generation 2 (pod succeeded)"),
+        "{seen:?}"
+    );
+
+    // commit-on marker: the marker decides, whatever the pod's ending.
+    let marker = [("commit-on", "marker")];
+    let d = run_pod(&n, "c", &marker, &["z"], Ending::Aborted).await;
+    assert!(
+        matches!(&d, CommitDecision::Skipped(w) if w.contains("no marker")),
+        "{d:?}"
+    );
+    let d = run_pod(&n, "d", &marker, &["w", engine::MARKER], Ending::Failed).await;
+    assert_eq!(generation(&d), Some(3), "{d:?}");
+    assert!(n.seen.all().last().unwrap().contains("(marked by the job)"));
+
+    // The next pod starts warm from what d committed: y and w, not x or z, and no marker.
+    let p = n
+        .volumes
+        .publish(publish_req(&n, "e", "private", &[]))
+        .await
+        .unwrap();
+    assert!(p.warm, "{p:?}");
+    let base = n.volumes.load(&p.view).unwrap().base_dir;
+    let mut names: Vec<String> = std::fs::read_dir(&base)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["f", "w", "y"]);
+
+    // An untouched view is unchanged: nothing uploaded.
+    let target = n.tmp.path().join("pods/e/mount");
+    n.volumes.unpublish("cv-1", &target).await.unwrap();
+    let d = n.volumes.decide(&p.view, Ending::Succeeded).await.unwrap();
+    assert!(
+        matches!(&d, CommitDecision::Committed(r) if r.uploaded == 0
+            && matches!(r.outcome, engine::CommitOutcome::Unchanged { generation: Some(3) })),
+        "{d:?}"
+    );
+    // Deciding again: nothing to decide.
+    assert!(matches!(
+        n.volumes.decide(&p.view, Ending::Succeeded).await.unwrap(),
+        CommitDecision::NotPending
+    ));
+}
+
+#[tokio::test]
+async fn where_overlayfs_is_refused_views_are_copies() {
+    let n = node(Fake {
+        refuse_overlay: true,
+        ..Default::default()
+    })
+    .await;
+    let req = publish_req(&n, "a", "private", &[]);
+    let p = n.volumes.publish(req.clone()).await.unwrap();
+    let record = n.volumes.load(&p.view).unwrap();
+    assert_eq!(record.kind, ViewKind::Copy);
+    let view = n.state().join("views").join(&p.view).join("view");
+    assert_eq!(std::fs::read_to_string(view.join("f")).unwrap(), "one");
+    assert_eq!(
+        n.mounts.table.lock().unwrap().len(),
+        1,
+        "only the bind mount"
+    );
+    std::fs::write(view.join("g"), "two").unwrap();
+    n.volumes.unpublish("cv-1", &req.target).await.unwrap();
+    let d = n.volumes.decide(&p.view, Ending::Succeeded).await.unwrap();
+    assert_eq!(generation(&d), Some(2), "{d:?}");
+}
+
+#[tokio::test]
+async fn an_unreadable_record_is_reported_and_the_others_are_kept() {
+    let n = node(Fake::default()).await;
+    let p = n
+        .volumes
+        .publish(publish_req(&n, "a", "private", &[]))
+        .await
+        .unwrap();
+    let views = n.state().join("views");
+    std::fs::write(views.join("p-broken.json"), b"{\"id\": \"p-broken\", trunc").unwrap();
+    drop(n.volumes);
+    let n = node_with(n.tmp, Fake::default());
+    assert_eq!(n.seen.all(), ["unreadable record"]);
+    let ids: Vec<String> = n.volumes.views().into_iter().map(|v| v.id).collect();
+    assert_eq!(ids, [p.view]);
+    assert!(
+        views.join("p-broken.json").exists(),
+        "left for a person to look at"
+    );
+}
+
+#[tokio::test]
+async fn records_are_read_once_and_kept_in_step_with_saves() {
+    let n = node(Fake::default()).await;
+    let p = n
+        .volumes
+        .publish(publish_req(&n, "a", "private", &[]))
+        .await
+        .unwrap();
+    let file = n.state().join("views").join(format!("{}.json", p.view));
+    // Listing reads no file: a record file removed behind the node's back is still listed...
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(n.volumes.views().len(), 1);
+    // ...and the next save writes it again, with what the index holds.
+    assert_eq!(
+        n.volumes
+            .record_ending("uid-a", Ending::Failed)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let on_disk: ViewRecord = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(on_disk.endings.get("uid-a"), Some(&Ending::Failed));
+    assert_eq!(n.volumes.views_of_pod("uid-a").len(), 1);
+    assert!(n.volumes.views_of_pod("uid-b").is_empty());
+}
+
+/// Two pods publishing one locked cache at once (without a cluster, the node's lock is the only
+/// one): one gets it, the other is refused, even while the first is still restoring.
+#[tokio::test]
+async fn two_pods_publishing_a_locked_cache_at_once_do_not_both_get_it() {
+    let n = node(Fake::default()).await;
+    let (a, b) = tokio::join!(
+        n.volumes.publish(publish_req(&n, "a", "locked", &[])),
+        n.volumes.publish(publish_req(&n, "b", "locked", &[])),
+    );
+    let got: Vec<bool> = [&a, &b].iter().map(|r| r.is_ok()).collect();
+    assert_eq!(got, [true, false], "a: {a:?}, b: {b:?}");
+    assert!(
+        matches!(&b, Err(Error::Unavailable(m)) if m.contains("cache npm is locked")),
+        "{b:?}"
+    );
+    assert_eq!(n.volumes.views().len(), 1);
+}
