@@ -233,6 +233,9 @@ impl Agent {
         })?;
         let me = claimant(pod, &self.node);
         let deadline = tokio::time::Instant::now() + self.lock_wait;
+        // The pod's end is watched from before the first try: a pod deleted right after it
+        // joined the queue (before the wait below is set up) still stops the wait at once.
+        let mut ended_rx = Some(self.pod_end(&pod.uid));
         // Set up once the lock is found held: the Lease's changes, the pod's end, the gauge.
         let mut wait: Option<Wait> = None;
         let result = loop {
@@ -278,7 +281,7 @@ impl Agent {
                 }
                 wait = Some(Wait {
                     changes: Box::pin(self.leases.changes(&spec.scope, &spec.key)),
-                    ended: self.pod_end(&pod.uid),
+                    ended: ended_rx.take().expect("taken once"),
                     _gauge: Waiting::start(self.volumes.report()),
                 });
             }
@@ -310,9 +313,9 @@ impl Agent {
                 )));
             }
         };
-        if wait.take().is_some() {
-            self.forget_pod_end(&pod.uid);
-        }
+        drop(wait);
+        drop(ended_rx);
+        self.forget_pod_end(&pod.uid);
         result
     }
 
