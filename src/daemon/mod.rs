@@ -11,6 +11,7 @@
 
 pub mod controller;
 pub mod health;
+pub mod logs;
 pub mod node;
 mod tasks;
 
@@ -112,6 +113,10 @@ pub struct ClusterArgs {
     /// e.g. 0.0.0.0:9090. Off when not given.
     #[arg(long, env = "CACHEVOL_METRICS_ADDRESS")]
     pub metrics_address: Option<SocketAddr>,
+    /// How logs are written to stderr: text (coloured only on a terminal) or json (one object
+    /// a line, for log pipelines).
+    #[arg(long, env = logs::LOG_FORMAT_ENV, value_enum, default_value_t)]
+    pub log_format: logs::LogFormat,
 }
 
 /// Retention rules as flags, shared by `cachevol gc` and the controller's periodic GC.
