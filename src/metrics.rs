@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -63,6 +63,11 @@ const DURATION_BUCKETS: [f64; 18] = [
     120.0, 300.0, 600.0,
 ];
 
+/// Store requests: a HEAD on a local disk to a pack upload at the 60 s timeout.
+const STORE_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0,
+];
+
 /// Lock waits: most are 0 (no wait), the rest last as long as another pod's job, up to hours.
 const LOCK_WAIT_BUCKETS: [f64; 14] = [
     0.001, 0.01, 0.1, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0,
@@ -85,6 +90,14 @@ struct Metrics {
     grpc_duration: HistogramVec,
     gc_runs: IntCounterVec,
     gc_deleted_bytes: IntCounter,
+    gc_last_success: Gauge,
+    store_duration: HistogramVec,
+    store_up: IntGauge,
+    leader: IntGauge,
+    base_bytes: IntGauge,
+    base_budget_bytes: IntGauge,
+    views: IntGaugeVec,
+    oldest_pending_commit: Gauge,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -108,6 +121,9 @@ impl Metrics {
                 &registry,
                 IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter"),
             )
+        };
+        let gauge = |name: &str, help: &str| {
+            reg(&registry, IntGauge::new(name, help).expect("valid gauge"))
         };
         let histogram = |name: &str, help: &str, buckets: &[f64]| {
             reg(
@@ -198,6 +214,61 @@ impl Metrics {
                 "cachevol_gc_deleted_bytes_total",
                 "Bytes deleted from the store by garbage collection.",
             ),
+            gc_last_success: reg(
+                &registry,
+                Gauge::new(
+                    "cachevol_gc_last_success_timestamp_seconds",
+                    "When garbage collection last finished a scope without error (unix seconds; 0: not yet since start).",
+                )
+                .expect("valid gauge"),
+            ),
+            store_duration: reg(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "cachevol_store_request_duration_seconds",
+                        "How long object store requests took (answered, failed or timed out), by operation.",
+                    )
+                    .buckets(STORE_BUCKETS.to_vec()),
+                    &["op"],
+                )
+                .expect("valid histogram"),
+            ),
+            store_up: gauge(
+                "cachevol_store_up",
+                "1 while the controller's default store answered its last health check (a HEAD within a few seconds), else 0.",
+            ),
+            leader: gauge(
+                "cachevol_controller_leader",
+                "1 while this controller holds the leader Lease and runs garbage collection, else 0.",
+            ),
+            base_bytes: gauge(
+                "cachevol_node_base_bytes",
+                "Bytes of base trees kept on the node (sampled every few seconds).",
+            ),
+            base_budget_bytes: gauge(
+                "cachevol_node_base_budget_bytes",
+                "The node's budget for base trees (--base-budget); 0: no budget.",
+            ),
+            views: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "cachevol_node_views",
+                        "Views on the node by state: active (mounted for a pod) or pending (pods gone, commit not decided yet).",
+                    ),
+                    &["state"],
+                )
+                .expect("valid gauge"),
+            ),
+            oldest_pending_commit: reg(
+                &registry,
+                Gauge::new(
+                    "cachevol_node_oldest_pending_commit_age_seconds",
+                    "How long the oldest view pending a commit has waited (0 when none).",
+                )
+                .expect("valid gauge"),
+            ),
             registry,
         };
 
@@ -230,6 +301,18 @@ impl Metrics {
         for outcome in ["ok", "failed"] {
             m.gc_runs.with_label_values(&[outcome]);
         }
+        for op in STORE_OPS {
+            m.store_duration.with_label_values(&[op]);
+        }
+        for state in ["active", "pending"] {
+            m.views.with_label_values(&[state]);
+        }
+        // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
+        m.registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process metric names are unique");
         m
     }
 }
@@ -331,9 +414,46 @@ impl crate::node::Report for Report {
         store_error(op)
     }
 
+    fn store_latency(&self, op: &'static str, secs: f64) {
+        store_latency(op, secs)
+    }
+
     fn unreadable_record(&self) {
         unreadable_record()
     }
+
+    fn node_gauges(&self, g: &crate::node::NodeGauges) {
+        let m = &*METRICS;
+        m.base_bytes.set(g.base_bytes as i64);
+        m.base_budget_bytes
+            .set(g.base_budget.map_or(0, |b| b as i64));
+        m.views
+            .with_label_values(&["active"])
+            .set(g.active_views as i64);
+        m.views
+            .with_label_values(&["pending"])
+            .set(g.pending_views as i64);
+        m.oldest_pending_commit.set(g.oldest_pending_secs);
+    }
+}
+
+/// One store request of `op` (one of [`STORE_OPS`], else counted as `other`) that took `secs`.
+pub fn store_latency(op: &'static str, secs: f64) {
+    let op = if STORE_OPS.contains(&op) { op } else { "other" };
+    METRICS
+        .store_duration
+        .with_label_values(&[op])
+        .observe(non_negative(secs));
+}
+
+/// Whether the default store answered the last health check (the controller's `/readyz`).
+pub fn store_up(up: bool) {
+    METRICS.store_up.set(i64::from(up));
+}
+
+/// Whether this controller holds the leader Lease (and so runs GC).
+pub fn leader(leads: bool) {
+    METRICS.leader.set(i64::from(leads));
 }
 
 /// One CSI RPC: its method (one of [`CSI_METHODS`], else counted as `other`), the status code it
@@ -360,6 +480,12 @@ pub fn gc_run(ok: bool, deleted_bytes: u64) {
         .with_label_values(&[if ok { "ok" } else { "failed" }])
         .inc();
     m.gc_deleted_bytes.inc_by(deleted_bytes);
+    if ok {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        m.gc_last_success.set(now);
+    }
 }
 
 /// The name of a gRPC status code as tonic spells its variant (`Ok`, `InvalidArgument`, ...).
@@ -537,6 +663,15 @@ mod tests {
             "cachevol_gc_runs_total",
             "cachevol_gc_deleted_bytes_total",
             "cachevol_build_info",
+            "cachevol_store_request_duration_seconds",
+            "cachevol_store_up",
+            "cachevol_controller_leader",
+            "cachevol_gc_last_success_timestamp_seconds",
+            "cachevol_node_base_bytes",
+            "cachevol_node_base_budget_bytes",
+            "cachevol_node_views",
+            "cachevol_node_oldest_pending_commit_age_seconds",
+            "process_cpu_seconds_total",
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }
@@ -690,6 +825,7 @@ mod tests {
             "method" => CSI_METHODS.contains(&value) || value == "other",
             "code" => (0..=16).any(|i| code_name(tonic::Code::from_i32(i)) == value),
             "version" => value == env!("CARGO_PKG_VERSION"),
+            "state" => ["active", "pending"].contains(&value),
             "le" => true, // histogram buckets: fixed by the bucket lists
             _ => false,
         };

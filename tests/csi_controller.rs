@@ -811,3 +811,116 @@ fn only_json_files(dir: &Path) -> bool {
         .unwrap()
         .all(|e| e.unwrap().file_name().to_string_lossy().ends_with(".json"))
 }
+
+/// `GET path` on `addr`: the status code and body, or None while nothing listens.
+fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let status = raw.split(' ').nth(1)?.parse().ok()?;
+    let body = raw.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
+}
+
+/// A store outage is not a dead controller: Probe (which the livenessprobe sidecar turns into
+/// restarts) stays ready and answers at once, while /readyz says 503 and why, and
+/// `cachevol_store_up` is 0.
+#[tokio::test]
+async fn a_store_outage_keeps_probe_ready_and_shows_in_readyz_and_metrics() {
+    // An S3 endpoint that accepts connections and never answers.
+    let hanging = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", hanging.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in hanging.incoming() {
+            held.push(conn);
+        }
+    });
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics = free.local_addr().unwrap().to_string();
+    drop(free);
+
+    let d = Dirs::new();
+    let log = d.root.join("controller.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_cachevol"))
+        .arg("controller")
+        .arg("--endpoint")
+        .arg(format!("unix://{}", d.socket().display()))
+        .args([
+            "--store",
+            "s3://bucket/prefix",
+            "--metrics-address",
+            &metrics,
+        ])
+        .arg("--state-dir")
+        .arg(d.state())
+        .env("AWS_ENDPOINT_URL", &endpoint)
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let p = Plugin {
+        child,
+        socket: d.socket(),
+        log,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&p.socket).is_err() {
+        assert!(Instant::now() < deadline, "no socket:\n{}", p.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let mut id = p.identity().await;
+    let asked = Instant::now();
+    let r = id.probe(pb::ProbeRequest {}).await.unwrap().into_inner();
+    assert_eq!(r.ready, Some(true), "{}", p.logs());
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "Probe waited for the store: {:?}",
+        asked.elapsed()
+    );
+
+    // The first check gives up after its 3 s limit; /readyz says so from then on.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        match http_get(&metrics, "/readyz") {
+            Some((503, body)) if body.contains("did not answer") => break body,
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "/readyz: {other:?}\n{}",
+                    p.logs()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    assert!(body.contains("s3://bucket/prefix"), "{body}");
+    let (status, text) = http_get(&metrics, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        text.lines().any(|l| l == "cachevol_store_up 0"),
+        "{}",
+        text.lines()
+            .filter(|l| l.contains("store_up"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(http_get(&metrics, "/healthz").unwrap().0, 200);
+    let r = id.probe(pb::ProbeRequest {}).await.unwrap().into_inner();
+    assert_eq!(r.ready, Some(true), "{}", p.logs());
+}

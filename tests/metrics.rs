@@ -153,6 +153,16 @@ async fn endpoint_serves_metrics_health_and_readiness() {
     metrics::store_error("copy");
     metrics::grpc("NodeUnpublishVolume", tonic::Code::Internal, 0.02);
     metrics::gc_run(true, 777);
+    metrics::store_up(true);
+    metrics::leader(true);
+    use cachevol::node::Report as _;
+    metrics::Report.node_gauges(&cachevol::node::NodeGauges {
+        base_bytes: 5 << 30,
+        base_budget: Some(50 << 30),
+        active_views: 3,
+        pending_views: 2,
+        oldest_pending_secs: 90.0,
+    });
 
     let after = get("GET", "/metrics").await.unwrap();
     assert_eq!(after.status, 200);
@@ -217,6 +227,38 @@ async fn endpoint_serves_metrics_health_and_readiness() {
         value(a, &format!("cachevol_build_info{{version=\"{version}\"}}")),
         1.0
     );
+
+    // The gauges an operator looks for.
+    assert_eq!(value(a, "cachevol_store_up"), 1.0);
+    assert_eq!(value(a, "cachevol_controller_leader"), 1.0);
+    assert_eq!(value(a, "cachevol_node_base_bytes"), (5u64 << 30) as f64);
+    assert_eq!(
+        value(a, "cachevol_node_base_budget_bytes"),
+        (50u64 << 30) as f64
+    );
+    assert_eq!(value(a, "cachevol_node_views{state=\"active\"}"), 3.0);
+    assert_eq!(value(a, "cachevol_node_views{state=\"pending\"}"), 2.0);
+    assert_eq!(
+        value(a, "cachevol_node_oldest_pending_commit_age_seconds"),
+        90.0
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let gc = value(a, "cachevol_gc_last_success_timestamp_seconds");
+    assert!((now - gc).abs() < 60.0, "last GC at {gc}, now {now}");
+    // The process collector.
+    assert!(value(a, "process_resident_memory_bytes") > 0.0);
+    assert!(value(a, "process_open_fds") > 0.0);
+    assert_eq!(families(a)["process_cpu_seconds_total"], "counter");
+    // Store latency: every op exported from the start.
+    for op in ["get", "put", "list", "head", "delete", "copy"] {
+        value(
+            b,
+            &format!("cachevol_store_request_duration_seconds_count{{op=\"{op}\"}}"),
+        );
+    }
 
     // The README's table and the exported families are the same set, with the same types.
     let exported: BTreeMap<String, String> = families(a)
@@ -324,8 +366,7 @@ async fn store_counts_failures_but_not_normal_answers() {
 #[tokio::test]
 async fn grpc_calls_are_counted_by_method_and_code() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&format!("file://{}", dir.path().join("store").display())).unwrap();
-    let svc = IdentityService::new(dir.path().to_path_buf(), store);
+    let svc = IdentityService::new(dir.path().to_path_buf());
     let series = "cachevol_grpc_requests_total{code=\"Ok\",method=\"GetPluginInfo\"}";
     let count = |text: &str| {
         text.lines()
@@ -346,5 +387,42 @@ async fn grpc_calls_are_counted_by_method_and_code() {
             &text,
             "cachevol_grpc_request_duration_seconds_count{method=\"GetPluginInfo\"}"
         ) >= 2.0
+    );
+}
+
+#[tokio::test]
+async fn store_requests_are_timed_by_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&format!("file://{}", dir.path().display()))
+        .unwrap()
+        .on_latency(Arc::new(|op, took| {
+            metrics::store_latency(op, took.as_secs_f64())
+        }));
+    let series = "cachevol_store_request_duration_seconds_count{op=\"head\"}";
+    let before = value(&metrics::render(), series);
+    for name in ["a", "b", "c"] {
+        assert!(store.head(&StorePath::from(name)).await.unwrap().is_none());
+    }
+    store
+        .put(&StorePath::from("x"), Bytes::from_static(b"x"))
+        .await
+        .unwrap();
+    let text = metrics::render();
+    assert_eq!(
+        value(&text, series) - before,
+        3.0,
+        "three HEADs, not found included"
+    );
+    assert!(
+        value(
+            &text,
+            "cachevol_store_request_duration_seconds_bucket{op=\"head\",le=\"60\"}"
+        ) >= 3.0
+    );
+    assert!(
+        value(
+            &text,
+            "cachevol_store_request_duration_seconds_count{op=\"put\"}"
+        ) >= 1.0
     );
 }

@@ -237,7 +237,15 @@ pub fn exit_code(e: &Error) -> i32 {
 /// Entry point of the binary: returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    init_tracing(cli.command.default_log_level());
+    let (format, bad_format) = match &cli.command {
+        Command::Controller(a) => (a.cluster.log_format, None),
+        Command::Node(a) => (a.cluster.log_format, None),
+        _ => daemon::logs::LogFormat::from_env(),
+    };
+    daemon::logs::init(cli.command.default_log_level(), format);
+    if let Some(why) = bad_format {
+        tracing::warn!("{why}");
+    }
     // One TLS crypto provider for the whole process (S3/GCS/Azure and the Kubernetes API).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -252,16 +260,6 @@ pub fn main() -> i32 {
             exit_code(&e)
         }
     }
-}
-
-fn init_tracing(default_level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CACHEVOL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
 }
 
 async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Error> {

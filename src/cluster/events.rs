@@ -152,8 +152,16 @@ impl Report for ClusterReport {
         self.metrics.store_error(op)
     }
 
+    fn store_latency(&self, op: &'static str, secs: f64) {
+        self.metrics.store_latency(op, secs)
+    }
+
     fn unreadable_record(&self) {
         self.metrics.unreadable_record()
+    }
+
+    fn node_gauges(&self, gauges: &crate::node::NodeGauges) {
+        self.metrics.node_gauges(gauges)
     }
 
     fn event<'a>(

@@ -74,7 +74,11 @@ impl Collector {
         stores.insert(self.default_store.clone());
         for url in stores {
             let store = match Store::open(&url) {
-                Ok(s) => s.on_error(std::sync::Arc::new(crate::metrics::store_error)),
+                Ok(s) => s
+                    .on_error(std::sync::Arc::new(crate::metrics::store_error))
+                    .on_latency(std::sync::Arc::new(|op, took| {
+                        crate::metrics::store_latency(op, took.as_secs_f64())
+                    })),
                 Err(e) => {
                     tracing::warn!(error = %e, "gc: cannot open a store");
                     crate::metrics::gc_run(false, 0);

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use super::health::{StoreHealth, STORE_CHECK_INTERVAL, STORE_CHECK_TIMEOUT};
 use super::{ClusterArgs, Error, RetentionArgs, Tasks};
 use crate::cluster;
 use crate::csi::controller::ControllerService;
@@ -51,7 +52,10 @@ async fn start(
     spec::check_store_url(&store_url).map_err(|why| csi::Error::invalid("--store", why))?;
     let store = Store::open(&store_url)
         .map_err(csi::Error::from)?
-        .on_error(Arc::new(crate::metrics::store_error));
+        .on_error(Arc::new(crate::metrics::store_error))
+        .on_latency(Arc::new(|op, took| {
+            crate::metrics::store_latency(op, took.as_secs_f64())
+        }));
     if store.local_root().is_some() {
         tracing::warn!(
             store = store.display_url(),
@@ -125,8 +129,32 @@ async fn start(
         };
         tasks.spawn("garbage collector", collector.run(leader.clone()));
     }
-    super::serve_metrics(args.cluster.metrics_address, &state_dir, &mut tasks).await?;
-    let identity = IdentityService::new(state_dir, store);
+    // The store's health goes to /readyz and cachevol_store_up, never to Probe: the
+    // livenessprobe sidecar would restart the controller for an outage a restart cannot fix.
+    let health = Arc::new(StoreHealth::new(store));
+    tasks.spawn(
+        "store health check",
+        health
+            .clone()
+            .watch(STORE_CHECK_INTERVAL, STORE_CHECK_TIMEOUT),
+    );
+    {
+        let leader = leader.clone();
+        tasks.spawn("leader gauge", async move {
+            loop {
+                crate::metrics::leader(leader.load(std::sync::atomic::Ordering::Relaxed));
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        });
+    }
+    super::serve_metrics(
+        args.cluster.metrics_address,
+        &state_dir,
+        Some(health),
+        &mut tasks,
+    )
+    .await?;
+    let identity = IdentityService::new(state_dir);
     let controller = ControllerService::new(records, store_url).with_client(client);
     let socket = server::Socket::bind(&path)?;
     let router = tonic::transport::Server::builder()

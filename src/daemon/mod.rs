@@ -10,6 +10,8 @@
 //! ([`crate::spec`]) and the engine.
 
 pub mod controller;
+pub mod health;
+pub mod logs;
 pub mod node;
 mod tasks;
 
@@ -70,17 +72,22 @@ async fn exit_code(what: &str, run: impl std::future::Future<Output = Result<(),
 }
 
 /// Binds /metrics, /healthz and /readyz on `addr` (when given) for the node plugin or the
-/// controller, ready while the state dir is writable, and adds the server to `tasks`.
+/// controller, ready while the state dir is writable and the store (when given: the
+/// controller's) answered its last health check, and adds the server to `tasks`.
 pub async fn serve_metrics(
     addr: Option<SocketAddr>,
     state_dir: &Path,
+    store: Option<Arc<health::StoreHealth>>,
     tasks: &mut Tasks,
 ) -> Result<(), csi::Error> {
     let Some(addr) = addr else {
         return Ok(());
     };
     let dir = state_dir.to_path_buf();
-    let ready: crate::metrics::ReadyFn = Arc::new(move || csi::identity::check_writable(&dir));
+    let ready: crate::metrics::ReadyFn = Arc::new(move || {
+        csi::identity::check_writable(&dir)?;
+        store.as_ref().map_or(Ok(()), |s| s.get())
+    });
     let (bound, server) = crate::metrics::bind(addr, ready)
         .await
         .map_err(csi::Error::io("serve metrics on", addr.to_string()))?;
@@ -106,6 +113,10 @@ pub struct ClusterArgs {
     /// e.g. 0.0.0.0:9090. Off when not given.
     #[arg(long, env = "CACHEVOL_METRICS_ADDRESS")]
     pub metrics_address: Option<SocketAddr>,
+    /// How logs are written to stderr: text (coloured only on a terminal) or json (one object
+    /// a line, for log pipelines).
+    #[arg(long, env = logs::LOG_FORMAT_ENV, value_enum, default_value_t)]
+    pub log_format: logs::LogFormat,
 }
 
 /// Retention rules as flags, shared by `cachevol gc` and the controller's periodic GC.

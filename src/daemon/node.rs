@@ -17,6 +17,9 @@ use crate::spec;
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/cachevol";
 
+/// How often the node's gauges (bases, views) are sampled: their bytes take a walk of the bases.
+const NODE_GAUGES_INTERVAL: Duration = Duration::from_secs(30);
+
 /// `cachevol node`: the CSI Identity and Node services for kubelet.
 #[derive(clap::Args, Debug, Clone)]
 pub struct NodeArgs {
@@ -120,8 +123,17 @@ async fn start(
     if let Some(s) = &store {
         Store::open(s).map_err(csi::Error::from)?; // a store that cannot even be opened is a configuration error
     }
-    super::serve_metrics(args.cluster.metrics_address, &state_dir, &mut tasks).await?;
-    let identity = IdentityService::state_dir_only(state_dir);
+    super::serve_metrics(args.cluster.metrics_address, &state_dir, None, &mut tasks).await?;
+    if args.cluster.metrics_address.is_some() {
+        let volumes = volumes.clone();
+        tasks.spawn("node gauges", async move {
+            loop {
+                volumes.report_gauges().await;
+                tokio::time::sleep(NODE_GAUGES_INTERVAL).await;
+            }
+        });
+    }
+    let identity = IdentityService::new(state_dir);
     let socket = server::Socket::bind(&path)?;
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity))

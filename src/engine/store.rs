@@ -34,10 +34,16 @@ pub struct Store {
     /// Told of each failed or timed-out request (its op: get, head, put, delete, list, copy,
     /// other), for whoever counts them; the engine itself keeps no metrics.
     on_error: Option<ErrorHook>,
+    /// Told how long each request took (answered, failed or timed out), by op as for
+    /// `on_error`, for whoever keeps a latency histogram.
+    on_latency: Option<LatencyHook>,
 }
 
 /// What a [`Store`] calls on a failed request: the operation's metric name.
 pub type ErrorHook = Arc<dyn Fn(&'static str) + Send + Sync>;
+
+/// What a [`Store`] calls after each request: the operation's metric name and how long it took.
+pub type LatencyHook = Arc<dyn Fn(&'static str, Duration) + Send + Sync>;
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -124,6 +130,7 @@ impl Store {
             local: None,
             timeout,
             on_error: None,
+            on_latency: None,
             conditional_update,
         })
     }
@@ -151,6 +158,7 @@ impl Store {
             local: Some((path, fs)),
             timeout,
             on_error: None,
+            on_latency: None,
             conditional_update: false,
         })
     }
@@ -190,6 +198,12 @@ impl Store {
         self
     }
 
+    /// Calls `hook` with the operation and duration of every request, whatever its answer.
+    pub fn on_latency(mut self, hook: LatencyHook) -> Store {
+        self.on_latency = Some(hook);
+        self
+    }
+
     fn failed(&self, op: &'static str) {
         if let Some(hook) = &self.on_error {
             hook(metric_op(op));
@@ -202,7 +216,12 @@ impl Store {
         location: &Path,
         fut: impl std::future::Future<Output = object_store::Result<T>>,
     ) -> Result<T> {
-        match tokio::time::timeout(self.timeout, fut).await {
+        let started = std::time::Instant::now();
+        let answer = tokio::time::timeout(self.timeout, fut).await;
+        if let Some(hook) = &self.on_latency {
+            hook(metric_op(op), started.elapsed());
+        }
+        match answer {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(source)) => {
                 if is_failure(op, &source) {

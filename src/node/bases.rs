@@ -233,6 +233,37 @@ impl Volumes {
         Ok(())
     }
 
+    /// The node's gauges: bytes of its bases (walks every base tree: call it now and then, not
+    /// per request), its views and how long the oldest pending commit has waited.
+    pub async fn gauges(&self) -> super::NodeGauges {
+        let root = self.cfg.state_dir.join("bases");
+        let bases = blocking(move || sized_bases(&root)).await;
+        let now = super::unix_now();
+        let views = self.views();
+        let pending: Vec<&super::ViewRecord> = views
+            .iter()
+            .filter(|v| v.state == super::ViewState::Pending)
+            .collect();
+        super::NodeGauges {
+            base_bytes: bases.iter().map(|b| b.1).sum(),
+            base_budget: self.cfg.base_budget,
+            active_views: views.len() - pending.len(),
+            pending_views: pending.len(),
+            oldest_pending_secs: pending
+                .iter()
+                .filter_map(|v| v.pending_since)
+                .min()
+                .map(|t| now.saturating_sub(t) as f64)
+                .unwrap_or(0.0),
+        }
+    }
+
+    /// Samples [`Volumes::gauges`] and reports them.
+    pub async fn report_gauges(&self) {
+        let g = self.gauges().await;
+        self.report.node_gauges(&g);
+    }
+
     /// Evicts least recently used bases no view uses while the node keeps more than its budget.
     async fn evict_bases(&self) {
         let Some(budget) = self.cfg.base_budget else {

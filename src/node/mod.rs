@@ -122,6 +122,32 @@ pub struct ViewRecord {
     /// The group the view is writable by (the pods' fsGroup), if any.
     #[serde(default)]
     pub group: Option<u32>,
+    /// When the view became pending (unix seconds), for the age of the oldest pending commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_since: Option<u64>,
+}
+
+/// The node's state as an operator watches it (metrics gauges).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NodeGauges {
+    /// Bytes of base trees kept on the node.
+    pub base_bytes: u64,
+    /// The node's budget for them (`--base-budget`), if any.
+    pub base_budget: Option<u64>,
+    /// Views mounted for at least one pod.
+    pub active_views: usize,
+    /// Views whose pods are gone, waiting for their commit decision.
+    pub pending_views: usize,
+    /// How long the oldest of those has waited, in seconds (0 when none).
+    pub oldest_pending_secs: f64,
+}
+
+/// Now in unix seconds.
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl ViewRecord {
@@ -230,7 +256,12 @@ impl Volumes {
             return Ok(e.clone());
         }
         let report = self.report.clone();
-        let store = Store::open(&spec.store)?.on_error(Arc::new(move |op| report.store_error(op)));
+        let timer = self.report.clone();
+        let store = Store::open(&spec.store)?
+            .on_error(Arc::new(move |op| report.store_error(op)))
+            .on_latency(Arc::new(move |op, took| {
+                timer.store_latency(op, took.as_secs_f64())
+            }));
         let e = Engine::new(store, &spec.scope, self.cfg.state_dir.join("engine"))?;
         self.engines
             .lock()

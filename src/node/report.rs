@@ -130,8 +130,12 @@ pub trait Report: Send + Sync + 'static {
     fn lock_acquired(&self, _waited_secs: f64) {}
     /// A store request failed or timed out (`op`: get, head, put, delete, list, copy, other).
     fn store_error(&self, _op: &'static str) {}
+    /// A store request took `secs` (`op` as for [`Report::store_error`]).
+    fn store_latency(&self, _op: &'static str, _secs: f64) {}
     /// A view record on the node could not be read (its view is ignored).
     fn unreadable_record(&self) {}
+    /// The node's bases and views now (sampled every few seconds).
+    fn node_gauges(&self, _gauges: &super::NodeGauges) {}
     /// An Event about a pod.
     fn event<'a>(
         &'a self,

@@ -47,6 +47,9 @@ impl Report for Seen {
     fn unreadable_record(&self) {
         self.push("unreadable record".into());
     }
+    fn node_gauges(&self, g: &crate::node::NodeGauges) {
+        self.push(format!("gauges {} {}", g.active_views, g.pending_views));
+    }
     fn event<'a>(
         &'a self,
         pod: &'a PodRef,
@@ -472,4 +475,40 @@ async fn two_pods_publishing_a_locked_cache_at_once_do_not_both_get_it() {
         "{b:?}"
     );
     assert_eq!(n.volumes.views().len(), 1);
+}
+
+#[tokio::test]
+async fn gauges_count_bases_active_and_pending_views() {
+    let n = node(Fake::default()).await;
+    let empty = n.volumes.gauges().await;
+    assert_eq!(empty, crate::node::NodeGauges::default());
+    let req = publish_req(&n, "a", "private", &[]);
+    n.volumes.publish(req.clone()).await.unwrap();
+    let g = n.volumes.gauges().await;
+    assert_eq!((g.active_views, g.pending_views), (1, 0));
+    assert_eq!(g.base_bytes, 3, "the base holds f = \"one\"");
+    assert_eq!(g.oldest_pending_secs, 0.0);
+    n.volumes.unpublish("cv-1", &req.target).await.unwrap();
+    let g = n.volumes.gauges().await;
+    assert_eq!((g.active_views, g.pending_views), (0, 1));
+    let since = n.volumes.views()[0]
+        .pending_since
+        .expect("a pending view says since when");
+    assert!(since.abs_diff(crate::node::unix_now()) <= 1);
+    // A pending view that has waited a while (its record says since when, across restarts).
+    let mut v = n.volumes.views()[0].clone();
+    v.pending_since = Some(since - 600);
+    n.volumes.save(&v).unwrap();
+    let g = n.volumes.gauges().await;
+    assert!(
+        (600.0..610.0).contains(&g.oldest_pending_secs),
+        "{}",
+        g.oldest_pending_secs
+    );
+    n.volumes.report_gauges().await;
+    assert!(
+        n.seen.counted().iter().any(|c| c == "gauges 0 1"),
+        "{:?}",
+        n.seen.counted()
+    );
 }

@@ -240,6 +240,7 @@ impl Volumes {
             degraded: base.degraded,
             endings: BTreeMap::new(),
             group: req.group,
+            pending_since: None,
         };
         // Saved by the caller once the target is mounted; a crash before that leaves a view
         // mount without a record, which `recover` removes.
@@ -284,6 +285,7 @@ impl Volumes {
                     .map_err(io("unmount", &self.view_dir(&record.id)))?;
             }
             record.state = ViewState::Pending;
+            record.pending_since = Some(super::unix_now());
             self.save(&record)?;
             return Ok(Some(record));
         }
@@ -391,6 +393,7 @@ impl Volumes {
                 let view = self.view_dir(&v.id).join("view");
                 let _ = self.mounter.unmount(&view);
                 v.state = ViewState::Pending;
+                v.pending_since = Some(super::unix_now());
             }
             if v.targets.len() != before || v.state == ViewState::Pending {
                 let _ = self.save(&v);
