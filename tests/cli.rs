@@ -458,3 +458,160 @@ fn commit_on_marker_commits_only_marked_runs() {
     assert!(fresh.join("built-by-jenkins").exists() && !fresh.join("c").exists());
     assert!(!fresh.join(".cachevol-commit").exists());
 }
+
+// `cachevol show KEY | head -3`: the reader goes away after three lines; cachevol ends quietly
+// (status 0, no panic) instead of exiting 101 with a backtrace hint.
+#[test]
+fn a_closed_pipe_ends_show_quietly() {
+    use std::io::{BufRead, BufReader};
+    let env = Env::new();
+    let d = env.dir("many");
+    std::fs::create_dir_all(&d).unwrap();
+    // ~3000 lines of listing, far more than a pipe buffer holds.
+    for i in 0..3000 {
+        std::fs::write(
+            d.join(format!("a-rather-long-file-name-to-fill-the-pipe-{i:05}")),
+            "",
+        )
+        .unwrap();
+    }
+    assert!(env.run(&["commit", "npm", s(&d)]).status.success());
+    let mut child = env
+        .cmd()
+        .args(["show", "npm"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for _ in 0..3 {
+        lines.next().unwrap().unwrap();
+    }
+    drop(lines);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+// A store URL without a scheme is a local directory only when it is an absolute path:
+// `s3:/b` or `bucket/prefix` are refused (exit 2) before anything is created.
+#[test]
+fn store_urls_that_are_neither_urls_nor_absolute_paths_are_refused() {
+    let env = Env::new();
+    let cwd = env.dir("cwd");
+    std::fs::create_dir_all(&cwd).unwrap();
+    for bad in ["s3:/b", "bucket/prefix", "store", "s3:///prefix"] {
+        for args in [&["ls"][..], &["restore", "k", "out"][..]] {
+            let out = Command::new(env!("CARGO_BIN_EXE_cachevol"))
+                .current_dir(&cwd)
+                .args(["--store", bad, "--state-dir", s(&env.dir("st"))])
+                .args(args)
+                .env_remove("CACHEVOL_STORE")
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(2), "{bad} {args:?}: {out:?}");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains("invalid store URL"), "{bad}: {stderr}");
+        }
+        let left: Vec<_> = std::fs::read_dir(&cwd).unwrap().collect();
+        assert!(left.is_empty(), "{bad} created {left:?}");
+    }
+    // file:// and an absolute path are stores.
+    for good in [
+        format!("file://{}", s(&env.dir("s1"))),
+        s(&env.dir("s2")).to_string(),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_cachevol"))
+            .args(["--store", &good, "--state-dir", s(&env.dir("st")), "ls"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{good}: {out:?}");
+    }
+}
+
+// `--restore-key npm-` matches the most recently committed key that starts with `npm-` when no
+// key is exactly `npm-`; a key of exactly that name wins over any prefix match, and restore
+// keys are tried in the order given.
+#[test]
+fn restore_keys_match_by_prefix_most_recent_first_exact_first() {
+    let env = Env::new();
+    let commit = |key: &str, content: &str| {
+        let d = env.dir(&format!("src-{key}"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("from"), content).unwrap();
+        let out = env.run(&["commit", key, s(&d)]);
+        assert!(out.status.success(), "{out:?}");
+    };
+    let restore = |restore_keys: &[&str]| {
+        let d = env.dir("dst");
+        let _ = std::fs::remove_dir_all(&d);
+        let mut args = vec!["--json", "restore", "npm-feature", s(&d)];
+        for k in restore_keys {
+            args.extend(["--restore-key", k]);
+        }
+        let out = env.run(&args);
+        assert!(out.status.success(), "{out:?}");
+        let r = json(&out).remove(0);
+        (
+            r["restore"]["source"]["key"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+            std::fs::read_to_string(d.join("from")).unwrap_or_default(),
+        )
+    };
+    commit("npm-main", "main");
+    // Store clocks count in seconds on some backends: keep the commits apart.
+    std::thread::sleep(Duration::from_millis(1100));
+    commit("npm-release", "release");
+    assert_eq!(
+        restore(&["npm-"]),
+        ("npm-release".into(), "release".into()),
+        "the most recent of the keys starting with npm-"
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    commit("npm-main", "main 2");
+    assert_eq!(restore(&["npm-"]), ("npm-main".into(), "main 2".into()));
+    // An exact match wins over a prefix match, whatever their ages.
+    commit("npm-", "exact");
+    std::thread::sleep(Duration::from_millis(1100));
+    commit("npm-zzz", "newer");
+    assert_eq!(restore(&["npm-"]), ("npm-".into(), "exact".into()));
+    // In order: the first restore key that matches anything decides.
+    assert_eq!(
+        restore(&["pip-", "npm-rel", "npm-"]),
+        ("npm-release".into(), "release".into())
+    );
+    // Nothing starts with it: a miss.
+    let d = env.dir("none");
+    let out = env.run(&["--json", "restore", "x", s(&d), "--restore-key", "pip-"]);
+    assert_eq!(json(&out)[0]["restore"]["source"]["level"], "miss");
+}
+
+// Every --json line is one object with "command" and "version"; show names no manifest refs.
+#[test]
+fn json_reports_share_one_shape() {
+    let env = Env::new();
+    let d = env.dir("c");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("a"), "a").unwrap();
+    for (args, command) in [
+        (vec!["--json", "commit", "k", s(&d)], "commit"),
+        (vec!["--json", "restore", "k", s(&d)], "restore"),
+        (vec!["--json", "ls"], "ls"),
+        (vec!["--json", "show", "k"], "show"),
+        (vec!["--json", "verify", "k"], "verify"),
+        (vec!["--json", "show", "nope"], "show"),
+    ] {
+        let out = env.run(&args);
+        let lines = json(&out);
+        assert_eq!(lines.len(), 1, "{args:?}: {out:?}");
+        assert_eq!(lines[0]["command"], command, "{args:?}");
+        assert_eq!(lines[0]["version"], 1, "{args:?}");
+    }
+    let show = json(&env.run(&["--json", "show", "k"])).remove(0);
+    assert_eq!(show["generation"]["totals"]["files"], 1);
+    assert!(show["generation"].get("manifest").is_none(), "{show}");
+    assert!(show["generation"].get("manifest_hash").is_none(), "{show}");
+}

@@ -130,6 +130,24 @@ enum Command {
 }
 
 impl Command {
+    /// The subcommand's name, as JSON reports give it.
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Run(_) => "run",
+            Command::Restore { .. } => "restore",
+            Command::Commit { .. } => "commit",
+            Command::Ls => "ls",
+            Command::Show { .. } => "show",
+            Command::Gc(_) => "gc",
+            Command::Rollback { .. } => "rollback",
+            Command::Wipe { .. } => "wipe",
+            Command::Verify { .. } => "verify",
+            Command::Bench(_) => "bench",
+            Command::Controller(_) => "controller",
+            Command::Node(_) => "node",
+        }
+    }
+
     /// Long-running servers log at info by default; one-shot commands only warn.
     fn default_log_level(&self) -> &'static str {
         match self {
@@ -244,7 +262,7 @@ pub fn main() -> i32 {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let out = Out::new(cli.global.json, cli.global.quiet);
+    let out = Out::new(cli.global.json, cli.global.quiet, cli.command.name());
     match rt.block_on(dispatch(cli, &out)) {
         Ok(code) => code,
         Err(e) => {
@@ -337,7 +355,7 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Error> {
         }
         Command::Wipe { key, yes } => {
             if !yes {
-                eprintln!(
+                output::errln!(
                     "cachevol wipe: deletes every generation of {key:?} in scope {:?}; run again with --yes",
                     g.scope
                 );

@@ -1,7 +1,7 @@
 //! What the CLI prints: human lines on stderr/stdout, or one JSON document per report with
 //! `--json`; progress bars only when stderr is a terminal.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -11,6 +11,40 @@ use crate::engine::{
     CommitOutcome, CommitReport, Entry, Error, GcReport, Generation, KeyInfo, Kind, Progress,
     RestoreReport, RestoreSource,
 };
+
+/// Version of the JSON reports: every line `--json` prints is an object with `"command"` (the
+/// subcommand that printed it) and this `"version"`, besides its own fields.
+pub const JSON_VERSION: u32 = 1;
+
+/// Writes one line to stdout. A reader that went away (`cachevol show npm | head -3`) ends the
+/// process quietly with status 0: there is no one left to tell, and a panic (exit 101) would
+/// fail a pipeline under `set -o pipefail` for nothing.
+pub fn say(args: std::fmt::Arguments) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out
+        .write_fmt(args)
+        .and_then(|_| out.write_all(b"\n"))
+        .and_then(|_| out.flush())
+    {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+    }
+}
+
+/// Writes one line to stderr; a closed stderr is ignored rather than a panic.
+pub fn say_err(args: std::fmt::Arguments) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_fmt(args).and_then(|_| err.write_all(b"\n"));
+}
+
+macro_rules! outln {
+    ($($t:tt)*) => { $crate::cli::output::say(format_args!($($t)*)) };
+}
+macro_rules! errln {
+    ($($t:tt)*) => { $crate::cli::output::say_err(format_args!($($t)*)) };
+}
+pub(crate) use errln;
 
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -37,11 +71,32 @@ fn time(unix: i64) -> String {
 pub struct Out {
     json: bool,
     quiet: bool,
+    /// The subcommand, named in every JSON report.
+    command: &'static str,
 }
 
 impl Out {
-    pub fn new(json: bool, quiet: bool) -> Out {
-        Out { json, quiet }
+    pub fn new(json: bool, quiet: bool, command: &'static str) -> Out {
+        Out {
+            json,
+            quiet,
+            command,
+        }
+    }
+
+    #[allow(dead_code)]
+    pub fn json(&self) -> bool {
+        self.json
+    }
+
+    /// `value` as one JSON line with the common fields `command` and `version`.
+    pub fn json_line<T: Serialize>(&self, value: &T) {
+        let mut v = serde_json::to_value(value).expect("reports serialize");
+        if let Some(map) = v.as_object_mut() {
+            map.insert("command".into(), self.command.into());
+            map.insert("version".into(), JSON_VERSION.into());
+        }
+        outln!("{v}");
     }
 
     pub fn bars_enabled(&self) -> bool {
@@ -51,34 +106,30 @@ impl Out {
     /// A text line on stdout, or the value as JSON.
     pub fn line<T: Serialize>(&self, text: &str, value: &T) {
         if self.json {
-            println!(
-                "{}",
-                serde_json::to_string(value).expect("reports serialize")
-            );
+            self.json_line(value);
         } else if !self.quiet {
-            println!("{text}");
+            outln!("{text}");
         }
     }
 
     /// Informational text on stderr (never mixed into JSON on stdout).
     pub fn info(&self, text: &str) {
         if !self.quiet {
-            eprintln!("{text}");
+            errln!("{text}");
         }
     }
 
     pub fn warn(&self, text: &str) {
-        eprintln!("cachevol: warning: {text}");
+        errln!("cachevol: warning: {text}");
     }
 
     pub fn error(&self, e: &Error) {
         if self.json {
-            println!(
-                "{}",
-                serde_json::json!({"error": e.to_string(), "exit_code": super::exit_code(e)})
+            self.json_line(
+                &serde_json::json!({"error": e.to_string(), "exit_code": super::exit_code(e)}),
             );
         }
-        eprintln!("cachevol: error: {e}");
+        errln!("cachevol: error: {e}");
     }
 
     pub fn restore(&self, key: &str, r: &RestoreReport) {
@@ -145,12 +196,18 @@ impl Out {
             self.info(&format!("no caches in scope {scope}"));
             return;
         }
-        println!(
+        outln!(
             "{:<32} {:>5} {:>5} {:>9} {:>12}  {:<20}  {:<20}  WRITER",
-            "KEY", "GEN", "KEPT", "FILES", "SIZE", "WRITTEN", "LAST USED"
+            "KEY",
+            "GEN",
+            "KEPT",
+            "FILES",
+            "SIZE",
+            "WRITTEN",
+            "LAST USED"
         );
         for k in keys {
-            println!(
+            outln!(
                 "{:<32} {:>5} {:>5} {:>9} {:>12}  {:<20}  {:<20}  {}",
                 k.key,
                 k.newest,
@@ -166,21 +223,23 @@ impl Out {
 
     pub fn show(&self, g: &Generation, entries: &[Entry]) {
         if self.json {
-            self.line("", &serde_json::json!({"generation": g, "entries": entries.iter().map(|e| serde_json::json!({"path": e.path, "kind": e.kind, "mode": format!("{:o}", e.mode), "size": e.size, "target": e.target})).collect::<Vec<_>>()}));
+            // What a user can act on; the manifest's chunk refs are the store's business.
+            let generation = serde_json::json!({"key": g.key, "generation": g.generation, "provenance": g.provenance, "totals": g.totals});
+            self.line("", &serde_json::json!({"generation": generation, "entries": entries.iter().map(|e| serde_json::json!({"path": e.path, "kind": e.kind, "mode": format!("{:o}", e.mode), "size": e.size, "target": e.target})).collect::<Vec<_>>()}));
             return;
         }
         let p = &g.provenance;
-        println!("key:         {}", g.key);
-        println!("generation:  {}", g.generation);
-        println!("written:     {} by {}", time(p.time), p.writer);
+        outln!("key:         {}", g.key);
+        outln!("generation:  {}", g.generation);
+        outln!("written:     {} by {}", time(p.time), p.writer);
         match &p.base {
-            Some(b) => println!("based on:    {} generation {}", b.key, b.generation),
-            None => println!("based on:    nothing (first commit or full upload)"),
+            Some(b) => outln!("based on:    {} generation {}", b.key, b.generation),
+            None => outln!("based on:    nothing (first commit or full upload)"),
         }
         if let Some(n) = &p.note {
-            println!("note:        {n}");
+            outln!("note:        {n}");
         }
-        println!(
+        outln!(
             "contents:    {} files, {} dirs, {} symlinks, {}",
             g.totals.files,
             g.totals.dirs,
@@ -188,12 +247,12 @@ impl Out {
             human_bytes(g.totals.bytes)
         );
         if !entries.is_empty() {
-            println!();
+            outln!("");
             for e in entries {
                 match e.kind {
-                    Kind::Dir => println!("d {:>5o} {:>12}  {}/", e.mode, "", e.path),
-                    Kind::File => println!("f {:>5o} {:>12}  {}", e.mode, e.size, e.path),
-                    Kind::Symlink => println!(
+                    Kind::Dir => outln!("d {:>5o} {:>12}  {}/", e.mode, "", e.path),
+                    Kind::File => outln!("f {:>5o} {:>12}  {}", e.mode, e.size, e.path),
+                    Kind::Symlink => outln!(
                         "l {:>5o} {:>12}  {} -> {}",
                         e.mode,
                         "",

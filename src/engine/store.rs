@@ -62,7 +62,7 @@ pub fn redact_url(url: &str) -> String {
 }
 
 impl Store {
-    /// Opens a store from a URL: `file:///abs/dir` (or a plain path), `s3://bucket/prefix`,
+    /// Opens a store from a URL: `file:///abs/dir` (or an absolute path), `s3://bucket/prefix`,
     /// `gs://bucket/prefix`, `az://container/prefix`. Cloud credentials and endpoints come from
     /// the environment (`AWS_*`, `GOOGLE_*`, `AZURE_*`) as their SDKs define them.
     pub fn open(url: &str) -> Result<Store> {
@@ -77,9 +77,21 @@ impl Store {
             why,
         };
         if !url.contains("://") {
+            // Only an absolute path is a local store: `s3:/bucket` or `bucket/prefix` is a
+            // mistyped URL far more often than a directory under the working directory.
+            if !url.starts_with('/') {
+                return Err(invalid(
+                    "neither a URL (file:///dir, s3://bucket/prefix, gs://bucket/prefix, \
+                     az://container/prefix) nor an absolute path"
+                        .into(),
+                ));
+            }
             return Self::open_local(PathBuf::from(url), timeout);
         }
         let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
+        if parsed.scheme() != "file" && parsed.host_str().unwrap_or("").is_empty() {
+            return Err(invalid("names no bucket or container".into()));
+        }
         let prefix = Path::parse(parsed.path().trim_start_matches('/'))
             .map_err(|e| invalid(e.to_string()))?;
         let (inner, conditional_update): (Arc<dyn ObjectStore>, bool) = match parsed.scheme() {
