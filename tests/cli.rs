@@ -615,3 +615,212 @@ fn json_reports_share_one_shape() {
     assert!(show["generation"].get("manifest").is_none(), "{show}");
     assert!(show["generation"].get("manifest_hash").is_none(), "{show}");
 }
+
+// Scripts learn the hit level: `hit` (key, restore-key, miss) and `cache_hit` in --json, and
+// `cache-hit=true|false` appended to $GITHUB_OUTPUT (true only for the key itself).
+#[test]
+fn restore_reports_the_hit_level_and_writes_github_output() {
+    let env = Env::new();
+    let src = env.dir("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a"), "a").unwrap();
+    assert!(env.run(&["commit", "npm-main", s(&src)]).status.success());
+    let gh = env.dir("github_output");
+    std::fs::write(&gh, "earlier=kept\n").unwrap();
+    let restore = |key: &str, extra: &[&str]| {
+        let d = env.dir(&format!("dst-{key}"));
+        let out = env
+            .cmd()
+            .args(["--json", "restore", key, s(&d), "--restore-key"])
+            .arg(if key.starts_with("npm") {
+                "npm-"
+            } else {
+                "pip-"
+            })
+            .args(extra)
+            .env("GITHUB_OUTPUT", &gh)
+            .output()
+            .unwrap();
+        (out, d)
+    };
+    for (key, level, hit) in [
+        ("npm-main", "key", true),
+        ("npm-feature", "restore-key", false),
+        ("pip", "miss", false),
+    ] {
+        std::fs::write(&gh, "earlier=kept\n").unwrap();
+        let (out, _) = restore(key, &[]);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let r = json(&out).remove(0);
+        assert_eq!(r["hit"], level, "{key}: {r}");
+        assert_eq!(r["cache_hit"], hit, "{key}: {r}");
+        let written = std::fs::read_to_string(&gh).unwrap();
+        assert!(written.starts_with("earlier=kept\n"), "appended: {written}");
+        assert!(
+            written.contains(&format!("cache-hit={hit}\n")),
+            "{key}: {written}"
+        );
+    }
+    // --lookup-only says what would come and writes nothing.
+    std::fs::remove_dir_all(env.dir("dst-npm-feature")).unwrap();
+    let (out, d) = restore("npm-feature", &["--lookup-only"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let r = json(&out).remove(0);
+    assert_eq!(r["hit"], "restore-key");
+    assert_eq!(r["matched_key"], "npm-main");
+    assert_eq!(r["generation"], 1);
+    assert!(!d.join("a").exists() && !d.exists(), "nothing restored");
+    // --fail-on-miss: exit 3 on a miss only.
+    let (out, _) = restore("pip", &["--fail-on-miss"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(json(&out)[0]["hit"], "miss");
+    let (out, d) = restore("npm-feature", &["--fail-on-miss"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(d.join("a").exists());
+}
+
+// run: the same hit levels, GITHUB_OUTPUT, --lookup-only (the command does not run) and
+// --fail-on-miss (exit 3 before the command runs).
+#[test]
+fn run_reports_hits_and_can_fail_on_a_miss() {
+    let env = Env::new();
+    let src = env.dir("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a"), "a").unwrap();
+    assert!(env.run(&["commit", "npm", s(&src)]).status.success());
+    let gh = env.dir("gh");
+    let ran = env.dir("ran");
+    let run = |caches: &[&str], extra: &[&str]| {
+        let _ = std::fs::remove_file(&gh);
+        let _ = std::fs::remove_file(&ran);
+        let mut c = env.cmd();
+        c.arg("--json").arg("run").args(extra);
+        for cache in caches {
+            c.arg("--cache")
+                .arg(format!("{cache}={}", s(&env.dir(&format!("d-{cache}")))));
+        }
+        c.args(["--", "touch", s(&ran)])
+            .env("GITHUB_OUTPUT", &gh)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["npm"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(json(&out)[0]["hit"], "key");
+    let gh_text = std::fs::read_to_string(&gh).unwrap();
+    assert!(gh_text.contains("cache-hit=true\n"), "{gh_text}");
+    assert!(gh_text.contains("cache-hit-npm=true\n"), "{gh_text}");
+
+    let out = run(&["npm", "pip"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let gh_text = std::fs::read_to_string(&gh).unwrap();
+    assert!(
+        gh_text.contains("cache-hit=false\n"),
+        "one missed: {gh_text}"
+    );
+    assert!(gh_text.contains("cache-hit-pip=false\n"), "{gh_text}");
+
+    let out = run(&["npm", "cargo"], &["--fail-on-miss"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(!ran.exists(), "the command did not run");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cargo"));
+
+    let out = run(&["npm"], &["--lookup-only"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(!ran.exists(), "the command did not run");
+    let r = json(&out);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0]["lookup_only"], true);
+    assert_eq!(r[0]["generation"], 1);
+}
+
+// run --json: stdout holds only cachevol's JSON lines (every one parses); the command's stdout
+// goes to stderr. Without --json, the command's stdout is ours.
+#[test]
+fn run_json_keeps_stdout_parseable() {
+    let env = Env::new();
+    let d = env.dir("c");
+    let cache = format!("k={}", s(&d));
+    let out = env.run(&[
+        "--json",
+        "run",
+        "--cache",
+        &cache,
+        "--",
+        "sh",
+        "-c",
+        "echo hello from the command; echo and its stderr >&2",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    assert!(lines
+        .iter()
+        .all(|l| l["command"] == "run" && l["version"] == 1));
+    assert_eq!(lines[0]["hit"], "miss");
+    assert_eq!(lines.last().unwrap()["exit_code"], 0);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("hello from the command"), "{stderr}");
+    assert!(stderr.contains("and its stderr"), "{stderr}");
+
+    let out = env.run(&["run", "--cache", &cache, "--", "echo", "plain"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("plain\n"),
+        "without --json the command's stdout is cachevol's: {out:?}"
+    );
+}
+
+// A key that cannot be a cache key (a branch name with '/') never fails the build: the command
+// runs without that cache, with a warning, and its status is the exit status.
+#[test]
+fn an_invalid_key_in_run_runs_the_command_uncached() {
+    let env = Env::new();
+    let (bad, good) = (env.dir("bad"), env.dir("good"));
+    let out = env.run(&[
+        "run",
+        "--cache",
+        &format!("npm-feature/login={}", s(&bad)),
+        "--cache",
+        &format!("npm={}", s(&good)),
+        "--restore-key",
+        "npm-release/1.0",
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            "mkdir -p {0} {1}; echo x > {0}/f; echo y > {1}/f; exit 5",
+            s(&bad),
+            s(&good)
+        ),
+    ]);
+    assert_eq!(out.status.code(), Some(5), "the command's status: {out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning") && stderr.contains("npm-feature/login"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("without this cache"), "{stderr}");
+    assert!(stderr.contains("restore key ignored"), "{stderr}");
+    assert!(bad.join("f").exists(), "the command ran");
+    // With success, the valid cache commits and the invalid one does not.
+    let out = env.run(&[
+        "--json",
+        "run",
+        "--cache",
+        &format!("feature/x={}", s(&bad)),
+        "--cache",
+        &format!("npm={}", s(&good)),
+        "--",
+        "sh",
+        "-c",
+        &format!("echo z > {0}/f; echo z > {1}/f", s(&bad), s(&good)),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = env.run(&["--json", "ls"]);
+    let caches = &json(&out)[0]["caches"];
+    assert_eq!(caches.as_array().unwrap().len(), 1, "{caches} {out:?}");
+    assert_eq!(caches[0]["key"], "npm");
+}

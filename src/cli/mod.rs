@@ -69,11 +69,16 @@ enum Command {
     Run(run::RunArgs),
     /// Restore the newest snapshot of KEY (or of a restore key) into DIR.
     Restore {
+        /// The cache key (letters, digits, '.', '_', '-'; at most 128).
         key: String,
+        /// The directory to restore into (created if missing).
         dir: PathBuf,
-        /// Fallback keys, tried in order when KEY has no snapshot.
+        /// Fallback keys, tried in order when KEY has no snapshot: a key of exactly that name,
+        /// else the most recently committed key starting with it.
         #[arg(long = "restore-key")]
         restore_keys: Vec<String>,
+        #[command(flatten)]
+        hit: HitArgs,
     },
     /// Commit DIR as the next generation of KEY (uploads only what changed).
     Commit {
@@ -155,6 +160,18 @@ impl Command {
             _ => "warn",
         }
     }
+}
+
+/// What a script asks of a restore besides restoring.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct HitArgs {
+    /// Say what would be restored (hit level, key, generation) and restore nothing.
+    #[arg(long)]
+    lookup_only: bool,
+    /// Exit 3 when neither the key nor any restore key has a snapshot (nothing is restored and,
+    /// for run, the command does not run).
+    #[arg(long)]
+    fail_on_miss: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -298,10 +315,35 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Error> {
             key,
             dir,
             restore_keys,
+            hit,
         } => {
             let engine = g.engine(&bars)?;
-            let report = engine.restore(&key, &restore_keys, &dir).await?;
-            out.restore(&key, &report);
+            engine::names::key(&key)?;
+            for k in &restore_keys {
+                engine::names::key(k)?;
+            }
+            let source = engine.resolve(&key, &restore_keys).await?;
+            output::github_output(&[
+                (
+                    "cache-hit".into(),
+                    matches!(source, engine::RestoreSource::Key { .. }).to_string(),
+                ),
+                (
+                    "cache-matched-key".into(),
+                    output::matched_key(&source).unwrap_or("").into(),
+                ),
+            ]);
+            let miss = source == engine::RestoreSource::Miss;
+            if hit.lookup_only || (miss && hit.fail_on_miss) {
+                out.lookup(&key, &restore_keys, &source);
+            } else {
+                let report = engine.restore_source(source, &dir).await?;
+                out.restore(&key, &restore_keys, &report);
+            }
+            if miss && hit.fail_on_miss {
+                output::errln!("cachevol: error: {key}: cache miss (--fail-on-miss)");
+                return Ok(exit::NOT_FOUND);
+            }
             Ok(exit::OK)
         }
         Command::Commit { key, dir, opts } => {

@@ -61,6 +61,78 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
+/// Appends `name=value` lines to the file `$GITHUB_OUTPUT` names (GitHub Actions step outputs),
+/// when it is set; a file that cannot be written is a warning, never a failure.
+pub fn github_output(lines: &[(String, String)]) {
+    let Some(path) = std::env::var_os("GITHUB_OUTPUT").filter(|p| !p.is_empty()) else {
+        return;
+    };
+    let text: String = lines.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+    let res = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(text.as_bytes()));
+    if let Err(e) = res {
+        errln!(
+            "cachevol: warning: could not write GITHUB_OUTPUT {}: {e}",
+            std::path::Path::new(&path).display()
+        );
+    }
+}
+
+/// "1 file", "2 files".
+pub fn files(n: u64) -> String {
+    if n == 1 {
+        "1 file".into()
+    } else {
+        format!("{n} files")
+    }
+}
+
+/// The hit level scripts test: `key` (the key itself had a snapshot), `restore-key`, `miss`.
+pub fn hit_level(source: &RestoreSource) -> &'static str {
+    match source {
+        RestoreSource::Key { .. } => "key",
+        RestoreSource::RestoreKey { .. } => "restore-key",
+        RestoreSource::Miss => "miss",
+    }
+}
+
+/// The key whose snapshot a restore brings, if any.
+pub fn matched_key(source: &RestoreSource) -> Option<&str> {
+    match source {
+        RestoreSource::Key { key, .. } | RestoreSource::RestoreKey { key, .. } => Some(key),
+        RestoreSource::Miss => None,
+    }
+}
+
+/// The fields every restore report has: `hit` (the level), `cache_hit` (true only for the key
+/// itself, as actions/cache's `cache-hit`) and `matched_key`.
+fn hit_fields(key: &str, source: &RestoreSource) -> serde_json::Value {
+    serde_json::json!({
+        "key": key,
+        "hit": hit_level(source),
+        "cache_hit": matches!(source, RestoreSource::Key { .. }),
+        "matched_key": matched_key(source),
+    })
+}
+
+/// " (fallback from restore key K)", or "(... matched by prefix P)" for a prefix match.
+fn from(source: &RestoreSource, restore_keys: &[String]) -> String {
+    match source {
+        RestoreSource::RestoreKey { key: k, .. } => match restore_keys
+            .iter()
+            .find(|p| *p != k && k.starts_with(p.as_str()))
+            .filter(|_| !restore_keys.contains(k))
+        {
+            Some(p) => format!(" of {k} (fallback: restore key {p} matched by prefix)"),
+            None => format!(" (fallback from restore key {k})"),
+        },
+        _ => String::new(),
+    }
+}
+
 fn time(unix: i64) -> String {
     humantime::format_rfc3339_seconds(
         std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix.max(0) as u64),
@@ -84,7 +156,6 @@ impl Out {
         }
     }
 
-    #[allow(dead_code)]
     pub fn json(&self) -> bool {
         self.json
     }
@@ -132,47 +203,64 @@ impl Out {
         errln!("cachevol: error: {e}");
     }
 
-    pub fn restore(&self, key: &str, r: &RestoreReport) {
+    pub fn restore(&self, key: &str, restore_keys: &[String], r: &RestoreReport) {
         let text = match &r.source {
             RestoreSource::Miss => format!("{key}: no snapshot yet, starting empty"),
             RestoreSource::Key { generation, .. }
-            | RestoreSource::RestoreKey { generation, .. } => {
-                let from = match &r.source {
-                    RestoreSource::RestoreKey { key: k, .. } => {
-                        format!(" (fallback from restore key {k})")
-                    }
-                    _ => String::new(),
-                };
-                format!(
-                    "{key}: restored generation {generation}{from}: {} files, {} in {:.2}s ({} fetched)",
-                    r.files,
-                    human_bytes(r.bytes),
-                    r.seconds,
-                    human_bytes(r.downloaded)
-                )
-            }
+            | RestoreSource::RestoreKey { generation, .. } => format!(
+                "{key}: restored generation {generation}{}: {}, {} in {:.2}s ({} fetched)",
+                from(&r.source, restore_keys),
+                files(r.files),
+                human_bytes(r.bytes),
+                r.seconds,
+                human_bytes(r.downloaded)
+            ),
         };
-        self.line(&text, &serde_json::json!({"key": key, "restore": r}));
+        let mut v = hit_fields(key, &r.source);
+        v["restore"] = serde_json::json!(r);
+        self.line(&text, &v);
+    }
+
+    /// What a restore would bring (`--lookup-only`): nothing is written.
+    pub fn lookup(&self, key: &str, restore_keys: &[String], source: &RestoreSource) {
+        let text = match source {
+            RestoreSource::Miss => format!("{key}: miss: no snapshot of the key or its restore keys; nothing would be restored"),
+            RestoreSource::Key { generation, .. }
+            | RestoreSource::RestoreKey { generation, .. } => format!(
+                "{key}: {}: would restore generation {generation}{}",
+                hit_level(source),
+                from(source, restore_keys)
+            ),
+        };
+        let mut v = hit_fields(key, source);
+        v["lookup_only"] = true.into();
+        if let RestoreSource::Key { generation, .. }
+        | RestoreSource::RestoreKey { generation, .. } = source
+        {
+            v["generation"] = (*generation).into();
+        }
+        self.line(&text, &v);
     }
 
     pub fn commit(&self, r: &CommitReport) {
         let text = match r.outcome {
             CommitOutcome::Committed { generation } if r.restore_key.is_some() && r.new_chunks == 0 => format!(
-                "{}: created key {} from restore key {} as generation {generation}: {} files, {}; no new chunks, {} uploaded (the generation object) in {:.2}s",
+                "{}: created key {} from restore key {} as generation {generation}: {}, {}; no new chunks, {} uploaded (the generation object) in {:.2}s",
                 r.key,
                 r.key,
                 r.restore_key.as_deref().unwrap_or_default(),
-                r.files,
+                files(r.files),
                 human_bytes(r.bytes),
                 human_bytes(r.uploaded),
                 r.seconds,
             ),
             CommitOutcome::Committed { generation } => format!(
-                "{}: committed generation {generation}: {} files, {}; read {} changed files, uploaded {} in {:.2}s{}",
+                "{}: committed generation {generation}: {}, {}; read {} changed {}, uploaded {} in {:.2}s{}",
                 r.key,
-                r.files,
+                files(r.files),
                 human_bytes(r.bytes),
                 r.files_read,
+                if r.files_read == 1 { "file" } else { "files" },
                 human_bytes(r.uploaded),
                 r.seconds,
                 if r.merged > 0 { format!(" (merged {} newer commits)", r.merged) } else { String::new() }
@@ -240,8 +328,8 @@ impl Out {
             outln!("note:        {n}");
         }
         outln!(
-            "contents:    {} files, {} dirs, {} symlinks, {}",
-            g.totals.files,
+            "contents:    {}, {} dirs, {} symlinks, {}",
+            files(g.totals.files),
             g.totals.dirs,
             g.totals.symlinks,
             human_bytes(g.totals.bytes)
