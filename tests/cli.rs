@@ -824,3 +824,40 @@ fn an_invalid_key_in_run_runs_the_command_uncached() {
     assert_eq!(caches.as_array().unwrap().len(), 1, "{caches} {out:?}");
     assert_eq!(caches[0]["key"], "npm");
 }
+
+// Small things a user reads: "1 file" (not "1 files"), and without $USER the writer is the
+// user's name from /etc/passwd, not "uid0".
+#[test]
+fn one_file_is_one_file_and_the_writer_has_a_name() {
+    let env = Env::new();
+    let d = env.dir("c");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("a"), "a").unwrap();
+    let out = env
+        .cmd()
+        .args(["commit", "k", s(&d)])
+        .env_remove("USER")
+        .env_remove("LOGNAME")
+        .env_remove("CACHEVOL_WRITER")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(": 1 file, "), "{text}");
+    assert!(!text.contains("1 files"), "{text}");
+    let show = env.run(&["show", "k"]);
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(text.contains("contents:    1 file, "), "{text}");
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let uid = std::fs::metadata("/proc/self").map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid()
+    });
+    let name = passwd
+        .lines()
+        .find(|l| l.split(':').nth(2).and_then(|u| u.parse().ok()) == uid.as_ref().ok().copied())
+        .and_then(|l| l.split(':').next())
+        .expect("the test user has a passwd entry");
+    let show = json(&env.run(&["--json", "show", "k"])).remove(0);
+    let writer = show["generation"]["provenance"]["writer"].as_str().unwrap();
+    assert!(writer.starts_with(&format!("{name}@")), "{writer}");
+}
