@@ -861,3 +861,59 @@ fn one_file_is_one_file_and_the_writer_has_a_name() {
     let writer = show["generation"]["provenance"]["writer"].as_str().unwrap();
     assert!(writer.starts_with(&format!("{name}@")), "{writer}");
 }
+
+// Help: the global options under their own heading; the daemons do not offer the CLI-only
+// ones; every positional and the generation flags say what they are; --version names a commit.
+#[test]
+fn help_separates_global_options_and_describes_every_argument() {
+    let help = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_cachevol"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let top = help(&["--help"]);
+    let (own, global) = top.split_once("Global options:").expect("a heading");
+    assert!(!own.contains("--store") && global.contains("--store") && global.contains("--json"));
+    for daemon in ["node", "controller"] {
+        let text = help(&[daemon, "--help"]);
+        for cli_only in ["--json", "--quiet", "--scope <"] {
+            assert!(
+                !text.contains(cli_only),
+                "{daemon} offers {cli_only}: {text}"
+            );
+        }
+        assert!(text.contains("--store"), "{text}");
+    }
+    assert!(!help(&["controller", "--help"]).contains("No Kubernetes API"));
+    for (args, needles) in [
+        (
+            &["restore", "--help"][..],
+            &["<KEY> The cache key", "<DIR> The directory"][..],
+        ),
+        (
+            &["commit", "--help"],
+            &["<KEY> The cache key", "<DIR> The directory"],
+        ),
+        (
+            &["show", "--help"],
+            &["--generation <GENERATION> The generation"],
+        ),
+        (
+            &["verify", "--help"],
+            &["--generation <GENERATION> The generation"],
+        ),
+        (&["rollback", "--help"], &["--to <TO> The generation"]),
+        (&["restore", "--help"], &["--lookup-only", "--fail-on-miss"]),
+    ] {
+        // Short or long layout: compare with whitespace collapsed.
+        let text = help(args).split_whitespace().collect::<Vec<_>>().join(" ");
+        for n in needles {
+            assert!(text.contains(n), "{args:?} lacks {n:?}: {text}");
+        }
+    }
+    let version = help(&["--version"]);
+    assert!(version.contains("(commit "), "{version}");
+}

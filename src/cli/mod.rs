@@ -34,8 +34,24 @@ pub mod exit {
     pub const UNAVAILABLE: i32 = 6;
 }
 
+/// `--version`: the package version and the git commit it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("CACHEVOL_COMMIT"),
+    ")"
+);
+
+/// The help heading of the options every command takes.
+const GLOBAL: &str = "Global options";
+
 #[derive(Parser, Debug)]
-#[command(name = "cachevol", version, about = "Persistent, incremental cache volumes for CI", long_about = None)]
+#[command(
+    name = "cachevol",
+    version = VERSION,
+    about = "Persistent, incremental cache volumes for CI",
+    long_about = None
+)]
 pub struct Cli {
     #[command(flatten)]
     global: Global,
@@ -45,21 +61,23 @@ pub struct Cli {
 
 #[derive(Args, Debug, Clone)]
 pub struct Global {
-    /// Object store URL: file:///dir (default: ~/.cache/cachevol/store), s3://bucket/prefix,
-    /// gs://bucket/prefix, az://container/prefix. Credentials come from the environment.
-    #[arg(long, global = true, env = "CACHEVOL_STORE")]
+    /// Object store URL: file:///dir or an absolute path (default: ~/.cache/cachevol/store),
+    /// s3://bucket/prefix, gs://bucket/prefix, az://container/prefix. Credentials come from
+    /// the environment.
+    #[arg(long, global = true, env = "CACHEVOL_STORE", help_heading = GLOBAL)]
     store: Option<String>,
     /// Scope of the caches (a tenant: caches of different scopes share nothing).
-    #[arg(long, global = true, env = "CACHEVOL_SCOPE", default_value = "default")]
+    #[arg(long, global = true, env = "CACHEVOL_SCOPE", default_value = "default", help_heading = GLOBAL)]
     scope: String,
     /// Where records of restored directories are kept (default: ~/.local/state/cachevol).
-    #[arg(long, global = true, env = "CACHEVOL_STATE_DIR")]
+    #[arg(long, global = true, env = "CACHEVOL_STATE_DIR", help_heading = GLOBAL)]
     state_dir: Option<PathBuf>,
-    /// Print machine-readable JSON on stdout instead of text.
-    #[arg(long, global = true)]
+    /// Print one JSON object per report on stdout instead of text (with run, the command's
+    /// stdout goes to stderr).
+    #[arg(long, global = true, help_heading = GLOBAL)]
     json: bool,
     /// No progress bars and no informational lines.
-    #[arg(long, short, global = true)]
+    #[arg(long, short, global = true, help_heading = GLOBAL)]
     quiet: bool,
 }
 
@@ -82,7 +100,9 @@ enum Command {
     },
     /// Commit DIR as the next generation of KEY (uploads only what changed).
     Commit {
+        /// The cache key (letters, digits, '.', '_', '-'; at most 128).
         key: String,
+        /// The directory whose tree becomes the next generation.
         dir: PathBuf,
         #[command(flatten)]
         opts: CommitArgs,
@@ -91,7 +111,9 @@ enum Command {
     Ls,
     /// Show a generation: provenance, totals and files.
     Show {
+        /// The cache key.
         key: String,
+        /// The generation to show (default: the newest).
         #[arg(long)]
         generation: Option<u64>,
         /// Do not list the files.
@@ -102,12 +124,15 @@ enum Command {
     Gc(GcArgs),
     /// Make generation N the newest again (as a new generation; history is kept).
     Rollback {
+        /// The cache key.
         key: String,
+        /// The generation whose tree the new generation gets (see `cachevol show KEY`).
         #[arg(long)]
         to: u64,
     },
     /// Delete a cache: every generation of KEY (packs go at the next gc, after its grace).
     Wipe {
+        /// The cache key.
         key: String,
         /// Needed: wiping cannot be undone.
         #[arg(long)]
@@ -115,7 +140,9 @@ enum Command {
     },
     /// Fetch every pack of a generation and check every chunk's hash.
     Verify {
+        /// The cache key.
         key: String,
+        /// The generation to verify (default: the newest).
         #[arg(long)]
         generation: Option<u64>,
     },
@@ -124,7 +151,8 @@ enum Command {
     /// Serve the CSI Identity and Controller services (beside csi-provisioner).
     ///
     /// --store is the store of volumes whose StorageClass names none; --state-dir keeps the
-    /// volume records (default /var/lib/cachevol-controller). No Kubernetes API is used.
+    /// volume records (default /var/lib/cachevol-controller). With --cluster, the replicas
+    /// elect a leader with a Lease, and only the leader collects garbage.
     Controller(daemon::controller::ControllerArgs),
     /// Serve the CSI Identity and Node services (the DaemonSet beside kubelet).
     ///
@@ -271,7 +299,7 @@ pub fn exit_code(e: &Error) -> i32 {
 
 /// Entry point of the binary: returns the process exit code.
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    let cli = parse();
     init_tracing(cli.command.default_log_level());
     // One TLS crypto provider for the whole process (S3/GCS/Azure and the Kubernetes API).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -288,6 +316,29 @@ pub fn main() -> i32 {
         }
     }
 }
+
+/// The command line, with the options only the CLI commands use hidden from the daemons' help.
+fn parse() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let mut cmd = Cli::command();
+    // Propagates the global options into every subcommand, so they can be hidden in some.
+    cmd.build();
+    for daemon in ["node", "controller"] {
+        // mut_args keeps the arguments in place (mut_arg would reorder them after the build
+        // indexed them, and --help would stop working).
+        cmd = cmd.mut_subcommand(daemon, |c| {
+            c.mut_args(|a| {
+                let cli_only = CLI_ONLY.contains(&a.get_id().as_str());
+                a.hide(cli_only)
+            })
+        });
+    }
+    Cli::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit())
+}
+
+/// Global options that `node` and `controller` ignore (they serve volumes of any scope and
+/// print logs, not reports).
+const CLI_ONLY: &[&str] = &["scope", "json", "quiet"];
 
 fn init_tracing(default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CACHEVOL_LOG")
