@@ -917,3 +917,55 @@ fn help_separates_global_options_and_describes_every_argument() {
     let version = help(&["--version"]);
     assert!(version.contains("(commit "), "{version}");
 }
+
+// In a CI log (stderr no terminal) a long restore or commit prints plain progress lines naming
+// the cache, every CACHEVOL_PROGRESS_INTERVAL seconds (here: every step), then a final line.
+#[test]
+fn progress_in_a_ci_log_is_plain_lines_naming_the_cache() {
+    let env = Env::new();
+    let d = env.dir("big");
+    std::fs::create_dir_all(&d).unwrap();
+    for i in 0..4u8 {
+        let data: Vec<u8> = (0..(1u32 << 20))
+            .map(|j| (j.wrapping_mul(2654435761) >> 13) as u8 ^ i)
+            .collect();
+        std::fs::write(d.join(format!("f{i}")), data).unwrap();
+    }
+    let out = env
+        .cmd()
+        .args(["commit", "big", s(&d)])
+        .env("CACHEVOL_PROGRESS_INTERVAL", "0")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("cachevol: big: commit "))
+        .collect();
+    assert!(lines.len() >= 2, "{stderr}");
+    assert!(
+        lines.iter().any(|l| l.contains("%") && l.contains("/s")),
+        "{stderr}"
+    );
+    assert!(lines.last().unwrap().contains("done: 4.0 MiB"), "{stderr}");
+    assert!(!stderr.contains('\x1b'), "no terminal codes: {stderr:?}");
+    let out = env
+        .cmd()
+        .args(["restore", "big", s(&env.dir("r"))])
+        .env("CACHEVOL_PROGRESS_INTERVAL", "0")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cachevol: big: restore done: 4.0 MiB"),
+        "{out:?}"
+    );
+    // --quiet: none.
+    let out = env
+        .cmd()
+        .args(["-q", "commit", "big", s(&d)])
+        .env("CACHEVOL_PROGRESS_INTERVAL", "0")
+        .output()
+        .unwrap();
+    assert!(out.stderr.is_empty(), "{out:?}");
+}

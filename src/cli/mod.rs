@@ -352,7 +352,7 @@ fn init_tracing(default_level: &str) {
 
 async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Error> {
     let g = cli.global;
-    let bars = Arc::new(Bars::new(out.bars_enabled()));
+    let bars = Arc::new(Bars::new(out.bars_enabled(), out.plain_progress()));
     match cli.command {
         Command::Run(args) => run::run(&g, args, out, bars).await,
         Command::Bench(args) => bench::run(&g, args, out).await,
@@ -384,6 +384,7 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Error> {
                     output::matched_key(&source).unwrap_or("").into(),
                 ),
             ]);
+            bars.cache(&key);
             let miss = source == engine::RestoreSource::Miss;
             if hit.lookup_only || (miss && hit.fail_on_miss) {
                 out.lookup(&key, &restore_keys, &source);
@@ -399,6 +400,7 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Error> {
         }
         Command::Commit { key, dir, opts } => {
             let engine = g.engine(&bars)?;
+            bars.cache(&key);
             let report = engine.commit(&key, &dir, &opts.options()).await?;
             out.commit(&report);
             Ok(exit::OK)

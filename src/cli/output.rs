@@ -174,6 +174,11 @@ impl Out {
         !self.json && !self.quiet && std::io::stderr().is_terminal()
     }
 
+    /// Plain progress lines on stderr (CI logs): not quiet and stderr no terminal.
+    pub fn plain_progress(&self) -> bool {
+        !self.quiet && !std::io::stderr().is_terminal()
+    }
+
     /// A text line on stdout, or the value as JSON.
     pub fn line<T: Serialize>(&self, text: &str, value: &T) {
         if self.json {
@@ -382,23 +387,94 @@ impl Out {
     }
 }
 
-/// Progress bars for the engine's long operations.
+/// Progress of the engine's long operations: a bar when stderr is a terminal, else (a CI log)
+/// a plain line every few seconds (`CACHEVOL_PROGRESS_INTERVAL`, default 5) naming the cache,
+/// and one when the phase ends.
 pub struct Bars {
     enabled: bool,
+    plain: Option<std::time::Duration>,
     bar: Mutex<Option<ProgressBar>>,
+    /// The cache the next phase is about (set by the command before each restore or commit).
+    cache: Mutex<String>,
+    line: Mutex<Option<Plain>>,
+}
+
+/// The state of a plain progress line.
+struct Plain {
+    phase: String,
+    total: u64,
+    done: u64,
+    started: std::time::Instant,
+    printed: std::time::Instant,
+}
+
+impl Plain {
+    fn text(&self, cache: &str, end: bool) -> String {
+        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        let rate = human_bytes((self.done as f64 / secs) as u64);
+        let pct = (self.done * 100).checked_div(self.total).unwrap_or(100);
+        let what = if cache.is_empty() {
+            String::new()
+        } else {
+            format!("{cache}: ")
+        };
+        if end {
+            format!(
+                "cachevol: {what}{} done: {} in {secs:.1}s ({rate}/s)",
+                self.phase,
+                human_bytes(self.done)
+            )
+        } else {
+            format!(
+                "cachevol: {what}{} {} / {} ({pct}%), {rate}/s, {secs:.0}s",
+                self.phase,
+                human_bytes(self.done),
+                human_bytes(self.total)
+            )
+        }
+    }
 }
 
 impl Bars {
-    pub fn new(enabled: bool) -> Bars {
+    /// `bars`: draw terminal bars; `plain`: otherwise print plain lines (not quiet, no tty).
+    pub fn new(bars: bool, plain: bool) -> Bars {
+        let interval = std::env::var("CACHEVOL_PROGRESS_INTERVAL")
+            .ok()
+            .and_then(|s| s.parse::<f64>().ok())
+            .filter(|s| *s >= 0.0)
+            .map(std::time::Duration::from_secs_f64)
+            .unwrap_or(std::time::Duration::from_secs(5));
         Bars {
-            enabled,
+            enabled: bars,
+            plain: (!bars && plain).then_some(interval),
             bar: Mutex::new(None),
+            cache: Mutex::new(String::new()),
+            line: Mutex::new(None),
         }
+    }
+
+    /// Names the cache the following phases are about.
+    pub fn cache(&self, key: &str) {
+        *self.cache.lock().expect("not poisoned") = key.to_string();
+    }
+
+    fn cache_name(&self) -> String {
+        self.cache.lock().expect("not poisoned").clone()
     }
 }
 
 impl Progress for Bars {
     fn start(&self, phase: &str, total: u64) {
+        if self.plain.is_some() {
+            let now = std::time::Instant::now();
+            *self.line.lock().expect("not poisoned") = Some(Plain {
+                phase: phase.to_string(),
+                total,
+                done: 0,
+                started: now,
+                printed: now,
+            });
+        }
         if !self.enabled {
             return;
         }
@@ -410,17 +486,38 @@ impl Progress for Bars {
             .expect("valid template")
             .progress_chars("=> "),
         );
-        bar.set_message(phase.to_string());
+        let cache = self.cache_name();
+        bar.set_message(if cache.is_empty() {
+            phase.to_string()
+        } else {
+            format!("{cache} {phase}")
+        });
         *self.bar.lock().expect("not poisoned") = Some(bar);
     }
 
     fn advance(&self, bytes: u64) {
+        if let Some(interval) = self.plain {
+            let mut line = self.line.lock().expect("not poisoned");
+            if let Some(p) = line.as_mut() {
+                p.done += bytes;
+                if p.printed.elapsed() >= interval {
+                    p.printed = std::time::Instant::now();
+                    errln!("{}", p.text(&self.cache_name(), false));
+                }
+            }
+        }
         if let Some(b) = self.bar.lock().expect("not poisoned").as_ref() {
             b.inc(bytes);
         }
     }
 
     fn finish(&self) {
+        if let Some(p) = self.line.lock().expect("not poisoned").take() {
+            // A phase that took long enough to report on says it ended.
+            if p.started.elapsed() >= self.plain.unwrap_or_default() {
+                errln!("{}", p.text(&self.cache_name(), true));
+            }
+        }
         if let Some(b) = self.bar.lock().expect("not poisoned").take() {
             b.finish_and_clear();
         }

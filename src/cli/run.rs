@@ -256,6 +256,7 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
             }
             continue;
         };
+        bars.cache(key);
         match engine.restore_source(source, dir).await {
             Ok(r) => out.restore(key, &restore_keys, &r),
             Err(e) => {
@@ -304,6 +305,7 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
             out.warn(&format!("{key}: commit failed: {e}"));
             continue;
         }
+        bars.cache(key);
         match engine.commit(key, dir, &opts).await {
             Ok(r) => out.commit(&r),
             Err(e) => out.warn(&format!("{key}: commit failed: {e}")),
