@@ -280,9 +280,10 @@ impl Global {
 /// The exit code for an engine error.
 pub fn exit_code(e: &Error) -> i32 {
     match e {
-        Error::InvalidName { .. } | Error::InvalidStore { .. } | Error::NoSuchBucket { .. } => {
-            exit::USAGE
-        }
+        Error::InvalidName { .. }
+        | Error::InvalidStore { .. }
+        | Error::NoSuchBucket { .. }
+        | Error::NoCredentials { .. } => exit::USAGE,
         Error::NoSuchGeneration { .. } | Error::NoSuchKey { .. } => exit::NOT_FOUND,
         Error::Fenced { .. }
         | Error::OverBudget { .. }

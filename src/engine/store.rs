@@ -31,6 +31,10 @@ pub struct Store {
     local: Option<(PathBuf, Arc<object_store::local::LocalFileSystem>)>,
     timeout: Duration,
     conditional_update: bool,
+    /// An S3 store whose only source of credentials is the instance metadata service (no
+    /// `AWS_*` credentials in the environment): a failed metadata request means "no
+    /// credentials", not a raw HTTP error about a token endpoint.
+    metadata_credentials_only: bool,
     /// Told of each failed or timed-out request (its op: get, head, put, delete, list, copy,
     /// other), for whoever counts them; the engine itself keeps no metrics.
     on_error: Option<ErrorHook>,
@@ -137,6 +141,8 @@ impl Store {
             timeout,
             on_error: None,
             conditional_update,
+            metadata_credentials_only: matches!(parsed.scheme(), "s3" | "s3a")
+                && !aws_credentials_in_env(),
         })
     }
 
@@ -164,6 +170,7 @@ impl Store {
             timeout,
             on_error: None,
             conditional_update: false,
+            metadata_credentials_only: false,
         })
     }
 
@@ -227,6 +234,15 @@ impl Store {
                             .ok()
                             .and_then(|u| u.host_str().map(str::to_string))
                             .unwrap_or_default(),
+                    });
+                }
+                if self.metadata_credentials_only && is_metadata_failure(&source) {
+                    return Err(Error::NoCredentials {
+                        url: self.display.clone(),
+                        scheme: "s3",
+                        hint: "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or \
+                               AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN (IRSA), or run where \
+                               the instance metadata service grants a role",
                     });
                 }
                 Err(Error::Store {
@@ -411,6 +427,29 @@ impl Store {
         out.sort();
         Ok(out)
     }
+}
+
+/// Whether the environment names AWS credentials object_store uses before it falls back to the
+/// instance metadata service: static keys, a web identity (IRSA), a container credentials
+/// endpoint (ECS, EKS Pod Identity), or unsigned requests.
+fn aws_credentials_in_env() -> bool {
+    [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()))
+        || std::env::var("AWS_SKIP_SIGNATURE").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
+}
+
+/// Whether an S3 error is a failed request to the instance metadata service (the IMDS token
+/// or role endpoints, all under `/latest/`), which object_store reports as a generic error.
+fn is_metadata_failure(e: &object_store::Error) -> bool {
+    let text = e.to_string();
+    matches!(e, object_store::Error::Generic { .. })
+        && (text.contains("/latest/api/token") || text.contains("/latest/meta-data/"))
 }
 
 /// Whether a store error counts in `cachevol_store_request_errors_total`: "not found" is a normal
