@@ -600,18 +600,6 @@ fn passwd_name(passwd: &str, uid: u32) -> Option<String> {
     })
 }
 
-#[cfg(test)]
-mod writer_tests {
-    #[test]
-    fn the_passwd_entry_names_the_user() {
-        let passwd =
-            "root:x:0:0:root:/root:/bin/bash\n# comment\nbuilder:x:1001:1001::/home/b:/bin/sh\n";
-        assert_eq!(super::passwd_name(passwd, 1001).as_deref(), Some("builder"));
-        assert_eq!(super::passwd_name(passwd, 0).as_deref(), Some("root"));
-        assert_eq!(super::passwd_name(passwd, 42), None);
-    }
-}
-
 impl Engine {
     /// Forgets what was restored into `dir` (after a failed restore left it in an unknown
     /// state): its next commit is a full one, deduplicated against the store.
@@ -687,5 +675,17 @@ impl Engine {
             stats,
         }
         .save(&self.state_dir)
+    }
+}
+
+#[cfg(test)]
+mod writer_tests {
+    #[test]
+    fn the_passwd_entry_names_the_user() {
+        let passwd =
+            "root:x:0:0:root:/root:/bin/bash\n# comment\nbuilder:x:1001:1001::/home/b:/bin/sh\n";
+        assert_eq!(super::passwd_name(passwd, 1001).as_deref(), Some("builder"));
+        assert_eq!(super::passwd_name(passwd, 0).as_deref(), Some("root"));
+        assert_eq!(super::passwd_name(passwd, 42), None);
     }
 }
