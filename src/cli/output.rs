@@ -397,6 +397,8 @@ pub struct Bars {
     /// The cache the next phase is about (set by the command before each restore or commit).
     cache: Mutex<String>,
     line: Mutex<Option<Plain>>,
+    /// When the last line about a directory walk was printed.
+    scan_printed: Mutex<Option<std::time::Instant>>,
 }
 
 /// The state of a plain progress line.
@@ -450,6 +452,7 @@ impl Bars {
             bar: Mutex::new(None),
             cache: Mutex::new(String::new()),
             line: Mutex::new(None),
+            scan_printed: Mutex::new(None),
         }
     }
 
@@ -508,6 +511,24 @@ impl Progress for Bars {
         }
         if let Some(b) = self.bar.lock().expect("not poisoned").as_ref() {
             b.inc(bytes);
+        }
+    }
+
+    fn scanning(&self, entries: u64) {
+        if !self.enabled && self.plain.is_none() {
+            return;
+        }
+        let interval = self.plain.unwrap_or(std::time::Duration::from_secs(1));
+        let mut last = self.scan_printed.lock().expect("not poisoned");
+        if last.is_none_or(|t| t.elapsed() >= interval) {
+            *last = Some(std::time::Instant::now());
+            let cache = self.cache_name();
+            let what = if cache.is_empty() {
+                String::new()
+            } else {
+                format!("{cache}: ")
+            };
+            errln!("cachevol: {what}scanning the directory: {entries} entries so far");
         }
     }
 

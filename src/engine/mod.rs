@@ -65,6 +65,8 @@ pub trait Progress: Send + Sync {
     fn start(&self, _phase: &str, _total_bytes: u64) {}
     fn advance(&self, _bytes: u64) {}
     fn finish(&self) {}
+    /// A directory walk still running has found this many entries (about once a second).
+    fn scanning(&self, _entries: u64) {}
 }
 
 /// Progress that goes nowhere.
