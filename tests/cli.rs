@@ -458,3 +458,570 @@ fn commit_on_marker_commits_only_marked_runs() {
     assert!(fresh.join("built-by-jenkins").exists() && !fresh.join("c").exists());
     assert!(!fresh.join(".cachevol-commit").exists());
 }
+
+// `cachevol show KEY | head -3`: the reader goes away after three lines; cachevol ends quietly
+// (status 0, no panic) instead of exiting 101 with a backtrace hint.
+#[test]
+fn a_closed_pipe_ends_show_quietly() {
+    use std::io::{BufRead, BufReader};
+    let env = Env::new();
+    let d = env.dir("many");
+    std::fs::create_dir_all(&d).unwrap();
+    // ~3000 lines of listing, far more than a pipe buffer holds.
+    for i in 0..3000 {
+        std::fs::write(
+            d.join(format!("a-rather-long-file-name-to-fill-the-pipe-{i:05}")),
+            "",
+        )
+        .unwrap();
+    }
+    assert!(env.run(&["commit", "npm", s(&d)]).status.success());
+    let mut child = env
+        .cmd()
+        .args(["show", "npm"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for _ in 0..3 {
+        lines.next().unwrap().unwrap();
+    }
+    drop(lines);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+// A store URL without a scheme is a local directory only when it is an absolute path:
+// `s3:/b` or `bucket/prefix` are refused (exit 2) before anything is created.
+#[test]
+fn store_urls_that_are_neither_urls_nor_absolute_paths_are_refused() {
+    let env = Env::new();
+    let cwd = env.dir("cwd");
+    std::fs::create_dir_all(&cwd).unwrap();
+    for bad in ["s3:/b", "bucket/prefix", "store", "s3:///prefix"] {
+        for args in [&["ls"][..], &["restore", "k", "out"][..]] {
+            let out = Command::new(env!("CARGO_BIN_EXE_cachevol"))
+                .current_dir(&cwd)
+                .args(["--store", bad, "--state-dir", s(&env.dir("st"))])
+                .args(args)
+                .env_remove("CACHEVOL_STORE")
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(2), "{bad} {args:?}: {out:?}");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains("invalid store URL"), "{bad}: {stderr}");
+        }
+        let left: Vec<_> = std::fs::read_dir(&cwd).unwrap().collect();
+        assert!(left.is_empty(), "{bad} created {left:?}");
+    }
+    // file:// and an absolute path are stores.
+    for good in [
+        format!("file://{}", s(&env.dir("s1"))),
+        s(&env.dir("s2")).to_string(),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_cachevol"))
+            .args(["--store", &good, "--state-dir", s(&env.dir("st")), "ls"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{good}: {out:?}");
+    }
+}
+
+// `--restore-key npm-` matches the most recently committed key that starts with `npm-` when no
+// key is exactly `npm-`; a key of exactly that name wins over any prefix match, and restore
+// keys are tried in the order given.
+#[test]
+fn restore_keys_match_by_prefix_most_recent_first_exact_first() {
+    let env = Env::new();
+    let commit = |key: &str, content: &str| {
+        let d = env.dir(&format!("src-{key}"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("from"), content).unwrap();
+        let out = env.run(&["commit", key, s(&d)]);
+        assert!(out.status.success(), "{out:?}");
+    };
+    let restore = |restore_keys: &[&str]| {
+        let d = env.dir("dst");
+        let _ = std::fs::remove_dir_all(&d);
+        let mut args = vec!["--json", "restore", "npm-feature", s(&d)];
+        for k in restore_keys {
+            args.extend(["--restore-key", k]);
+        }
+        let out = env.run(&args);
+        assert!(out.status.success(), "{out:?}");
+        let r = json(&out).remove(0);
+        (
+            r["restore"]["source"]["key"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+            std::fs::read_to_string(d.join("from")).unwrap_or_default(),
+        )
+    };
+    commit("npm-main", "main");
+    // Store clocks count in seconds on some backends: keep the commits apart.
+    std::thread::sleep(Duration::from_millis(1100));
+    commit("npm-release", "release");
+    assert_eq!(
+        restore(&["npm-"]),
+        ("npm-release".into(), "release".into()),
+        "the most recent of the keys starting with npm-"
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    commit("npm-main", "main 2");
+    assert_eq!(restore(&["npm-"]), ("npm-main".into(), "main 2".into()));
+    // An exact match wins over a prefix match, whatever their ages.
+    commit("npm-", "exact");
+    std::thread::sleep(Duration::from_millis(1100));
+    commit("npm-zzz", "newer");
+    assert_eq!(restore(&["npm-"]), ("npm-".into(), "exact".into()));
+    // In order: the first restore key that matches anything decides.
+    assert_eq!(
+        restore(&["pip-", "npm-rel", "npm-"]),
+        ("npm-release".into(), "release".into())
+    );
+    // Nothing starts with it: a miss.
+    let d = env.dir("none");
+    let out = env.run(&["--json", "restore", "x", s(&d), "--restore-key", "pip-"]);
+    assert_eq!(json(&out)[0]["restore"]["source"]["level"], "miss");
+}
+
+// Every --json line is one object with "command" and "version"; show names no manifest refs.
+#[test]
+fn json_reports_share_one_shape() {
+    let env = Env::new();
+    let d = env.dir("c");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("a"), "a").unwrap();
+    for (args, command) in [
+        (vec!["--json", "commit", "k", s(&d)], "commit"),
+        (vec!["--json", "restore", "k", s(&d)], "restore"),
+        (vec!["--json", "ls"], "ls"),
+        (vec!["--json", "show", "k"], "show"),
+        (vec!["--json", "verify", "k"], "verify"),
+        (vec!["--json", "show", "nope"], "show"),
+    ] {
+        let out = env.run(&args);
+        let lines = json(&out);
+        assert_eq!(lines.len(), 1, "{args:?}: {out:?}");
+        assert_eq!(lines[0]["command"], command, "{args:?}");
+        assert_eq!(lines[0]["version"], 1, "{args:?}");
+    }
+    let show = json(&env.run(&["--json", "show", "k"])).remove(0);
+    assert_eq!(show["generation"]["totals"]["files"], 1);
+    assert!(show["generation"].get("manifest").is_none(), "{show}");
+    assert!(show["generation"].get("manifest_hash").is_none(), "{show}");
+}
+
+// Scripts learn the hit level: `hit` (key, restore-key, miss) and `cache_hit` in --json, and
+// `cache-hit=true|false` appended to $GITHUB_OUTPUT (true only for the key itself).
+#[test]
+fn restore_reports_the_hit_level_and_writes_github_output() {
+    let env = Env::new();
+    let src = env.dir("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a"), "a").unwrap();
+    assert!(env.run(&["commit", "npm-main", s(&src)]).status.success());
+    let gh = env.dir("github_output");
+    std::fs::write(&gh, "earlier=kept\n").unwrap();
+    let restore = |key: &str, extra: &[&str]| {
+        let d = env.dir(&format!("dst-{key}"));
+        let out = env
+            .cmd()
+            .args(["--json", "restore", key, s(&d), "--restore-key"])
+            .arg(if key.starts_with("npm") {
+                "npm-"
+            } else {
+                "pip-"
+            })
+            .args(extra)
+            .env("GITHUB_OUTPUT", &gh)
+            .output()
+            .unwrap();
+        (out, d)
+    };
+    for (key, level, hit) in [
+        ("npm-main", "key", true),
+        ("npm-feature", "restore-key", false),
+        ("pip", "miss", false),
+    ] {
+        std::fs::write(&gh, "earlier=kept\n").unwrap();
+        let (out, _) = restore(key, &[]);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let r = json(&out).remove(0);
+        assert_eq!(r["hit"], level, "{key}: {r}");
+        assert_eq!(r["cache_hit"], hit, "{key}: {r}");
+        let written = std::fs::read_to_string(&gh).unwrap();
+        assert!(written.starts_with("earlier=kept\n"), "appended: {written}");
+        assert!(
+            written.contains(&format!("cache-hit={hit}\n")),
+            "{key}: {written}"
+        );
+    }
+    // --lookup-only says what would come and writes nothing.
+    std::fs::remove_dir_all(env.dir("dst-npm-feature")).unwrap();
+    let (out, d) = restore("npm-feature", &["--lookup-only"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let r = json(&out).remove(0);
+    assert_eq!(r["hit"], "restore-key");
+    assert_eq!(r["matched_key"], "npm-main");
+    assert_eq!(r["generation"], 1);
+    assert!(!d.join("a").exists() && !d.exists(), "nothing restored");
+    // --fail-on-miss: exit 3 on a miss only.
+    let (out, _) = restore("pip", &["--fail-on-miss"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(json(&out)[0]["hit"], "miss");
+    let (out, d) = restore("npm-feature", &["--fail-on-miss"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(d.join("a").exists());
+}
+
+// run: the same hit levels, GITHUB_OUTPUT, --lookup-only (the command does not run) and
+// --fail-on-miss (exit 3 before the command runs).
+#[test]
+fn run_reports_hits_and_can_fail_on_a_miss() {
+    let env = Env::new();
+    let src = env.dir("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a"), "a").unwrap();
+    assert!(env.run(&["commit", "npm", s(&src)]).status.success());
+    let gh = env.dir("gh");
+    let ran = env.dir("ran");
+    let run = |caches: &[&str], extra: &[&str]| {
+        let _ = std::fs::remove_file(&gh);
+        let _ = std::fs::remove_file(&ran);
+        let mut c = env.cmd();
+        c.arg("--json").arg("run").args(extra);
+        for cache in caches {
+            c.arg("--cache")
+                .arg(format!("{cache}={}", s(&env.dir(&format!("d-{cache}")))));
+        }
+        c.args(["--", "touch", s(&ran)])
+            .env("GITHUB_OUTPUT", &gh)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["npm"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(json(&out)[0]["hit"], "key");
+    let gh_text = std::fs::read_to_string(&gh).unwrap();
+    assert!(gh_text.contains("cache-hit=true\n"), "{gh_text}");
+    assert!(gh_text.contains("cache-hit-npm=true\n"), "{gh_text}");
+
+    let out = run(&["npm", "pip"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let gh_text = std::fs::read_to_string(&gh).unwrap();
+    assert!(
+        gh_text.contains("cache-hit=false\n"),
+        "one missed: {gh_text}"
+    );
+    assert!(gh_text.contains("cache-hit-pip=false\n"), "{gh_text}");
+
+    let out = run(&["npm", "cargo"], &["--fail-on-miss"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(!ran.exists(), "the command did not run");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cargo"));
+
+    let out = run(&["npm"], &["--lookup-only"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(!ran.exists(), "the command did not run");
+    let r = json(&out);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0]["lookup_only"], true);
+    assert_eq!(r[0]["generation"], 1);
+}
+
+// run --json: stdout holds only cachevol's JSON lines (every one parses); the command's stdout
+// goes to stderr. Without --json, the command's stdout is ours.
+#[test]
+fn run_json_keeps_stdout_parseable() {
+    let env = Env::new();
+    let d = env.dir("c");
+    let cache = format!("k={}", s(&d));
+    let out = env.run(&[
+        "--json",
+        "run",
+        "--cache",
+        &cache,
+        "--",
+        "sh",
+        "-c",
+        "echo hello from the command; echo and its stderr >&2",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    assert!(lines
+        .iter()
+        .all(|l| l["command"] == "run" && l["version"] == 1));
+    assert_eq!(lines[0]["hit"], "miss");
+    assert_eq!(lines.last().unwrap()["exit_code"], 0);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("hello from the command"), "{stderr}");
+    assert!(stderr.contains("and its stderr"), "{stderr}");
+
+    let out = env.run(&["run", "--cache", &cache, "--", "echo", "plain"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("plain\n"),
+        "without --json the command's stdout is cachevol's: {out:?}"
+    );
+}
+
+// A key that cannot be a cache key (a branch name with '/') never fails the build: the command
+// runs without that cache, with a warning, and its status is the exit status.
+#[test]
+fn an_invalid_key_in_run_runs_the_command_uncached() {
+    let env = Env::new();
+    let (bad, good) = (env.dir("bad"), env.dir("good"));
+    let out = env.run(&[
+        "run",
+        "--cache",
+        &format!("npm-feature/login={}", s(&bad)),
+        "--cache",
+        &format!("npm={}", s(&good)),
+        "--restore-key",
+        "npm-release/1.0",
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            "mkdir -p {0} {1}; echo x > {0}/f; echo y > {1}/f; exit 5",
+            s(&bad),
+            s(&good)
+        ),
+    ]);
+    assert_eq!(out.status.code(), Some(5), "the command's status: {out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning") && stderr.contains("npm-feature/login"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("without this cache"), "{stderr}");
+    assert!(stderr.contains("restore key ignored"), "{stderr}");
+    assert!(bad.join("f").exists(), "the command ran");
+    // With success, the valid cache commits and the invalid one does not.
+    let out = env.run(&[
+        "--json",
+        "run",
+        "--cache",
+        &format!("feature/x={}", s(&bad)),
+        "--cache",
+        &format!("npm={}", s(&good)),
+        "--",
+        "sh",
+        "-c",
+        &format!("echo z > {0}/f; echo z > {1}/f", s(&bad), s(&good)),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = env.run(&["--json", "ls"]);
+    let caches = &json(&out)[0]["caches"];
+    assert_eq!(caches.as_array().unwrap().len(), 1, "{caches} {out:?}");
+    assert_eq!(caches[0]["key"], "npm");
+}
+
+// Small things a user reads: "1 file" (not "1 files"), and without $USER the writer is the
+// user's name from /etc/passwd, not "uid0".
+#[test]
+fn one_file_is_one_file_and_the_writer_has_a_name() {
+    let env = Env::new();
+    let d = env.dir("c");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("a"), "a").unwrap();
+    let out = env
+        .cmd()
+        .args(["commit", "k", s(&d)])
+        .env_remove("USER")
+        .env_remove("LOGNAME")
+        .env_remove("CACHEVOL_WRITER")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(": 1 file, "), "{text}");
+    assert!(!text.contains("1 files"), "{text}");
+    let show = env.run(&["show", "k"]);
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(text.contains("contents:    1 file, "), "{text}");
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let uid = std::fs::metadata("/proc/self").map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid()
+    });
+    let name = passwd
+        .lines()
+        .find(|l| l.split(':').nth(2).and_then(|u| u.parse().ok()) == uid.as_ref().ok().copied())
+        .and_then(|l| l.split(':').next())
+        .expect("the test user has a passwd entry");
+    let show = json(&env.run(&["--json", "show", "k"])).remove(0);
+    let writer = show["generation"]["provenance"]["writer"].as_str().unwrap();
+    assert!(writer.starts_with(&format!("{name}@")), "{writer}");
+}
+
+// Help: the global options under their own heading; the daemons do not offer the CLI-only
+// ones; every positional and the generation flags say what they are; --version names a commit.
+#[test]
+fn help_separates_global_options_and_describes_every_argument() {
+    let help = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_cachevol"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let top = help(&["--help"]);
+    let (own, global) = top.split_once("Global options:").expect("a heading");
+    assert!(!own.contains("--store") && global.contains("--store") && global.contains("--json"));
+    for daemon in ["node", "controller"] {
+        let text = help(&[daemon, "--help"]);
+        for cli_only in ["--json", "--quiet", "--scope <"] {
+            assert!(
+                !text.contains(cli_only),
+                "{daemon} offers {cli_only}: {text}"
+            );
+        }
+        assert!(text.contains("--store"), "{text}");
+    }
+    assert!(!help(&["controller", "--help"]).contains("No Kubernetes API"));
+    for (args, needles) in [
+        (
+            &["restore", "--help"][..],
+            &["<KEY> The cache key", "<DIR> The directory"][..],
+        ),
+        (
+            &["commit", "--help"],
+            &["<KEY> The cache key", "<DIR> The directory"],
+        ),
+        (
+            &["show", "--help"],
+            &["--generation <GENERATION> The generation"],
+        ),
+        (
+            &["verify", "--help"],
+            &["--generation <GENERATION> The generation"],
+        ),
+        (&["rollback", "--help"], &["--to <TO> The generation"]),
+        (&["restore", "--help"], &["--lookup-only", "--fail-on-miss"]),
+    ] {
+        // Short or long layout: compare with whitespace collapsed.
+        let text = help(args).split_whitespace().collect::<Vec<_>>().join(" ");
+        for n in needles {
+            assert!(text.contains(n), "{args:?} lacks {n:?}: {text}");
+        }
+    }
+    let version = help(&["--version"]);
+    assert!(version.contains("(commit "), "{version}");
+}
+
+// In a CI log (stderr no terminal) a long restore or commit prints plain progress lines naming
+// the cache, every CACHEVOL_PROGRESS_INTERVAL seconds (here: every step), then a final line.
+#[test]
+fn progress_in_a_ci_log_is_plain_lines_naming_the_cache() {
+    let env = Env::new();
+    let d = env.dir("big");
+    std::fs::create_dir_all(&d).unwrap();
+    for i in 0..4u8 {
+        let data: Vec<u8> = (0..(1u32 << 20))
+            .map(|j| (j.wrapping_mul(2654435761) >> 13) as u8 ^ i)
+            .collect();
+        std::fs::write(d.join(format!("f{i}")), data).unwrap();
+    }
+    let out = env
+        .cmd()
+        .args(["commit", "big", s(&d)])
+        .env("CACHEVOL_PROGRESS_INTERVAL", "0")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("cachevol: big: commit "))
+        .collect();
+    assert!(lines.len() >= 2, "{stderr}");
+    assert!(
+        lines.iter().any(|l| l.contains("%") && l.contains("/s")),
+        "{stderr}"
+    );
+    assert!(lines.last().unwrap().contains("done: 4.0 MiB"), "{stderr}");
+    assert!(!stderr.contains('\x1b'), "no terminal codes: {stderr:?}");
+    let out = env
+        .cmd()
+        .args(["restore", "big", s(&env.dir("r"))])
+        .env("CACHEVOL_PROGRESS_INTERVAL", "0")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cachevol: big: restore done: 4.0 MiB"),
+        "{out:?}"
+    );
+    // --quiet: none.
+    let out = env
+        .cmd()
+        .args(["-q", "commit", "big", s(&d)])
+        .env("CACHEVOL_PROGRESS_INTERVAL", "0")
+        .output()
+        .unwrap();
+    assert!(out.stderr.is_empty(), "{out:?}");
+}
+
+// Without AWS credentials in the environment, object_store asks the instance metadata service;
+// its refusal (here: a stand-in answering 403, as off EC2 behind a proxy) is "no credentials
+// found for s3://", exit 2, not a raw HTTP error about a token endpoint.
+#[test]
+fn missing_s3_credentials_are_named_as_such() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(
+                b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            );
+        }
+    });
+    let env = Env::new();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cachevol"));
+    for v in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_SKIP_SIGNATURE",
+        "CACHEVOL_STORE",
+    ] {
+        c.env_remove(v);
+    }
+    let out = c
+        .args([
+            "--store",
+            "s3://bucket/p",
+            "--state-dir",
+            s(&env.dir("st")),
+            "ls",
+        ])
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_METADATA_ENDPOINT", format!("http://127.0.0.1:{port}"))
+        .env("CACHEVOL_STORE_TIMEOUT", "30")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("no credentials found for s3://"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("AWS_ACCESS_KEY_ID"), "{stderr}");
+}

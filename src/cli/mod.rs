@@ -34,8 +34,24 @@ pub mod exit {
     pub const UNAVAILABLE: i32 = 6;
 }
 
+/// `--version`: the package version and the git commit it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("CACHEVOL_COMMIT"),
+    ")"
+);
+
+/// The help heading of the options every command takes.
+const GLOBAL: &str = "Global options";
+
 #[derive(Parser, Debug)]
-#[command(name = "cachevol", version, about = "Persistent, incremental cache volumes for CI", long_about = None)]
+#[command(
+    name = "cachevol",
+    version = VERSION,
+    about = "Persistent, incremental cache volumes for CI",
+    long_about = None
+)]
 pub struct Cli {
     #[command(flatten)]
     global: Global,
@@ -45,21 +61,23 @@ pub struct Cli {
 
 #[derive(Args, Debug, Clone)]
 pub struct Global {
-    /// Object store URL: file:///dir (default: ~/.cache/cachevol/store), s3://bucket/prefix,
-    /// gs://bucket/prefix, az://container/prefix. Credentials come from the environment.
-    #[arg(long, global = true, env = "CACHEVOL_STORE")]
+    /// Object store URL: file:///dir or an absolute path (default: ~/.cache/cachevol/store),
+    /// s3://bucket/prefix, gs://bucket/prefix, az://container/prefix. Credentials come from
+    /// the environment.
+    #[arg(long, global = true, env = "CACHEVOL_STORE", help_heading = GLOBAL)]
     store: Option<String>,
     /// Scope of the caches (a tenant: caches of different scopes share nothing).
-    #[arg(long, global = true, env = "CACHEVOL_SCOPE", default_value = "default")]
+    #[arg(long, global = true, env = "CACHEVOL_SCOPE", default_value = "default", help_heading = GLOBAL)]
     scope: String,
     /// Where records of restored directories are kept (default: ~/.local/state/cachevol).
-    #[arg(long, global = true, env = "CACHEVOL_STATE_DIR")]
+    #[arg(long, global = true, env = "CACHEVOL_STATE_DIR", help_heading = GLOBAL)]
     state_dir: Option<PathBuf>,
-    /// Print machine-readable JSON on stdout instead of text.
-    #[arg(long, global = true)]
+    /// Print one JSON object per report on stdout instead of text (with run, the command's
+    /// stdout goes to stderr).
+    #[arg(long, global = true, help_heading = GLOBAL)]
     json: bool,
     /// No progress bars and no informational lines.
-    #[arg(long, short, global = true)]
+    #[arg(long, short, global = true, help_heading = GLOBAL)]
     quiet: bool,
 }
 
@@ -69,15 +87,22 @@ enum Command {
     Run(run::RunArgs),
     /// Restore the newest snapshot of KEY (or of a restore key) into DIR.
     Restore {
+        /// The cache key (letters, digits, '.', '_', '-'; at most 128).
         key: String,
+        /// The directory to restore into (created if missing).
         dir: PathBuf,
-        /// Fallback keys, tried in order when KEY has no snapshot.
+        /// Fallback keys, tried in order when KEY has no snapshot: a key of exactly that name,
+        /// else the most recently committed key starting with it.
         #[arg(long = "restore-key")]
         restore_keys: Vec<String>,
+        #[command(flatten)]
+        hit: HitArgs,
     },
     /// Commit DIR as the next generation of KEY (uploads only what changed).
     Commit {
+        /// The cache key (letters, digits, '.', '_', '-'; at most 128).
         key: String,
+        /// The directory whose tree becomes the next generation.
         dir: PathBuf,
         #[command(flatten)]
         opts: CommitArgs,
@@ -86,7 +111,9 @@ enum Command {
     Ls,
     /// Show a generation: provenance, totals and files.
     Show {
+        /// The cache key.
         key: String,
+        /// The generation to show (default: the newest).
         #[arg(long)]
         generation: Option<u64>,
         /// Do not list the files.
@@ -97,12 +124,15 @@ enum Command {
     Gc(GcArgs),
     /// Make generation N the newest again (as a new generation; history is kept).
     Rollback {
+        /// The cache key.
         key: String,
+        /// The generation whose tree the new generation gets (see `cachevol show KEY`).
         #[arg(long)]
         to: u64,
     },
     /// Delete a cache: every generation of KEY (packs go at the next gc, after its grace).
     Wipe {
+        /// The cache key.
         key: String,
         /// Needed: wiping cannot be undone.
         #[arg(long)]
@@ -110,7 +140,9 @@ enum Command {
     },
     /// Fetch every pack of a generation and check every chunk's hash.
     Verify {
+        /// The cache key.
         key: String,
+        /// The generation to verify (default: the newest).
         #[arg(long)]
         generation: Option<u64>,
     },
@@ -119,7 +151,8 @@ enum Command {
     /// Serve the CSI Identity and Controller services (beside csi-provisioner).
     ///
     /// --store is the store of volumes whose StorageClass names none; --state-dir keeps the
-    /// volume records (default /var/lib/cachevol-controller). No Kubernetes API is used.
+    /// volume records (default /var/lib/cachevol-controller). With --cluster, the replicas
+    /// elect a leader with a Lease, and only the leader collects garbage.
     Controller(daemon::controller::ControllerArgs),
     /// Serve the CSI Identity and Node services (the DaemonSet beside kubelet).
     ///
@@ -130,6 +163,24 @@ enum Command {
 }
 
 impl Command {
+    /// The subcommand's name, as JSON reports give it.
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Run(_) => "run",
+            Command::Restore { .. } => "restore",
+            Command::Commit { .. } => "commit",
+            Command::Ls => "ls",
+            Command::Show { .. } => "show",
+            Command::Gc(_) => "gc",
+            Command::Rollback { .. } => "rollback",
+            Command::Wipe { .. } => "wipe",
+            Command::Verify { .. } => "verify",
+            Command::Bench(_) => "bench",
+            Command::Controller(_) => "controller",
+            Command::Node(_) => "node",
+        }
+    }
+
     /// Long-running servers log at info by default; one-shot commands only warn.
     fn default_log_level(&self) -> &'static str {
         match self {
@@ -137,6 +188,18 @@ impl Command {
             _ => "warn",
         }
     }
+}
+
+/// What a script asks of a restore besides restoring.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct HitArgs {
+    /// Say what would be restored (hit level, key, generation) and restore nothing.
+    #[arg(long)]
+    lookup_only: bool,
+    /// Exit 3 when neither the key nor any restore key has a snapshot (nothing is restored and,
+    /// for run, the command does not run).
+    #[arg(long)]
+    fail_on_miss: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -217,9 +280,10 @@ impl Global {
 /// The exit code for an engine error.
 pub fn exit_code(e: &Error) -> i32 {
     match e {
-        Error::InvalidName { .. } | Error::InvalidStore { .. } | Error::NoSuchBucket { .. } => {
-            exit::USAGE
-        }
+        Error::InvalidName { .. }
+        | Error::InvalidStore { .. }
+        | Error::NoSuchBucket { .. }
+        | Error::NoCredentials { .. } => exit::USAGE,
         Error::NoSuchGeneration { .. } | Error::NoSuchKey { .. } => exit::NOT_FOUND,
         Error::Fenced { .. }
         | Error::OverBudget { .. }
@@ -236,7 +300,7 @@ pub fn exit_code(e: &Error) -> i32 {
 
 /// Entry point of the binary: returns the process exit code.
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    let cli = parse();
     let (format, bad_format) = match &cli.command {
         Command::Controller(a) => (a.cluster.log_format, None),
         Command::Node(a) => (a.cluster.log_format, None),
@@ -252,7 +316,7 @@ pub fn main() -> i32 {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let out = Out::new(cli.global.json, cli.global.quiet);
+    let out = Out::new(cli.global.json, cli.global.quiet, cli.command.name());
     match rt.block_on(dispatch(cli, &out)) {
         Ok(code) => code,
         Err(e) => {
@@ -262,9 +326,32 @@ pub fn main() -> i32 {
     }
 }
 
+/// The command line, with the options only the CLI commands use hidden from the daemons' help.
+fn parse() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let mut cmd = Cli::command();
+    // Propagates the global options into every subcommand, so they can be hidden in some.
+    cmd.build();
+    for daemon in ["node", "controller"] {
+        // mut_args keeps the arguments in place (mut_arg would reorder them after the build
+        // indexed them, and --help would stop working).
+        cmd = cmd.mut_subcommand(daemon, |c| {
+            c.mut_args(|a| {
+                let cli_only = CLI_ONLY.contains(&a.get_id().as_str());
+                a.hide(cli_only)
+            })
+        });
+    }
+    Cli::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit())
+}
+
+/// Global options that `node` and `controller` ignore (they serve volumes of any scope and
+/// print logs, not reports).
+const CLI_ONLY: &[&str] = &["scope", "json", "quiet"];
+
 async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Error> {
     let g = cli.global;
-    let bars = Arc::new(Bars::new(out.bars_enabled()));
+    let bars = Arc::new(Bars::new(out.bars_enabled(), out.plain_progress()));
     match cli.command {
         Command::Run(args) => run::run(&g, args, out, bars).await,
         Command::Bench(args) => bench::run(&g, args, out).await,
@@ -278,14 +365,41 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Error> {
             key,
             dir,
             restore_keys,
+            hit,
         } => {
             let engine = g.engine(&bars)?;
-            let report = engine.restore(&key, &restore_keys, &dir).await?;
-            out.restore(&key, &report);
+            engine::names::key(&key)?;
+            for k in &restore_keys {
+                engine::names::key(k)?;
+            }
+            let source = engine.resolve(&key, &restore_keys).await?;
+            output::github_output(&[
+                (
+                    "cache-hit".into(),
+                    matches!(source, engine::RestoreSource::Key { .. }).to_string(),
+                ),
+                (
+                    "cache-matched-key".into(),
+                    output::matched_key(&source).unwrap_or("").into(),
+                ),
+            ]);
+            bars.cache(&key);
+            let miss = source == engine::RestoreSource::Miss;
+            if hit.lookup_only || (miss && hit.fail_on_miss) {
+                out.lookup(&key, &restore_keys, &source);
+            } else {
+                let report = engine.restore_source(source, &dir).await?;
+                out.restore(&key, &restore_keys, &report);
+            }
+            if miss && hit.fail_on_miss {
+                output::errln!("cachevol: error: {key}: cache miss (--fail-on-miss)");
+                return Ok(exit::NOT_FOUND);
+            }
             Ok(exit::OK)
         }
         Command::Commit { key, dir, opts } => {
             let engine = g.engine(&bars)?;
+            bars.cache(&key);
             let report = engine.commit(&key, &dir, &opts.options()).await?;
             out.commit(&report);
             Ok(exit::OK)
@@ -335,7 +449,7 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Error> {
         }
         Command::Wipe { key, yes } => {
             if !yes {
-                eprintln!(
+                output::errln!(
                     "cachevol wipe: deletes every generation of {key:?} in scope {:?}; run again with --yes",
                     g.scope
                 );

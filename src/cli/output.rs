@@ -1,7 +1,7 @@
 //! What the CLI prints: human lines on stderr/stdout, or one JSON document per report with
 //! `--json`; progress bars only when stderr is a terminal.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -11,6 +11,40 @@ use crate::engine::{
     CommitOutcome, CommitReport, Entry, Error, GcReport, Generation, KeyInfo, Kind, Progress,
     RestoreReport, RestoreSource,
 };
+
+/// Version of the JSON reports: every line `--json` prints is an object with `"command"` (the
+/// subcommand that printed it) and this `"version"`, besides its own fields.
+pub const JSON_VERSION: u32 = 1;
+
+/// Writes one line to stdout. A reader that went away (`cachevol show npm | head -3`) ends the
+/// process quietly with status 0: there is no one left to tell, and a panic (exit 101) would
+/// fail a pipeline under `set -o pipefail` for nothing.
+pub fn say(args: std::fmt::Arguments) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out
+        .write_fmt(args)
+        .and_then(|_| out.write_all(b"\n"))
+        .and_then(|_| out.flush())
+    {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+    }
+}
+
+/// Writes one line to stderr; a closed stderr is ignored rather than a panic.
+pub fn say_err(args: std::fmt::Arguments) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_fmt(args).and_then(|_| err.write_all(b"\n"));
+}
+
+macro_rules! outln {
+    ($($t:tt)*) => { $crate::cli::output::say(format_args!($($t)*)) };
+}
+macro_rules! errln {
+    ($($t:tt)*) => { $crate::cli::output::say_err(format_args!($($t)*)) };
+}
+pub(crate) use errln;
 
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -27,6 +61,78 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
+/// Appends `name=value` lines to the file `$GITHUB_OUTPUT` names (GitHub Actions step outputs),
+/// when it is set; a file that cannot be written is a warning, never a failure.
+pub fn github_output(lines: &[(String, String)]) {
+    let Some(path) = std::env::var_os("GITHUB_OUTPUT").filter(|p| !p.is_empty()) else {
+        return;
+    };
+    let text: String = lines.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+    let res = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(text.as_bytes()));
+    if let Err(e) = res {
+        errln!(
+            "cachevol: warning: could not write GITHUB_OUTPUT {}: {e}",
+            std::path::Path::new(&path).display()
+        );
+    }
+}
+
+/// "1 file", "2 files".
+pub fn files(n: u64) -> String {
+    if n == 1 {
+        "1 file".into()
+    } else {
+        format!("{n} files")
+    }
+}
+
+/// The hit level scripts test: `key` (the key itself had a snapshot), `restore-key`, `miss`.
+pub fn hit_level(source: &RestoreSource) -> &'static str {
+    match source {
+        RestoreSource::Key { .. } => "key",
+        RestoreSource::RestoreKey { .. } => "restore-key",
+        RestoreSource::Miss => "miss",
+    }
+}
+
+/// The key whose snapshot a restore brings, if any.
+pub fn matched_key(source: &RestoreSource) -> Option<&str> {
+    match source {
+        RestoreSource::Key { key, .. } | RestoreSource::RestoreKey { key, .. } => Some(key),
+        RestoreSource::Miss => None,
+    }
+}
+
+/// The fields every restore report has: `hit` (the level), `cache_hit` (true only for the key
+/// itself, as actions/cache's `cache-hit`) and `matched_key`.
+fn hit_fields(key: &str, source: &RestoreSource) -> serde_json::Value {
+    serde_json::json!({
+        "key": key,
+        "hit": hit_level(source),
+        "cache_hit": matches!(source, RestoreSource::Key { .. }),
+        "matched_key": matched_key(source),
+    })
+}
+
+/// " (fallback from restore key K)", or "(... matched by prefix P)" for a prefix match.
+fn from(source: &RestoreSource, restore_keys: &[String]) -> String {
+    match source {
+        RestoreSource::RestoreKey { key: k, .. } => match restore_keys
+            .iter()
+            .find(|p| *p != k && k.starts_with(p.as_str()))
+            .filter(|_| !restore_keys.contains(k))
+        {
+            Some(p) => format!(" of {k} (fallback: restore key {p} matched by prefix)"),
+            None => format!(" (fallback from restore key {k})"),
+        },
+        _ => String::new(),
+    }
+}
+
 fn time(unix: i64) -> String {
     humantime::format_rfc3339_seconds(
         std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix.max(0) as u64),
@@ -37,91 +143,129 @@ fn time(unix: i64) -> String {
 pub struct Out {
     json: bool,
     quiet: bool,
+    /// The subcommand, named in every JSON report.
+    command: &'static str,
 }
 
 impl Out {
-    pub fn new(json: bool, quiet: bool) -> Out {
-        Out { json, quiet }
+    pub fn new(json: bool, quiet: bool, command: &'static str) -> Out {
+        Out {
+            json,
+            quiet,
+            command,
+        }
+    }
+
+    pub fn json(&self) -> bool {
+        self.json
+    }
+
+    /// `value` as one JSON line with the common fields `command` and `version`.
+    pub fn json_line<T: Serialize>(&self, value: &T) {
+        let mut v = serde_json::to_value(value).expect("reports serialize");
+        if let Some(map) = v.as_object_mut() {
+            map.insert("command".into(), self.command.into());
+            map.insert("version".into(), JSON_VERSION.into());
+        }
+        outln!("{v}");
     }
 
     pub fn bars_enabled(&self) -> bool {
         !self.json && !self.quiet && std::io::stderr().is_terminal()
     }
 
+    /// Plain progress lines on stderr (CI logs): not quiet and stderr no terminal.
+    pub fn plain_progress(&self) -> bool {
+        !self.quiet && !std::io::stderr().is_terminal()
+    }
+
     /// A text line on stdout, or the value as JSON.
     pub fn line<T: Serialize>(&self, text: &str, value: &T) {
         if self.json {
-            println!(
-                "{}",
-                serde_json::to_string(value).expect("reports serialize")
-            );
+            self.json_line(value);
         } else if !self.quiet {
-            println!("{text}");
+            outln!("{text}");
         }
     }
 
     /// Informational text on stderr (never mixed into JSON on stdout).
     pub fn info(&self, text: &str) {
         if !self.quiet {
-            eprintln!("{text}");
+            errln!("{text}");
         }
     }
 
     pub fn warn(&self, text: &str) {
-        eprintln!("cachevol: warning: {text}");
+        errln!("cachevol: warning: {text}");
     }
 
     pub fn error(&self, e: &Error) {
         if self.json {
-            println!(
-                "{}",
-                serde_json::json!({"error": e.to_string(), "exit_code": super::exit_code(e)})
+            self.json_line(
+                &serde_json::json!({"error": e.to_string(), "exit_code": super::exit_code(e)}),
             );
         }
-        eprintln!("cachevol: error: {e}");
+        errln!("cachevol: error: {e}");
     }
 
-    pub fn restore(&self, key: &str, r: &RestoreReport) {
+    pub fn restore(&self, key: &str, restore_keys: &[String], r: &RestoreReport) {
         let text = match &r.source {
             RestoreSource::Miss => format!("{key}: no snapshot yet, starting empty"),
             RestoreSource::Key { generation, .. }
-            | RestoreSource::RestoreKey { generation, .. } => {
-                let from = match &r.source {
-                    RestoreSource::RestoreKey { key: k, .. } => {
-                        format!(" (fallback from restore key {k})")
-                    }
-                    _ => String::new(),
-                };
-                format!(
-                    "{key}: restored generation {generation}{from}: {} files, {} in {:.2}s ({} fetched)",
-                    r.files,
-                    human_bytes(r.bytes),
-                    r.seconds,
-                    human_bytes(r.downloaded)
-                )
-            }
+            | RestoreSource::RestoreKey { generation, .. } => format!(
+                "{key}: restored generation {generation}{}: {}, {} in {:.2}s ({} fetched)",
+                from(&r.source, restore_keys),
+                files(r.files),
+                human_bytes(r.bytes),
+                r.seconds,
+                human_bytes(r.downloaded)
+            ),
         };
-        self.line(&text, &serde_json::json!({"key": key, "restore": r}));
+        let mut v = hit_fields(key, &r.source);
+        v["restore"] = serde_json::json!(r);
+        self.line(&text, &v);
+    }
+
+    /// What a restore would bring (`--lookup-only`): nothing is written.
+    pub fn lookup(&self, key: &str, restore_keys: &[String], source: &RestoreSource) {
+        let text = match source {
+            RestoreSource::Miss => format!("{key}: miss: no snapshot of the key or its restore keys; nothing would be restored"),
+            RestoreSource::Key { generation, .. }
+            | RestoreSource::RestoreKey { generation, .. } => format!(
+                "{key}: {}: would restore generation {generation}{}",
+                hit_level(source),
+                from(source, restore_keys)
+            ),
+        };
+        let mut v = hit_fields(key, source);
+        v["lookup_only"] = true.into();
+        if let RestoreSource::Key { generation, .. }
+        | RestoreSource::RestoreKey { generation, .. } = source
+        {
+            v["generation"] = (*generation).into();
+        }
+        self.line(&text, &v);
     }
 
     pub fn commit(&self, r: &CommitReport) {
         let text = match r.outcome {
             CommitOutcome::Committed { generation } if r.restore_key.is_some() && r.new_chunks == 0 => format!(
-                "{}: created key {} from restore key {} as generation {generation}: {} files, {}; no new chunks, {} uploaded (the generation object) in {:.2}s",
+                "{}: created key {} from restore key {} as generation {generation}: {}, {}; no new chunks, {} uploaded (the generation object) in {:.2}s",
                 r.key,
                 r.key,
                 r.restore_key.as_deref().unwrap_or_default(),
-                r.files,
+                files(r.files),
                 human_bytes(r.bytes),
                 human_bytes(r.uploaded),
                 r.seconds,
             ),
             CommitOutcome::Committed { generation } => format!(
-                "{}: committed generation {generation}: {} files, {}; read {} changed files, uploaded {} in {:.2}s{}",
+                "{}: committed generation {generation}: {}, {}; read {} changed {}, uploaded {} in {:.2}s{}",
                 r.key,
-                r.files,
+                files(r.files),
                 human_bytes(r.bytes),
                 r.files_read,
+                if r.files_read == 1 { "file" } else { "files" },
                 human_bytes(r.uploaded),
                 r.seconds,
                 if r.merged > 0 { format!(" (merged {} newer commits)", r.merged) } else { String::new() }
@@ -145,12 +289,18 @@ impl Out {
             self.info(&format!("no caches in scope {scope}"));
             return;
         }
-        println!(
+        outln!(
             "{:<32} {:>5} {:>5} {:>9} {:>12}  {:<20}  {:<20}  WRITER",
-            "KEY", "GEN", "KEPT", "FILES", "SIZE", "WRITTEN", "LAST USED"
+            "KEY",
+            "GEN",
+            "KEPT",
+            "FILES",
+            "SIZE",
+            "WRITTEN",
+            "LAST USED"
         );
         for k in keys {
-            println!(
+            outln!(
                 "{:<32} {:>5} {:>5} {:>9} {:>12}  {:<20}  {:<20}  {}",
                 k.key,
                 k.newest,
@@ -166,34 +316,36 @@ impl Out {
 
     pub fn show(&self, g: &Generation, entries: &[Entry]) {
         if self.json {
-            self.line("", &serde_json::json!({"generation": g, "entries": entries.iter().map(|e| serde_json::json!({"path": e.path, "kind": e.kind, "mode": format!("{:o}", e.mode), "size": e.size, "target": e.target})).collect::<Vec<_>>()}));
+            // What a user can act on; the manifest's chunk refs are the store's business.
+            let generation = serde_json::json!({"key": g.key, "generation": g.generation, "provenance": g.provenance, "totals": g.totals});
+            self.line("", &serde_json::json!({"generation": generation, "entries": entries.iter().map(|e| serde_json::json!({"path": e.path, "kind": e.kind, "mode": format!("{:o}", e.mode), "size": e.size, "target": e.target})).collect::<Vec<_>>()}));
             return;
         }
         let p = &g.provenance;
-        println!("key:         {}", g.key);
-        println!("generation:  {}", g.generation);
-        println!("written:     {} by {}", time(p.time), p.writer);
+        outln!("key:         {}", g.key);
+        outln!("generation:  {}", g.generation);
+        outln!("written:     {} by {}", time(p.time), p.writer);
         match &p.base {
-            Some(b) => println!("based on:    {} generation {}", b.key, b.generation),
-            None => println!("based on:    nothing (first commit or full upload)"),
+            Some(b) => outln!("based on:    {} generation {}", b.key, b.generation),
+            None => outln!("based on:    nothing (first commit or full upload)"),
         }
         if let Some(n) = &p.note {
-            println!("note:        {n}");
+            outln!("note:        {n}");
         }
-        println!(
-            "contents:    {} files, {} dirs, {} symlinks, {}",
-            g.totals.files,
+        outln!(
+            "contents:    {}, {} dirs, {} symlinks, {}",
+            files(g.totals.files),
             g.totals.dirs,
             g.totals.symlinks,
             human_bytes(g.totals.bytes)
         );
         if !entries.is_empty() {
-            println!();
+            outln!("");
             for e in entries {
                 match e.kind {
-                    Kind::Dir => println!("d {:>5o} {:>12}  {}/", e.mode, "", e.path),
-                    Kind::File => println!("f {:>5o} {:>12}  {}", e.mode, e.size, e.path),
-                    Kind::Symlink => println!(
+                    Kind::Dir => outln!("d {:>5o} {:>12}  {}/", e.mode, "", e.path),
+                    Kind::File => outln!("f {:>5o} {:>12}  {}", e.mode, e.size, e.path),
+                    Kind::Symlink => outln!(
                         "l {:>5o} {:>12}  {} -> {}",
                         e.mode,
                         "",
@@ -235,23 +387,97 @@ impl Out {
     }
 }
 
-/// Progress bars for the engine's long operations.
+/// Progress of the engine's long operations: a bar when stderr is a terminal, else (a CI log)
+/// a plain line every few seconds (`CACHEVOL_PROGRESS_INTERVAL`, default 5) naming the cache,
+/// and one when the phase ends.
 pub struct Bars {
     enabled: bool,
+    plain: Option<std::time::Duration>,
     bar: Mutex<Option<ProgressBar>>,
+    /// The cache the next phase is about (set by the command before each restore or commit).
+    cache: Mutex<String>,
+    line: Mutex<Option<Plain>>,
+    /// When the last line about a directory walk was printed.
+    scan_printed: Mutex<Option<std::time::Instant>>,
+}
+
+/// The state of a plain progress line.
+struct Plain {
+    phase: String,
+    total: u64,
+    done: u64,
+    started: std::time::Instant,
+    printed: std::time::Instant,
+}
+
+impl Plain {
+    fn text(&self, cache: &str, end: bool) -> String {
+        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        let rate = human_bytes((self.done as f64 / secs) as u64);
+        let pct = (self.done * 100).checked_div(self.total).unwrap_or(100);
+        let what = if cache.is_empty() {
+            String::new()
+        } else {
+            format!("{cache}: ")
+        };
+        if end {
+            format!(
+                "cachevol: {what}{} done: {} in {secs:.1}s ({rate}/s)",
+                self.phase,
+                human_bytes(self.done)
+            )
+        } else {
+            format!(
+                "cachevol: {what}{} {} / {} ({pct}%), {rate}/s, {secs:.0}s",
+                self.phase,
+                human_bytes(self.done),
+                human_bytes(self.total)
+            )
+        }
+    }
 }
 
 impl Bars {
-    pub fn new(enabled: bool) -> Bars {
+    /// `bars`: draw terminal bars; `plain`: otherwise print plain lines (not quiet, no tty).
+    pub fn new(bars: bool, plain: bool) -> Bars {
+        let interval = std::env::var("CACHEVOL_PROGRESS_INTERVAL")
+            .ok()
+            .and_then(|s| s.parse::<f64>().ok())
+            .filter(|s| *s >= 0.0)
+            .map(std::time::Duration::from_secs_f64)
+            .unwrap_or(std::time::Duration::from_secs(5));
         Bars {
-            enabled,
+            enabled: bars,
+            plain: (!bars && plain).then_some(interval),
             bar: Mutex::new(None),
+            cache: Mutex::new(String::new()),
+            line: Mutex::new(None),
+            scan_printed: Mutex::new(None),
         }
+    }
+
+    /// Names the cache the following phases are about.
+    pub fn cache(&self, key: &str) {
+        *self.cache.lock().expect("not poisoned") = key.to_string();
+    }
+
+    fn cache_name(&self) -> String {
+        self.cache.lock().expect("not poisoned").clone()
     }
 }
 
 impl Progress for Bars {
     fn start(&self, phase: &str, total: u64) {
+        if self.plain.is_some() {
+            let now = std::time::Instant::now();
+            *self.line.lock().expect("not poisoned") = Some(Plain {
+                phase: phase.to_string(),
+                total,
+                done: 0,
+                started: now,
+                printed: now,
+            });
+        }
         if !self.enabled {
             return;
         }
@@ -263,17 +489,56 @@ impl Progress for Bars {
             .expect("valid template")
             .progress_chars("=> "),
         );
-        bar.set_message(phase.to_string());
+        let cache = self.cache_name();
+        bar.set_message(if cache.is_empty() {
+            phase.to_string()
+        } else {
+            format!("{cache} {phase}")
+        });
         *self.bar.lock().expect("not poisoned") = Some(bar);
     }
 
     fn advance(&self, bytes: u64) {
+        if let Some(interval) = self.plain {
+            let mut line = self.line.lock().expect("not poisoned");
+            if let Some(p) = line.as_mut() {
+                p.done += bytes;
+                if p.printed.elapsed() >= interval {
+                    p.printed = std::time::Instant::now();
+                    errln!("{}", p.text(&self.cache_name(), false));
+                }
+            }
+        }
         if let Some(b) = self.bar.lock().expect("not poisoned").as_ref() {
             b.inc(bytes);
         }
     }
 
+    fn scanning(&self, entries: u64) {
+        if !self.enabled && self.plain.is_none() {
+            return;
+        }
+        let interval = self.plain.unwrap_or(std::time::Duration::from_secs(1));
+        let mut last = self.scan_printed.lock().expect("not poisoned");
+        if last.is_none_or(|t| t.elapsed() >= interval) {
+            *last = Some(std::time::Instant::now());
+            let cache = self.cache_name();
+            let what = if cache.is_empty() {
+                String::new()
+            } else {
+                format!("{cache}: ")
+            };
+            errln!("cachevol: {what}scanning the directory: {entries} entries so far");
+        }
+    }
+
     fn finish(&self) {
+        if let Some(p) = self.line.lock().expect("not poisoned").take() {
+            // A phase that took long enough to report on says it ended.
+            if p.started.elapsed() >= self.plain.unwrap_or_default() {
+                errln!("{}", p.text(&self.cache_name(), true));
+            }
+        }
         if let Some(b) = self.bar.lock().expect("not poisoned").take() {
             b.finish_and_clear();
         }

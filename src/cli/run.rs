@@ -12,9 +12,10 @@ use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
 
+use super::output;
 use super::output::{Bars, Out};
-use super::{exit, CommitArgs, Global};
-use crate::engine::{self, names, Engine, Error};
+use super::{exit, CommitArgs, Global, HitArgs};
+use crate::engine::{self, names, Engine, Error, RestoreSource};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -46,13 +47,17 @@ pub enum CommitOn {
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// A cache as KEY=DIR; repeat for several caches.
+    /// A cache as KEY=DIR; repeat for several caches. A KEY that is not a valid cache key (e.g.
+    /// a branch name with '/') is a warning: the command runs without that cache.
     #[arg(long = "cache", required = true, value_parser = parse_cache)]
     caches: Vec<(String, PathBuf)>,
     /// A fallback key tried when a cache's key has no snapshot: K for every cache, or KEY=K for
-    /// one cache. Repeat for an ordered list.
+    /// one cache; a key of exactly that name, else the most recently committed key starting
+    /// with it. Repeat for an ordered list.
     #[arg(long = "restore-key")]
     restore_keys: Vec<String>,
+    #[command(flatten)]
+    hit: HitArgs,
     /// shared and private behave alike on one machine (they differ between pods on a node);
     /// locked serializes runs of the same caches on this machine.
     #[arg(long, value_enum, default_value_t = Mode::Private)]
@@ -69,29 +74,33 @@ pub struct RunArgs {
 }
 
 fn parse_cache(s: &str) -> Result<(String, PathBuf), String> {
+    // The last '=' splits, so a key computed from anything (a branch `a=b`) stays whole; its
+    // validity is checked by run, which runs without an invalid cache rather than fail.
     let (key, dir) = s
-        .split_once('=')
+        .rsplit_once('=')
         .ok_or_else(|| format!("{s:?}: a cache is KEY=DIR"))?;
-    names::key(key).map_err(|e| e.to_string())?;
     if dir.is_empty() {
         return Err(format!("{s:?}: the directory is empty"));
     }
     Ok((key.to_string(), PathBuf::from(dir)))
 }
 
-/// Restore keys per cache: `K` applies to every cache, `KEY=K` to one.
-fn restore_keys_for(key: &str, all: &[String]) -> Result<Vec<String>, Error> {
-    let mut out = Vec::new();
+/// Restore keys per cache: `K` applies to every cache, `KEY=K` to one. An invalid one is left
+/// out with a warning: a restore key is a hint, never a reason to fail a build.
+fn restore_keys_for(key: &str, all: &[String], out: &Out) -> Vec<String> {
+    let mut keys = Vec::new();
     for rk in all {
-        match rk.split_once('=') {
-            Some((k, v)) if k == key => out.push(names::key(v)?.to_string()),
-            Some((k, _)) => {
-                names::key(k)?;
-            }
-            None => out.push(names::key(rk)?.to_string()),
+        let k = match rk.split_once('=') {
+            Some((k, v)) if k == key => v,
+            Some(_) => continue,
+            None => rk.as_str(),
+        };
+        match names::key(k) {
+            Ok(k) => keys.push(k.to_string()),
+            Err(e) => out.warn(&format!("{key}: restore key ignored: {e}")),
         }
     }
-    Ok(out)
+    keys
 }
 
 /// An exclusive lock on one cache key, held from restore until its commit is in the store.
@@ -157,27 +166,99 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
             )));
         }
     }
+    // A cache never fails a build: a key that cannot be a cache key (a branch name with '/')
+    // leaves its directory uncached, and the command runs.
+    let mut caches = Vec::new();
+    for (key, dir) in &args.caches {
+        match names::key(key) {
+            Ok(_) => caches.push((key.clone(), dir.clone())),
+            Err(e) => out.warn(&format!(
+                "{e}: {} is neither restored nor committed; the command runs without this cache",
+                dir.display()
+            )),
+        }
+    }
 
     // Locks in key order, so two runs of overlapping caches cannot deadlock.
     let mut locks = Vec::new();
-    if args.mode == Mode::Locked {
-        let mut keys: Vec<&String> = seen.keys().collect();
+    if args.mode == Mode::Locked && !args.hit.lookup_only {
+        let mut keys: Vec<&String> = caches.iter().map(|(k, _)| k).collect();
         keys.sort();
         for key in keys {
             locks.push(KeyLock::acquire(&engine, key, out)?);
         }
     }
 
-    for (key, dir) in &args.caches {
-        let restore_keys = restore_keys_for(key, &args.restore_keys)?;
+    // What each cache would restore (nothing under policy push).
+    let mut found = Vec::new();
+    for (key, dir) in &caches {
+        let restore_keys = restore_keys_for(key, &args.restore_keys, out);
+        let source = if args.policy == Policy::Push {
+            None
+        } else {
+            match engine.resolve(key, &restore_keys).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    out.warn(&format!(
+                        "{key}: restore failed, running with what {} holds: {e}",
+                        dir.display()
+                    ));
+                    None
+                }
+            }
+        };
+        found.push((restore_keys, source));
+    }
+    let is_hit = |s: &Option<RestoreSource>| matches!(s, Some(RestoreSource::Key { .. }));
+    let all_hit = !caches.is_empty() && found.iter().all(|(_, s)| is_hit(s));
+    let mut outputs = vec![("cache-hit".to_string(), all_hit.to_string())];
+    for ((key, _), (_, s)) in caches.iter().zip(&found) {
+        outputs.push((format!("cache-hit-{key}"), is_hit(s).to_string()));
+    }
+    output::github_output(&outputs);
+    let missed: Vec<&str> = caches
+        .iter()
+        .zip(&found)
+        .filter(|(_, (_, s))| match s {
+            Some(s) => *s == RestoreSource::Miss,
+            // A failed lookup found nothing; policy push looks nothing up.
+            None => args.policy != Policy::Push,
+        })
+        .map(|((k, _), _)| k.as_str())
+        .collect();
+    let fail = args.hit.fail_on_miss && !missed.is_empty();
+    if args.hit.lookup_only || fail {
+        for ((key, _), (restore_keys, s)) in caches.iter().zip(&found) {
+            out.lookup(
+                key,
+                restore_keys,
+                s.as_ref().unwrap_or(&RestoreSource::Miss),
+            );
+        }
+        if fail {
+            output::errln!(
+                "cachevol: error: cache miss for {} (--fail-on-miss): the command was not run",
+                missed.join(", ")
+            );
+            return Ok(exit::NOT_FOUND);
+        }
+        return Ok(exit::OK);
+    }
+
+    for ((key, dir), (restore_keys, source)) in caches.iter().zip(found) {
         // A marker left by an earlier run must not decide this one.
         remove_marker(dir)?;
-        if args.policy == Policy::Push {
-            std::fs::create_dir_all(dir).map_err(Error::io("create", dir))?;
+        let Some(source) = source else {
+            if args.policy == Policy::Push {
+                std::fs::create_dir_all(dir).map_err(Error::io("create", dir))?;
+            } else {
+                engine.forget(dir);
+            }
             continue;
-        }
-        match engine.restore(key, &restore_keys, dir).await {
-            Ok(r) => out.restore(key, &r),
+        };
+        bars.cache(key);
+        match engine.restore_source(source, dir).await {
+            Ok(r) => out.restore(key, &restore_keys, &r),
             Err(e) => {
                 out.warn(&format!(
                     "{key}: restore failed, running with what {} holds: {e}",
@@ -203,7 +284,7 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
     };
     let mut opts = args.commit.options();
     opts.fence |= args.mode == Mode::Locked;
-    for (key, dir) in &args.caches {
+    for (key, dir) in &caches {
         let unmarked = (args.commit_on == CommitOn::Marker && !dir.join(engine::MARKER).exists())
             .then(|| {
                 format!(
@@ -224,12 +305,16 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
             out.warn(&format!("{key}: commit failed: {e}"));
             continue;
         }
+        bars.cache(key);
         match engine.commit(key, dir, &opts).await {
             Ok(r) => out.commit(&r),
             Err(e) => out.warn(&format!("{key}: commit failed: {e}")),
         }
     }
     drop(locks);
+    if out.json() {
+        out.json_line(&serde_json::json!({"exit_code": code, "cache_hit": all_hit}));
+    }
     Ok(if code == exit::OK { exit::OK } else { code })
 }
 
@@ -248,9 +333,14 @@ fn remove_marker(dir: &std::path::Path) -> Result<(), Error> {
 async fn run_command(command: &[String], out: &Out) -> std::io::Result<i32> {
     use std::os::unix::process::ExitStatusExt;
     out.info(&format!("running {}", shell_words(command)));
-    let mut child = tokio::process::Command::new(&command[0])
-        .args(&command[1..])
-        .spawn()?;
+    let mut cmd = tokio::process::Command::new(&command[0]);
+    cmd.args(&command[1..]);
+    if out.json() {
+        // stdout carries cachevol's JSON lines only; the command's output goes to stderr.
+        use std::os::fd::AsFd;
+        cmd.stdout(std::io::stderr().as_fd().try_clone_to_owned()?);
+    }
+    let mut child = cmd.spawn()?;
     // Ctrl-C reaches the command (same process group); we wait for it to decide on the commit.
     let status = loop {
         tokio::select! {

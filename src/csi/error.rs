@@ -108,7 +108,7 @@ pub fn engine_code(e: &engine::Error) -> Code {
     match e {
         E::InvalidName { .. } | E::InvalidStore { .. } => Code::InvalidArgument,
         // The StorageClass names a store that is not there: the operator must fix it.
-        E::NoSuchBucket { .. } => Code::FailedPrecondition,
+        E::NoSuchBucket { .. } | E::NoCredentials { .. } => Code::FailedPrecondition,
         E::NoSuchKey { .. } | E::NoSuchGeneration { .. } => Code::NotFound,
         // Another writer holds the lock or keeps winning the race: retry later.
         E::Lock(_)

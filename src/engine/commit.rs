@@ -246,9 +246,20 @@ impl Engine {
         }
         // The walk and the reading of the record are independent: they run at once.
         let scan_dir = dir.clone();
-        let scanning = tokio::task::spawn_blocking(move || scan::scan(&scan_dir));
+        let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = seen.clone();
+        let mut scanning =
+            tokio::task::spawn_blocking(move || scan::scan_counting(&scan_dir, &counter));
         let state = DirState::load(&self.state_dir, &dir, self.store.display_url(), &self.scope);
-        let mut scanned = scanning.await.expect("scan does not panic")?;
+        // A long walk (a cold tree of a million files) tells how far it got, once a second.
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.tick().await;
+        let mut scanned = loop {
+            tokio::select! {
+                r = &mut scanning => break r.expect("scan does not panic")?,
+                _ = tick.tick() => self.progress.scanning(seen.load(std::sync::atomic::Ordering::Relaxed)),
+            }
+        };
         if let (true, Some(st)) = (opts.group_widened, &state) {
             let base = base_modes(&st.entries);
             for s in scanned.iter_mut() {

@@ -38,6 +38,15 @@ pub enum Error {
     #[error("store {url}: bucket {bucket:?} does not exist (create it, or fix the store URL)")]
     NoSuchBucket { url: String, bucket: String },
 
+    /// No credentials in the environment, and the instance metadata service (the SDKs' last
+    /// resort) gave none either: a configuration error, said in the user's terms.
+    #[error("store {url}: no credentials found for {scheme}:// ({hint})")]
+    NoCredentials {
+        url: String,
+        scheme: &'static str,
+        hint: &'static str,
+    },
+
     #[error("store {op} {location}: timed out after {seconds}s")]
     StoreTimeout {
         op: &'static str,
@@ -114,7 +123,9 @@ impl Error {
         match self {
             // Not reachable as configured: callers that degrade (a pod starting with an empty
             // cache) do so, and say why.
-            Error::StoreTimeout { .. } | Error::NoSuchBucket { .. } => true,
+            Error::StoreTimeout { .. }
+            | Error::NoSuchBucket { .. }
+            | Error::NoCredentials { .. } => true,
             Error::Store { source, .. } => !matches!(
                 source,
                 object_store::Error::NotFound { .. }

@@ -65,6 +65,8 @@ pub trait Progress: Send + Sync {
     fn start(&self, _phase: &str, _total_bytes: u64) {}
     fn advance(&self, _bytes: u64) {}
     fn finish(&self) {}
+    /// A directory walk still running has found this many entries (about once a second).
+    fn scanning(&self, _entries: u64) {}
 }
 
 /// Progress that goes nowhere.
@@ -571,15 +573,33 @@ pub(crate) fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
-/// A default writer id for provenance: `user@host`.
+/// A default writer id for provenance: `user@host`. The user is `$USER` or `$LOGNAME`, else
+/// the name of the process's uid in /etc/passwd (CI containers often set neither), else `uidN`.
 pub fn default_writer() -> String {
+    let uid = rustix::process::getuid().as_raw();
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| format!("uid{}", rustix::process::getuid().as_raw()));
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(|| {
+            let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+            passwd_name(&passwd, uid)
+        })
+        .unwrap_or_else(|| format!("uid{uid}"));
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".into());
     format!("{user}@{host}")
+}
+
+/// The name of `uid` in the text of an /etc/passwd (`name:password:uid:...` lines).
+fn passwd_name(passwd: &str, uid: u32) -> Option<String> {
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let _password = fields.next()?;
+        (fields.next()?.parse::<u32>().ok()? == uid && !name.is_empty()).then(|| name.to_string())
+    })
 }
 
 impl Engine {
@@ -657,5 +677,17 @@ impl Engine {
             stats,
         }
         .save(&self.state_dir)
+    }
+}
+
+#[cfg(test)]
+mod writer_tests {
+    #[test]
+    fn the_passwd_entry_names_the_user() {
+        let passwd =
+            "root:x:0:0:root:/root:/bin/bash\n# comment\nbuilder:x:1001:1001::/home/b:/bin/sh\n";
+        assert_eq!(super::passwd_name(passwd, 1001).as_deref(), Some("builder"));
+        assert_eq!(super::passwd_name(passwd, 0).as_deref(), Some("root"));
+        assert_eq!(super::passwd_name(passwd, 42), None);
     }
 }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use super::error::{Error, Result};
@@ -59,8 +59,10 @@ impl Engine {
         self.restore_source(source, dir).await
     }
 
-    /// What a restore of `key` would bring now: its newest generation, else the newest of the
-    /// first restore key that has one, else nothing.
+    /// What a restore of `key` would bring now: its newest generation; else, for each restore
+    /// key in order, the newest generation of the key of that exact name, else of the most
+    /// recently committed key that starts with it (as actions/cache matches `restore-keys`);
+    /// else nothing.
     pub async fn resolve(&self, key: &str, restore_keys: &[String]) -> Result<RestoreSource> {
         if let Some(generation) = self.newest(key).await? {
             return Ok(RestoreSource::Key {
@@ -68,6 +70,7 @@ impl Engine {
                 generation,
             });
         }
+        let mut keys: Option<Vec<String>> = None;
         for k in restore_keys {
             if let Some(generation) = self.newest(k).await? {
                 return Ok(RestoreSource::RestoreKey {
@@ -75,8 +78,49 @@ impl Engine {
                     generation,
                 });
             }
+            if keys.is_none() {
+                keys = Some(self.store.list_dirs(&self.layout.manifests()).await?);
+            }
+            let candidates: Vec<String> = keys
+                .iter()
+                .flatten()
+                .filter(|c| c.starts_with(k.as_str()) && *c != k && names::key(c).is_ok())
+                .cloned()
+                .collect();
+            if let Some((key, generation)) = self.most_recent(candidates).await? {
+                return Ok(RestoreSource::RestoreKey { key, generation });
+            }
         }
         Ok(RestoreSource::Miss)
+    }
+
+    /// Of `keys`, the one whose newest generation was written last (by the store's clock; on a
+    /// tie the greater name), with that generation.
+    async fn most_recent(&self, keys: Vec<String>) -> Result<Option<(String, u64)>> {
+        let newest: Vec<Option<(_, String, u64)>> = futures::stream::iter(keys)
+            .map(|k: String| async move {
+                let metas = self.store.list(&self.layout.generations(&k)).await?;
+                let newest = metas
+                    .iter()
+                    .filter_map(|m| super::store::parse_generation(&m.location).map(|g| (g, m)))
+                    .max_by_key(|(g, _)| *g);
+                Ok::<_, Error>(match newest {
+                    // A key no generation could follow is no candidate (its own restores
+                    // say why); neither is an empty one.
+                    Some((g, m)) if g <= super::format::MAX_GENERATION => {
+                        Some((m.last_modified, k, g))
+                    }
+                    _ => None,
+                })
+            })
+            .buffered(8)
+            .try_collect()
+            .await?;
+        Ok(newest
+            .into_iter()
+            .flatten()
+            .max()
+            .map(|(_, key, generation)| (key, generation)))
     }
 
     /// Restores exactly `source` (a generation, or nothing) into `dir`.

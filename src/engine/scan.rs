@@ -4,6 +4,7 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 
 use super::error::{Error, Result};
@@ -25,14 +26,21 @@ struct Queue {
     failed: bool,
 }
 
-struct Shared {
+struct Shared<'a> {
     queue: Mutex<Queue>,
     more: Condvar,
+    /// Entries found so far, for progress.
+    seen: &'a AtomicU64,
 }
 
 /// Walks `root` on a few threads (directories are read and their entries stat'ed in
 /// parallel: on a warm cache the walk is system calls, and they run on every core), then sorts.
 pub fn scan(root: &Path) -> Result<Vec<Scanned>> {
+    scan_counting(root, &AtomicU64::new(0))
+}
+
+/// [`scan`], adding the number of entries found to `seen` as it goes (for progress).
+pub fn scan_counting(root: &Path, seen: &AtomicU64) -> Result<Vec<Scanned>> {
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, 4);
@@ -43,6 +51,7 @@ pub fn scan(root: &Path) -> Result<Vec<Scanned>> {
             failed: false,
         }),
         more: Condvar::new(),
+        seen,
     };
     let results: Vec<Result<Walked>> = std::thread::scope(|s| {
         // Helpers start only once there is work for them: a tree of one or two directories
@@ -109,7 +118,12 @@ fn work(shared: &Shared, queued: &mut dyn FnMut(usize)) -> Result<Walked> {
                 q = shared.more.wait(q).expect("not poisoned");
             }
         };
+        let before = walked.entries.len();
         let r = read_dir(&dir, &rel, &mut walked, &mut subdirs);
+        shared.seen.fetch_add(
+            walked.entries.len().saturating_sub(before) as u64,
+            Ordering::Relaxed,
+        );
         let mut q = shared.queue.lock().expect("not poisoned");
         q.busy -= 1;
         q.failed |= r.is_err();
@@ -206,6 +220,22 @@ fn read_dir(
 mod tests {
     use super::*;
     use std::os::unix::ffi::OsStrExt;
+
+    #[test]
+    fn counts_what_it_found_as_it_goes() {
+        let tmp = tempfile::tempdir().unwrap();
+        for d in 0..5 {
+            let dir = tmp.path().join(format!("d{d}"));
+            std::fs::create_dir(&dir).unwrap();
+            for f in 0..7 {
+                std::fs::write(dir.join(format!("f{f}")), "x").unwrap();
+            }
+        }
+        let seen = AtomicU64::new(0);
+        let found = scan_counting(tmp.path(), &seen).unwrap();
+        assert_eq!(found.len(), 5 + 35);
+        assert_eq!(seen.load(Ordering::Relaxed), 40);
+    }
 
     #[test]
     fn walks_every_directory_once_sorted() {

@@ -31,6 +31,10 @@ pub struct Store {
     local: Option<(PathBuf, Arc<object_store::local::LocalFileSystem>)>,
     timeout: Duration,
     conditional_update: bool,
+    /// An S3 store whose only source of credentials is the instance metadata service (no
+    /// `AWS_*` credentials in the environment): a failed metadata request means "no
+    /// credentials", not a raw HTTP error about a token endpoint.
+    metadata_credentials_only: bool,
     /// Told of each failed or timed-out request (its op: get, head, put, delete, list, copy,
     /// other), for whoever counts them; the engine itself keeps no metrics.
     on_error: Option<ErrorHook>,
@@ -68,7 +72,7 @@ pub fn redact_url(url: &str) -> String {
 }
 
 impl Store {
-    /// Opens a store from a URL: `file:///abs/dir` (or a plain path), `s3://bucket/prefix`,
+    /// Opens a store from a URL: `file:///abs/dir` (or an absolute path), `s3://bucket/prefix`,
     /// `gs://bucket/prefix`, `az://container/prefix`. Cloud credentials and endpoints come from
     /// the environment (`AWS_*`, `GOOGLE_*`, `AZURE_*`) as their SDKs define them.
     pub fn open(url: &str) -> Result<Store> {
@@ -83,9 +87,21 @@ impl Store {
             why,
         };
         if !url.contains("://") {
+            // Only an absolute path is a local store: `s3:/bucket` or `bucket/prefix` is a
+            // mistyped URL far more often than a directory under the working directory.
+            if !url.starts_with('/') {
+                return Err(invalid(
+                    "neither a URL (file:///dir, s3://bucket/prefix, gs://bucket/prefix, \
+                     az://container/prefix) nor an absolute path"
+                        .into(),
+                ));
+            }
             return Self::open_local(PathBuf::from(url), timeout);
         }
         let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
+        if parsed.scheme() != "file" && parsed.host_str().unwrap_or("").is_empty() {
+            return Err(invalid("names no bucket or container".into()));
+        }
         let prefix = Path::parse(parsed.path().trim_start_matches('/'))
             .map_err(|e| invalid(e.to_string()))?;
         let (inner, conditional_update): (Arc<dyn ObjectStore>, bool) = match parsed.scheme() {
@@ -132,6 +148,8 @@ impl Store {
             on_error: None,
             on_latency: None,
             conditional_update,
+            metadata_credentials_only: matches!(parsed.scheme(), "s3" | "s3a")
+                && !aws_credentials_in_env(),
         })
     }
 
@@ -160,6 +178,7 @@ impl Store {
             on_error: None,
             on_latency: None,
             conditional_update: false,
+            metadata_credentials_only: false,
         })
     }
 
@@ -234,6 +253,15 @@ impl Store {
                             .ok()
                             .and_then(|u| u.host_str().map(str::to_string))
                             .unwrap_or_default(),
+                    });
+                }
+                if self.metadata_credentials_only && is_metadata_failure(&source) {
+                    return Err(Error::NoCredentials {
+                        url: self.display.clone(),
+                        scheme: "s3",
+                        hint: "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or \
+                               AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN (IRSA), or run where \
+                               the instance metadata service grants a role",
                     });
                 }
                 Err(Error::Store {
@@ -418,6 +446,29 @@ impl Store {
         out.sort();
         Ok(out)
     }
+}
+
+/// Whether the environment names AWS credentials object_store uses before it falls back to the
+/// instance metadata service: static keys, a web identity (IRSA), a container credentials
+/// endpoint (ECS, EKS Pod Identity), or unsigned requests.
+fn aws_credentials_in_env() -> bool {
+    [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()))
+        || std::env::var("AWS_SKIP_SIGNATURE").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
+}
+
+/// Whether an S3 error is a failed request to the instance metadata service (the IMDS token
+/// or role endpoints, all under `/latest/`), which object_store reports as a generic error.
+fn is_metadata_failure(e: &object_store::Error) -> bool {
+    let text = e.to_string();
+    matches!(e, object_store::Error::Generic { .. })
+        && (text.contains("/latest/api/token") || text.contains("/latest/meta-data/"))
 }
 
 /// Whether a store error counts in `cachevol_store_request_errors_total`: "not found" is a normal
