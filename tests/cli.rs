@@ -945,10 +945,15 @@ fn progress_in_a_ci_log_is_plain_lines_naming_the_cache() {
         .collect();
     assert!(lines.len() >= 2, "{stderr}");
     assert!(
-        lines.iter().any(|l| l.contains("%") && l.contains("/s")),
+        lines
+            .iter()
+            .any(|l| l.contains("%") && l.contains("/s") && l.contains(" / 4 files")),
         "{stderr}"
     );
-    assert!(lines.last().unwrap().contains("done: 4.0 MiB"), "{stderr}");
+    assert!(
+        lines.last().unwrap().contains("done: 4.0 MiB, 4 files"),
+        "{stderr}"
+    );
     assert!(!stderr.contains('\x1b'), "no terminal codes: {stderr:?}");
     let out = env
         .cmd()
@@ -957,7 +962,8 @@ fn progress_in_a_ci_log_is_plain_lines_naming_the_cache() {
         .output()
         .unwrap();
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("cachevol: big: restore done: 4.0 MiB"),
+        String::from_utf8_lossy(&out.stderr)
+            .contains("cachevol: big: restore done: 4.0 MiB, 4 files"),
         "{out:?}"
     );
     // --quiet: none.

@@ -406,6 +406,8 @@ struct Plain {
     phase: String,
     total: u64,
     done: u64,
+    files_total: u64,
+    files_done: u64,
     started: std::time::Instant,
     printed: std::time::Instant,
 }
@@ -420,18 +422,24 @@ impl Plain {
         } else {
             format!("{cache}: ")
         };
+        let files = |n: u64| if n == 1 { "file" } else { "files" };
         if end {
             format!(
-                "cachevol: {what}{} done: {} in {secs:.1}s ({rate}/s)",
+                "cachevol: {what}{} done: {}, {} {} in {secs:.1}s ({rate}/s)",
                 self.phase,
-                human_bytes(self.done)
+                human_bytes(self.done),
+                self.files_done,
+                files(self.files_done)
             )
         } else {
             format!(
-                "cachevol: {what}{} {} / {} ({pct}%), {rate}/s, {secs:.0}s",
+                "cachevol: {what}{} {} / {} ({pct}%), {} / {} {}, {rate}/s, {secs:.0}s",
                 self.phase,
                 human_bytes(self.done),
-                human_bytes(self.total)
+                human_bytes(self.total),
+                self.files_done,
+                self.files_total,
+                files(self.files_total)
             )
         }
     }
@@ -474,6 +482,8 @@ impl Progress for Bars {
                 phase: phase.to_string(),
                 total,
                 done: 0,
+                files_total: 0,
+                files_done: 0,
                 started: now,
                 printed: now,
             });
@@ -511,6 +521,18 @@ impl Progress for Bars {
         }
         if let Some(b) = self.bar.lock().expect("not poisoned").as_ref() {
             b.inc(bytes);
+        }
+    }
+
+    fn files(&self, total_files: u64) {
+        if let Some(p) = self.line.lock().expect("not poisoned").as_mut() {
+            p.files_total = total_files;
+        }
+    }
+
+    fn file_done(&self) {
+        if let Some(p) = self.line.lock().expect("not poisoned").as_mut() {
+            p.files_done += 1;
         }
     }
 

@@ -691,6 +691,7 @@ impl Engine {
             .collect();
         self.progress
             .start("commit", jobs.iter().map(|j| j.2).sum());
+        self.progress.files(jobs.len() as u64);
         let (digests, vanished) = self.chunk_files(jobs, known, packer).await?;
         let files_read = digests.len() as u64;
         for (i, d) in digests {
@@ -950,6 +951,7 @@ impl Engine {
                 Msg::Done { file, result } => match result {
                     Ok(()) => {
                         digests.entry(file).or_default();
+                        self.progress.file_done();
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                         digests.remove(&file);

@@ -64,6 +64,10 @@ pub trait Progress: Send + Sync {
     /// A new phase ("restore", "commit") with the number of bytes it will process.
     fn start(&self, _phase: &str, _total_bytes: u64) {}
     fn advance(&self, _bytes: u64) {}
+    /// The phase will also write (restore) or read (commit) this many files.
+    fn files(&self, _total_files: u64) {}
+    /// One more of those files is done.
+    fn file_done(&self) {}
     fn finish(&self) {}
     /// A directory walk still running has found this many entries (about once a second).
     fn scanning(&self, _entries: u64) {}

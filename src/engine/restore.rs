@@ -300,6 +300,13 @@ impl Engine {
             .map(|(e, _)| e.size)
             .sum();
         self.progress.start("restore", total);
+        self.progress.files(
+            entries
+                .iter()
+                .zip(&present)
+                .filter(|(e, p)| p.is_none() && e.kind == Kind::File && !e.chunks.is_empty())
+                .count() as u64,
+        );
 
         // Plan: which file gets which chunk at which offset, grouped by pack.
         let mut by_pack: HashMap<Digest, HashMap<u64, Need>> = HashMap::new();
@@ -711,6 +718,7 @@ impl Writer {
                 }
                 if last {
                     self.seal(i, &f, &path)?;
+                    progress.file_done();
                 }
             } else {
                 let f = reopen(&path)?;
@@ -718,6 +726,7 @@ impl Writer {
                     .map_err(Error::io("write", &path))?;
                 if last && self.remaining[i].fetch_sub(1, Ordering::AcqRel) == 1 {
                     self.seal(i, &f, &path)?;
+                    progress.file_done();
                 }
             }
             progress.advance(data.len() as u64);
