@@ -3,7 +3,7 @@
 //! kubernetes-csi sidecars call ([`identity`], [`controller`], [`node`]). Capability checks and
 //! the in-flight guard are shared by the controller and the node; what a volume is (its
 //! attributes, the controller's records) is the volume model's ([`crate::spec`]). The processes
-//! that serve these services are wired in [`crate::daemon`].
+//! that serve these services are wired in the daemon layer above (`src/daemon/`).
 
 pub mod capability;
 pub mod controller;

@@ -1,8 +1,7 @@
 //! The volume model: what a cachevol volume is and the settings around it, with no gRPC, no
-//! Kubernetes and no command line. The CSI services ([`crate::csi`]), the node's volumes
-//! ([`crate::node`]), the cluster adapter ([`crate::cluster`]) and the daemons
-//! ([`crate::daemon`]) all speak these types; it depends only on the engine (names, merge, GC
-//! policy).
+//! Kubernetes and no command line. The layers above it — the node's volumes, the CSI services,
+//! the cluster adapter and the daemons — all speak these types; it depends only on the engine
+//! (names, merge, GC policy).
 //!
 //! - [`VolumeSpec`] and its attribute, parameter and annotation names ([`attr`], [`param`],
 //!   [`user`]); [`Mode`], [`Policy`], [`CommitOn`];

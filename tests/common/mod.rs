@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 pub mod apiserver;
 pub mod conditional;
+pub mod store_suite;
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
