@@ -1823,7 +1823,10 @@ async fn lock_leases_are_deleted_when_nobody_needs_them_and_the_leader_lease_is_
 // a locked cache between pods of other claims on two nodes, each waiter asking as soon as the
 // holder has the cache and retrying like kubelet. Prints the hand-off latency (waiter's publish
 // answered − holder's commit in the store, polled every 50 ms: an upper bound), p50/p95/max.
-// CACHEVOL_BENCH_HANDOFFS and CACHEVOL_BENCH_HOLD_SECS change the count and how long each holds.
+// CACHEVOL_BENCH_HANDOFFS and CACHEVOL_BENCH_HOLD_SECS change the count and how long each holds;
+// with CACHEVOL_BENCH_HOLD_MAX_SECS the holds spread evenly from HOLD to HOLD_MAX (in a shuffled
+// order), so the waits cover every distance from kubelet's retries; CACHEVOL_BENCH_LOCK_WAIT
+// sets the nodes' --lock-wait (default: the binary's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn locked_handoff_latency() {
@@ -1835,9 +1838,21 @@ async fn locked_handoff_latency() {
             .unwrap_or(d)
     };
     let n = env("CACHEVOL_BENCH_HANDOFFS", 20) as usize;
-    let hold = Duration::from_secs(env("CACHEVOL_BENCH_HOLD_SECS", 3));
-    c.add_node("node-1", &[]);
-    c.add_node("node-2", &[]);
+    let hold_min = env("CACHEVOL_BENCH_HOLD_SECS", 3);
+    let hold_max = env("CACHEVOL_BENCH_HOLD_MAX_SECS", hold_min).max(hold_min);
+    // Hand-off i holds for an evenly spread length, visited in a fixed shuffled order (7 is
+    // coprime with any count not divisible by 7) so that long and short holds alternate.
+    let hold_of = |i: usize| {
+        let step = if n > 1 { (i * 7 + 3) % n } else { 0 };
+        let span = (hold_max - hold_min) as f64 * step as f64 / (n.max(2) - 1) as f64;
+        Duration::from_secs_f64(hold_min as f64 + span)
+    };
+    let lock_wait = std::env::var("CACHEVOL_BENCH_LOCK_WAIT")
+        .ok()
+        .map(|w| format!("--lock-wait={w}"));
+    let node_args: Vec<&str> = lock_wait.iter().map(|s| s.as_str()).collect();
+    c.add_node("node-1", &node_args);
+    c.add_node("node-2", &node_args);
     let mut vols = Vec::new();
     for claim in ["bench-1", "bench-2"] {
         vols.push(
@@ -1877,6 +1892,7 @@ async fn locked_handoff_latency() {
             let (t, errors) = c.publish_like_kubelet(next, &nv.0, &nv.1).await;
             (t, errors, Instant::now())
         };
+        let hold = hold_of(i);
         let run = async {
             tokio::time::sleep(hold).await;
             common::write(&target.join(format!("from-{i}")), b"x");
@@ -1901,7 +1917,8 @@ async fn locked_handoff_latency() {
         let l = got.saturating_duration_since(committed).as_secs_f64();
         let u = got.saturating_duration_since(unpublished).as_secs_f64();
         eprintln!(
-            "hand-off {i}: {l:.3}s after the commit, {u:.3}s after the holder's unpublish ({} failed mounts)",
+            "hand-off {i} (held {:.0}s): {l:.3}s after the commit, {u:.3}s after the holder's unpublish ({} failed mounts)",
+            hold.as_secs_f64(),
             errors.len()
         );
         latencies.push(l);
@@ -1920,8 +1937,10 @@ async fn locked_handoff_latency() {
         )
     };
     println!(
-        "locked hand-off over {n} hand-offs (hold {hold:?}): after the commit {}; after the \
-         holder's unpublish (commit included) {}; {failed_mounts} failed mounts",
+        "locked hand-off over {n} hand-offs (holds {hold_min}-{hold_max} s, lock wait {}): after \
+         the commit {}; after the holder's unpublish (commit included) {}; {failed_mounts} \
+         failed mounts",
+        lock_wait.as_deref().unwrap_or("default"),
         stats(latencies),
         stats(since_unpublish)
     );
