@@ -159,6 +159,7 @@ async fn endpoint_serves_metrics_health_and_readiness() {
     metrics::Report.node_gauges(&cachevol::node::NodeGauges {
         base_bytes: 5 << 30,
         base_budget: Some(50 << 30),
+        base_images: false,
         active_views: 3,
         pending_views: 2,
         oldest_pending_secs: 90.0,

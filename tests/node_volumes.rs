@@ -2,6 +2,10 @@
 //! by pods, overlay views, the copy fallback, commits from a view's upper dir, the committed
 //! tree kept as the next base, private/shared/locked modes, and a restart between unpublish and
 //! commit.
+//!
+//! Every test runs with the node's default, bases written as EROFS images; `.ci/run` runs the
+//! file again with `CACHEVOL_TEST_BASE_IMAGES=0` for bases written as trees of files (kernels
+//! that cannot mount images).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,6 +15,11 @@ mod common;
 use cachevol::engine::CommitOutcome;
 use cachevol::node::{CommitDecision, NodeConfig, Publish, ViewKind, Volumes};
 use cachevol::spec::{Ending, PodRef};
+
+/// Whether the nodes of this run write their bases as images (the default) or as trees.
+fn images() -> bool {
+    std::env::var("CACHEVOL_TEST_BASE_IMAGES").map_or(true, |v| v != "0")
+}
 
 struct Node {
     volumes: Volumes,
@@ -24,6 +33,7 @@ fn node(root: &Path, name: &str, force_copy: bool) -> Node {
         default_store: None,
         force_copy,
         base_budget: None,
+        base_images: images(),
     })
     .unwrap();
     Node { volumes }
@@ -315,6 +325,7 @@ async fn bases_past_the_node_budget_are_evicted_least_recently_used_first() {
             default_store: None,
             force_copy: false,
             base_budget: Some(700_000),
+            base_images: images(),
         })
         .unwrap(),
     };
@@ -862,4 +873,161 @@ async fn a_corrupt_pack_found_by_one_node_is_not_reused_by_another_nodes_commit(
         "new"
     );
     finish(&n3, &td, Ending::Succeeded).await;
+}
+
+/// The mounts under `dir` as (mount point, file system type).
+fn mounts_under(dir: &Path) -> Vec<(std::path::PathBuf, String)> {
+    cachevol::node::mount::mounts()
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.mount_point.starts_with(dir))
+        .map(|m| (m.mount_point, m.fstype))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_fresh_node_mounts_an_image_and_commits_stack_on_it_as_layers() {
+    if !images() {
+        return; // this run writes trees; the same scenarios run in the other tests
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let store = format!("file://{}", t.join("store").display());
+    let src = t.join("src");
+    std::fs::create_dir_all(src.join("pkgs/big")).unwrap();
+    for i in 0..300 {
+        std::fs::write(src.join(format!("pkgs/big/f{i:03}")), format!("{i}")).unwrap();
+    }
+    std::fs::write(src.join("pkgs/left-pad.tgz"), vec![3u8; 70_000]).unwrap();
+    std::fs::create_dir_all(src.join("old-dir/inner")).unwrap();
+    std::fs::write(src.join("old-dir/inner/x"), "x").unwrap();
+    std::os::unix::fs::symlink("pkgs/left-pad.tgz", src.join("link")).unwrap();
+    let engine = cachevol::engine::Engine::new(
+        cachevol::engine::Store::open(&store).unwrap(),
+        "team-a",
+        t.join("cli-state"),
+    )
+    .unwrap();
+    engine
+        .commit("npm", &src, &cachevol::engine::CommitOptions::default())
+        .await
+        .unwrap();
+    let state = t.join("node1");
+    let n = node(t, "node1", false);
+    let c = ctx(&store, "npm", "private", &[]);
+
+    // Cold: the base is an image, mounted read-only; the view shows the snapshot.
+    let ta = t.join("pods/a/mount");
+    let p = publish_async(&n, &ta, &c, "a").await;
+    assert_eq!(p.form, Some(cachevol::node::BaseForm::Image), "{p:?}");
+    let bases = state.join("bases");
+    let types: Vec<String> = mounts_under(&bases).into_iter().map(|m| m.1).collect();
+    assert!(types.contains(&"erofs".to_string()), "{types:?}");
+    assert_eq!(
+        std::fs::read(ta.join("pkgs/left-pad.tgz")).unwrap(),
+        vec![3u8; 70_000]
+    );
+    assert_eq!(
+        std::fs::read_to_string(ta.join("pkgs/big/f299")).unwrap(),
+        "299"
+    );
+    assert_eq!(
+        std::fs::read_link(ta.join("link")).unwrap(),
+        Path::new("pkgs/left-pad.tgz")
+    );
+    // The pod changes, deletes, replaces a directory and leaves a commit marker behind.
+    std::fs::remove_file(ta.join("pkgs/left-pad.tgz")).unwrap();
+    std::fs::remove_dir_all(ta.join("old-dir")).unwrap();
+    std::fs::create_dir_all(ta.join("old-dir")).unwrap();
+    std::fs::write(ta.join("old-dir/new"), "new").unwrap();
+    std::fs::write(ta.join("pkgs/big/f000"), "changed").unwrap();
+    std::fs::write(ta.join(".cachevol-commit"), "").unwrap();
+    let d = finish(&n, &ta, Ending::Succeeded).await;
+    assert_eq!(generation(&d), Some(2), "{d:?}");
+
+    // The next pod is warm: the committed upper dir is a layer over the same image.
+    let tb = t.join("pods/b/mount");
+    let p = publish_async(&n, &tb, &c, "b").await;
+    assert!(p.warm && p.form.is_none(), "{p:?}");
+    let check = |root: &Path| {
+        assert!(!root.join("pkgs/left-pad.tgz").exists(), "deleted below");
+        assert!(
+            !root.join("old-dir/inner").exists(),
+            "a replaced directory is opaque"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("old-dir/new")).unwrap(),
+            "new"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("pkgs/big/f000")).unwrap(),
+            "changed"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("pkgs/big/f001")).unwrap(),
+            "1"
+        );
+        assert!(
+            !root.join(".cachevol-commit").exists(),
+            "a marker never reaches a view"
+        );
+    };
+    check(&tb);
+    let gen_dirs: Vec<_> = std::fs::read_dir(
+        bases
+            .read_dir()
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path()
+            .join("team-a/npm"),
+    )
+    .unwrap()
+    .flatten()
+    .map(|e| e.file_name().to_string_lossy().into_owned())
+    .collect();
+    assert_eq!(
+        gen_dirs,
+        ["00000000000000000002"],
+        "the image moved to the new generation"
+    );
+    // Unchanged: milliseconds, nothing uploaded.
+    let d = finish(&n, &tb, Ending::Succeeded).await;
+    match &d {
+        CommitDecision::Committed(r) => assert!(
+            matches!(
+                r.outcome,
+                CommitOutcome::Unchanged {
+                    generation: Some(2)
+                }
+            ) && r.uploaded == 0,
+            "{r:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
+
+    // A reboot unmounts everything: the next publish mounts the image and its layer again.
+    for (m, _) in mounts_under(&bases).into_iter().rev() {
+        cachevol::node::mount::unmount(&m).unwrap();
+    }
+    assert!(mounts_under(&bases).is_empty());
+    let n = node(t, "node1", false);
+    let tc = t.join("pods/c/mount");
+    let p = publish_async(&n, &tc, &c, "c").await;
+    assert!(p.warm, "{p:?}");
+    check(&tc);
+    std::fs::write(tc.join("third"), "3").unwrap();
+    assert_eq!(
+        generation(&finish(&n, &tc, Ending::Succeeded).await),
+        Some(3)
+    );
+
+    // Another node restores generation 3 from the store: the same tree.
+    let n2 = node(t, "node2", false);
+    let td = t.join("pods/d/mount");
+    publish_async(&n2, &td, &c, "d").await;
+    check(&td);
+    assert_eq!(std::fs::read_to_string(td.join("third")).unwrap(), "3");
+    finish(&n2, &td, Ending::Aborted).await;
 }

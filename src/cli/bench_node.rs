@@ -3,6 +3,12 @@
 //! (unchanged, and after 1 % new files), measured in-process through the same code
 //! NodePublishVolume and the commit run (the gRPC hop adds well under a millisecond).
 //! Needs root (mounts).
+//!
+//! The fresh node column compares a cold publish (the base written as an EROFS image) with
+//! what a job would do instead, in the same run: `zstd -d | tar -x` of the tree into a fresh
+//! directory; and the publish followed by reading every file of the view once with
+//! `tar -cf - . | cat >/dev/null` against the extract followed by the same read. The cold
+//! publish as a tree of files (kernels that cannot mount images) is measured too.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +25,17 @@ pub struct NodeFigures {
     pub tree: String,
     pub files: u64,
     pub bytes: u64,
+    /// `zstd -d | tar -x` of the tree into a fresh directory.
+    pub extract_s: f64,
+    /// Reading every file of the extracted tree once.
+    pub extract_read_s: f64,
+    /// A fresh node's publish (the base written as an image), and reading every file of the
+    /// view once after it.
+    pub fresh_publish_s: f64,
+    pub fresh_read_s: f64,
+    /// The process's peak RSS during a fresh node's publish.
+    pub fresh_peak_rss_mib: f64,
+    /// A cold publish with the base written as a tree of files.
     pub publish_cold_s: f64,
     pub publish_warm_s: f64,
     pub commit_unchanged_s: f64,
@@ -33,13 +50,14 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn volumes(state: &Path) -> Result<Volumes, Error> {
+fn volumes(state: &Path, base_images: bool) -> Result<Volumes, Error> {
     Volumes::new(NodeConfig {
         node_id: "bench".into(),
         state_dir: state.to_path_buf(),
         default_store: None,
         force_copy: false,
         base_budget: None,
+        base_images,
     })
     .map_err(|e| Error::Lock(e.to_string()))
 }
@@ -137,15 +155,44 @@ pub async fn measure(
     let first = engine.commit(key, tree, &CommitOptions::default()).await?;
     let ctx = context(store_url, key);
 
+    // What a job would do instead: the tree as a .tar.zst, extracted into a fresh directory,
+    // then every file read once.
+    let tarball = work.join("tree.tar.zst");
+    timed(
+        r#"tar -C "$1" -cf - . | zstd -T0 -3 -q -o "$2""#,
+        &[tree, &tarball],
+    )?;
+    let (mut extract, mut extract_read) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let dir = work.join(format!("extract-{i}"));
+        std::fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
+        extract.push(timed(
+            r#"zstd -d -q -c "$1" | tar -C "$2" -xf -"#,
+            &[&tarball, &dir],
+        )?);
+        extract_read.push(read_all(&dir)?);
+    }
+
+    let (mut fresh, mut fresh_read, mut fresh_rss) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..runs {
+        let v = volumes(&work.join(format!("fresh-node-{i}")), true)?;
+        let target = work.join(format!("fresh-target-{i}"));
+        reset_peak_rss();
+        fresh.push(publish(&v, &target, &ctx, &format!("fresh{i}")).await?);
+        fresh_rss.push(peak_rss_mib());
+        fresh_read.push(read_all(&target)?);
+        finish(&v, &target, Ending::Aborted).await?;
+    }
+
     let mut cold = Vec::new();
     for i in 0..runs {
-        let v = volumes(&work.join(format!("cold-node-{i}")))?;
+        let v = volumes(&work.join(format!("cold-node-{i}")), false)?;
         let target = work.join(format!("cold-target-{i}"));
         cold.push(publish(&v, &target, &ctx, &format!("cold{i}")).await?);
         finish(&v, &target, Ending::Aborted).await?;
     }
 
-    let v = volumes(&work.join("warm-node"))?;
+    let v = volumes(&work.join("warm-node"), true)?;
     let target = work.join("warm-target");
     publish(&v, &target, &ctx, "prime").await?;
     finish(&v, &target, Ending::Aborted).await?;
@@ -169,6 +216,11 @@ pub async fn measure(
         tree: tree.display().to_string(),
         files: first.files,
         bytes: first.bytes,
+        extract_s: median(extract),
+        extract_read_s: median(extract_read),
+        fresh_publish_s: median(fresh),
+        fresh_read_s: median(fresh_read),
+        fresh_peak_rss_mib: fresh_rss.into_iter().fold(0.0, f64::max),
         publish_cold_s: median(cold),
         publish_warm_s: median(warm),
         commit_unchanged_s: median(unchanged),
@@ -179,20 +231,72 @@ pub async fn measure(
     })
 }
 
+/// Runs `script` with `sh -c` and `args` as $1, $2, ...; its wall time in seconds.
+fn timed(script: &str, args: &[&Path]) -> Result<f64, Error> {
+    let t = Instant::now();
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg("sh")
+        .args(args)
+        .status()
+        .map_err(Error::io("run", "sh"))?;
+    if !status.success() {
+        return Err(Error::Io {
+            op: "run",
+            path: PathBuf::from(script),
+            source: std::io::Error::other(format!("{status}")),
+        });
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// Reads every file under `dir` once, as a job would (GNU tar reads the files only when its
+/// output is not /dev/null).
+fn read_all(dir: &Path) -> Result<f64, Error> {
+    timed(r#"cd "$1" && tar -cf - . | cat >/dev/null"#, &[dir])
+}
+
+/// Resets the process's peak RSS (VmHWM) to its current RSS, so the next reading is the peak
+/// of what runs in between.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
 /// A markdown table of the figures.
 pub fn table(rows: &[NodeFigures]) -> String {
     let mut s = String::from(
-        "| tree | files | MB | publish cold | publish warm (goal ≤ 20 ms) | commit unchanged (goal ≤ 50 ms, 0 B) | commit 1 % new | uploaded / new bytes |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| tree | files | MB | extract | fresh node publish (× extract, goal ≤ 0.3) | extract + read | fresh node publish + read (×, goal ≤ 0.5) | fresh node peak RSS (goal ≤ 128 MiB) | cold publish as files | publish warm (goal ≤ 20 ms) | commit unchanged (goal ≤ 50 ms, 0 B) | commit 1 % new | uploaded / new bytes |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
+        let (ex, ex_read) = (r.extract_s, r.extract_s + r.extract_read_s);
+        let (pu, pu_read) = (r.fresh_publish_s, r.fresh_publish_s + r.fresh_read_s);
         s += &format!(
-            "| {} | {} | {:.0} | {:.0} ms | {:.1} ms | {:.1} ms, {} B | {:.0} ms | {:.2} |\n",
+            "| {} | {} | {:.0} | {:.0} ms | {:.0} ms ({:.2}×) | {:.0} ms | {:.0} ms ({:.2}×) | {:.0} MiB | {:.0} ms | {:.1} ms | {:.1} ms, {} B | {:.0} ms | {:.2} |\n",
             Path::new(&r.tree)
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
             r.files,
             r.bytes as f64 / 1e6,
+            ex * 1e3,
+            pu * 1e3,
+            pu / ex.max(1e-9),
+            ex_read * 1e3,
+            pu_read * 1e3,
+            pu_read / ex_read.max(1e-9),
+            r.fresh_peak_rss_mib,
             r.publish_cold_s * 1e3,
             r.publish_warm_s * 1e3,
             r.commit_unchanged_s * 1e3,

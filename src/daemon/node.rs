@@ -35,6 +35,11 @@ pub struct NodeArgs {
     /// Bytes of base trees kept on the node (e.g. 50Gi); least recently used go first.
     #[arg(long, value_parser = spec::parse_size)]
     pub base_budget: Option<u64>,
+    /// Write a fresh node's bases as read-only EROFS images (one file per base, mounted without
+    /// a loop device: Linux 6.12 or later) instead of trees of files; where the kernel refuses,
+    /// bases are trees whatever this says.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub base_images: bool,
     /// How long a NodePublishVolume of a locked cache held by another pod stays open waiting
     /// for its turn before answering UNAVAILABLE (kubelet then calls again; the pod keeps its
     /// place in line). Keep it below kubelet's 2-minute CSI call timeout.
@@ -89,6 +94,7 @@ async fn start(
                 default_store: store.clone(),
                 force_copy: args.copy_views,
                 base_budget: args.base_budget,
+                base_images: args.base_images,
             },
             Arc::new(crate::node::mount::System),
             report,

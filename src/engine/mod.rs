@@ -9,12 +9,14 @@ pub mod store;
 
 mod commit;
 mod gc;
+mod image_shim;
 mod inspect;
 mod localstate;
 pub mod overlay;
 mod par;
 mod protect;
 mod restore;
+pub use image_shim::{ImageOptions, ImageReport};
 mod scan;
 
 use std::collections::HashMap;

@@ -9,8 +9,39 @@ use super::{blocking, hash_id, io, Result, ViewRecord, Volumes};
 use crate::engine::{self, Engine, RestoreSource};
 use crate::spec::{Policy, VolumeSpec};
 
+/// How a base was written out on the node: as one EROFS image mounted read-only (a fresh
+/// node's restore writes one file instead of every file of the tree), or as a tree of files
+/// (where the kernel cannot mount images, and for empty bases).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BaseForm {
+    Image,
+    Tree,
+}
+
+impl BaseForm {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Image => "image",
+            Self::Tree => "tree",
+        }
+    }
+}
+
+/// In a generation's directory: the image of an image base, where it is mounted, and the
+/// trees committed on top of it on this node (overlay layers, oldest first: `0000`, ...).
+/// `tree` is then a read-only mount of the image (bind) or of the layers over it (overlay).
+const IMAGE: &str = "image.erofs";
+const IMAGE_MOUNT: &str = "image";
+const LAYERS: &str = "layers";
+/// Layers an image base may collect before a commit no longer stacks on it (the next pod
+/// then writes a fresh image of the newest generation): each layer is one more lookup per
+/// path for the kernel.
+const MAX_LAYERS: usize = 16;
+
 pub(super) struct Base {
     pub(super) dir: PathBuf,
+    /// How this publish's restore wrote the base (None: it was already on the node).
+    pub(super) form: Option<BaseForm>,
     pub(super) source: RestoreSource,
     pub(super) warm: bool,
     pub(super) degraded: Option<String>,
@@ -116,8 +147,21 @@ impl Volumes {
         };
         let lock = Self::lock_of(&self.base_locks, &dir);
         let _guard = lock.lock().await;
-        let warm = engine.has_record(&dir);
+        let mut warm = engine.has_record(&dir);
+        if warm {
+            if let Err(e) = self.mount_base(&dir).await {
+                // An image base the kernel no longer mounts (rebooted into another kernel, or
+                // the image is damaged): written out again below.
+                tracing::warn!(base = %dir.display(), error = %e, "cannot mount a base image; restoring it again");
+                self.unmount_base(&dir);
+                engine.forget(&dir);
+                let gen_dir = dir.parent().unwrap_or(&dir);
+                let _ = std::fs::remove_file(gen_dir.join(IMAGE));
+                warm = false;
+            }
+        }
         let (mut bytes, mut downloaded) = (0, 0);
+        let mut form = None;
         if !warm {
             if let Some(other) = engine.foreign_record(&dir) {
                 // Never reuse (or restore over) another store's or scope's tree.
@@ -128,6 +172,22 @@ impl Volumes {
                 .into());
             }
             std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+            match self.restore_image(&engine, &source, &dir, group).await {
+                Ok(Some(r)) => {
+                    (bytes, downloaded) = (r.bytes, r.downloaded);
+                    form = Some(BaseForm::Image);
+                    self.evict_bases().await;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.unmount_base(&dir);
+                    let _ = std::fs::remove_dir_all(dir.parent().unwrap_or(&dir));
+                    return Err(e);
+                }
+            }
+        }
+        if !warm && form.is_none() {
+            form = Some(BaseForm::Tree);
             let restored = match engine.restore_source(source.clone(), &dir).await {
                 Ok(r) => match group {
                     Some(g) => {
@@ -153,12 +213,109 @@ impl Volumes {
         touch(&dir);
         Ok(Base {
             dir,
+            form,
             source,
             warm,
             degraded,
             bytes,
             downloaded,
         })
+    }
+
+    /// Writes generation `source` as an image base at `tree`'s directory and mounts it. None
+    /// when images are off or the kernel refused to mount one (then images stay off for this
+    /// process: the caller writes a tree instead). Empty bases are always trees.
+    async fn restore_image(
+        &self,
+        engine: &Engine,
+        source: &RestoreSource,
+        tree: &Path,
+        group: Option<u32>,
+    ) -> Result<Option<engine::ImageReport>> {
+        if !self.images_on() || *source == RestoreSource::Miss {
+            return Ok(None);
+        }
+        let gen_dir = tree.parent().expect("tree has a parent");
+        let opts = engine::ImageOptions {
+            group,
+            record: Some(tree.to_path_buf()),
+        };
+        let report = engine
+            .restore_image(source.clone(), &gen_dir.join(IMAGE), opts)
+            .await?;
+        match self.mount_base(tree).await {
+            Ok(()) => Ok(Some(report)),
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "the kernel does not mount EROFS images here (file-backed EROFS needs \
+                     Linux 6.12); bases are written as trees of files from now on"
+                );
+                self.images_off();
+                self.unmount_base(tree);
+                engine.forget(tree);
+                let _ = std::fs::remove_file(gen_dir.join(IMAGE));
+                Ok(None)
+            }
+        }
+    }
+
+    /// Mounts base `tree` when it is an image base that is not mounted (just written, or after
+    /// a reboot): its image, then `tree` over it (a bind mount, or a read-only overlay of the
+    /// layers committed on this node over the image). Tree bases need nothing.
+    pub(super) async fn mount_base(&self, tree: &Path) -> Result<()> {
+        let gen_dir = tree.parent().expect("tree has a parent").to_path_buf();
+        if !gen_dir.join(IMAGE).exists() {
+            return Ok(());
+        }
+        let image = gen_dir.join(IMAGE_MOUNT);
+        let mounted = self
+            .mounter
+            .mount_points()
+            .map_err(io("read the mount table", tree))?;
+        if !mounted.contains(&image) {
+            std::fs::create_dir_all(&image).map_err(io("create", &image))?;
+            self.mounter
+                .erofs(&gen_dir.join(IMAGE), &image)
+                .map_err(io("mount the image", &gen_dir.join(IMAGE)))?;
+        }
+        if !mounted.iter().any(|m| m == tree) {
+            std::fs::create_dir_all(tree).map_err(io("create", tree))?;
+            let mut lower = layers(&gen_dir);
+            if lower.is_empty() {
+                self.mounter.bind(&image, tree, true)
+            } else {
+                lower.push(image);
+                self.mounter.overlay_read_only(&lower, tree)
+            }
+            .map_err(io("mount", tree))?;
+        }
+        Ok(())
+    }
+
+    /// Unmounts an image base's mounts (before it is moved or deleted); nothing for trees.
+    pub(super) fn unmount_base(&self, tree: &Path) {
+        let gen_dir = tree.parent().expect("tree has a parent");
+        for m in [tree.to_path_buf(), gen_dir.join(IMAGE_MOUNT)] {
+            if self.mounter.is_mount_point(&m).unwrap_or(false) {
+                if let Err(e) = self.mounter.unmount(&m) {
+                    tracing::warn!(mount = %m.display(), error = %e, "cannot unmount a base");
+                }
+            }
+        }
+    }
+
+    /// Whether fresh bases are written as images: asked for, and not refused by the kernel.
+    fn images_on(&self) -> bool {
+        self.cfg.base_images
+            && !self
+                .images_refused
+                .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn images_off(&self) {
+        self.images_refused
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The generations of `spec.key` the node has complete bases of for `group`, newest first.
@@ -207,6 +364,18 @@ impl Volumes {
             .any(|v| v.id != record.id && &v.base_dir == old);
         let old_lock = Self::lock_of(&self.base_locks, old);
         let _old_guard = old_lock.lock().await;
+        let old_gen = old.parent().expect("tree has a parent");
+        if old_gen.join(IMAGE).exists() {
+            if in_use || layers(old_gen).len() >= MAX_LAYERS {
+                // Left for the next pod to write a fresh image of the new generation (a
+                // restore, but of one file): another view still reads this base, or it has
+                // collected enough layers.
+                return Ok(());
+            }
+            return self
+                .stack_layer(engine, record, old, &new, &upper, tree)
+                .await;
+        }
         let empty_base = old
             .parent()
             .and_then(|p| p.file_name())
@@ -230,6 +399,54 @@ impl Volumes {
         blocking(move || engine::overlay::apply_to_dir(&u, &to)).await?;
         engine.record_tree(&new, tree)?;
         touch(&new);
+        Ok(())
+    }
+
+    /// Makes the committed tree the base of the new generation `new` on top of the image base
+    /// `old`: the image and its layers move to the new generation's directory, and the view's
+    /// upper dir becomes the top layer (its whiteouts and opaque directories hide what the
+    /// pods deleted). Nothing is copied.
+    async fn stack_layer(
+        &self,
+        engine: &Engine,
+        record: &ViewRecord,
+        old: &Path,
+        new: &Path,
+        upper: &Path,
+        tree: &engine::CommittedTree,
+    ) -> Result<()> {
+        let (old_gen, new_gen) = (
+            old.parent().expect("tree has a parent"),
+            new.parent().expect("tree has a parent"),
+        );
+        if let Some(g) = record.group {
+            let u = upper.to_path_buf();
+            blocking(move || grant_group(&u, g))
+                .await
+                .map_err(io("set the group of", upper))?;
+        }
+        let u = upper.to_path_buf();
+        blocking(move || layer_of_upper(&u))
+            .await
+            .map_err(io("prepare a layer from", upper))?;
+        self.unmount_base(old);
+        let move_in = |from: PathBuf, to: PathBuf| -> Result<()> {
+            std::fs::rename(&from, &to).map_err(io("move", &from))
+        };
+        move_in(old_gen.join(IMAGE), new_gen.join(IMAGE))?;
+        let layer_dir = new_gen.join(LAYERS);
+        if old_gen.join(LAYERS).exists() {
+            move_in(old_gen.join(LAYERS), layer_dir.clone())?;
+        } else {
+            std::fs::create_dir_all(&layer_dir).map_err(io("create", &layer_dir))?;
+        }
+        let n = layers(new_gen).len();
+        move_in(upper.to_path_buf(), layer_dir.join(format!("{n:04}")))?;
+        let _ = self.trash(old_gen);
+        std::fs::create_dir_all(new).map_err(io("create", new))?;
+        self.mount_base(new).await?;
+        engine.record_tree(new, tree)?;
+        touch(new);
         Ok(())
     }
 
@@ -286,6 +503,7 @@ impl Volumes {
                 continue;
             };
             let gen_dir = tree.parent().expect("tree has a parent").to_path_buf();
+            self.unmount_base(&tree);
             if self.trash(&gen_dir).is_ok() {
                 tracing::info!(base = %tree.display(), bytes = size, "evicted base");
                 total -= size;
@@ -324,10 +542,20 @@ fn sized_bases(root: &Path) -> Vec<(std::time::SystemTime, u64, PathBuf)> {
         }
     }
     for tree in trees {
-        let Ok(md) = std::fs::metadata(&tree) else {
+        if !tree.exists() {
+            continue;
+        }
+        // When it was last used: see `touch`.
+        let Ok(md) = std::fs::metadata(tree.parent().expect("tree has a parent")) else {
             continue;
         };
-        let size = tree_bytes(&tree);
+        // An image base: its image and layers (walking the mounted tree would count the image's
+        // content, and read every inode of it).
+        let gen_dir = tree.parent().expect("tree has a parent");
+        let size = match std::fs::metadata(gen_dir.join(IMAGE)) {
+            Ok(image) => image.len() + tree_bytes(&gen_dir.join(LAYERS)),
+            Err(_) => tree_bytes(&tree),
+        };
         bases.push((md.modified().unwrap_or(std::time::UNIX_EPOCH), size, tree));
     }
     bases
@@ -373,8 +601,10 @@ fn is_store_dir(dir: &Path) -> bool {
         .is_some_and(|n| n.as_encoded_bytes().starts_with(b"@"))
 }
 
-/// Marks a base as just used (its mtime orders eviction).
-fn touch(dir: &Path) {
+/// Marks base `tree` as just used: the mtime of its generation's directory orders eviction
+/// (`tree` itself may be a read-only mount).
+fn touch(tree: &Path) {
+    let dir = tree.parent().expect("tree has a parent");
     let _ = std::fs::File::open(dir).and_then(|f| f.set_modified(std::time::SystemTime::now()));
 }
 
@@ -393,4 +623,46 @@ fn tree_bytes(dir: &Path) -> u64 {
         }
     }
     total
+}
+
+/// The layers of an image base's generation directory, top (newest) first.
+fn layers(gen_dir: &Path) -> Vec<PathBuf> {
+    let mut l: Vec<PathBuf> = std::fs::read_dir(gen_dir.join(LAYERS))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    l.sort();
+    l.reverse();
+    l
+}
+
+/// Makes a finished view's upper dir a layer that shows exactly what was committed: the
+/// commit marker and what a snapshot cannot hold (sockets, FIFOs, devices other than
+/// whiteouts) are removed, as the commit left them out.
+fn layer_of_upper(upper: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let marker = upper.join(engine::MARKER);
+    if marker.symlink_metadata().is_ok() {
+        std::fs::remove_file(&marker)?;
+    }
+    let mut stack = vec![upper.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            let md = e.path().symlink_metadata()?;
+            let ft = md.file_type();
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_fifo()
+                || ft.is_socket()
+                || ft.is_block_device()
+                || (ft.is_char_device() && md.rdev() != 0)
+            {
+                std::fs::remove_file(e.path())?;
+            }
+        }
+    }
+    Ok(())
 }

@@ -164,6 +164,11 @@ impl Volumes {
                         None,
                     ))
                 } else {
+                    // An image base is read where the upper lacks a file's chunks (a pack
+                    // that must be uploaded again): mounted again after a reboot.
+                    if let Err(e) = self.mount_base(&record.base_dir).await {
+                        tracing::warn!(view = id, error = %e, "cannot mount the view's base image; committing from the upper dir and the store");
+                    }
                     engine
                         .commit_overlay(&spec.key, &record.base_dir, &upper, &opts)
                         .await

@@ -12,7 +12,9 @@
 //! - `engine/`: the engine's records of restored and committed trees;
 //! - `bases/@<store id>/<scope>/<key>/<generation>/tree`: base trees, never modified in place,
 //!   one directory per store (a short hash of its URL without credentials), so two stores'
-//!   trees of one scope, key and generation are never one directory;
+//!   trees of one scope, key and generation are never one directory. An image base keeps
+//!   `image.erofs` beside `tree`, mounted at `image/`, and the trees committed over it on this
+//!   node in `layers/`; `tree` is then a read-only mount (bind, or overlay of the layers);
 //! - `views/<id>/{upper,work,view}` and `views/<id>.json`: one view, shared by the pods of a
 //!   `shared` cache on this node or private to one pod.
 
@@ -33,7 +35,7 @@ use crate::engine::{self, CommitReport, Engine, RestoreSource, Store};
 use crate::spec::{attr, VolumeSpec};
 pub use crate::spec::{Ending, PodRef};
 
-pub use bases::grant_group;
+pub use bases::{grant_group, BaseForm};
 pub use decide::skip_reason;
 pub use mount::Mounter;
 pub use report::{NoReport, Report};
@@ -78,6 +80,9 @@ pub struct NodeConfig {
     pub force_copy: bool,
     /// Bytes of base trees kept on the node; least recently used bases past it are evicted.
     pub base_budget: Option<u64>,
+    /// Write a fresh node's bases as EROFS images mounted read-only (one file written
+    /// sequentially instead of every file of the tree); trees where the kernel refuses.
+    pub base_images: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,6 +182,8 @@ pub struct Published {
     pub source: Option<RestoreSource>,
     /// The base was already on the node.
     pub warm: bool,
+    /// How the base was written when this publish restored it (None when warm).
+    pub form: Option<BaseForm>,
     pub degraded: Option<String>,
     /// Bytes of the restored tree and compressed bytes downloaded (0 when warm).
     pub bytes: u64,
@@ -201,6 +208,8 @@ pub struct Volumes {
     records: records::Records,
     mounter: Arc<dyn Mounter>,
     report: Arc<dyn Report>,
+    /// Set once the kernel refused to mount a base image: bases are trees from then on.
+    images_refused: std::sync::atomic::AtomicBool,
 }
 
 fn hash_id(parts: &[&str]) -> String {
@@ -236,6 +245,7 @@ impl Volumes {
             records,
             mounter,
             report,
+            images_refused: Default::default(),
         };
         volumes.drop_unkeyed_bases();
         Ok(volumes)

@@ -15,18 +15,9 @@ use rustix::mount::{MountFlags, UnmountFlags};
 /// metacopy and redirect_dir are off so the upper dir is a complete change set; index off keeps
 /// the lower layers usable by other views.
 pub fn overlay(lower: &[PathBuf], upper: &Path, work: &Path, target: &Path) -> io::Result<()> {
-    let lowers: Vec<String> = lower.iter().map(|p| p.display().to_string()).collect();
-    for l in &lowers {
-        if l.contains(',') || l.contains(':') {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("overlay layer path {l:?} contains ',' or ':'"),
-            ));
-        }
-    }
     let opts = format!(
         "lowerdir={},upperdir={},workdir={},metacopy=off,redirect_dir=off,index=off",
-        lowers.join(":"),
+        layer_list(lower)?,
         upper.display(),
         work.display()
     );
@@ -40,6 +31,52 @@ pub fn overlay(lower: &[PathBuf], upper: &Path, work: &Path, target: &Path) -> i
         data.as_c_str(),
     )?;
     Ok(())
+}
+
+/// Mounts the EROFS image file `image` read-only at `target`. A file-backed mount (Linux 6.12
+/// and later): no loop device, so nothing to attach, detach or leak.
+pub fn erofs(image: &Path, target: &Path) -> io::Result<()> {
+    rustix::mount::mount(
+        image,
+        target,
+        "erofs",
+        MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID,
+        c"",
+    )?;
+    Ok(())
+}
+
+/// Mounts a read-only overlay of `lower` (layers, top first; at least two) at `target`: a
+/// base made of an image and the changes committed on top of it. Whiteouts and opaque
+/// directories in the upper layers hide what they deleted below.
+pub fn overlay_read_only(lower: &[PathBuf], target: &Path) -> io::Result<()> {
+    let lowers = layer_list(lower)?;
+    let data = CString::new(format!(
+        "lowerdir={lowers},metacopy=off,redirect_dir=off,index=off"
+    ))
+    .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL"))?;
+    rustix::mount::mount(
+        "overlay",
+        target,
+        "overlay",
+        MountFlags::RDONLY,
+        data.as_c_str(),
+    )?;
+    Ok(())
+}
+
+/// Overlay's `lowerdir=` value: the layers joined by ':', refusing paths that would split.
+fn layer_list(lower: &[PathBuf]) -> io::Result<String> {
+    let lowers: Vec<String> = lower.iter().map(|p| p.display().to_string()).collect();
+    for l in &lowers {
+        if l.contains(',') || l.contains(':') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("overlay layer path {l:?} contains ',' or ':'"),
+            ));
+        }
+    }
+    Ok(lowers.join(":"))
 }
 
 /// Bind-mounts `source` at `target`, read-only if asked.
@@ -206,6 +243,10 @@ pub trait Mounter: Send + Sync + 'static {
         work: &Path,
         target: &Path,
     ) -> io::Result<()>;
+    /// See [`erofs`].
+    fn erofs(&self, image: &Path, target: &Path) -> io::Result<()>;
+    /// See [`overlay_read_only`].
+    fn overlay_read_only(&self, lower: &[PathBuf], target: &Path) -> io::Result<()>;
     /// See [`bind`].
     fn bind(&self, source: &Path, target: &Path, read_only: bool) -> io::Result<()>;
     /// See [`unmount`].
@@ -230,6 +271,14 @@ impl Mounter for System {
         target: &Path,
     ) -> io::Result<()> {
         overlay(lower, upper, work, target)
+    }
+
+    fn erofs(&self, image: &Path, target: &Path) -> io::Result<()> {
+        erofs(image, target)
+    }
+
+    fn overlay_read_only(&self, lower: &[PathBuf], target: &Path) -> io::Result<()> {
+        overlay_read_only(lower, target)
     }
 
     fn bind(&self, source: &Path, target: &Path, read_only: bool) -> io::Result<()> {
@@ -260,6 +309,8 @@ pub mod fake {
     pub enum Mount {
         Overlay { lower: Vec<PathBuf>, upper: PathBuf },
         Bind { source: PathBuf, read_only: bool },
+        Erofs { image: PathBuf },
+        OverlayReadOnly { lower: Vec<PathBuf> },
     }
 
     #[derive(Default)]
@@ -267,6 +318,8 @@ pub mod fake {
         pub table: Mutex<Vec<(PathBuf, Mount)>>,
         /// Overlay mounts are refused (as where overlayfs is not allowed).
         pub refuse_overlay: bool,
+        /// EROFS mounts are refused (as on kernels without file-backed EROFS).
+        pub refuse_erofs: bool,
     }
 
     impl Fake {
@@ -290,6 +343,25 @@ pub mod fake {
             let m = Mount::Overlay {
                 lower: lower.to_vec(),
                 upper: upper.to_path_buf(),
+            };
+            self.table.lock().unwrap().push((target.to_path_buf(), m));
+            Ok(())
+        }
+
+        fn erofs(&self, image: &Path, target: &Path) -> io::Result<()> {
+            if self.refuse_erofs {
+                return Err(io::Error::from_raw_os_error(libc::ENOTBLK));
+            }
+            let m = Mount::Erofs {
+                image: image.to_path_buf(),
+            };
+            self.table.lock().unwrap().push((target.to_path_buf(), m));
+            Ok(())
+        }
+
+        fn overlay_read_only(&self, lower: &[PathBuf], target: &Path) -> io::Result<()> {
+            let m = Mount::OverlayReadOnly {
+                lower: lower.to_vec(),
             };
             self.table.lock().unwrap().push((target.to_path_buf(), m));
             Ok(())

@@ -229,11 +229,15 @@ impl Volumes {
                 spec.key, self.cfg.node_id, p.seconds
             ),
             _ => format!(
-                "cache {}: restored {what}, {} ({} downloaded) in {:.2}s",
+                "cache {}: restored {what}, {} ({} downloaded) in {:.2}s, {}",
                 spec.key,
                 mib(p.bytes),
                 mib(p.downloaded),
-                p.seconds
+                p.seconds,
+                match p.form {
+                    Some(super::BaseForm::Image) => "as an image",
+                    _ => "as files",
+                }
             ),
         };
         self.report

@@ -77,6 +77,10 @@ impl Node {
 }
 
 fn node_with(tmp: tempfile::TempDir, mounts: Fake) -> Node {
+    node_of(tmp, mounts, false)
+}
+
+fn node_of(tmp: tempfile::TempDir, mounts: Fake, base_images: bool) -> Node {
     let store = format!("file://{}", tmp.path().join("store").display());
     let (mounts, seen) = (Arc::new(mounts), Arc::new(Seen::default()));
     let volumes = Volumes::with(
@@ -86,6 +90,7 @@ fn node_with(tmp: tempfile::TempDir, mounts: Fake) -> Node {
             default_store: None,
             force_copy: false,
             base_budget: None,
+            base_images,
         },
         mounts.clone(),
         seen.clone(),
@@ -385,6 +390,79 @@ async fn the_commit_decision_follows_commit_on_the_ending_and_the_marker() {
         n.volumes.decide(&p.view, Ending::Succeeded).await.unwrap(),
         CommitDecision::NotPending
     ));
+}
+
+/// A node whose store holds generation 1 of `ci/npm` and whose bases are images.
+async fn image_node(mounts: Fake) -> Node {
+    let Node {
+        tmp,
+        mounts: _,
+        volumes,
+        ..
+    } = node(Fake::default()).await;
+    drop(volumes);
+    node_of(tmp, mounts, true)
+}
+
+#[tokio::test]
+async fn a_fresh_base_is_an_image_mounted_read_only_under_the_view() {
+    let n = image_node(Fake::default()).await;
+    let p = n
+        .volumes
+        .publish(publish_req(&n, "a", "private", &[]))
+        .await
+        .unwrap();
+    assert_eq!(p.form, Some(BaseForm::Image));
+    let record = n.volumes.load(&p.view).unwrap();
+    let gen_dir = record.base_dir.parent().unwrap();
+    assert!(gen_dir.join("image.erofs").is_file());
+    assert_eq!(
+        n.mounts.at(&gen_dir.join("image")),
+        Some(Mount::Erofs {
+            image: gen_dir.join("image.erofs")
+        })
+    );
+    assert_eq!(
+        n.mounts.at(&record.base_dir),
+        Some(Mount::Bind {
+            source: gen_dir.join("image"),
+            read_only: true
+        })
+    );
+    let events = n.seen.events();
+    assert!(events[0].ends_with("as an image"), "{events:?}");
+}
+
+#[tokio::test]
+async fn where_the_kernel_refuses_images_bases_are_trees() {
+    let n = image_node(Fake {
+        refuse_erofs: true,
+        ..Default::default()
+    })
+    .await;
+    let p = n
+        .volumes
+        .publish(publish_req(&n, "a", "private", &[]))
+        .await
+        .unwrap();
+    assert_eq!(p.form, Some(BaseForm::Tree));
+    let record = n.volumes.load(&p.view).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(record.base_dir.join("f")).unwrap(),
+        "one"
+    );
+    let gen_dir = record.base_dir.parent().unwrap();
+    assert!(
+        !gen_dir.join("image.erofs").exists(),
+        "no image left behind"
+    );
+    assert_eq!(
+        n.mounts.table.lock().unwrap().len(),
+        2,
+        "view and target only"
+    );
+    let events = n.seen.events();
+    assert!(events[0].ends_with("as files"), "{events:?}");
 }
 
 #[tokio::test]

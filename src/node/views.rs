@@ -147,6 +147,7 @@ impl Volumes {
                 let base = self.ensure_base(&spec, req.group).await?;
                 published.source = Some(base.source.clone());
                 published.warm = base.warm;
+                published.form = base.form;
                 published.degraded = base.degraded.clone();
                 published.bytes = base.bytes;
                 published.downloaded = base.downloaded;
