@@ -8,7 +8,9 @@ pub mod names;
 pub mod store;
 
 mod commit;
+pub mod erofs;
 mod gc;
+mod image;
 mod inspect;
 mod localstate;
 pub mod overlay;
@@ -40,6 +42,7 @@ pub use commit::{CommitOptions, CommitOutcome, CommitReport, CommittedTree, Merg
 pub use error::{Error, Result};
 pub use format::{Entry, Generation, Kind, Provenance};
 pub use gc::{GcPolicy, GcReport};
+pub use image::{ImageOptions, ImageReport};
 pub use inspect::{KeyInfo, VerifyReport};
 pub use localstate::write_atomic;
 pub use restore::{RestoreReport, RestoreSource};
