@@ -8,15 +8,15 @@ pub mod names;
 pub mod store;
 
 mod commit;
+pub mod erofs;
 mod gc;
-mod image_shim;
+mod image;
 mod inspect;
 mod localstate;
 pub mod overlay;
 mod par;
 mod protect;
 mod restore;
-pub use image_shim::{ImageOptions, ImageReport};
 mod scan;
 
 use std::collections::HashMap;
@@ -42,6 +42,7 @@ pub use commit::{CommitOptions, CommitOutcome, CommitReport, CommittedTree, Merg
 pub use error::{Error, Result};
 pub use format::{Entry, Generation, Kind, Provenance};
 pub use gc::{GcPolicy, GcReport};
+pub use image::{ImageOptions, ImageReport};
 pub use inspect::{KeyInfo, VerifyReport};
 pub use localstate::write_atomic;
 pub use restore::{RestoreReport, RestoreSource};

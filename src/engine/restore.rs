@@ -16,7 +16,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use super::error::{Error, Result};
-use super::format::{BaseRef, ChunkRef, Digest, Entry, Kind};
+use super::format::{BaseRef, ChunkRef, Digest, Entry, Generation, Kind};
 use super::localstate::{self, DirState, Header, Stat};
 use super::{io_concurrency, names, par, Engine, ReadCtl};
 
@@ -171,21 +171,11 @@ impl Engine {
             });
         };
 
-        let loaded = match self.load_generation(&from_key, generation).await {
-            Ok(g) => self.load_entries(&g).await.map(|mut e| {
-                // A marker in a snapshot (written by hand or by an older version) is never
-                // restored: a marker must come from the run that commits.
-                e.retain(|x| !super::is_marker(&x.path));
-                (g, e)
-            }),
-            Err(e) => Err(e),
-        };
-        let (g, entries) = match loaded {
+        let (g, entries) = match self.load_tree(&from_key, generation).await {
             Ok(v) => v,
             Err(e) => {
                 // Nothing was touched: the directory still holds what it held.
                 DirState::end_restore(&self.state_dir, &dir);
-                self.quarantine_from(&e).await;
                 return Err(e);
             }
         };
@@ -241,6 +231,28 @@ impl Engine {
         })
     }
 
+    /// The generation object and the validated tree of `key`'s generation `generation`,
+    /// markers left out; a corrupt pack found on the way is quarantined.
+    pub(super) async fn load_tree(
+        &self,
+        key: &str,
+        generation: u64,
+    ) -> Result<(Generation, Vec<Entry>)> {
+        let loaded = match self.load_generation(key, generation).await {
+            Ok(g) => self.load_entries(&g).await.map(|mut e| {
+                // A marker in a snapshot (written by hand or by an older version) is never
+                // restored: a marker must come from the run that commits.
+                e.retain(|x| !super::is_marker(&x.path));
+                (g, e)
+            }),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &loaded {
+            self.quarantine_from(e).await;
+        }
+        loaded
+    }
+
     pub(crate) fn header(
         &self,
         dir: &Path,
@@ -258,7 +270,7 @@ impl Engine {
 
     /// Records that `key` was used now, for TTL and LRU retention. Best effort: a read-only
     /// credential or a flaky store must not fail a restore.
-    async fn touch_used(&self, key: &str) {
+    pub(super) async fn touch_used(&self, key: &str) {
         let body = Bytes::from(super::now_unix().to_string());
         if let Err(e) = self.store.put(&self.layout.used(key), body).await {
             tracing::debug!(cache.key = key, error = %e, "could not record last use");
@@ -308,31 +320,11 @@ impl Engine {
                 .count() as u64,
         );
 
-        // Plan: which file gets which chunk at which offset, grouped by pack.
-        let mut by_pack: HashMap<Digest, HashMap<u64, Need>> = HashMap::new();
-        let mut remaining: Vec<AtomicU32> = Vec::with_capacity(entries.len());
-        for (i, e) in entries.iter().enumerate() {
-            remaining.push(AtomicU32::new(e.chunks.len() as u32));
-            if present[i].is_some() {
-                continue;
-            }
-            let mut offset = 0u64;
-            for c in &e.chunks {
-                let need = by_pack
-                    .entry(c.p)
-                    .or_default()
-                    .entry(c.o)
-                    .or_insert_with(|| Need {
-                        r: c.clone(),
-                        targets: Vec::new(),
-                    });
-                if need.r != *c {
-                    return Err(super::one_chunk_per_offset(&self.layout, c));
-                }
-                need.targets.push((i, offset));
-                offset += c.n as u64;
-            }
-        }
+        let plan = plan_chunks(&self.layout, &entries, |i| present[i].is_some())?;
+        let remaining = entries
+            .iter()
+            .map(|e| AtomicU32::new(e.chunks.len() as u32))
+            .collect();
 
         let shared = Arc::new(Writer {
             root: dir.to_path_buf(),
@@ -358,16 +350,13 @@ impl Engine {
             let _ = prepared.send(true);
             res
         };
-        let write = futures::stream::iter(by_pack)
-            .map(|(pack, needs)| self.write_pack(&shared, ready.clone(), pack, needs))
-            .buffer_unordered(io_concurrency())
-            .collect::<Vec<Result<u64>>>();
+        let (writer, progress) = (shared.clone(), self.progress.clone());
+        let deliver: Deliver =
+            Arc::new(move |need, at, data| writer.write_chunk(need, at, data, progress.as_ref()));
+        let write = self.fetch_chunks(plan, ready, shared.failed.clone(), deliver);
         let (prepared, written) = futures::join!(prepare, write);
         prepared?;
-        let mut downloaded = 0;
-        for w in written {
-            downloaded += w?;
-        }
+        let downloaded = written?;
 
         tracing::debug!(
             ms = t0.elapsed().as_millis() as u64,
@@ -386,46 +375,110 @@ impl Engine {
         Ok((stats, downloaded))
     }
 
-    /// Fetches what `needs` wants of one pack and, once the directories are made, writes it;
-    /// returns the compressed bytes fetched. Does nothing once another task has failed.
-    async fn write_pack(
+    /// Fetches every chunk of `plan`, packs in parallel, and hands each verified chunk's data
+    /// to `deliver` (on blocking threads, once `ready` is true): the one stream of verified chunk
+    /// bytes that a tree restore writes into files and an image restore into an image. Every
+    /// pack's task is awaited, even after a failure (noted in `failed`, which stops the rest
+    /// early), so nothing is delivered once this returns. Returns the compressed bytes fetched.
+    pub(super) async fn fetch_chunks(
         &self,
-        w: &Arc<Writer>,
-        prepared: tokio::sync::watch::Receiver<bool>,
+        plan: Plan,
+        ready: tokio::sync::watch::Receiver<bool>,
+        failed: Arc<AtomicBool>,
+        deliver: Deliver,
+    ) -> Result<u64> {
+        let fetched = futures::stream::iter(plan)
+            .map(|(pack, needs)| {
+                self.fetch_pack(pack, needs, ready.clone(), failed.clone(), deliver.clone())
+            })
+            .buffer_unordered(io_concurrency())
+            .collect::<Vec<Result<u64>>>()
+            .await;
+        let mut downloaded = 0;
+        for f in fetched {
+            downloaded += f?;
+        }
+        Ok(downloaded)
+    }
+
+    /// [`Engine::fetch_chunks`] of one pack. Does nothing once another task has failed.
+    async fn fetch_pack(
+        &self,
         pack: Digest,
         needs: HashMap<u64, Need>,
+        prepared: tokio::sync::watch::Receiver<bool>,
+        failed: Arc<AtomicBool>,
+        deliver: Deliver,
     ) -> Result<u64> {
-        if w.failed.load(Ordering::Relaxed) {
+        if failed.load(Ordering::Relaxed) {
             return Ok(0);
         }
         let mut needs: Vec<Need> = needs.into_values().collect();
         needs.sort_unstable_by_key(|n| n.r.o);
-        // A failed prepare is noted in `failed`: the reader then stops at once.
+        // A failed preparation is noted in `failed`: the reader then stops at once.
         let ctl = ReadCtl {
             ready: Some(prepared),
-            stop: Some(w.failed.clone()),
+            stop: Some(failed.clone()),
         };
-        let (writer, progress) = (w.clone(), self.progress.clone());
         let res = self
             .read_chunks(
                 pack,
                 needs,
                 |n| &n.r,
                 ctl,
-                move |need, at, data| writer.write_chunk(need, at, data, progress.as_ref()),
+                move |need, at, data| deliver(need, at, data),
             )
             .await;
         if res.is_err() {
-            w.failed.store(true, Ordering::Relaxed);
+            failed.store(true, Ordering::Relaxed);
         }
         res
     }
 }
 
-struct Need {
-    r: ChunkRef,
+/// Receives verified chunk data: the chunk, the offset of `data` in it, `data`.
+pub(super) type Deliver = Arc<dyn Fn(&Need, u64, &[u8]) -> Result<()> + Send + Sync>;
+
+/// Which chunk goes where, by pack and offset in the pack.
+pub(super) type Plan = HashMap<Digest, HashMap<u64, Need>>;
+
+/// Plans the chunks of the files of `entries` that `skip` does not leave out: each distinct
+/// chunk (a pack and an offset) once, with every place it is used. Two refs of one frame that
+/// differ are refused.
+pub(super) fn plan_chunks(
+    layout: &super::store::Layout,
+    entries: &[Entry],
+    skip: impl Fn(usize) -> bool,
+) -> Result<Plan> {
+    let mut by_pack: Plan = HashMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        if skip(i) {
+            continue;
+        }
+        let mut offset = 0u64;
+        for c in &e.chunks {
+            let need = by_pack
+                .entry(c.p)
+                .or_default()
+                .entry(c.o)
+                .or_insert_with(|| Need {
+                    r: c.clone(),
+                    targets: Vec::new(),
+                });
+            if need.r != *c {
+                return Err(super::one_chunk_per_offset(layout, c));
+            }
+            need.targets.push((i, offset));
+            offset += c.n as u64;
+        }
+    }
+    Ok(by_pack)
+}
+
+pub(super) struct Need {
+    pub r: ChunkRef,
     /// (entry index, offset in the file)
-    targets: Vec<(usize, u64)>,
+    pub targets: Vec<(usize, u64)>,
 }
 
 /// The blocking side of a restore: creates the tree and writes chunks into files.
@@ -506,7 +559,7 @@ fn reconcile(dir: &Path, prev: &DirState, entries: &[Entry]) -> Result<Vec<Optio
 
 /// The process umask, read without changing it (`umask(2)` can only set it); all bits set
 /// when unknown, so every file gets an explicit `fchmod`.
-fn current_umask() -> u32 {
+pub(super) fn current_umask() -> u32 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
