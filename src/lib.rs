@@ -8,7 +8,8 @@
 //! - [`node`]: the node plugin's volumes: node-local bases, overlay views, mounts, commits.
 //! - [`csi`]: the CSI driver's gRPC services (Identity, Controller, Node) on a unix socket.
 //! - [`cluster`]: the Kubernetes side: commits by pod phase, Leases, Events, claim annotations.
-//! - [`metrics`]: Prometheus metrics and the /metrics, /healthz, /readyz HTTP endpoint.
+//! - [`metrics`]: the Prometheus registry a daemon owns, and the /metrics, /healthz, /readyz
+//!   HTTP endpoint.
 //! - [`daemon`]: `cachevol node` and `cachevol controller` as supervised processes.
 //! - [`cli`]: the `cachevol` command line around the engine and the daemons.
 
