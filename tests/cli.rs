@@ -1031,3 +1031,43 @@ fn missing_s3_credentials_are_named_as_such() {
     );
     assert!(stderr.contains("AWS_ACCESS_KEY_ID"), "{stderr}");
 }
+
+/// The benchmark's measuring wrapper (`cachevol __bench-child USAGE PROGRAM ARGS...`): the
+/// wait status, CPU time and peak RSS of the one command it runs — that command's own, not the
+/// largest of every command the benchmark ran before it.
+#[test]
+fn bench_child_reports_each_commands_own_peak_rss_and_status() {
+    let env = Env::new();
+    std::fs::create_dir_all(&env.root).unwrap();
+    let measure = |name: &str, script: &str| -> Vec<f64> {
+        let usage = env.dir(name);
+        let out = Command::new(env!("CARGO_BIN_EXE_cachevol"))
+            .args(["__bench-child", s(&usage), "sh", "-c", script])
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::read_to_string(&usage)
+            .unwrap()
+            .split_whitespace()
+            .map(|w| w.parse().unwrap())
+            .collect()
+    };
+    // dd fills a 128 MiB buffer from /dev/zero: its peak RSS is at least that.
+    let big = measure(
+        "big",
+        "dd if=/dev/zero of=/dev/null bs=128M count=1 2>/dev/null",
+    );
+    let (status, cpu, rss_kib, secs) = (big[0], big[1], big[2], big[3]);
+    assert_eq!(status, 0.0);
+    assert!(rss_kib >= 128.0 * 1024.0, "peak {rss_kib} KiB");
+    assert!(cpu >= 0.0 && secs > 0.0, "{big:?}");
+    // A small command measured next reports its own peak, far below.
+    let small = measure("small", "exit 3");
+    assert_eq!(small[0], f64::from(3 << 8), "the raw wait status of exit 3");
+    assert!(small[2] < 32.0 * 1024.0, "peak {} KiB", small[2]);
+}
