@@ -37,17 +37,23 @@ pub async fn lead_forever(
 ) {
     let mut every = tokio::time::interval((duration / 3).max(Duration::from_millis(200)));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut first = true;
     loop {
         every.tick().await;
-        let now = match leases.lead(LEADER_LEASE, &identity).await {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot renew the leader Lease");
-                false
-            }
-        };
+        let answer = leases.lead(LEADER_LEASE, &identity).await;
+        if let Err(e) = &answer {
+            tracing::warn!(error = %e, "cannot renew the leader Lease");
+        }
+        let now = matches!(answer, Ok(true));
         if now != leader.swap(now, Ordering::SeqCst) {
             tracing::info!(identity, leader = now, "leadership changed");
+        } else if first && answer.is_ok() {
+            // A standby says so once, so that its logs show it took part.
+            tracing::info!(identity, "leader election: another replica leads");
+            first = false;
+        }
+        if answer.is_ok() {
+            first = false;
         }
     }
 }
@@ -60,7 +66,9 @@ impl Collector {
         every.tick().await; // the first tick is immediate: let the process settle first
         loop {
             every.tick().await;
-            if leader.load(Ordering::SeqCst) {
+            if !leader.load(Ordering::SeqCst) {
+                tracing::info!("gc: skipped, this replica does not hold the leader Lease");
+            } else {
                 self.collect().await;
                 if let Some((leases, idle)) = &self.locks {
                     if let Err(e) = leases.collect(*idle).await {
