@@ -8,14 +8,13 @@
 //! - [`node`]: the node plugin's volumes: node-local bases, overlay views, mounts, commits.
 //! - [`csi`]: the CSI driver's gRPC services (Identity, Controller, Node) on a unix socket.
 //! - [`cluster`]: the Kubernetes side: commits by pod phase, Leases, Events, claim annotations.
-//! - [`metrics`]: Prometheus metrics and the /metrics, /healthz, /readyz HTTP endpoint.
+//! - [`metrics`]: the Prometheus registry a daemon owns, and the /metrics, /healthz, /readyz
+//!   HTTP endpoint.
 //! - [`daemon`]: `cachevol node` and `cachevol controller` as supervised processes.
 //! - [`cli`]: the `cachevol` command line around the engine and the daemons.
 
-// No unsafe code: system calls go through std or rustix. `deny` rather than `forbid` only for
-// the single exception, `cli::bench::wait4` (neither has wait4 with rusage), which allows it on
-// that one function; any other unsafe block fails the build.
-#![deny(unsafe_code)]
+// No unsafe code: system calls go through std, rustix or nix (the benchmark's getrusage).
+#![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod cluster;

@@ -1,7 +1,11 @@
 //! Prometheus metrics of the process, and the small HTTP server that exposes them with health
 //! checks: `GET /metrics` (text exposition format 0.0.4), `/healthz` and `/readyz`.
 //!
-//! One process-wide registry. Every label value comes from a fixed set — the enums below, the CSI
+//! One registry per [`Metrics`]: the daemon creates it at start-up and hands clones of it (they
+//! share the registry) to what records into it — the CSI services, the garbage collector, the
+//! node's reporter, the store's hooks — and to the HTTP server that renders it. There is no
+//! process-wide registry, so tests each build their own and cannot disturb each other. Every
+//! label value comes from a fixed set — the enums below, the CSI
 //! RPC names, tonic's code names, a handful of store operations — never from a pod, key, scope or
 //! volume name, so the number of series stays bounded whatever the cluster does. Label
 //! combinations of the fixed enums are created up front, so they are exported (at 0) before the
@@ -9,7 +13,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -73,7 +77,10 @@ const LOCK_WAIT_BUCKETS: [f64; 14] = [
     0.001, 0.01, 0.1, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0,
 ];
 
-struct Metrics {
+/// The process's metrics: a registry and the handles of its metrics. Cloning is cheap and the
+/// clones record into the same registry (prometheus' metrics are shared handles).
+#[derive(Clone)]
+pub struct Metrics {
     registry: Registry,
     restores: IntCounterVec,
     restore_bytes: IntCounter,
@@ -100,10 +107,16 @@ struct Metrics {
     oldest_pending_commit: Gauge,
 }
 
-static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
+}
 
 impl Metrics {
-    fn new() -> Metrics {
+    /// A fresh registry with every metric registered, the fixed label sets at 0, the build info
+    /// and the process collector.
+    pub fn new() -> Metrics {
         let registry = Registry::new();
         fn reg<M: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: M) -> M {
             r.register(Box::new(m.clone()))
@@ -327,164 +340,164 @@ fn non_negative(s: f64) -> f64 {
     }
 }
 
-/// Counts one restore: which snapshot it started from, how it ended, the bytes it wrote and how
-/// long it took.
-pub fn restore(level: RestoreLevel, outcome: RestoreOutcome, bytes: u64, seconds: f64) {
-    let m = &*METRICS;
-    m.restores
-        .with_label_values(&[level.label(), outcome.label()])
-        .inc();
-    m.restore_bytes.inc_by(bytes);
-    m.restore_duration.observe(non_negative(seconds));
-}
-
-/// Counts one commit: how it ended, the bytes it uploaded and how long it took.
-pub fn commit(outcome: CommitOutcome, uploaded_bytes: u64, seconds: f64) {
-    let m = &*METRICS;
-    m.commits.with_label_values(&[outcome.label()]).inc();
-    m.commit_uploaded_bytes.inc_by(uploaded_bytes);
-    m.commit_duration.observe(non_negative(seconds));
-}
-
-/// A publish was refused because another pod holds the locked cache.
-pub fn lock_waiting() {
-    METRICS.lock_waits.inc();
-}
-
-/// Counts a pod in `cachevol_lock_waiting_pods` while it lives.
-pub struct WaitingPod(());
-
-impl WaitingPod {
-    pub fn start() -> WaitingPod {
-        METRICS.lock_waiting_pods.inc();
-        WaitingPod(())
+impl Metrics {
+    /// Counts one restore: which snapshot it started from, how it ended, the bytes it wrote and
+    /// how long it took.
+    pub fn restore(&self, level: RestoreLevel, outcome: RestoreOutcome, bytes: u64, seconds: f64) {
+        self.restores
+            .with_label_values(&[level.label(), outcome.label()])
+            .inc();
+        self.restore_bytes.inc_by(bytes);
+        self.restore_duration.observe(non_negative(seconds));
     }
-}
 
-impl Drop for WaitingPod {
-    fn drop(&mut self) {
-        METRICS.lock_waiting_pods.dec();
+    /// Counts one commit: how it ended, the bytes it uploaded and how long it took.
+    pub fn commit(&self, outcome: CommitOutcome, uploaded_bytes: u64, seconds: f64) {
+        self.commits.with_label_values(&[outcome.label()]).inc();
+        self.commit_uploaded_bytes.inc_by(uploaded_bytes);
+        self.commit_duration.observe(non_negative(seconds));
     }
-}
 
-/// A pod got a locked cache after waiting `waited_seconds` (0 when it did not wait).
-pub fn lock_acquired(waited_seconds: f64) {
-    METRICS
-        .lock_wait_duration
-        .observe(non_negative(waited_seconds));
-}
+    /// A publish was refused because another pod holds the locked cache.
+    pub fn lock_waiting(&self) {
+        self.lock_waits.inc();
+    }
 
-/// A store request failed or timed out. `op` is one of [`STORE_OPS`]; anything else is counted
-/// as `other`.
-pub fn store_error(op: &'static str) {
-    let op = if STORE_OPS.contains(&op) { op } else { "other" };
-    METRICS.store_errors.with_label_values(&[op]).inc();
-}
+    /// Pods now waiting for a locked cache: `delta` more (or fewer, when negative).
+    pub fn lock_waiters(&self, delta: i64) {
+        self.lock_waiting_pods.add(delta)
+    }
 
-/// A view record could not be read when the node plugin started.
-pub fn unreadable_record() {
-    METRICS.unreadable_records.inc();
+    /// A pod got a locked cache after waiting `waited_seconds` (0 when it did not wait).
+    pub fn lock_acquired(&self, waited_seconds: f64) {
+        self.lock_wait_duration
+            .observe(non_negative(waited_seconds));
+    }
+
+    /// A store request failed or timed out. `op` is one of [`STORE_OPS`]; anything else is
+    /// counted as `other`.
+    pub fn store_error(&self, op: &'static str) {
+        let op = if STORE_OPS.contains(&op) { op } else { "other" };
+        self.store_errors.with_label_values(&[op]).inc();
+    }
+
+    /// One store request of `op` (one of [`STORE_OPS`], else counted as `other`) that took
+    /// `secs`.
+    pub fn store_latency(&self, op: &'static str, secs: f64) {
+        let op = if STORE_OPS.contains(&op) { op } else { "other" };
+        self.store_duration
+            .with_label_values(&[op])
+            .observe(non_negative(secs));
+    }
+
+    /// A store opened by a daemon, with its failures and latencies counted here.
+    pub fn count_store(&self, store: crate::engine::Store) -> crate::engine::Store {
+        let errors = self.clone();
+        let latency = self.clone();
+        store
+            .on_error(Arc::new(move |op| errors.store_error(op)))
+            .on_latency(Arc::new(move |op, took| {
+                latency.store_latency(op, took.as_secs_f64())
+            }))
+    }
+
+    /// A view record could not be read when the node plugin started.
+    pub fn unreadable_record(&self) {
+        self.unreadable_records.inc();
+    }
+
+    /// Whether the default store answered the last health check (the controller's `/readyz`).
+    pub fn store_up(&self, up: bool) {
+        self.store_up.set(i64::from(up));
+    }
+
+    /// Whether this controller holds the leader Lease (and so runs GC).
+    pub fn leader(&self, leads: bool) {
+        self.leader.set(i64::from(leads));
+    }
+
+    /// One CSI RPC: its method (one of [`CSI_METHODS`], else counted as `other`), the status
+    /// code it answered with and how long it took.
+    pub fn grpc(&self, method: &'static str, code: tonic::Code, seconds: f64) {
+        let method = if CSI_METHODS.contains(&method) {
+            method
+        } else {
+            "other"
+        };
+        self.grpc_requests
+            .with_label_values(&[method, code_name(code)])
+            .inc();
+        self.grpc_duration
+            .with_label_values(&[method])
+            .observe(non_negative(seconds));
+    }
+
+    /// One garbage collection run: whether it completed, and the bytes it deleted from the
+    /// store.
+    pub fn gc_run(&self, ok: bool, deleted_bytes: u64) {
+        self.gc_runs
+            .with_label_values(&[if ok { "ok" } else { "failed" }])
+            .inc();
+        self.gc_deleted_bytes.inc_by(deleted_bytes);
+        if ok {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.gc_last_success.set(now);
+        }
+    }
+
+    /// The metrics in the Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        encode(&self.registry)
+    }
 }
 
 /// What the node reports, counted in this registry (no Events: see the cluster's reporter).
-pub struct Report;
-
-impl crate::node::Report for Report {
+impl crate::node::Report for Metrics {
     fn restore(&self, level: RestoreLevel, outcome: RestoreOutcome, bytes: u64, secs: f64) {
-        restore(level, outcome, bytes, secs)
+        Metrics::restore(self, level, outcome, bytes, secs)
     }
 
     fn commit(&self, outcome: CommitOutcome, uploaded_bytes: u64, secs: f64) {
-        commit(outcome, uploaded_bytes, secs)
+        Metrics::commit(self, outcome, uploaded_bytes, secs)
     }
 
     fn lock_waiting(&self) {
-        lock_waiting()
+        Metrics::lock_waiting(self)
     }
 
     fn lock_waiters(&self, delta: i64) {
-        METRICS.lock_waiting_pods.add(delta)
+        Metrics::lock_waiters(self, delta)
     }
 
     fn lock_acquired(&self, waited_secs: f64) {
-        lock_acquired(waited_secs)
+        Metrics::lock_acquired(self, waited_secs)
     }
 
     fn store_error(&self, op: &'static str) {
-        store_error(op)
+        Metrics::store_error(self, op)
     }
 
     fn store_latency(&self, op: &'static str, secs: f64) {
-        store_latency(op, secs)
+        Metrics::store_latency(self, op, secs)
     }
 
     fn unreadable_record(&self) {
-        unreadable_record()
+        Metrics::unreadable_record(self)
     }
 
     fn node_gauges(&self, g: &crate::node::NodeGauges) {
-        let m = &*METRICS;
-        m.base_bytes.set(g.base_bytes as i64);
-        m.base_budget_bytes
+        self.base_bytes.set(g.base_bytes as i64);
+        self.base_budget_bytes
             .set(g.base_budget.map_or(0, |b| b as i64));
-        m.views
+        self.views
             .with_label_values(&["active"])
             .set(g.active_views as i64);
-        m.views
+        self.views
             .with_label_values(&["pending"])
             .set(g.pending_views as i64);
-        m.oldest_pending_commit.set(g.oldest_pending_secs);
-    }
-}
-
-/// One store request of `op` (one of [`STORE_OPS`], else counted as `other`) that took `secs`.
-pub fn store_latency(op: &'static str, secs: f64) {
-    let op = if STORE_OPS.contains(&op) { op } else { "other" };
-    METRICS
-        .store_duration
-        .with_label_values(&[op])
-        .observe(non_negative(secs));
-}
-
-/// Whether the default store answered the last health check (the controller's `/readyz`).
-pub fn store_up(up: bool) {
-    METRICS.store_up.set(i64::from(up));
-}
-
-/// Whether this controller holds the leader Lease (and so runs GC).
-pub fn leader(leads: bool) {
-    METRICS.leader.set(i64::from(leads));
-}
-
-/// One CSI RPC: its method (one of [`CSI_METHODS`], else counted as `other`), the status code it
-/// answered with and how long it took.
-pub fn grpc(method: &'static str, code: tonic::Code, seconds: f64) {
-    let method = if CSI_METHODS.contains(&method) {
-        method
-    } else {
-        "other"
-    };
-    let m = &*METRICS;
-    m.grpc_requests
-        .with_label_values(&[method, code_name(code)])
-        .inc();
-    m.grpc_duration
-        .with_label_values(&[method])
-        .observe(non_negative(seconds));
-}
-
-/// One garbage collection run: whether it completed, and the bytes it deleted from the store.
-pub fn gc_run(ok: bool, deleted_bytes: u64) {
-    let m = &*METRICS;
-    m.gc_runs
-        .with_label_values(&[if ok { "ok" } else { "failed" }])
-        .inc();
-    m.gc_deleted_bytes.inc_by(deleted_bytes);
-    if ok {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
-        m.gc_last_success.set(now);
+        self.oldest_pending_commit.set(g.oldest_pending_secs);
     }
 }
 
@@ -512,11 +525,6 @@ fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-/// The metrics in the Prometheus text exposition format (version 0.0.4).
-pub fn render() -> String {
-    encode(&METRICS.registry)
-}
-
 fn encode(registry: &Registry) -> String {
     let families = registry.gather();
     let mut out = Vec::new();
@@ -534,9 +542,13 @@ pub type ReadyFn = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 /// runs) and `/readyz` (200 when `ready()` is `Ok`, else 503 with the reason as body); 404 for
 /// any other path, 405 for methods other than GET and HEAD. Binds `addr` (port 0 picks one) and
 /// returns the bound address; the server keeps running on a spawned task for the life of the
-/// runtime.
-pub async fn serve(addr: SocketAddr, ready: ReadyFn) -> std::io::Result<SocketAddr> {
-    let (local, server) = bind(addr, ready).await?;
+/// runtime. `/metrics` renders `metrics`.
+pub async fn serve(
+    addr: SocketAddr,
+    ready: ReadyFn,
+    metrics: Metrics,
+) -> std::io::Result<SocketAddr> {
+    let (local, server) = bind(addr, ready, metrics).await?;
     tokio::spawn(server);
     Ok(local)
 }
@@ -546,17 +558,17 @@ pub async fn serve(addr: SocketAddr, ready: ReadyFn) -> std::io::Result<SocketAd
 pub async fn bind(
     addr: SocketAddr,
     ready: ReadyFn,
+    metrics: Metrics,
 ) -> std::io::Result<(
     SocketAddr,
     impl std::future::Future<Output = ()> + Send + 'static,
 )> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    LazyLock::force(&METRICS);
-    Ok((local, accept_loop(listener, ready)))
+    Ok((local, accept_loop(listener, ready, metrics)))
 }
 
-async fn accept_loop(listener: tokio::net::TcpListener, ready: ReadyFn) {
+async fn accept_loop(listener: tokio::net::TcpListener, ready: ReadyFn, metrics: Metrics) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -568,9 +580,10 @@ async fn accept_loop(listener: tokio::net::TcpListener, ready: ReadyFn) {
             }
         };
         let ready = ready.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let resp = respond(req.method(), req.uri().path(), &*ready);
+                let resp = respond(req.method(), req.uri().path(), &*ready, &metrics);
                 async move { Ok::<_, Infallible>(resp) }
             });
             let mut http = hyper::server::conn::http1::Builder::new();
@@ -591,6 +604,7 @@ fn respond(
     method: &Method,
     path: &str,
     ready: &(dyn Fn() -> Result<(), String> + Send + Sync),
+    metrics: &Metrics,
 ) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: String| {
         Response::builder()
@@ -613,7 +627,7 @@ fn respond(
     }
     match path {
         "/metrics" => {
-            let mut resp = text(StatusCode::OK, render());
+            let mut resp = text(StatusCode::OK, metrics.render());
             resp.headers_mut().insert(
                 "content-type",
                 hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -723,71 +737,106 @@ mod tests {
         assert!(!text.contains("cachevol_grpc_"));
     }
 
-    // Unit tests share the process-wide registry and run in parallel: each test below checks
-    // that its counters moved by at least what it did, using series no other unit test touches.
+    // Each test below records into a registry of its own: the values are exact, whatever the
+    // other tests running in parallel do.
 
     #[test]
     fn commits_count_outcome_bytes_and_duration() {
-        let series = "cachevol_commits_total{outcome=\"fenced\"}";
-        let before = render();
-        commit(CommitOutcome::Fenced, 1234, 0.2);
-        commit(CommitOutcome::Fenced, 0, f64::NAN);
-        let after = render();
-        assert_eq!(value(&after, series) - value(&before, series), 2.0);
-        assert!(
-            value(&after, "cachevol_commit_uploaded_bytes_total")
-                - value(&before, "cachevol_commit_uploaded_bytes_total")
-                >= 1234.0
+        let m = Metrics::new();
+        m.commit(CommitOutcome::Fenced, 1234, 0.2);
+        m.commit(CommitOutcome::Fenced, 0, f64::NAN);
+        let text = m.render();
+        assert_eq!(
+            value(&text, "cachevol_commits_total{outcome=\"fenced\"}"),
+            2.0
         );
+        assert_eq!(
+            value(&text, "cachevol_commits_total{outcome=\"committed\"}"),
+            0.0
+        );
+        assert_eq!(value(&text, "cachevol_commit_uploaded_bytes_total"), 1234.0);
         // The NaN was observed as 0: the sum stays a number.
-        assert!(value(&after, "cachevol_commit_duration_seconds_sum").is_finite());
-        assert!(
+        assert_eq!(value(&text, "cachevol_commit_duration_seconds_sum"), 0.2);
+        assert_eq!(
+            value(&text, "cachevol_commit_duration_seconds_bucket{le=\"0.1\"}"),
+            1.0
+        );
+        assert_eq!(
             value(
-                &after,
+                &text,
                 "cachevol_commit_duration_seconds_bucket{le=\"0.25\"}"
-            ) - value(
-                &before,
-                "cachevol_commit_duration_seconds_bucket{le=\"0.25\"}"
-            ) >= 2.0
+            ),
+            2.0
         );
     }
 
     #[test]
     fn restores_count_level_and_outcome() {
-        let series = "cachevol_restores_total{level=\"restore-key\",outcome=\"degraded\"}";
-        let before = render();
-        restore(
+        let m = Metrics::new();
+        m.restore(
             RestoreLevel::RestoreKey,
             RestoreOutcome::Degraded,
             10,
             0.003,
         );
-        let after = render();
-        assert_eq!(value(&after, series) - value(&before, series), 1.0);
-        assert!(
-            value(&after, "cachevol_restore_bytes_total")
-                - value(&before, "cachevol_restore_bytes_total")
-                >= 10.0
+        let text = m.render();
+        assert_eq!(
+            value(
+                &text,
+                "cachevol_restores_total{level=\"restore-key\",outcome=\"degraded\"}"
+            ),
+            1.0
+        );
+        assert_eq!(value(&text, "cachevol_restore_bytes_total"), 10.0);
+        assert_eq!(value(&text, "cachevol_restore_duration_seconds_count"), 1.0);
+    }
+
+    #[test]
+    fn registries_are_independent() {
+        // Two daemons' registries (or two tests') do not see each other's observations.
+        let (a, b) = (Metrics::new(), Metrics::new());
+        a.gc_run(true, 5);
+        a.leader(true);
+        let (ta, tb) = (a.render(), b.render());
+        assert_eq!(value(&ta, "cachevol_gc_runs_total{outcome=\"ok\"}"), 1.0);
+        assert_eq!(value(&tb, "cachevol_gc_runs_total{outcome=\"ok\"}"), 0.0);
+        assert_eq!(value(&ta, "cachevol_controller_leader"), 1.0);
+        assert_eq!(value(&tb, "cachevol_controller_leader"), 0.0);
+        // A clone records into the same registry.
+        a.clone().gc_run(false, 0);
+        assert_eq!(
+            value(&a.render(), "cachevol_gc_runs_total{outcome=\"failed\"}"),
+            1.0
         );
     }
 
     #[test]
     fn grpc_labels_are_bounded() {
-        grpc("NodeExpandVolume", tonic::Code::ResourceExhausted, 0.01);
-        grpc("SomethingNew", tonic::Code::Unimplemented, 0.01);
-        let text = render();
-        value(
-            &text,
-            "cachevol_grpc_requests_total{code=\"ResourceExhausted\",method=\"NodeExpandVolume\"}",
+        let m = Metrics::new();
+        m.grpc("NodeExpandVolume", tonic::Code::ResourceExhausted, 0.01);
+        m.grpc("SomethingNew", tonic::Code::Unimplemented, 0.01);
+        let text = m.render();
+        assert_eq!(
+            value(
+                &text,
+                "cachevol_grpc_requests_total{code=\"ResourceExhausted\",method=\"NodeExpandVolume\"}",
+            ),
+            1.0
         );
-        value(
-            &text,
-            "cachevol_grpc_requests_total{code=\"Unimplemented\",method=\"other\"}",
+        assert_eq!(
+            value(
+                &text,
+                "cachevol_grpc_requests_total{code=\"Unimplemented\",method=\"other\"}",
+            ),
+            1.0
         );
         assert!(!text.contains("SomethingNew"));
-        value(
-            &text,
-            "cachevol_grpc_request_duration_seconds_count{method=\"NodeExpandVolume\"}",
+        assert_eq!(
+            value(
+                &text,
+                "cachevol_grpc_request_duration_seconds_count{method=\"NodeExpandVolume\"}",
+            ),
+            1.0
         );
     }
 
@@ -801,19 +850,27 @@ mod tests {
 
     #[test]
     fn store_errors_outside_the_fixed_set_are_other() {
-        store_error("rename");
-        let text = render();
-        assert!(value(&text, "cachevol_store_request_errors_total{op=\"other\"}") >= 1.0);
+        let m = Metrics::new();
+        m.store_error("rename");
+        let text = m.render();
+        assert_eq!(
+            value(&text, "cachevol_store_request_errors_total{op=\"other\"}"),
+            1.0
+        );
         assert!(!text.contains("rename"));
     }
 
     #[test]
     fn every_series_has_bounded_labels() {
         // Every label name of every family, and a bound on how many values each may take.
-        grpc("Probe", tonic::Code::Ok, 0.0);
-        gc_run(false, 0);
-        lock_waiting();
-        lock_acquired(-1.0);
+        let m = Metrics::new();
+        m.grpc("Probe", tonic::Code::Ok, 0.0);
+        m.grpc("SomethingNew", tonic::Code::DataLoss, 0.0);
+        m.gc_run(false, 0);
+        m.lock_waiting();
+        m.lock_acquired(-1.0);
+        m.store_error("rename");
+        m.store_latency("rename", 0.1);
         let allowed = |name: &str, value: &str| match name {
             "level" => RestoreLevel::ALL.iter().any(|l| l.label() == value),
             "outcome" => {
@@ -829,7 +886,7 @@ mod tests {
             "le" => true, // histogram buckets: fixed by the bucket lists
             _ => false,
         };
-        for family in METRICS.registry.gather() {
+        for family in m.registry.gather() {
             for metric in family.get_metric() {
                 for pair in metric.get_label() {
                     assert!(
@@ -846,11 +903,13 @@ mod tests {
 
     #[test]
     fn routes() {
+        let m = Metrics::new();
         let ok = || -> Result<(), String> { Ok(()) };
         let not_ready = || -> Result<(), String> { Err("no store yet".into()) };
-        let status = |m: Method, p: &str, r: &(dyn Fn() -> Result<(), String> + Send + Sync)| {
-            respond(&m, p, r).status()
-        };
+        let status =
+            |method: Method, p: &str, r: &(dyn Fn() -> Result<(), String> + Send + Sync)| {
+                respond(&method, p, r, &m).status()
+            };
         assert_eq!(status(Method::GET, "/metrics", &ok), StatusCode::OK);
         assert_eq!(status(Method::GET, "/healthz", &not_ready), StatusCode::OK);
         assert_eq!(status(Method::GET, "/readyz", &ok), StatusCode::OK);

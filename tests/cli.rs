@@ -199,7 +199,15 @@ fn locked_runs_on_one_machine_take_turns_and_see_each_others_writes() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(400));
+    // The first run holds the lock once its command runs: its first line is in its log.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !a.join("log").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the first run never started its command"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let second = env
         .cmd()
         .args([
@@ -562,20 +570,21 @@ fn restore_keys_match_by_prefix_most_recent_first_exact_first() {
         )
     };
     commit("npm-main", "main");
-    // Store clocks count in seconds on some backends: keep the commits apart.
-    std::thread::sleep(Duration::from_millis(1100));
+    // "Most recent" is by the store's clock: the next commit comes once that clock has moved
+    // past the last one (on this file:// store, file mtimes; a tie would fall to the name).
+    store_clock_moves_past(&env);
     commit("npm-release", "release");
     assert_eq!(
         restore(&["npm-"]),
         ("npm-release".into(), "release".into()),
         "the most recent of the keys starting with npm-"
     );
-    std::thread::sleep(Duration::from_millis(1100));
+    store_clock_moves_past(&env);
     commit("npm-main", "main 2");
     assert_eq!(restore(&["npm-"]), ("npm-main".into(), "main 2".into()));
     // An exact match wins over a prefix match, whatever their ages.
     commit("npm-", "exact");
-    std::thread::sleep(Duration::from_millis(1100));
+    store_clock_moves_past(&env);
     commit("npm-zzz", "newer");
     assert_eq!(restore(&["npm-"]), ("npm-".into(), "exact".into()));
     // In order: the first restore key that matches anything decides.
@@ -1030,4 +1039,74 @@ fn missing_s3_credentials_are_named_as_such() {
         "{stderr}"
     );
     assert!(stderr.contains("AWS_ACCESS_KEY_ID"), "{stderr}");
+}
+
+/// The benchmark's measuring wrapper (`cachevol __bench-child USAGE PROGRAM ARGS...`): the
+/// wait status, CPU time and peak RSS of the one command it runs — that command's own, not the
+/// largest of every command the benchmark ran before it.
+#[test]
+fn bench_child_reports_each_commands_own_peak_rss_and_status() {
+    let env = Env::new();
+    std::fs::create_dir_all(&env.root).unwrap();
+    let measure = |name: &str, script: &str| -> Vec<f64> {
+        let usage = env.dir(name);
+        let out = Command::new(env!("CARGO_BIN_EXE_cachevol"))
+            .args(["__bench-child", s(&usage), "sh", "-c", script])
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::read_to_string(&usage)
+            .unwrap()
+            .split_whitespace()
+            .map(|w| w.parse().unwrap())
+            .collect()
+    };
+    // dd fills a 128 MiB buffer from /dev/zero: its peak RSS is at least that.
+    let big = measure(
+        "big",
+        "dd if=/dev/zero of=/dev/null bs=128M count=1 2>/dev/null",
+    );
+    let (status, cpu, rss_kib, secs) = (big[0], big[1], big[2], big[3]);
+    assert_eq!(status, 0.0);
+    assert!(rss_kib >= 128.0 * 1024.0, "peak {rss_kib} KiB");
+    assert!(cpu >= 0.0 && secs > 0.0, "{big:?}");
+    // A small command measured next reports its own peak, far below.
+    let small = measure("small", "exit 3");
+    assert_eq!(small[0], f64::from(3 << 8), "the raw wait status of exit 3");
+    assert!(small[2] < 32.0 * 1024.0, "peak {} KiB", small[2]);
+}
+
+/// Returns once a file written now on the store's file system gets a later mtime than every
+/// object of the store (mtimes tick with the kernel's coarse clock): what is committed next is
+/// strictly more recent, by the clock the restore-key match reads, than what is there.
+fn store_clock_moves_past(env: &Env) {
+    fn newest(dir: &Path) -> std::time::SystemTime {
+        let mut t = std::time::UNIX_EPOCH;
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let m = e.metadata().unwrap();
+            t = t.max(if m.is_dir() {
+                newest(&e.path())
+            } else {
+                m.modified().unwrap()
+            });
+        }
+        t
+    }
+    let last = newest(&env.dir("store"));
+    let probe = env.dir(".clock");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        std::fs::write(&probe, b"").unwrap();
+        if std::fs::metadata(&probe).unwrap().modified().unwrap() > last {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the store's clock does not move");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::fs::remove_file(&probe).unwrap();
 }

@@ -1042,7 +1042,20 @@ async fn gc_runs_on_the_leader_only_and_fails_over() {
     let mut one = c.plugin("controller-1", &gc);
     one.env.push(("POD_NAME".into(), "controller-1".into()));
     one.spawn();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Ours had its chance: the election answered that another replica leads, and a GC tick
+    // came after that answer (and skipped).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let logs = one.logs();
+        let skipped_after_answer = logs
+            .find("leader election: another replica leads")
+            .is_some_and(|at| logs[at..].contains("gc: skipped"));
+        if skipped_after_answer {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no skipped GC tick:\n{logs}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(
         c.generations("team-a", "old").await,
         [1, 2, 3],

@@ -470,7 +470,14 @@ async fn two_pods_private_versus_shared_on_one_node() {
         .await
         .unwrap();
     std::fs::write(sb.join("from-d"), "d").unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The node decided, before answering, that the view stays active for d: a view that went
+    // pending here would be committed in the background.
+    assert_eq!(
+        shared_view_targets(&t.join("n1/state"), &sb),
+        Some(("active".to_string(), 1)),
+        "{}",
+        node.logs()
+    );
     let tmp2 = tempfile::tempdir().unwrap();
     let engine = Engine::new(Store::open(&store).unwrap(), "team-a", tmp2.path()).unwrap();
     assert_eq!(
@@ -605,4 +612,25 @@ async fn paths_the_driver_did_not_make_are_refused_or_left_alone() {
     for m in [&foreign, &target] {
         cachevol::node::mount::unmount(m).unwrap();
     }
+}
+
+/// The state and number of targets of the view record that has `target` among its targets, in
+/// the node state dir `state` (its `views/<id>.json` files, as the node writes them before it
+/// answers a publish or an unpublish).
+fn shared_view_targets(state: &Path, target: &Path) -> Option<(String, usize)> {
+    std::fs::read_dir(state.join("views"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .find_map(|e| {
+            let r: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
+            let targets = r["targets"].as_object()?;
+            targets.contains_key(target.to_str()?).then(|| {
+                (
+                    r["state"].as_str().unwrap_or_default().to_string(),
+                    targets.len(),
+                )
+            })
+        })
 }

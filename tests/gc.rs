@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cachevol::engine::{CommitOptions, CommitOutcome, Engine, GcPolicy, RestoreSource};
 use common::*;
@@ -184,13 +184,34 @@ async fn ttl_with_real_time_passing() {
     let old = tmp.path().join("old");
     write(&old.join("f"), b"old\n");
     commit(&e, "old", &old).await;
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // Real time passes until the store's clock puts "old" past the TTL as gc counts it (whole
+    // seconds since its newest manifest object was written), not for a guessed while.
+    let ttl = Duration::from_secs(2);
+    let written = std::fs::read_dir(tmp.path().join("store/default/manifests/old"))
+        .unwrap()
+        .map(|e| {
+            let modified = e.unwrap().metadata().unwrap().modified().unwrap();
+            modified.duration_since(UNIX_EPOCH).unwrap().as_secs()
+        })
+        .max()
+        .expect("old has a generation");
+    let now = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while now() - written <= ttl.as_secs() {
+        assert!(Instant::now() < deadline, "the clock does not move");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let new = tmp.path().join("new");
     write(&new.join("f"), b"new\n");
     commit(&e, "new", &new).await;
     let r = e
         .gc(&GcPolicy {
-            ttl: Some(Duration::from_secs(2)),
+            ttl: Some(ttl),
             ..policy()
         })
         .await

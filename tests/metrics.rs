@@ -15,7 +15,7 @@ use bytes::Bytes;
 use cachevol::csi::identity::IdentityService;
 use cachevol::csi::pb::{self, identity_server::Identity};
 use cachevol::engine::Store;
-use cachevol::metrics::{self, CommitOutcome, RestoreLevel, RestoreOutcome};
+use cachevol::metrics::{self, CommitOutcome, Metrics, RestoreLevel, RestoreOutcome};
 use object_store::path::Path as StorePath;
 
 struct Reply {
@@ -117,6 +117,8 @@ fn readme_table() -> BTreeMap<String, String> {
 async fn endpoint_serves_metrics_health_and_readiness() {
     let ready = Arc::new(AtomicBool::new(false));
     let flag = ready.clone();
+    // The registry a daemon creates at start-up and hands to the server and to what records.
+    let m = Metrics::new();
     let addr = metrics::serve(
         "127.0.0.1:0".parse().unwrap(),
         Arc::new(move || {
@@ -126,6 +128,7 @@ async fn endpoint_serves_metrics_health_and_readiness() {
                 Err("store not reachable yet".to_string())
             }
         }),
+        m.clone(),
     )
     .await
     .unwrap();
@@ -145,18 +148,18 @@ async fn endpoint_serves_metrics_health_and_readiness() {
     );
 
     // One of each observation, on series the other tests of this file do not touch.
-    metrics::restore(RestoreLevel::Key, RestoreOutcome::Warm, 4096, 0.002);
-    metrics::restore(RestoreLevel::Miss, RestoreOutcome::Restored, 0, 0.0005);
-    metrics::commit(CommitOutcome::Committed, 1 << 20, 1.5);
-    metrics::lock_waiting();
-    metrics::lock_acquired(42.0);
-    metrics::store_error("copy");
-    metrics::grpc("NodeUnpublishVolume", tonic::Code::Internal, 0.02);
-    metrics::gc_run(true, 777);
-    metrics::store_up(true);
-    metrics::leader(true);
+    m.restore(RestoreLevel::Key, RestoreOutcome::Warm, 4096, 0.002);
+    m.restore(RestoreLevel::Miss, RestoreOutcome::Restored, 0, 0.0005);
+    m.commit(CommitOutcome::Committed, 1 << 20, 1.5);
+    m.lock_waiting();
+    m.lock_acquired(42.0);
+    m.store_error("copy");
+    m.grpc("NodeUnpublishVolume", tonic::Code::Internal, 0.02);
+    m.gc_run(true, 777);
+    m.store_up(true);
+    m.leader(true);
     use cachevol::node::Report as _;
-    metrics::Report.node_gauges(&cachevol::node::NodeGauges {
+    m.node_gauges(&cachevol::node::NodeGauges {
         base_bytes: 5 << 30,
         base_budget: Some(50 << 30),
         base_images: false,
@@ -313,13 +316,15 @@ async fn endpoint_serves_metrics_health_and_readiness() {
 async fn store_counts_failures_but_not_normal_answers() {
     let dir = tempfile::tempdir().unwrap();
     // The daemons hand their stores the metrics' hook; the engine itself keeps no metrics.
+    let m = Metrics::new();
+    let counted = m.clone();
     let store = Store::open(&format!("file://{}", dir.path().display()))
         .unwrap()
-        .on_error(std::sync::Arc::new(metrics::store_error));
+        .on_error(std::sync::Arc::new(move |op| counted.store_error(op)));
     let series = |op: &str| format!("cachevol_store_request_errors_total{{op=\"{op}\"}}");
     let ops = ["get", "head", "put", "delete", "list"];
     let counts = || {
-        let text = metrics::render();
+        let text = m.render();
         ops.map(|op| value(&text, &series(op)))
     };
     let before = counts();
@@ -367,21 +372,22 @@ async fn store_counts_failures_but_not_normal_answers() {
 #[tokio::test]
 async fn grpc_calls_are_counted_by_method_and_code() {
     let dir = tempfile::tempdir().unwrap();
-    let svc = IdentityService::new(dir.path().to_path_buf());
+    let m = Metrics::new();
+    let svc = IdentityService::new(dir.path().to_path_buf()).with_metrics(m.clone());
     let series = "cachevol_grpc_requests_total{code=\"Ok\",method=\"GetPluginInfo\"}";
     let count = |text: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
             .unwrap_or(0.0)
     };
-    let before = count(&metrics::render());
+    let before = count(&m.render());
     svc.get_plugin_info(tonic::Request::new(pb::GetPluginInfoRequest {}))
         .await
         .unwrap();
     svc.get_plugin_info(tonic::Request::new(pb::GetPluginInfoRequest {}))
         .await
         .unwrap();
-    let text = metrics::render();
+    let text = m.render();
     assert_eq!(count(&text) - before, 2.0);
     assert!(
         value(
@@ -394,13 +400,15 @@ async fn grpc_calls_are_counted_by_method_and_code() {
 #[tokio::test]
 async fn store_requests_are_timed_by_op() {
     let dir = tempfile::tempdir().unwrap();
+    let m = Metrics::new();
+    let counted = m.clone();
     let store = Store::open(&format!("file://{}", dir.path().display()))
         .unwrap()
-        .on_latency(Arc::new(|op, took| {
-            metrics::store_latency(op, took.as_secs_f64())
+        .on_latency(Arc::new(move |op, took| {
+            counted.store_latency(op, took.as_secs_f64())
         }));
     let series = "cachevol_store_request_duration_seconds_count{op=\"head\"}";
-    let before = value(&metrics::render(), series);
+    let before = value(&m.render(), series);
     for name in ["a", "b", "c"] {
         assert!(store.head(&StorePath::from(name)).await.unwrap().is_none());
     }
@@ -408,7 +416,7 @@ async fn store_requests_are_timed_by_op() {
         .put(&StorePath::from("x"), Bytes::from_static(b"x"))
         .await
         .unwrap();
-    let text = metrics::render();
+    let text = m.render();
     assert_eq!(
         value(&text, series) - before,
         3.0,

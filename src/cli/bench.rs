@@ -314,10 +314,6 @@ fn summarize(runs: &[RunFigures]) -> Summary {
     }
 }
 
-fn cpu_seconds(t: &libc::timeval) -> f64 {
-    t.tv_sec as f64 + t.tv_usec as f64 / 1e6
-}
-
 /// A child's stdout and its figures.
 struct Ran {
     sample: Sample,
@@ -331,25 +327,111 @@ fn tail(log: &Path) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
-/// Waits for the child `pid` and returns its wait status and resource usage. The one unsafe
-/// function of the crate: neither std nor rustix has wait4 with its rusage (the child's own
-/// CPU time and peak RSS, which the benchmark reports), so it calls libc.
-#[allow(unsafe_code)]
-fn wait4(pid: libc::pid_t) -> std::io::Result<(libc::c_int, libc::rusage)> {
-    let mut status: libc::c_int = 0;
-    // SAFETY: rusage is plain data; zeroed is a valid value.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    loop {
-        // SAFETY: `status` and `ru` are valid for writes for the duration of the call.
-        let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
-        if rc == pid {
-            return Ok((status, ru));
+/// The first argument of the hidden `cachevol __bench-child USAGE PROGRAM ARGS...` that
+/// [`Bench::exec`] wraps each measured command in.
+const CHILD_MARK: &str = "__bench-child";
+
+/// What one measured command used: its wait status, CPU time, peak RSS and wall time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Usage {
+    /// The raw wait status (`ExitStatusExt::from_raw` turns it back into an `ExitStatus`).
+    status: i32,
+    cpu_seconds: f64,
+    peak_rss_kib: u64,
+    seconds: f64,
+}
+
+impl Usage {
+    fn to_line(self) -> String {
+        format!(
+            "{} {} {} {}\n",
+            self.status, self.cpu_seconds, self.peak_rss_kib, self.seconds
+        )
+    }
+
+    fn parse(line: &str) -> Option<Usage> {
+        let mut w = line.split_whitespace();
+        let usage = Usage {
+            status: w.next()?.parse().ok()?,
+            cpu_seconds: w.next()?.parse().ok()?,
+            peak_rss_kib: w.next()?.parse().ok()?,
+            seconds: w.next()?.parse().ok()?,
+        };
+        w.next().is_none().then_some(usage)
+    }
+}
+
+/// The hidden entry point `cachevol __bench-child USAGE PROGRAM ARGS...`: runs PROGRAM with
+/// ARGS (stdin, stdout and stderr inherited), waits for it, writes its [`Usage`] to the file
+/// USAGE and exits 0; 127 when PROGRAM cannot be started. `None` for any other command line.
+///
+/// Why a process of its own: a command's CPU time and peak RSS are in the `rusage` of the
+/// wait that reaps it. std's `Child::wait` drops it and rustix has no `wait4`, but
+/// `getrusage(RUSAGE_CHILDREN)` (nix, already a dependency of object_store) has the same
+/// figures in a process whose only child is that command: the sum of its CPU time and the
+/// largest peak RSS of it and the descendants it waited for, as `wait4` reports them. In the
+/// benchmark process itself that peak would be the largest of every command run so far.
+pub fn child_main() -> Option<i32> {
+    let mut args = std::env::args_os().skip(1);
+    if args.next()? != CHILD_MARK {
+        return None;
+    }
+    let (Some(usage_file), Some(program)) = (args.next(), args.next()) else {
+        eprintln!("usage: cachevol {CHILD_MARK} USAGE PROGRAM [ARGS...]");
+        return Some(2);
+    };
+    let started = Instant::now();
+    let status = match Command::new(&program).args(args).status() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cachevol: cannot start {}: {e}", program.to_string_lossy());
+            return Some(127);
         }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let usage = match nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN) {
+        Ok(ru) => ru,
+        Err(e) => {
+            eprintln!("cachevol: getrusage: {e}");
+            return Some(1);
+        }
+    };
+    let tv = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    let line = Usage {
+        status: std::os::unix::process::ExitStatusExt::into_raw(status),
+        cpu_seconds: tv(usage.user_time()) + tv(usage.system_time()),
+        // Linux counts ru_maxrss in KiB.
+        peak_rss_kib: usage.max_rss().max(0) as u64,
+        seconds,
+    }
+    .to_line();
+    match std::fs::write(&usage_file, line) {
+        Ok(()) => Some(0),
+        Err(e) => {
+            eprintln!("cachevol: write {}: {e}", usage_file.to_string_lossy());
+            Some(1)
         }
     }
+}
+
+/// `cmd` run under `exe __bench-child usage_file`: same program, arguments, environment
+/// changes and directory.
+fn measured(exe: &Path, usage_file: &Path, cmd: &Command) -> Command {
+    let mut c = Command::new(exe);
+    c.arg(CHILD_MARK)
+        .arg(usage_file)
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    if let Some(dir) = cmd.get_current_dir() {
+        c.current_dir(dir);
+    }
+    c
 }
 
 /// A `sh -c SCRIPT sh ARGS...` command: paths travel as positional parameters, never quoted.
@@ -578,23 +660,42 @@ struct Bench<'a> {
 
 impl Bench<'_> {
     /// Runs a child, timing it from spawn to reaping, with `sync` first so that earlier
-    /// write-back does not land in this step.
-    fn exec(&self, what: &str, dir: &Path, mut cmd: Command) -> Result<Ran, Error> {
+    /// write-back does not land in this step. The child runs under `cachevol __bench-child`
+    /// ([`child_main`]), which reports its CPU time and peak RSS.
+    fn exec(&self, what: &str, dir: &Path, cmd: Command) -> Result<Ran, Error> {
         let log = dir.join(format!("{what}.log"));
+        let usage_file = dir.join(format!("{what}.usage"));
         let stderr = std::fs::File::create(&log).map_err(Error::io("create", &log))?;
+        let mut cmd = measured(&self.exe, &usage_file, &cmd);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr);
         sync();
-        let started = Instant::now();
         let mut child = cmd.spawn().map_err(Error::io("start", what))?;
         let mut stdout = Vec::new();
         let read = child.stdout.take().expect("piped").read_to_end(&mut stdout);
-        let (status, ru) = wait4(child.id() as libc::pid_t).map_err(Error::io("wait for", what))?;
-        let seconds = started.elapsed().as_secs_f64();
+        let wrapper = child.wait().map_err(Error::io("wait for", what))?;
         read.map_err(Error::io("read output of", what))?;
-        let status =
-            <std::process::ExitStatus as std::os::unix::process::ExitStatusExt>::from_raw(status);
+        let usage = std::fs::read_to_string(&usage_file)
+            .ok()
+            .and_then(|l| Usage::parse(&l));
+        let _ = std::fs::remove_file(&usage_file);
+        let usage = match usage {
+            Some(u) if wrapper.success() => u,
+            _ => {
+                return Err(failed(
+                    dir.join(what),
+                    format!(
+                        "{wrapper} (no usage measured); its stderr ({}) ends:\n{}",
+                        log.display(),
+                        tail(&log)
+                    ),
+                ))
+            }
+        };
+        let status = <std::process::ExitStatus as std::os::unix::process::ExitStatusExt>::from_raw(
+            usage.status,
+        );
         if !status.success() {
             return Err(failed(
                 dir.join(what),
@@ -607,9 +708,9 @@ impl Bench<'_> {
         }
         Ok(Ran {
             sample: Sample {
-                seconds,
-                cpu_seconds: cpu_seconds(&ru.ru_utime) + cpu_seconds(&ru.ru_stime),
-                peak_rss_kib: ru.ru_maxrss.max(0) as u64,
+                seconds: usage.seconds,
+                cpu_seconds: usage.cpu_seconds,
+                peak_rss_kib: usage.peak_rss_kib,
             },
             stdout,
         })

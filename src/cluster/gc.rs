@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use super::lease::Leases;
 use crate::engine::{Engine, GcPolicy, Store};
+use crate::metrics::Metrics;
 use crate::spec::records::Records;
 
 /// The controller's leader Lease (in the driver's namespace).
@@ -22,6 +23,8 @@ pub struct Collector {
     pub interval: Duration,
     /// With a cluster: lock Leases are deleted once free and unwanted for this long.
     pub locks: Option<(Leases, Duration)>,
+    /// Where runs, deleted bytes and the stores' requests are counted.
+    pub metrics: Metrics,
 }
 
 /// Keeps `leader` up to date by taking and renewing the leader Lease every third of its
@@ -34,17 +37,23 @@ pub async fn lead_forever(
 ) {
     let mut every = tokio::time::interval((duration / 3).max(Duration::from_millis(200)));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut first = true;
     loop {
         every.tick().await;
-        let now = match leases.lead(LEADER_LEASE, &identity).await {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot renew the leader Lease");
-                false
-            }
-        };
+        let answer = leases.lead(LEADER_LEASE, &identity).await;
+        if let Err(e) = &answer {
+            tracing::warn!(error = %e, "cannot renew the leader Lease");
+        }
+        let now = matches!(answer, Ok(true));
         if now != leader.swap(now, Ordering::SeqCst) {
             tracing::info!(identity, leader = now, "leadership changed");
+        } else if first && answer.is_ok() {
+            // A standby says so once, so that its logs show it took part.
+            tracing::info!(identity, "leader election: another replica leads");
+            first = false;
+        }
+        if answer.is_ok() {
+            first = false;
         }
     }
 }
@@ -57,7 +66,9 @@ impl Collector {
         every.tick().await; // the first tick is immediate: let the process settle first
         loop {
             every.tick().await;
-            if leader.load(Ordering::SeqCst) {
+            if !leader.load(Ordering::SeqCst) {
+                tracing::info!("gc: skipped, this replica does not hold the leader Lease");
+            } else {
                 self.collect().await;
                 if let Some((leases, idle)) = &self.locks {
                     if let Err(e) = leases.collect(*idle).await {
@@ -74,14 +85,10 @@ impl Collector {
         stores.insert(self.default_store.clone());
         for url in stores {
             let store = match Store::open(&url) {
-                Ok(s) => s
-                    .on_error(std::sync::Arc::new(crate::metrics::store_error))
-                    .on_latency(std::sync::Arc::new(|op, took| {
-                        crate::metrics::store_latency(op, took.as_secs_f64())
-                    })),
+                Ok(s) => self.metrics.count_store(s),
                 Err(e) => {
                     tracing::warn!(error = %e, "gc: cannot open a store");
-                    crate::metrics::gc_run(false, 0);
+                    self.metrics.gc_run(false, 0);
                     continue;
                 }
             };
@@ -89,7 +96,7 @@ impl Collector {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(store = store.display_url(), error = %e, "gc: cannot list scopes");
-                    crate::metrics::gc_run(false, 0);
+                    self.metrics.gc_run(false, 0);
                     continue;
                 }
             };
@@ -100,7 +107,7 @@ impl Collector {
                 };
                 match r {
                     Ok(r) => {
-                        crate::metrics::gc_run(true, r.bytes_freed);
+                        self.metrics.gc_run(true, r.bytes_freed);
                         tracing::info!(
                             store = store.display_url(),
                             scope,
@@ -113,7 +120,7 @@ impl Collector {
                         );
                     }
                     Err(e) => {
-                        crate::metrics::gc_run(false, 0);
+                        self.metrics.gc_run(false, 0);
                         tracing::warn!(store = store.display_url(), scope, error = %e, "gc failed");
                     }
                 }

@@ -14,6 +14,7 @@ use super::inflight::InFlight;
 use super::pb::controller_server::Controller;
 use super::pb::{self, controller_service_capability as csc};
 use super::{handle, Error};
+use crate::metrics::Metrics;
 use crate::spec::records::{self, Records, VolumeRecord};
 use crate::spec::{param, VolumeSpec};
 
@@ -32,6 +33,8 @@ pub struct ControllerService {
     inflight: InFlight,
     /// The Kubernetes API, for claim annotations. None without a cluster.
     client: Option<kube::Client>,
+    /// Where each RPC is counted; nothing is counted without.
+    metrics: Option<Metrics>,
 }
 
 impl ControllerService {
@@ -42,7 +45,14 @@ impl ControllerService {
             default_store,
             inflight: InFlight::default(),
             client: None,
+            metrics: None,
         }
+    }
+
+    /// Counts every RPC (method, code, duration) in `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> ControllerService {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Reads claims' `cachevol.dev/*` annotations through this client.
@@ -298,7 +308,7 @@ impl Controller for ControllerService {
         req: Request<pb::CreateVolumeRequest>,
     ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
         let req = req.into_inner();
-        handle("CreateVolume", "", self.create(req)).await
+        handle(self.metrics.as_ref(), "CreateVolume", "", self.create(req)).await
     }
 
     async fn delete_volume(
@@ -307,7 +317,7 @@ impl Controller for ControllerService {
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
         let req = req.into_inner();
         let id = req.volume_id.clone();
-        handle("DeleteVolume", &id, self.delete(req)).await
+        handle(self.metrics.as_ref(), "DeleteVolume", &id, self.delete(req)).await
     }
 
     async fn validate_volume_capabilities(
@@ -316,23 +326,34 @@ impl Controller for ControllerService {
     ) -> Result<Response<pb::ValidateVolumeCapabilitiesResponse>, Status> {
         let req = req.into_inner();
         let id = req.volume_id.clone();
-        handle("ValidateVolumeCapabilities", &id, self.validate(req)).await
+        handle(
+            self.metrics.as_ref(),
+            "ValidateVolumeCapabilities",
+            &id,
+            self.validate(req),
+        )
+        .await
     }
 
     async fn controller_get_capabilities(
         &self,
         _req: Request<pb::ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<pb::ControllerGetCapabilitiesResponse>, Status> {
-        handle("ControllerGetCapabilities", "", async {
-            Ok(pb::ControllerGetCapabilitiesResponse {
-                capabilities: CAPABILITIES
-                    .iter()
-                    .map(|t| pb::ControllerServiceCapability {
-                        r#type: Some(csc::Type::Rpc(csc::Rpc { r#type: *t as i32 })),
-                    })
-                    .collect(),
-            })
-        })
+        handle(
+            self.metrics.as_ref(),
+            "ControllerGetCapabilities",
+            "",
+            async {
+                Ok(pb::ControllerGetCapabilitiesResponse {
+                    capabilities: CAPABILITIES
+                        .iter()
+                        .map(|t| pb::ControllerServiceCapability {
+                            r#type: Some(csc::Type::Rpc(csc::Rpc { r#type: *t as i32 })),
+                        })
+                        .collect(),
+                })
+            },
+        )
         .await
     }
 }

@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 use super::pb::identity_server::Identity;
 use super::pb::{self, plugin_capability};
 use super::{handle, DRIVER_NAME};
+use crate::metrics::Metrics;
 
 /// The plugin capabilities. The spec requires every instance of one plugin version to report
 /// the same set, whichever services it serves, so the node plugin reports CONTROLLER_SERVICE
@@ -24,6 +25,8 @@ pub struct IdentityService {
     state_dir: PathBuf,
     /// Last readiness reported (0 unknown, 1 ready, 2 not ready), to log changes only.
     last: Arc<AtomicU8>,
+    /// Where each RPC is counted; nothing is counted without.
+    metrics: Option<Metrics>,
 }
 
 impl IdentityService {
@@ -32,7 +35,14 @@ impl IdentityService {
         IdentityService {
             state_dir,
             last: Arc::new(AtomicU8::new(0)),
+            metrics: None,
         }
+    }
+
+    /// Counts every RPC (method, code, duration) in `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> IdentityService {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Ready when the state dir exists and is writable; no store is asked (a store outage must
@@ -63,7 +73,7 @@ impl Identity for IdentityService {
         &self,
         _req: Request<pb::GetPluginInfoRequest>,
     ) -> Result<Response<pb::GetPluginInfoResponse>, Status> {
-        handle("GetPluginInfo", "", async {
+        handle(self.metrics.as_ref(), "GetPluginInfo", "", async {
             Ok(pb::GetPluginInfoResponse {
                 name: DRIVER_NAME.to_string(),
                 vendor_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -77,7 +87,7 @@ impl Identity for IdentityService {
         &self,
         _req: Request<pb::GetPluginCapabilitiesRequest>,
     ) -> Result<Response<pb::GetPluginCapabilitiesResponse>, Status> {
-        handle("GetPluginCapabilities", "", async {
+        handle(self.metrics.as_ref(), "GetPluginCapabilities", "", async {
             Ok(pb::GetPluginCapabilitiesResponse {
                 capabilities: PLUGIN_SERVICES
                     .iter()
@@ -97,7 +107,7 @@ impl Identity for IdentityService {
         &self,
         _req: Request<pb::ProbeRequest>,
     ) -> Result<Response<pb::ProbeResponse>, Status> {
-        handle("Probe", "", async {
+        handle(self.metrics.as_ref(), "Probe", "", async {
             let ready = self.readiness().await;
             let now = if ready.is_ok() { 1 } else { 2 };
             if self.last.swap(now, Ordering::Relaxed) != now {

@@ -12,6 +12,7 @@ use super::pb::node_server::Node;
 use super::pb::{self, node_service_capability, volume_usage};
 use super::{capability, handle, inflight::InFlight, Error};
 use crate::cluster::agent::Agent;
+use crate::metrics::Metrics;
 use crate::node::{self as volumes, Volumes};
 use crate::spec::{Ending, PodRef};
 
@@ -40,6 +41,8 @@ pub struct NodeService {
     inflight: InFlight,
     /// Commits that run after NodeUnpublishVolume returns.
     commits: tokio::sync::Mutex<tokio::task::JoinSet<()>>,
+    /// Where each RPC is counted; nothing is counted without.
+    metrics: Option<Metrics>,
 }
 
 fn required<'a>(field: &'static str, value: &'a str) -> Result<&'a str, Error> {
@@ -57,7 +60,14 @@ impl NodeService {
             agent,
             inflight: InFlight::default(),
             commits: tokio::sync::Mutex::new(tokio::task::JoinSet::new()),
+            metrics: None,
         }
+    }
+
+    /// Counts every RPC (method, code, duration) in `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> NodeService {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Decides a pending view in the background; its record keeps it pending until then, so
@@ -264,10 +274,15 @@ impl Node for Arc<NodeService> {
     ) -> Result<Response<pb::NodePublishVolumeResponse>, Status> {
         let r = req.into_inner();
         let id = r.volume_id.clone();
-        handle("NodePublishVolume", &id, async move {
-            self.publish(r).await?;
-            Ok(pb::NodePublishVolumeResponse {})
-        })
+        handle(
+            self.metrics.as_ref(),
+            "NodePublishVolume",
+            &id,
+            async move {
+                self.publish(r).await?;
+                Ok(pb::NodePublishVolumeResponse {})
+            },
+        )
         .await
     }
 
@@ -277,10 +292,15 @@ impl Node for Arc<NodeService> {
     ) -> Result<Response<pb::NodeUnpublishVolumeResponse>, Status> {
         let r = req.into_inner();
         let id = r.volume_id.clone();
-        handle("NodeUnpublishVolume", &id, async move {
-            self.unpublish(r).await?;
-            Ok(pb::NodeUnpublishVolumeResponse {})
-        })
+        handle(
+            self.metrics.as_ref(),
+            "NodeUnpublishVolume",
+            &id,
+            async move {
+                self.unpublish(r).await?;
+                Ok(pb::NodeUnpublishVolumeResponse {})
+            },
+        )
         .await
     }
 
@@ -291,11 +311,16 @@ impl Node for Arc<NodeService> {
         let r = req.into_inner();
         let id = r.volume_id.clone();
         let this = self.clone();
-        handle("NodeGetVolumeStats", &id, async move {
-            tokio::task::spawn_blocking(move || this.stats(&r))
-                .await
-                .expect("stats do not panic")
-        })
+        handle(
+            self.metrics.as_ref(),
+            "NodeGetVolumeStats",
+            &id,
+            async move {
+                tokio::task::spawn_blocking(move || this.stats(&r))
+                    .await
+                    .expect("stats do not panic")
+            },
+        )
         .await
     }
 
@@ -303,7 +328,7 @@ impl Node for Arc<NodeService> {
         &self,
         _: Request<pb::NodeGetCapabilitiesRequest>,
     ) -> Result<Response<pb::NodeGetCapabilitiesResponse>, Status> {
-        handle("NodeGetCapabilities", "", async {
+        handle(self.metrics.as_ref(), "NodeGetCapabilities", "", async {
             let rpc = |t: node_service_capability::rpc::Type| pb::NodeServiceCapability {
                 r#type: Some(node_service_capability::Type::Rpc(
                     node_service_capability::Rpc { r#type: t as i32 },
@@ -325,7 +350,7 @@ impl Node for Arc<NodeService> {
         _: Request<pb::NodeGetInfoRequest>,
     ) -> Result<Response<pb::NodeGetInfoResponse>, Status> {
         let node_id = self.volumes.config().node_id.clone();
-        handle("NodeGetInfo", "", async move {
+        handle(self.metrics.as_ref(), "NodeGetInfo", "", async move {
             Ok(pb::NodeGetInfoResponse {
                 node_id,
                 max_volumes_per_node: 0,

@@ -14,6 +14,7 @@ use crate::csi::pb::controller_server::ControllerServer;
 use crate::csi::pb::identity_server::IdentityServer;
 use crate::csi::{self, identity::IdentityService, server};
 use crate::engine::Store;
+use crate::metrics::Metrics;
 use crate::spec::{self, records::Records};
 
 /// Default controller state dir (volume records).
@@ -50,12 +51,9 @@ async fn start(
     let state_dir = state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
     let path = server::parse_endpoint(&args.endpoint)?;
     spec::check_store_url(&store_url).map_err(|why| csi::Error::invalid("--store", why))?;
-    let store = Store::open(&store_url)
-        .map_err(csi::Error::from)?
-        .on_error(Arc::new(crate::metrics::store_error))
-        .on_latency(Arc::new(|op, took| {
-            crate::metrics::store_latency(op, took.as_secs_f64())
-        }));
+    // The process's registry, served on /metrics.
+    let metrics = Metrics::new();
+    let store = metrics.count_store(Store::open(&store_url).map_err(csi::Error::from)?);
     if store.local_root().is_some() {
         tracing::warn!(
             store = store.display_url(),
@@ -126,12 +124,13 @@ async fn start(
             interval: args.gc_interval,
             // Lock Leases free for a few lease durations, nobody waiting: a dead node's.
             locks: lock_leases.map(|l| (l, args.cluster.lease_duration * 4)),
+            metrics: metrics.clone(),
         };
         tasks.spawn("garbage collector", collector.run(leader.clone()));
     }
     // The store's health goes to /readyz and cachevol_store_up, never to Probe: the
     // livenessprobe sidecar would restart the controller for an outage a restart cannot fix.
-    let health = Arc::new(StoreHealth::new(store));
+    let health = Arc::new(StoreHealth::new(store, metrics.clone()));
     tasks.spawn(
         "store health check",
         health
@@ -140,9 +139,10 @@ async fn start(
     );
     {
         let leader = leader.clone();
+        let metrics = metrics.clone();
         tasks.spawn("leader gauge", async move {
             loop {
-                crate::metrics::leader(leader.load(std::sync::atomic::Ordering::Relaxed));
+                metrics.leader(leader.load(std::sync::atomic::Ordering::Relaxed));
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
         });
@@ -151,11 +151,14 @@ async fn start(
         args.cluster.metrics_address,
         &state_dir,
         Some(health),
+        &metrics,
         &mut tasks,
     )
     .await?;
-    let identity = IdentityService::new(state_dir);
-    let controller = ControllerService::new(records, store_url).with_client(client);
+    let identity = IdentityService::new(state_dir).with_metrics(metrics.clone());
+    let controller = ControllerService::new(records, store_url)
+        .with_client(client)
+        .with_metrics(metrics);
     let socket = server::Socket::bind(&path)?;
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity))

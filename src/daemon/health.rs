@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::engine::Store;
+use crate::metrics::Metrics;
 
 /// How often the store is checked.
 pub const STORE_CHECK_INTERVAL: Duration = Duration::from_secs(10);
@@ -17,18 +18,21 @@ pub const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 /// The last answer of the store to a health check.
 pub struct StoreHealth {
     store: Store,
+    /// `cachevol_store_up` follows the last answer.
+    metrics: Metrics,
     last: Mutex<Result<(), String>>,
 }
 
 impl StoreHealth {
     /// Not checked yet: not ready until the first check answers.
-    pub fn new(store: Store) -> StoreHealth {
+    pub fn new(store: Store, metrics: Metrics) -> StoreHealth {
         StoreHealth {
             last: Mutex::new(Err(format!(
                 "store {} not checked yet",
                 store.display_url()
             ))),
             store,
+            metrics,
         }
     }
 
@@ -55,7 +59,7 @@ impl StoreHealth {
                 }
             }
         };
-        crate::metrics::store_up(answer.is_ok());
+        self.metrics.store_up(answer.is_ok());
         let before = std::mem::replace(
             &mut *self.last.lock().expect("not poisoned"),
             answer.clone(),
@@ -89,9 +93,12 @@ mod tests {
     async fn a_local_store_answers() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&format!("file://{}", dir.path().display())).unwrap();
-        let health = StoreHealth::new(store);
+        let metrics = Metrics::new();
+        let health = StoreHealth::new(store, metrics.clone());
         assert!(health.get().unwrap_err().contains("not checked yet"));
+        assert!(metrics.render().contains("\ncachevol_store_up 0\n"));
         health.check(STORE_CHECK_TIMEOUT).await.unwrap();
         health.get().unwrap();
+        assert!(metrics.render().contains("\ncachevol_store_up 1\n"));
     }
 }

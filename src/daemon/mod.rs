@@ -24,6 +24,7 @@ pub use tasks::{TaskEnded, Tasks};
 
 use crate::csi;
 use crate::engine::GcPolicy;
+use crate::metrics::Metrics;
 use crate::spec::{self, Retention};
 
 /// Why a daemon stopped with an error.
@@ -71,13 +72,14 @@ async fn exit_code(what: &str, run: impl std::future::Future<Output = Result<(),
     }
 }
 
-/// Binds /metrics, /healthz and /readyz on `addr` (when given) for the node plugin or the
-/// controller, ready while the state dir is writable and the store (when given: the
+/// Binds /metrics (rendering `metrics`, the registry the daemon created at start-up), /healthz
+/// and /readyz on `addr` (when given) for the node plugin or the controller, ready while the state dir is writable and the store (when given: the
 /// controller's) answered its last health check, and adds the server to `tasks`.
 pub async fn serve_metrics(
     addr: Option<SocketAddr>,
     state_dir: &Path,
     store: Option<Arc<health::StoreHealth>>,
+    metrics: &Metrics,
     tasks: &mut Tasks,
 ) -> Result<(), csi::Error> {
     let Some(addr) = addr else {
@@ -88,7 +90,7 @@ pub async fn serve_metrics(
         csi::identity::check_writable(&dir)?;
         store.as_ref().map_or(Ok(()), |s| s.get())
     });
-    let (bound, server) = crate::metrics::bind(addr, ready)
+    let (bound, server) = crate::metrics::bind(addr, ready, metrics.clone())
         .await
         .map_err(csi::Error::io("serve metrics on", addr.to_string()))?;
     tracing::info!(address = %bound, "serving /metrics, /healthz, /readyz");

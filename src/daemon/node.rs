@@ -12,6 +12,7 @@ use crate::csi::pb::identity_server::IdentityServer;
 use crate::csi::pb::node_server::NodeServer;
 use crate::csi::{self, identity::IdentityService, server};
 use crate::engine::Store;
+use crate::metrics::Metrics;
 use crate::node::{NodeConfig, Report, Volumes};
 use crate::spec;
 
@@ -77,14 +78,16 @@ async fn start(
     let client = cluster::connect(args.cluster.cluster)
         .await
         .map_err(|why| csi::Error::Unavailable(format!("--cluster: {why}")))?;
-    // Metrics always; with a cluster, Events on the pods too.
-    let metrics: Arc<dyn Report> = Arc::new(crate::metrics::Report);
+    // The process's registry, served on /metrics; the node reports into it always, and with a
+    // cluster, Events on the pods too.
+    let metrics = Metrics::new();
+    let counted: Arc<dyn Report> = Arc::new(metrics.clone());
     let report: Arc<dyn Report> = match &client {
         Some(c) => Arc::new(cluster::events::ClusterReport {
-            metrics,
+            metrics: counted,
             events: cluster::events::Recorder::new(c.clone(), "cachevol-node", &args.node_id),
         }),
-        None => metrics,
+        None => counted,
     };
     let volumes = Arc::new(
         Volumes::with(
@@ -123,13 +126,20 @@ async fn start(
             "cluster features off: no Kubernetes API in use; views are committed when unpublished"
         ),
     }
-    let service = Arc::new(NodeService::new(volumes.clone(), agent));
+    let service = Arc::new(NodeService::new(volumes.clone(), agent).with_metrics(metrics.clone()));
     // Views left pending by a previous run (unpublished, not yet committed) are committed now.
     service.resume_pending().await;
     if let Some(s) = &store {
         Store::open(s).map_err(csi::Error::from)?; // a store that cannot even be opened is a configuration error
     }
-    super::serve_metrics(args.cluster.metrics_address, &state_dir, None, &mut tasks).await?;
+    super::serve_metrics(
+        args.cluster.metrics_address,
+        &state_dir,
+        None,
+        &metrics,
+        &mut tasks,
+    )
+    .await?;
     if args.cluster.metrics_address.is_some() {
         let volumes = volumes.clone();
         tasks.spawn("node gauges", async move {
@@ -139,7 +149,7 @@ async fn start(
             }
         });
     }
-    let identity = IdentityService::new(state_dir);
+    let identity = IdentityService::new(state_dir).with_metrics(metrics);
     let socket = server::Socket::bind(&path)?;
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity))
