@@ -25,6 +25,7 @@ use prometheus::{
 };
 
 pub use crate::node::report::{CommitOutcome, RestoreLevel, RestoreOutcome};
+pub use crate::node::BaseForm;
 
 /// The store operations `op` of [`store_error`] may name; anything else is counted as `other`.
 pub const STORE_OPS: [&str; 6] = ["get", "put", "list", "head", "delete", "copy"];
@@ -85,6 +86,8 @@ pub struct Metrics {
     restores: IntCounterVec,
     restore_bytes: IntCounter,
     restore_duration: Histogram,
+    base_writes: IntCounterVec,
+    base_write_duration: HistogramVec,
     commits: IntCounterVec,
     commit_uploaded_bytes: IntCounter,
     commit_duration: Histogram,
@@ -160,6 +163,23 @@ impl Metrics {
                 "cachevol_restore_duration_seconds",
                 "How long restores took.",
                 &DURATION_BUCKETS,
+            ),
+            base_writes: counter_vec(
+                "cachevol_node_base_writes_total",
+                "Bases a node wrote for a publish (cold restores), by form: image (one EROFS image mounted read-only) or tree (files).",
+                &["form"],
+            ),
+            base_write_duration: reg(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "cachevol_node_base_write_duration_seconds",
+                        "How long publishes that wrote a base took, by form.",
+                    )
+                    .buckets(DURATION_BUCKETS.to_vec()),
+                    &["form"],
+                )
+                .expect("valid histogram"),
             ),
             commits: counter_vec(
                 "cachevol_commits_total",
@@ -305,6 +325,10 @@ impl Metrics {
                     .with_label_values(&[level.label(), outcome.label()]);
             }
         }
+        for form in [BaseForm::Image, BaseForm::Tree] {
+            m.base_writes.with_label_values(&[form.label()]);
+            m.base_write_duration.with_label_values(&[form.label()]);
+        }
         for outcome in CommitOutcome::ALL {
             m.commits.with_label_values(&[outcome.label()]);
         }
@@ -349,6 +373,14 @@ impl Metrics {
             .inc();
         self.restore_bytes.inc_by(bytes);
         self.restore_duration.observe(non_negative(seconds));
+    }
+
+    /// Counts one base written for a publish, by form, and how long that publish took.
+    pub fn base_written(&self, form: BaseForm, seconds: f64) {
+        self.base_writes.with_label_values(&[form.label()]).inc();
+        self.base_write_duration
+            .with_label_values(&[form.label()])
+            .observe(non_negative(seconds));
     }
 
     /// Counts one commit: how it ended, the bytes it uploaded and how long it took.
@@ -457,6 +489,10 @@ impl Metrics {
 impl crate::node::Report for Metrics {
     fn restore(&self, level: RestoreLevel, outcome: RestoreOutcome, bytes: u64, secs: f64) {
         Metrics::restore(self, level, outcome, bytes, secs)
+    }
+
+    fn base_written(&self, form: BaseForm, secs: f64) {
+        Metrics::base_written(self, form, secs)
     }
 
     fn commit(&self, outcome: CommitOutcome, uploaded_bytes: u64, secs: f64) {
@@ -685,6 +721,8 @@ mod tests {
             "cachevol_node_base_budget_bytes",
             "cachevol_node_views",
             "cachevol_node_oldest_pending_commit_age_seconds",
+            "cachevol_node_base_writes_total",
+            "cachevol_node_base_write_duration_seconds",
             "process_cpu_seconds_total",
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
@@ -696,6 +734,12 @@ mod tests {
                     &format!("cachevol_restores_total{{level=\"{level}\",outcome=\"{outcome}\"}}"),
                 );
             }
+        }
+        for form in ["image", "tree"] {
+            value(
+                &text,
+                &format!("cachevol_node_base_writes_total{{form=\"{form}\"}}"),
+            );
         }
         for outcome in [
             "committed",
@@ -792,6 +836,26 @@ mod tests {
     }
 
     #[test]
+    fn base_writes_count_their_form() {
+        let m = Metrics::new();
+        m.base_written(BaseForm::Image, 0.2);
+        m.base_written(BaseForm::Image, 0.3);
+        m.base_written(BaseForm::Tree, 1.5);
+        let text = m.render();
+        let v = |s: &str| value(&text, s);
+        assert_eq!(v("cachevol_node_base_writes_total{form=\"image\"}"), 2.0);
+        assert_eq!(v("cachevol_node_base_writes_total{form=\"tree\"}"), 1.0);
+        assert_eq!(
+            v("cachevol_node_base_write_duration_seconds_count{form=\"image\"}"),
+            2.0
+        );
+        assert_eq!(
+            v("cachevol_node_base_write_duration_seconds_sum{form=\"tree\"}"),
+            1.5
+        );
+    }
+
+    #[test]
     fn registries_are_independent() {
         // Two daemons' registries (or two tests') do not see each other's observations.
         let (a, b) = (Metrics::new(), Metrics::new());
@@ -883,6 +947,7 @@ mod tests {
             "code" => (0..=16).any(|i| code_name(tonic::Code::from_i32(i)) == value),
             "version" => value == env!("CARGO_PKG_VERSION"),
             "state" => ["active", "pending"].contains(&value),
+            "form" => ["image", "tree"].contains(&value),
             "le" => true, // histogram buckets: fixed by the bucket lists
             _ => false,
         };

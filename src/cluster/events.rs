@@ -132,6 +132,10 @@ impl Report for ClusterReport {
         self.metrics.restore(level, outcome, bytes, secs)
     }
 
+    fn base_written(&self, form: crate::node::BaseForm, secs: f64) {
+        self.metrics.base_written(form, secs)
+    }
+
     fn commit(&self, outcome: CommitOutcome, uploaded_bytes: u64, secs: f64) {
         self.metrics.commit(outcome, uploaded_bytes, secs)
     }

@@ -120,6 +120,8 @@ impl CommitOutcome {
 pub trait Report: Send + Sync + 'static {
     /// One restore (or reuse) of a base for a publish.
     fn restore(&self, _level: RestoreLevel, _outcome: RestoreOutcome, _bytes: u64, _secs: f64) {}
+    /// A publish wrote a base (a cold restore) in `form`; the publish took `secs`.
+    fn base_written(&self, _form: super::BaseForm, _secs: f64) {}
     /// One commit decision carried out.
     fn commit(&self, _outcome: CommitOutcome, _uploaded_bytes: u64, _secs: f64) {}
     /// A publish found its locked cache held by another pod.
@@ -203,6 +205,9 @@ impl Volumes {
             RestoreOutcome::Restored
         };
         self.report.restore(level, outcome, p.bytes, p.seconds);
+        if let Some(form) = p.form {
+            self.report.base_written(form, p.seconds);
+        }
         let Some(pod) = pod else {
             return;
         };

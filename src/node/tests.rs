@@ -41,6 +41,9 @@ impl Report for Seen {
     fn restore(&self, level: RestoreLevel, outcome: RestoreOutcome, _: u64, _: f64) {
         self.push(format!("restore {} {}", level.label(), outcome.label()));
     }
+    fn base_written(&self, form: BaseForm, _: f64) {
+        self.push(format!("base {}", form.label()));
+    }
     fn commit(&self, outcome: CommitOutcome, _: u64, _: f64) {
         self.push(format!("commit {}", outcome.label()));
     }
@@ -200,7 +203,7 @@ async fn publish_binds_an_overlay_of_the_restored_base_once() {
             read_only: false
         })
     );
-    assert_eq!(n.seen.counted(), ["restore key restored"]);
+    assert_eq!(n.seen.counted(), ["restore key restored", "base tree"]);
     let events = n.seen.events();
     assert_eq!(events.len(), 1);
     assert!(
@@ -219,7 +222,7 @@ async fn publish_binds_an_overlay_of_the_restored_base_once() {
     assert_eq!(again.view, p.view);
     assert!(again.source.is_none());
     assert_eq!(n.mounts.table.lock().unwrap().len(), 2);
-    assert_eq!(n.seen.all().len(), 2);
+    assert_eq!(n.seen.all().len(), 3, "restore, base, event: nothing more");
 
     // A read-only publish of another pod's view is bound read-only.
     let mut ro = publish_req(&n, "b", "private", &[]);
@@ -254,7 +257,7 @@ async fn a_locked_cache_is_refused_while_another_pods_view_holds_it() {
     );
     assert_eq!(
         n.seen.counted(),
-        ["restore key restored"],
+        ["restore key restored", "base tree"],
         "a refusal is no failed restore"
     );
     // Once a's view is decided, b gets the cache.
@@ -332,7 +335,10 @@ async fn the_commit_decision_follows_commit_on_the_ending_and_the_marker() {
         matches!(&d, CommitDecision::Skipped(w) if w.contains("failed")),
         "{d:?}"
     );
-    assert_eq!(n.seen.counted(), ["restore key restored", "commit skipped"]);
+    assert_eq!(
+        n.seen.counted(),
+        ["restore key restored", "base tree", "commit skipped"]
+    );
     let seen = n.seen.events();
     assert!(
         seen[1].starts_with("event Normal CacheCommitSkipped a: cache npm: not committed"),
@@ -431,6 +437,7 @@ async fn a_fresh_base_is_an_image_mounted_read_only_under_the_view() {
     );
     let events = n.seen.events();
     assert!(events[0].ends_with("as an image"), "{events:?}");
+    assert_eq!(n.seen.counted(), ["restore key restored", "base image"]);
 }
 
 #[tokio::test]
@@ -463,6 +470,7 @@ async fn where_the_kernel_refuses_images_bases_are_trees() {
     );
     let events = n.seen.events();
     assert!(events[0].ends_with("as files"), "{events:?}");
+    assert_eq!(n.seen.counted(), ["restore key restored", "base tree"]);
 }
 
 #[tokio::test]
