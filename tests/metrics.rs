@@ -158,11 +158,11 @@ async fn endpoint_serves_metrics_health_and_readiness() {
     m.gc_run(true, 777);
     m.store_up(true);
     m.leader(true);
+    m.base_written(cachevol::node::BaseForm::Image, 0.25);
     use cachevol::node::Report as _;
     m.node_gauges(&cachevol::node::NodeGauges {
         base_bytes: 5 << 30,
         base_budget: Some(50 << 30),
-        base_images: false,
         active_views: 3,
         pending_views: 2,
         oldest_pending_secs: 90.0,
