@@ -267,28 +267,3 @@ async fn a_bad_chunk_is_refused_and_leaves_no_image() {
         "the bad pack is quarantined: {listing:#?}"
     );
 }
-
-/// Flips one byte in the middle of the largest pack; returns its id.
-async fn corrupt_largest_pack(url: &str) -> String {
-    use object_store::ObjectStoreExt;
-    let (store, _) = raw_store(url);
-    let listing = store_listing(url).await;
-    let (name, _) = listing
-        .iter()
-        .filter(|(k, _)| k.contains("/packs/"))
-        .max_by_key(|(_, size)| **size)
-        .expect("a pack");
-    let loc = object_store::path::Path::from(name.as_str());
-    let mut data = store
-        .get(&loc)
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap()
-        .to_vec();
-    let mid = data.len() / 2;
-    data[mid] ^= 0x5a;
-    store.put(&loc, data.into()).await.unwrap();
-    name.rsplit('/').next().unwrap().to_string()
-}

@@ -97,6 +97,14 @@ enum Command {
         restore_keys: Vec<String>,
         #[command(flatten)]
         hit: HitArgs,
+        /// Advanced (what a node does on its own): write the snapshot as one read-only EROFS
+        /// image at the path DIR instead of a tree (`mount -t erofs -o ro,loop DIR MNT`).
+        #[arg(long, hide = true)]
+        image: bool,
+        /// With --image: every entry's group is GID and modes are widened for it (a pod's
+        /// fsGroup).
+        #[arg(long, hide = true, value_name = "GID", requires = "image")]
+        image_group: Option<u32>,
     },
     /// Commit DIR as the next generation of KEY (uploads only what changed).
     Commit {
@@ -370,6 +378,8 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Error> {
             dir,
             restore_keys,
             hit,
+            image,
+            image_group,
         } => {
             let engine = g.engine(&bars)?;
             engine::names::key(&key)?;
@@ -391,6 +401,10 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Error> {
             let miss = source == engine::RestoreSource::Miss;
             if hit.lookup_only || (miss && hit.fail_on_miss) {
                 out.lookup(&key, &restore_keys, &source);
+            } else if image {
+                let opts = engine::ImageOptions { group: image_group };
+                let report = engine.restore_image(source, &dir, opts).await?;
+                out.image(&key, &restore_keys, &dir, &report);
             } else {
                 let report = engine.restore_source(source, &dir).await?;
                 out.restore(&key, &restore_keys, &report);

@@ -226,6 +226,36 @@ impl Out {
         self.line(&text, &v);
     }
 
+    /// A restore written as an image (`restore --image`).
+    pub fn image(
+        &self,
+        key: &str,
+        restore_keys: &[String],
+        path: &std::path::Path,
+        r: &crate::engine::ImageReport,
+    ) {
+        let text = match &r.source {
+            RestoreSource::Miss => format!(
+                "{key}: no snapshot yet: wrote an empty image to {}",
+                path.display()
+            ),
+            RestoreSource::Key { generation, .. }
+            | RestoreSource::RestoreKey { generation, .. } => format!(
+                "{key}: wrote generation {generation}{} as an image of {} to {}: {}, {} in {:.2}s ({} fetched)",
+                from(&r.source, restore_keys),
+                human_bytes(r.image_bytes),
+                path.display(),
+                files(r.files),
+                human_bytes(r.bytes),
+                r.seconds,
+                human_bytes(r.downloaded)
+            ),
+        };
+        let mut v = hit_fields(key, &r.source);
+        v["image"] = serde_json::json!(r);
+        self.line(&text, &v);
+    }
+
     /// What a restore would bring (`--lookup-only`): nothing is written.
     pub fn lookup(&self, key: &str, restore_keys: &[String], source: &RestoreSource) {
         let text = match source {

@@ -278,6 +278,8 @@ impl Image {
 
         let mut dir_blocks: Vec<(usize, Vec<u8>)> = Vec::new();
         for (s, slot) in self.slots.iter().enumerate() {
+            let tail_len = slot.size - slot.full.min(slot.size);
+            cover(&mut buf, base, slot.tail_at() + tail_len);
             if buf.len() >= FLUSH {
                 // Flush up to the last whole block below this inode.
                 let keep_from = (slot.at / BLOCK * BLOCK).max(base);
@@ -288,8 +290,6 @@ impl Image {
                     base = keep_from;
                 }
             }
-            let tail_len = slot.size - slot.full.min(slot.size);
-            cover(&mut buf, base, slot.tail_at() + tail_len);
             let at = (slot.at - base) as usize;
             let inode = self.inode(s, entries);
             buf[at..at + inode.len()].copy_from_slice(&inode);
@@ -495,4 +495,95 @@ fn split_ns(ns: i64) -> (i64, u32) {
         ns.div_euclid(1_000_000_000),
         ns.rem_euclid(1_000_000_000) as u32,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: String, size: u64, mtime: i64) -> Entry {
+        Entry {
+            path,
+            kind: Kind::File,
+            mode: 0o644,
+            size,
+            mtime,
+            target: None,
+            chunks: vec![],
+        }
+    }
+
+    fn attrs() -> Attrs {
+        Attrs {
+            uid: 0,
+            gid: 0,
+            widen: false,
+            root_mode: 0o755,
+            root_mtime: 1,
+        }
+    }
+
+    /// Metadata of many megabytes is written in several buffers, each at its place, in
+    /// ascending order, and the inline tails of files land inside the metadata.
+    #[test]
+    fn large_metadata_is_written_in_order() {
+        let mut entries = vec![Entry {
+            path: "d".into(),
+            kind: Kind::Dir,
+            mode: 0o755,
+            size: 0,
+            mtime: 5,
+            target: None,
+            chunks: vec![],
+        }];
+        // Tails of 1.5 to 3.5 KiB: most inodes start a new block.
+        for i in 0..8_000 {
+            entries.push(file(format!("d/f{i:06}"), 1500 + (i % 2000), i as i64 % 7));
+        }
+        let img = Image::plan(&entries, attrs()).unwrap();
+        let mut image = vec![0u8; img.meta_end() as usize];
+        let mut next = 0u64;
+        let mut writes = 0;
+        img.write_metadata(&entries, |at, data| {
+            assert!(at >= next, "write at {at} below {next}");
+            next = at + data.len() as u64;
+            image[at as usize..next as usize].copy_from_slice(data);
+            writes += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert!(writes > 1, "{writes} writes");
+        assert_eq!(&image[1024..1028], &MAGIC.to_le_bytes());
+        for (i, e) in entries.iter().enumerate().skip(1) {
+            let [(_, whole), (at, tail)] = img.file_ranges(i, 0, e.size);
+            assert!(
+                whole.is_empty() && tail.end == e.size,
+                "{} is inline",
+                e.path
+            );
+            assert!(at + e.size <= img.meta_end());
+        }
+    }
+
+    /// A directory's names fill blocks without crossing one, and its size ends at its last
+    /// name.
+    #[test]
+    fn directory_blocks_hold_whole_entries() {
+        let names: Vec<Vec<u8>> = (0..1000)
+            .map(|i| format!("{i:0>50}").into_bytes())
+            .collect();
+        let refs: Vec<&[u8]> = names.iter().map(|n| n.as_slice()).collect();
+        let blocks = pack_blocks(refs.iter().map(|n| n.len()));
+        assert_eq!(blocks.iter().map(|b| b.len()).sum::<usize>(), 1000);
+        for b in &blocks {
+            assert!(b.len() * (DIRENT + 50) <= BLOCK as usize);
+        }
+        let per = BLOCK as usize / (DIRENT + 50);
+        assert_eq!(blocks[0].len(), per);
+        let last = 1000 - per * (blocks.len() - 1);
+        assert_eq!(
+            dir_size(&refs),
+            (blocks.len() as u64 - 1) * BLOCK + (last * (DIRENT + 50)) as u64
+        );
+    }
 }
