@@ -402,7 +402,10 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Error> {
             if hit.lookup_only || (miss && hit.fail_on_miss) {
                 out.lookup(&key, &restore_keys, &source);
             } else if image {
-                let opts = engine::ImageOptions { group: image_group };
+                let opts = engine::ImageOptions {
+                    group: image_group,
+                    ..Default::default()
+                };
                 let report = engine.restore_image(source, &dir, opts).await?;
                 out.image(&key, &restore_keys, &dir, &report);
             } else {
