@@ -509,17 +509,7 @@ impl Drop for Cluster {
         for p in self.nodes.values_mut() {
             p.kill();
         }
-        let root = self.root.path().to_path_buf();
-        let mut mine: Vec<PathBuf> = cachevol::node::mount::mounts()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|m| m.mount_point)
-            .filter(|m| m.starts_with(&root))
-            .collect();
-        mine.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
-        for m in mine {
-            let _ = cachevol::node::mount::unmount(&m);
-        }
+        let _ = cachevol::node::mount::unmount_all_under(self.root.path());
     }
 }
 

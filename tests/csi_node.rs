@@ -97,8 +97,13 @@ impl NodePlugin {
 }
 
 impl Drop for NodePlugin {
+    /// Stops the plugin and unmounts what it left in its state dir (its bases are mounted
+    /// images), so the test's temp dir can go.
     fn drop(&mut self) {
         self.kill();
+        if let Some(dir) = self.socket.parent() {
+            let _ = cachevol::node::mount::unmount_all_under(&dir.join("state"));
+        }
     }
 }
 

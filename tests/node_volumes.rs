@@ -25,6 +25,16 @@ struct Node {
     volumes: Volumes,
 }
 
+/// Unmounts what the test's nodes left mounted under `dir` (image bases) when the test ends,
+/// so its temporary directory can be removed.
+struct Unmount<'a>(&'a Path);
+
+impl Drop for Unmount<'_> {
+    fn drop(&mut self) {
+        let _ = cachevol::node::mount::unmount_all_under(self.0);
+    }
+}
+
 fn node(root: &Path, name: &str, force_copy: bool) -> Node {
     let state = root.join(name);
     let volumes = Volumes::new(NodeConfig {
@@ -118,6 +128,7 @@ fn mounted(p: &Path) -> bool {
 async fn private_views_commit_and_the_next_pod_starts_from_the_commit() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
+    let _unmount = Unmount(t);
     let store = format!("file://{}", t.join("store").display());
     let n1 = node(t, "node1", false);
     let c = ctx(&store, "npm", "private", &[]);
@@ -198,6 +209,7 @@ async fn private_views_commit_and_the_next_pod_starts_from_the_commit() {
 async fn shared_views_are_one_live_view_committed_once() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
+    let _unmount = Unmount(t);
     let store = format!("file://{}", t.join("store").display());
     let n = node(t, "node1", false);
     let c = ctx(&store, "go", "shared", &[]);
@@ -229,6 +241,7 @@ async fn shared_views_are_one_live_view_committed_once() {
 async fn locked_is_exclusive_on_the_node_and_publish_is_idempotent() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
+    let _unmount = Unmount(t);
     let store = format!("file://{}", t.join("store").display());
     let n = node(t, "node1", false);
     let c = ctx(&store, "cargo", "locked", &[]);
@@ -257,6 +270,7 @@ async fn locked_is_exclusive_on_the_node_and_publish_is_idempotent() {
 async fn copy_views_and_a_restart_before_the_commit() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
+    let _unmount = Unmount(t);
     let store = format!("file://{}", t.join("store").display());
     let c = ctx(&store, "pip", "private", &[]);
     {
@@ -297,6 +311,7 @@ async fn copy_views_and_a_restart_before_the_commit() {
 async fn bases_past_the_node_budget_are_evicted_least_recently_used_first() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
+    let _unmount = Unmount(t);
     let store = format!("file://{}", t.join("store").display());
     // Three caches of ~300 kB each, committed from a source dir with the CLI engine.
     let engine = cachevol::engine::Engine::new(
@@ -365,6 +380,7 @@ async fn bases_past_the_node_budget_are_evicted_least_recently_used_first() {
 async fn pods_asking_at_once_share_one_download_and_read_only_is_honoured() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
+    let _unmount = Unmount(t);
     let store = format!("file://{}", t.join("store").display());
     let src = t.join("src");
     std::fs::create_dir_all(&src).unwrap();
@@ -432,6 +448,7 @@ async fn pods_asking_at_once_share_one_download_and_read_only_is_honoured() {
 async fn a_shared_view_pending_its_commit_is_never_discarded_by_a_new_pod() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
+    let _unmount = Unmount(t);
     let store = format!("file://{}", t.join("store").display());
     let n = node(t, "node1", false);
     let c = ctx(&store, "m2", "shared", &[]);
@@ -479,6 +496,7 @@ async fn an_fs_group_makes_the_view_writable_by_non_root_pods() {
     for copy in [false, true] {
         let tmp = tempfile::tempdir().unwrap();
         let t = tmp.path();
+        let _unmount = Unmount(t);
         // Let the unprivileged users reach the targets under the temp dir.
         std::fs::set_permissions(t, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let store = format!("file://{}", t.join("store").display());
@@ -534,6 +552,7 @@ async fn bases_of_two_stores_are_never_shared() {
     for copy in [false, true] {
         let tmp = tempfile::tempdir().unwrap();
         let t = tmp.path();
+        let _unmount = Unmount(t);
         let (store_a, store_b) = (
             format!("file://{}", t.join("store-a").display()),
             format!("file://{}", t.join("store-b").display()),
@@ -605,6 +624,7 @@ async fn bases_of_two_stores_are_never_shared() {
 async fn empty_bases_of_two_stores_are_never_shared() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
+    let _unmount = Unmount(t);
     let (store_a, store_b) = (
         format!("file://{}", t.join("store-a").display()),
         format!("file://{}", t.join("store-b").display()),
@@ -638,6 +658,7 @@ async fn empty_bases_of_two_stores_are_never_shared() {
 async fn bases_of_the_earlier_layout_are_dropped_at_start() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
+    let _unmount = Unmount(t);
     let store = format!("file://{}", t.join("store").display());
     let src = t.join("src");
     common::write(&src.join("f"), b"from the store");
@@ -672,6 +693,7 @@ async fn an_fs_group_never_reaches_the_snapshot() {
     for copy in [false, true] {
         let tmp = tempfile::tempdir().unwrap();
         let t = tmp.path();
+        let _unmount = Unmount(t);
         std::fs::set_permissions(t, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let store = format!("file://{}", t.join("store").display());
         let n = node(t, "node1", copy);
@@ -761,6 +783,7 @@ async fn an_fs_group_never_reaches_the_snapshot() {
 async fn a_view_over_a_base_of_the_earlier_layout_still_commits() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
+    let _unmount = Unmount(t);
     let store = format!("file://{}", t.join("store").display());
     let src = t.join("src");
     common::write(&src.join("f"), b"v1");
@@ -813,6 +836,7 @@ async fn a_view_over_a_base_of_the_earlier_layout_still_commits() {
 async fn a_corrupt_pack_found_by_one_node_is_not_reused_by_another_nodes_commit() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
+    let _unmount = Unmount(t);
     let store_dir = t.join("store");
     let store = format!("file://{}", store_dir.display());
     let c = ctx(&store, "npm", "private", &[]);
@@ -892,6 +916,7 @@ async fn a_fresh_node_mounts_an_image_and_commits_stack_on_it_as_layers() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
+    let _unmount = Unmount(t);
     let store = format!("file://{}", t.join("store").display());
     let src = t.join("src");
     std::fs::create_dir_all(src.join("pkgs/big")).unwrap();

@@ -329,7 +329,10 @@ pub async fn run(
         };
         // Nothing is deleted until every tree is measured: creating many files right after a
         // large deletion is several times slower on ext4 and would skew the next tree's figures.
-        out.push(measure(tree, &store, &w, runs).await?);
+        let measured = measure(tree, &store, &w, runs).await;
+        // The nodes' bases are mounted images: unmounted before the caller removes the dir.
+        crate::node::mount::unmount_all_under(&w).map_err(Error::io("unmount under", &w))?;
+        out.push(measured?);
     }
     Ok(out)
 }

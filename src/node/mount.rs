@@ -161,6 +161,21 @@ pub fn mounts() -> io::Result<Vec<MountInfo>> {
     )?))
 }
 
+/// Unmounts everything mounted under `dir`, deepest first: for tools and tests that are done
+/// with a state dir (a node plugin never does this: its pods use those mounts).
+pub fn unmount_all_under(dir: &Path) -> io::Result<()> {
+    let mut points: Vec<PathBuf> = mounts()?
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        unmount(&p)?;
+    }
+    Ok(())
+}
+
 /// Whether something is mounted exactly at `path`.
 pub fn is_mount_point(path: &Path) -> io::Result<bool> {
     Ok(mounts()?.iter().any(|m| m.mount_point == path))
