@@ -120,6 +120,10 @@ impl Engine {
             }
         };
         drop(file);
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            "image: data written"
+        );
         if let Err(e) = std::fs::rename(&temp, image) {
             let _ = std::fs::remove_file(&temp);
             return Err(Error::io("rename into place", image)(e));
@@ -136,6 +140,10 @@ impl Engine {
                 stats,
             }
             .save(&self.state_dir)?;
+            tracing::debug!(
+                ms = started.elapsed().as_millis() as u64,
+                "image: record saved"
+            );
         }
         let totals = g.map(|g| g.totals).unwrap_or_default();
         Ok(ImageReport {
