@@ -1,7 +1,9 @@
-//! The az:// store against Azurite (the Azure Storage emulator that .ci/run starts): a round
-//! trip of a tree with everything a cache holds, an incremental second commit, restores that
-//! read only part of a pack, and the conditional writes generations depend on (a create-only put
-//! has exactly one winner, a replace at a stale version is refused).
+//! The az:// store against Azurite (the Azure Storage emulator that .ci/run starts): the
+//! conditional writes generations depend on (a create-only put has exactly one winner, a replace
+//! at a stale version is refused), as Azure answers them. What reads the same on every store
+//! (round trips, incremental commits, scopes, ranged restores, racing commits, fencing, GC
+//! racing commits) runs on Azurite too, from tests/common/store_suite.rs: the `azure` tests of
+//! tests/roundtrip.rs, tests/races.rs and tests/gc_races.rs.
 //!
 //! Needs `CACHEVOL_TEST_AZ_URL` (e.g. `az://cachevol/ci-123`) and object_store's Azure
 //! variables: `AZURE_STORAGE_USE_EMULATOR=true`, `AZURITE_BLOB_STORAGE_URL=http://127.0.0.1:PORT`,
@@ -12,32 +14,6 @@ mod common;
 
 use bytes::Bytes;
 use common::*;
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn azure_round_trip() {
-    let Some(url) = az_url("round-trip") else {
-        return;
-    };
-    common::store_suite::round_trip(url).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn azure_second_commit_uploads_only_the_change() {
-    let Some(url) = az_url("incremental") else {
-        return;
-    };
-    common::store_suite::second_commit_uploads_only_the_change(url).await;
-}
-
-/// Ranged GETs: the store's own `get_range` at the start, middle and end of an object, and a
-/// restore of a generation that needs only a small part of its packs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn azure_restore_reads_part_of_a_pack() {
-    let Some(url) = az_url("ranges") else {
-        return;
-    };
-    common::store_suite::restore_reads_part_of_a_pack(url).await;
-}
 
 /// Create-only puts never replace, a replace at a stale version is refused, and cachevol's
 /// wrapper turns both into `Ok(false)`.
@@ -101,14 +77,4 @@ async fn azure_put_create_has_exactly_one_winner_under_races() {
         matches!(e, object_store::Error::AlreadyExists { .. })
     })
     .await;
-}
-
-/// Commits racing on one key each get their own generation, and the head hint (a
-/// compare-and-swap) ends on the newest.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn azure_concurrent_commits_get_distinct_generations() {
-    let Some(url) = az_url("commit-race") else {
-        return;
-    };
-    common::store_suite::concurrent_commits_get_distinct_generations(url).await;
 }

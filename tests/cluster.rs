@@ -74,6 +74,47 @@ impl Plugin {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits (30 s at most) until the agent has decided, or declined to decide, a view after
+    /// it saw pod `uid` end: its "pod ended" line for that pod, then a later line about the
+    /// same view that ends the agent's look at it (a decision, or "not deciding yet").
+    async fn wait_decided_after_ending(&self, uid: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let logs = self.logs();
+            let ended = logs
+                .lines()
+                .position(|l| l.contains("pod ended") && l.contains(uid));
+            if let Some(at) = ended {
+                let line = logs.lines().nth(at).unwrap();
+                let view = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("view="))
+                    .map(|v| v.trim_matches('"').to_string())
+                    .unwrap_or_else(|| panic!("no view in {line:?}"));
+                let looked = logs.lines().skip(at + 1).any(|l| {
+                    l.contains(&view)
+                        && [
+                            "not deciding yet",
+                            "nothing to decide",
+                            "committed",
+                            "unchanged",
+                            "commit ",
+                        ]
+                        .iter()
+                        .any(|w| l.contains(w))
+                });
+                if looked {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent never looked at the view of pod {uid} after it ended:\n{logs}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// GET `path` of its metrics endpoint: (status code, body).
     fn http_get(&self, path: &str) -> (u16, String) {
         use std::io::{Read, Write};
@@ -728,7 +769,9 @@ async fn shared_pods_on_one_node_share_a_view_and_commit_once() {
     common::write(&tb.join("from-b"), b"b");
     c.succeed(&a).await;
     c.unpublish(&a, &vol).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A's ending had its chance: the agent saw it and then looked at the view (and declined,
+    // as B still has it published).
+    c.nodes["node-1"].wait_decided_after_ending(&a.uid).await;
     assert!(
         c.generations("team-a", "go").await.is_empty(),
         "B still runs"
@@ -1175,7 +1218,18 @@ async fn a_slow_locked_publish_keeps_its_lease() {
     let b = c.pod("team-a", "next", "node-1").await;
     let started = Instant::now();
     let late = async {
-        // Past the 2 s Lease, while a's publish still waits for the store.
+        // The scenario is time passing, so this sleep stays: b asks only once a's Lease, had it
+        // not been renewed, would have expired (its 2 s, plus a margin, counted from when the
+        // Lease is seen held), while a's publish still waits for the silent store (5 s).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.lock_leases().await.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "a never took the lock\n{}",
+                c.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         tokio::time::sleep(Duration::from_secs(3)).await;
         c.publish(&b, &vol, &ctx).await
     };
@@ -1592,6 +1646,9 @@ async fn locked_waiters_get_the_cache_within_a_second_of_the_holders_commit() {
         let lease = c.lock_leases().await;
         assert_eq!(queue(&lease[0]), ["team-a/b", "team-a/c"]);
         assert_eq!(c.nodes["node-b"].metric("cachevol_lock_waiting_pods"), 1.0);
+        // A holder holding the lock (part of the scenario, not a wait for something): for two
+        // Lease durations, so the waiters' open calls outlive the Lease as first written and
+        // what keeps them (renewals, the queue) is exercised.
         tokio::time::sleep(Duration::from_secs(4)).await;
         c.succeed(&a).await;
         c.unpublish(&a, &vols[0].0).await;
@@ -1607,6 +1664,7 @@ async fn locked_waiters_get_the_cache_within_a_second_of_the_holders_commit() {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // b holds the lock past a Lease duration while c waits (part of the scenario).
         tokio::time::sleep(Duration::from_secs(3)).await;
         common::write(&tb.join("from-b"), b"b");
         c.succeed(&b).await;
@@ -1683,7 +1741,19 @@ async fn a_waiting_publish_is_bounded_keeps_its_place_and_stops_when_its_pod_is_
     // b: the bound passes → UNAVAILABLE after about 2 s; a retry while it waits is ABORTED.
     let started = Instant::now();
     let (first, second) = tokio::join!(c.publish(&b, &vol, &ctx), async {
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        // Once the first call waits: b is in the Lease's queue.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !c
+            .lock_leases()
+            .await
+            .first()
+            .map(queue)
+            .unwrap_or_default()
+            .contains(&"team-a/b".to_string())
+        {
+            assert!(Instant::now() < deadline, "b never queued\n{}", c.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         c.publish(&b, &vol, &ctx).await
     });
     let waited = started.elapsed();
@@ -1805,6 +1875,7 @@ async fn lock_leases_are_deleted_when_nobody_needs_them_and_the_leader_lease_is_
 
     // A holder that died (never renewed, never released): its Lease is collected once it has
     // been free for the idle time, not before; a held one stays.
+    let taken = Instant::now();
     assert_eq!(
         leases.acquire("team-a", "pip", &who("dead")).await.unwrap(),
         held
@@ -1814,9 +1885,25 @@ async fn lock_leases_are_deleted_when_nobody_needs_them_and_the_leader_lease_is_
         held
     );
     assert_eq!(leases.collect(Duration::from_secs(2)).await.unwrap(), 0);
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    assert!(leases.renew("team-a", "go", "uid-alive").await.unwrap());
-    assert_eq!(leases.collect(Duration::from_secs(2)).await.unwrap(), 1);
+    // The dead holder's Lease is collected once its idle time has passed (a lease expiring:
+    // time is the scenario), the renewed one is not: collected by a pass no earlier than 2 s
+    // after the dead one was taken, while the live one keeps renewing.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(leases.renew("team-a", "go", "uid-alive").await.unwrap());
+        let collected = leases.collect(Duration::from_secs(2)).await.unwrap();
+        if collected > 0 {
+            assert_eq!(collected, 1);
+            assert!(
+                taken.elapsed() >= Duration::from_secs(2),
+                "collected {:?} after it was taken",
+                taken.elapsed()
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "the dead holder's Lease stayed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(locks().await, [lock_name("team-a", "go")]);
     assert!(raw.get_opt("cachevol-controller").await.unwrap().is_some());
 }

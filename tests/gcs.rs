@@ -1,7 +1,8 @@
-//! The gs:// store against a real Google Cloud Storage bucket: a round trip of a tree with
-//! everything a cache holds, an incremental second commit, restores that read only part of a
-//! pack, and the conditional writes generations depend on (a create-only put has exactly one
-//! winner, a replace at a stale generation is refused, racing commits get distinct generations).
+//! The gs:// store against a real Google Cloud Storage bucket: some scenarios of the store
+//! suite (tests/common/store_suite.rs: a round trip of a tree with everything a cache holds,
+//! incremental commits, restores that read only part of a pack, racing commits), and the
+//! conditional writes generations depend on (a create-only put has exactly one winner, a
+//! replace at a stale generation is refused).
 //!
 //! Needs `CACHEVOL_TEST_GS_URL` (e.g. `gs://my-bucket/cachevol-test`) and object_store's
 //! `GOOGLE_*` credentials (`GOOGLE_SERVICE_ACCOUNT` with a service-account key file, or
@@ -19,15 +20,15 @@ async fn gcs_round_trip() {
     let Some(url) = gs_url("round-trip") else {
         return;
     };
-    common::store_suite::round_trip(url).await;
+    common::store_suite::round_trip(&url).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn gcs_second_commit_uploads_only_the_change() {
+async fn gcs_incremental() {
     let Some(url) = gs_url("incremental") else {
         return;
     };
-    common::store_suite::second_commit_uploads_only_the_change(url).await;
+    common::store_suite::incremental(&url).await;
 }
 
 /// Ranged GETs: the store's own `get_range` at the start, middle and end of an object, and a
@@ -37,7 +38,7 @@ async fn gcs_restore_reads_part_of_a_pack() {
     let Some(url) = gs_url("ranges") else {
         return;
     };
-    common::store_suite::restore_reads_part_of_a_pack(url).await;
+    common::store_suite::restore_reads_part_of_a_pack(&url).await;
 }
 
 /// Create-only puts never replace, a replace at a stale version is refused, and cachevol's
@@ -103,14 +104,14 @@ async fn gcs_put_create_has_exactly_one_winner_under_races() {
     common::conditional::create_races(&gcs, &prefix, 5, gcs_create_lost).await;
 }
 
-/// Commits racing on one key each get their own generation, and the head hint (a
-/// compare-and-swap) ends on the newest.
+/// Commits racing on one key each get their own generation, the head hint (a compare-and-swap)
+/// ends on the newest, and every generation is its writer's tree whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn gcs_concurrent_commits_get_distinct_generations() {
+async fn gcs_race_replace() {
     let Some(url) = gs_url("commit-race") else {
         return;
     };
-    common::store_suite::concurrent_commits_get_distinct_generations(url).await;
+    common::store_suite::race_replace(&url).await;
 }
 
 /// A create-only put that lost: object_store turns GCS's 412 into AlreadyExists; Precondition is

@@ -481,6 +481,7 @@ impl Agent {
             return;
         };
         if record.state != ViewState::Pending {
+            tracing::debug!(view = id, "not deciding yet: the view is still published");
             return;
         }
         let ending = if record.pods.is_empty() {
@@ -498,6 +499,7 @@ impl Agent {
                 .max()
                 .unwrap_or(Ending::Succeeded)
         } else {
+            tracing::debug!(view = id, "not deciding yet: a pod of the view still runs");
             return; // a pod still runs, or its ending has not been seen yet
         };
         let Ok(spec) = record.spec() else {

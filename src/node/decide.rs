@@ -82,7 +82,10 @@ impl Volumes {
                     format!("cache {key}: not committed: {why}"),
                 )
             }
-            Ok(CommitDecision::NotPending) => return result,
+            Ok(CommitDecision::NotPending) => {
+                tracing::debug!(view = id, "nothing to decide: the view is not pending");
+                return result;
+            }
             Err(super::Error::Engine(e)) if e.is_store_unavailable() => {
                 r.commit(report::CommitOutcome::Failed, 0, seconds);
                 tracing::warn!(view = id, error = %e, "commit failed: the store is unreachable; retried later");
