@@ -71,8 +71,11 @@ pub struct BenchArgs {
     /// The change step adds new files totalling this percentage of the tree's bytes.
     #[arg(long, default_value_t = 1.0)]
     pub change_percent: f64,
-    /// Measure the node plugin instead: NodePublishVolume cold and warm, and the commit of an
-    /// unchanged and a 1 %-changed pod view (needs root: real mounts).
+    /// Measure the node plugin instead: a fresh node's NodePublishVolume (the base written as an
+    /// EROFS image) against `zstd -d | tar -x` of the same tree, and with every file read once
+    /// against the extract and the same read; the cold publish with the base as files; the
+    /// warm publish; the commit of an unchanged and a 1 %-changed pod view (needs root: real
+    /// mounts).
     #[arg(long)]
     pub node: bool,
 }
