@@ -1110,3 +1110,59 @@ fn store_clock_moves_past(env: &Env) {
     }
     std::fs::remove_file(&probe).unwrap();
 }
+
+/// `cachevol bench --node` on a small tree: every figure of the fresh node column is there
+/// (publish as an image against `zstd -d | tar -x`, and with every file read once), the JSON
+/// line is an object like every other, and no mount of its nodes is left behind.
+#[test]
+fn bench_node_measures_a_fresh_node_against_extract_and_leaves_no_mount() {
+    if !rustix::process::geteuid().is_root() {
+        return; // needs mounts
+    }
+    let env = Env::new();
+    let tree = env.dir("tree");
+    for i in 0..40 {
+        let d = tree.join(format!("pkg{}", i % 7));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(format!("f{i}.js")), format!("module {i}\n").repeat(50)).unwrap();
+    }
+    let work = env.dir("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let out = env.run(&[
+        "--json",
+        "bench",
+        "--node",
+        "--runs",
+        "1",
+        "--work-dir",
+        s(&work),
+        s(&tree),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = json(&out);
+    let report = lines.last().expect("a JSON line");
+    assert_eq!(report["command"], "bench");
+    let row = &report["trees"][0];
+    assert_eq!(row["files"], 40);
+    for field in [
+        "extract_s",
+        "extract_read_s",
+        "fresh_publish_s",
+        "fresh_read_s",
+        "publish_cold_s",
+        "publish_warm_s",
+    ] {
+        let v = row[field].as_f64().unwrap_or(-1.0);
+        assert!(v > 0.0, "{field} = {v} in {row}");
+    }
+    assert!(row["fresh_rss_added_mib"].as_f64().is_some(), "{row}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(s(&work)),
+        "mounts left under the work dir:\n{mounts}"
+    );
+}

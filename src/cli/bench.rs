@@ -1101,7 +1101,10 @@ pub async fn run(g: &Global, args: BenchArgs, out: &Out) -> Result<i32, Error> {
                 .await;
         let _ = std::fs::remove_dir_all(&work);
         let rows = rows?;
-        out.line(&super::bench_node::table(&rows), &rows);
+        out.line(
+            &super::bench_node::table(&rows),
+            &serde_json::json!({ "trees": rows }),
+        );
         return Ok(super::exit::OK);
     }
     let names = display_names(&origins);
