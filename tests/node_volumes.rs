@@ -120,6 +120,18 @@ fn generation(d: &CommitDecision) -> Option<u64> {
     }
 }
 
+/// The commit found nothing changed since generation `g` and uploaded nothing.
+fn assert_unchanged(d: &CommitDecision, g: u64) {
+    match d {
+        CommitDecision::Committed(r) => assert!(
+            matches!(r.outcome, CommitOutcome::Unchanged { generation: Some(x) } if x == g)
+                && r.uploaded == 0,
+            "{r:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
 fn mounted(p: &Path) -> bool {
     cachevol::node::mount::is_mount_point(p).unwrap()
 }
@@ -154,18 +166,7 @@ async fn private_views_commit_and_the_next_pod_starts_from_the_commit() {
     );
     // Unchanged: nothing uploaded.
     let d = finish(&n1, &tb, Ending::Succeeded).await;
-    match &d {
-        CommitDecision::Committed(r) => assert!(
-            matches!(
-                r.outcome,
-                CommitOutcome::Unchanged {
-                    generation: Some(1)
-                }
-            ) && r.uploaded == 0,
-            "{r:?}"
-        ),
-        other => panic!("{other:?}"),
-    }
+    assert_unchanged(&d, 1);
 
     // A second node downloads it cold.
     let n2 = node(t, "node2", false);
@@ -1019,18 +1020,7 @@ async fn a_fresh_node_mounts_an_image_and_commits_stack_on_it_as_layers() {
     );
     // Unchanged: milliseconds, nothing uploaded.
     let d = finish(&n, &tb, Ending::Succeeded).await;
-    match &d {
-        CommitDecision::Committed(r) => assert!(
-            matches!(
-                r.outcome,
-                CommitOutcome::Unchanged {
-                    generation: Some(2)
-                }
-            ) && r.uploaded == 0,
-            "{r:?}"
-        ),
-        other => panic!("{other:?}"),
-    }
+    assert_unchanged(&d, 2);
 
     // A reboot unmounts everything: the next publish mounts the image and its layer again.
     for (m, _) in mounts_under(&bases).into_iter().rev() {
