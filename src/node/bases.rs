@@ -33,6 +33,11 @@ impl BaseForm {
 const IMAGE: &str = "image.erofs";
 const IMAGE_MOUNT: &str = "image";
 const LAYERS: &str = "layers";
+/// Beside an image: the boot it was written in (`/proc/sys/kernel/random/boot_id`), and a
+/// marker written once the image is on disk (fsync, off the pod's critical path). An image
+/// that a reboot interrupted before that may be torn: it is written again, never mounted.
+const IMAGE_BOOT: &str = "image.boot";
+const IMAGE_SYNCED: &str = "image.synced";
 /// Layers an image base may collect before a commit no longer stacks on it (the next pod
 /// then writes a fresh image of the newest generation): each layer is one more lookup per
 /// path for the kernel.
@@ -243,8 +248,14 @@ impl Volumes {
         let report = engine
             .restore_image(source.clone(), &gen_dir.join(IMAGE), opts)
             .await?;
+        let _ = std::fs::remove_file(gen_dir.join(IMAGE_SYNCED));
+        std::fs::write(gen_dir.join(IMAGE_BOOT), boot_id())
+            .map_err(io("write", &gen_dir.join(IMAGE_BOOT)))?;
         match self.mount_base(tree).await {
-            Ok(()) => Ok(Some(report)),
+            Ok(()) => {
+                sync_in_background(gen_dir.to_path_buf());
+                Ok(Some(report))
+            }
             Err(e) => {
                 tracing::warn!(
                     error = %e,
@@ -274,6 +285,15 @@ impl Volumes {
             .mount_points()
             .map_err(io("read the mount table", tree))?;
         if !mounted.contains(&image) {
+            if !durable(&gen_dir) {
+                return Err(super::Error::Io {
+                    op: "mount",
+                    path: gen_dir.join(IMAGE),
+                    source: std::io::Error::other(
+                        "the node restarted before this image reached the disk: it may be torn",
+                    ),
+                });
+            }
             std::fs::create_dir_all(&image).map_err(io("create", &image))?;
             self.mounter
                 .erofs(&gen_dir.join(IMAGE), &image)
@@ -433,7 +453,11 @@ impl Volumes {
         let move_in = |from: PathBuf, to: PathBuf| -> Result<()> {
             std::fs::rename(&from, &to).map_err(io("move", &from))
         };
-        move_in(old_gen.join(IMAGE), new_gen.join(IMAGE))?;
+        for f in [IMAGE, IMAGE_BOOT, IMAGE_SYNCED] {
+            if old_gen.join(f).exists() {
+                move_in(old_gen.join(f), new_gen.join(f))?;
+            }
+        }
         let layer_dir = new_gen.join(LAYERS);
         if old_gen.join(LAYERS).exists() {
             move_in(old_gen.join(LAYERS), layer_dir.clone())?;
@@ -665,4 +689,33 @@ fn layer_of_upper(upper: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// This boot's id (empty where the kernel does not say).
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Whether the image of `gen_dir` can be trusted to be whole: it reached the disk, or it was
+/// written in this boot (so the page cache still holds whatever the disk does not).
+fn durable(gen_dir: &Path) -> bool {
+    gen_dir.join(IMAGE_SYNCED).exists()
+        || std::fs::read_to_string(gen_dir.join(IMAGE_BOOT))
+            .is_ok_and(|b| !b.is_empty() && b == boot_id())
+}
+
+/// Flushes a new image to disk off the pod's critical path, then marks it durable.
+fn sync_in_background(gen_dir: PathBuf) {
+    std::thread::spawn(move || {
+        let synced = std::fs::File::open(gen_dir.join(IMAGE))
+            .and_then(|f| f.sync_all())
+            .and_then(|()| std::fs::write(gen_dir.join(IMAGE_SYNCED), ""))
+            .and_then(|()| std::fs::File::open(&gen_dir)?.sync_all());
+        if let Err(e) = synced {
+            // Moved by a commit meanwhile, or evicted: its new place is synced then.
+            tracing::debug!(dir = %gen_dir.display(), error = %e, "could not mark a base image durable");
+        }
+    });
 }

@@ -440,6 +440,64 @@ async fn a_fresh_base_is_an_image_mounted_read_only_under_the_view() {
     assert_eq!(n.seen.counted(), ["restore key restored", "base image"]);
 }
 
+/// After a reboot, an image base is mounted again only if it reached the disk (the
+/// background fsync marked it) or was written in this boot; else it may be torn, and the
+/// next pod writes it again.
+#[tokio::test]
+async fn an_image_a_reboot_may_have_torn_is_written_again() {
+    let n = image_node(Fake::default()).await;
+    let p = n
+        .volumes
+        .publish(publish_req(&n, "a", "private", &[]))
+        .await
+        .unwrap();
+    let base = n.volumes.load(&p.view).unwrap().base_dir;
+    let gen_dir = base.parent().unwrap().to_path_buf();
+    let synced = gen_dir.join("image.synced");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !synced.exists() {
+        assert!(std::time::Instant::now() < deadline, "never marked durable");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    n.volumes
+        .unpublish("cv-1", &publish_req(&n, "a", "private", &[]).target)
+        .await
+        .unwrap();
+    n.volumes.decide(&p.view, Ending::Failed).await.unwrap();
+    let reboot = |n: &Node, boot: &str, durable: bool| {
+        n.mounts.table.lock().unwrap().clear();
+        std::fs::write(gen_dir.join("image.boot"), boot).unwrap();
+        if !durable {
+            let _ = std::fs::remove_file(&synced);
+        }
+    };
+
+    // Rebooted after the image reached the disk: mounted again, warm.
+    reboot(&n, "an-earlier-boot", true);
+    let p = n
+        .volumes
+        .publish(publish_req(&n, "b", "private", &[]))
+        .await
+        .unwrap();
+    assert!(p.warm, "{p:?}");
+    assert!(n.mounts.at(&gen_dir.join("image")).is_some());
+    n.volumes
+        .unpublish("cv-1", &publish_req(&n, "b", "private", &[]).target)
+        .await
+        .unwrap();
+    n.volumes.decide(&p.view, Ending::Failed).await.unwrap();
+
+    // Rebooted before it did: never mounted as it is; written again.
+    reboot(&n, "an-earlier-boot", false);
+    let p = n
+        .volumes
+        .publish(publish_req(&n, "c", "private", &[]))
+        .await
+        .unwrap();
+    assert!(!p.warm, "{p:?}");
+    assert_eq!(p.form, Some(BaseForm::Image));
+}
+
 #[tokio::test]
 async fn where_the_kernel_refuses_images_bases_are_trees() {
     let n = image_node(Fake {
