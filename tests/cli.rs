@@ -1124,7 +1124,11 @@ fn bench_node_measures_a_fresh_node_against_extract_and_leaves_no_mount() {
     for i in 0..40 {
         let d = tree.join(format!("pkg{}", i % 7));
         std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join(format!("f{i}.js")), format!("module {i}\n").repeat(50)).unwrap();
+        std::fs::write(
+            d.join(format!("f{i}.js")),
+            format!("module {i}\n").repeat(50),
+        )
+        .unwrap();
     }
     let work = env.dir("work");
     std::fs::create_dir_all(&work).unwrap();
