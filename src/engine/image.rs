@@ -262,6 +262,12 @@ struct Run {
     bytes: Vec<u8>,
 }
 
+/// A part of a write: bytes of a piece (in [`Run::bytes`]) or of a filled gap.
+enum Part {
+    Piece(std::ops::Range<usize>),
+    Gap(std::ops::Range<usize>),
+}
+
 /// Writes buffers, one after another, at an image offset.
 type Out<'a> = dyn FnMut(u64, &[IoSlice<'_>]) -> Result<()> + 'a;
 
@@ -297,8 +303,8 @@ impl Run {
             return Ok(());
         }
         self.pieces.sort_unstable_by_key(|p| p.0);
-        // Each write: its offset and its parts, (true: in `bytes`, false: in `gaps`, start, len).
-        let mut writes: Vec<(u64, Vec<(bool, usize, usize)>)> = Vec::new();
+        // Each write: its offset and its parts.
+        let mut writes: Vec<(u64, Vec<Part>)> = Vec::new();
         let mut gaps: Vec<u8> = Vec::new();
         let mut end = 0u64;
         for &(to, start, len) in &self.pieces {
@@ -315,17 +321,17 @@ impl Run {
                 }
             };
             if gaps.len() > gap_from {
-                parts.push((false, gap_from, gaps.len() - gap_from));
+                parts.push(Part::Gap(gap_from..gaps.len()));
             }
-            parts.push((true, start, len));
+            parts.push(Part::Piece(start..start + len));
             end = to + len as u64;
         }
         for (at, parts) in &writes {
             let slices: Vec<IoSlice<'_>> = parts
                 .iter()
-                .map(|&(ours, start, len)| {
-                    let from = if ours { &self.bytes } else { &gaps };
-                    IoSlice::new(&from[start..start + len])
+                .map(|part| match part {
+                    Part::Piece(r) => IoSlice::new(&self.bytes[r.clone()]),
+                    Part::Gap(r) => IoSlice::new(&gaps[r.clone()]),
                 })
                 .collect();
             let mut at = *at;
