@@ -101,6 +101,10 @@ pub struct Image {
     build_time: i64,
     /// End of the metadata (inodes, directory and symlink blocks): block aligned.
     meta_end: u64,
+    /// End of the inodes and their tails (where the blocks of directories begin).
+    inodes_end: u64,
+    /// Where the bytes of files go (inline tails, then whole blocks), ascending and disjoint.
+    file_data: Vec<(u64, u64)>,
     blocks: u64,
 }
 
@@ -200,6 +204,7 @@ impl Image {
         }
         // Whole blocks: directories and symlinks first (metadata), then files.
         let mut next = at.div_ceil(BLOCK);
+        let inodes_end = next * BLOCK;
         for pass in [false, true] {
             for s in 0..n {
                 let is_file = s > 0 && entries[s - 1].kind == Kind::File;
@@ -219,6 +224,23 @@ impl Image {
                 why: format!("a tree of {next} blocks is too large for an EROFS image"),
             });
         }
+        let files = || {
+            slots
+                .iter()
+                .enumerate()
+                .filter(|&(s, _)| s > 0 && entries[s - 1].kind == Kind::File)
+                .map(|(_, slot)| slot)
+        };
+        let tails = files()
+            .filter(|slot| slot.inline())
+            .map(|slot| (slot.tail_at(), slot.tail_at() + slot.size - slot.full));
+        let whole = files().filter(|slot| slot.full > 0).map(|slot| {
+            (
+                slot.blkaddr * BLOCK,
+                slot.blkaddr * BLOCK + slot.full.min(slot.size),
+            )
+        });
+        let file_data = tails.chain(whole).collect();
         Ok(Image {
             slots,
             children,
@@ -226,6 +248,8 @@ impl Image {
             attrs,
             build_time,
             meta_end: at,
+            inodes_end,
+            file_data,
             blocks: next,
         })
     }
@@ -253,6 +277,72 @@ impl Image {
                 split - offset..len,
             ),
         ]
+    }
+
+    /// Appends to `buf` the image bytes `from..to` when they hold no file data (only inodes,
+    /// the inline data of directories and symlinks, padding), as [`Image::write_metadata`]
+    /// writes them; returns false, appending nothing, when file data lies there or the range
+    /// reaches into the blocks of directories. A write of file data that lands near the last
+    /// one can so cover the gap between them too and be one write with it.
+    pub fn fill_gap(&self, entries: &[Entry], from: u64, to: u64, buf: &mut Vec<u8>) -> bool {
+        if from >= to {
+            return from == to;
+        }
+        if from < SUPER_OFFSET + SUPER_LEN {
+            return false;
+        }
+        let k = self.file_data.partition_point(|&(_, end)| end <= from);
+        if self.file_data.get(k).is_some_and(|&(start, _)| start < to) {
+            return false;
+        }
+        if from >= self.meta_end {
+            buf.resize(buf.len() + (to - from) as usize, 0);
+            return true;
+        }
+        if to > self.inodes_end {
+            return false;
+        }
+        let base = buf.len();
+        buf.resize(base + (to - from) as usize, 0);
+        // The slot before the first inode at or after `from` may reach into the range.
+        let first = self
+            .slots
+            .partition_point(|slot| slot.at < from)
+            .saturating_sub(1);
+        for s in first..self.slots.len() {
+            let slot = &self.slots[s];
+            if slot.at >= to {
+                break;
+            }
+            let mut bytes = self.inode(s, entries);
+            if slot.inline() {
+                if let Some(data) = self.own_data(s, entries) {
+                    bytes.extend_from_slice(&data[slot.full as usize..]);
+                }
+            }
+            let (a, b) = (slot.at.max(from), (slot.at + bytes.len() as u64).min(to));
+            if a < b {
+                buf[base + (a - from) as usize..base + (b - from) as usize]
+                    .copy_from_slice(&bytes[(a - slot.at) as usize..(b - slot.at) as usize]);
+            }
+        }
+        true
+    }
+
+    /// The data of a directory or symlink (None for a file: its data comes from chunks).
+    fn own_data(&self, s: usize, entries: &[Entry]) -> Option<Vec<u8>> {
+        match self.kind(s, entries) {
+            Kind::Dir => Some(self.dir_data(s, entries)),
+            Kind::Symlink => Some(
+                entries[s - 1]
+                    .target
+                    .as_deref()
+                    .unwrap_or("")
+                    .as_bytes()
+                    .to_vec(),
+            ),
+            Kind::File => None,
+        }
     }
 
     /// Writes the superblock, every inode, directory and symlink, in ascending offsets, by
@@ -293,19 +383,7 @@ impl Image {
             let at = (slot.at - base) as usize;
             let inode = self.inode(s, entries);
             buf[at..at + inode.len()].copy_from_slice(&inode);
-            let data: Option<Vec<u8>> = match self.kind(s, entries) {
-                Kind::Dir => Some(self.dir_data(s, entries)),
-                Kind::Symlink => Some(
-                    entries[s - 1]
-                        .target
-                        .as_deref()
-                        .unwrap_or("")
-                        .as_bytes()
-                        .to_vec(),
-                ),
-                Kind::File => None,
-            };
-            if let Some(data) = data {
+            if let Some(data) = self.own_data(s, entries) {
                 let full = slot.full.min(slot.size) as usize;
                 if slot.inline() {
                     let t = (slot.tail_at() - base) as usize;

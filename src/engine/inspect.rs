@@ -3,6 +3,7 @@
 //! generation whose tree is an older one's).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -11,7 +12,7 @@ use serde::Serialize;
 
 use super::error::{Error, Result};
 use super::format::{ChunkRef, Digest, Generation, Provenance};
-use super::{io_concurrency, names, Engine, ReadCtl};
+use super::{io_concurrency, names, Each, Engine, ReadCtl};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct KeyInfo {
@@ -114,8 +115,14 @@ impl Engine {
                 refs.sort_unstable_by_key(|r| r.o);
                 let counted = (refs.len(), refs.iter().map(|r| r.n as u64).sum::<u64>());
                 self.check_pack(pack).await?;
-                self.read_chunks(pack, refs, |r| r, ReadCtl::default(), |_, _, _| Ok(()))
-                    .await?;
+                self.read_chunks(
+                    pack,
+                    refs,
+                    |r| r,
+                    ReadCtl::default(),
+                    Arc::new(Each(|_: &ChunkRef, _, _: &[u8]| Ok(()))),
+                )
+                .await?;
                 Ok::<_, Error>(counted)
             })
             .buffer_unordered(io_concurrency())

@@ -292,14 +292,16 @@ impl Engine {
                         needs,
                         |(r, _)| r,
                         ReadCtl::default(),
-                        move |(_, places): &(ChunkRef, Vec<usize>), at, data| {
-                            let mut s = stream.lock().expect("not poisoned");
-                            for &p in places {
-                                let from = p + at as usize;
-                                s[from..from + data.len()].copy_from_slice(data);
-                            }
-                            Ok(())
-                        },
+                        Arc::new(Each(
+                            move |(_, places): &(ChunkRef, Vec<usize>), at, data: &[u8]| {
+                                let mut s = stream.lock().expect("not poisoned");
+                                for &p in places {
+                                    let from = p + at as usize;
+                                    s[from..from + data.len()].copy_from_slice(data);
+                                }
+                                Ok(())
+                            },
+                        )),
                     )
                     .await
                 }
@@ -326,17 +328,16 @@ impl Engine {
     /// chunk, bytes)`) for a streamed one, after the whole chunk was verified. Memory: ranges of
     /// at most [`MAX_WINDOW`] bytes, each held under the process's [`reserve`]d budget. Returns
     /// the compressed bytes fetched.
-    pub(crate) async fn read_chunks<T: Send + Sync + 'static>(
+    pub(crate) async fn read_chunks<T: Send + Sync + 'static, S: Sink<T>>(
         &self,
         pack: Digest,
         items: Vec<T>,
         chunk: fn(&T) -> &ChunkRef,
         ctl: ReadCtl,
-        deliver: impl Fn(&T, u64, &[u8]) -> Result<()> + Send + Sync + 'static,
+        deliver: Arc<S>,
     ) -> Result<u64> {
         let loc = self.layout.pack(&pack.to_hex());
         let location: Arc<str> = loc.to_string().into();
-        let deliver = Arc::new(deliver);
         let ReadCtl { mut ready, stop } = ctl;
         let stopped = move || stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed));
         let mut fetched = 0;
@@ -357,6 +358,7 @@ impl Engine {
                     }
                     tokio::task::spawn_blocking(move || {
                         let mut raw = Vec::new();
+                        let mut batch = deliver.batch();
                         for t in &items {
                             if stopped() {
                                 break;
@@ -365,9 +367,9 @@ impl Engine {
                             let from = (r.o - range.start) as usize;
                             let frame = &data[from..from + r.c as usize];
                             format::open_chunk_into(&location, r, frame, &mut raw)?;
-                            deliver(t, 0, &raw)?;
+                            deliver.put(&mut batch, t, 0, &raw)?;
                         }
-                        Ok::<_, Error>(())
+                        deliver.finish(batch)
                     })
                     .await
                     .expect("a chunk reader does not panic")?;
@@ -387,9 +389,11 @@ impl Engine {
                         if stopped() {
                             return Ok(());
                         }
+                        let mut batch = deliver.batch();
                         stream_from_store(&store, &handle, &loc, &location, r, |at, block| {
-                            deliver(&t, at, block)
-                        })
+                            deliver.put(&mut batch, &t, at, block)
+                        })?;
+                        deliver.finish(batch)
                     })
                     .await
                     .expect("a chunk stream does not panic")?;
@@ -499,6 +503,36 @@ impl std::io::Read for PackReader<'_> {
         out[..k].copy_from_slice(&self.buf[..k]);
         bytes::Buf::advance(&mut self.buf, k);
         Ok(k)
+    }
+}
+
+/// Where [`Engine::read_chunks`] hands verified chunk data. Each read (a window of a pack, or one
+/// streamed chunk) gets its own batch, used on one blocking thread, in the pack's order, and
+/// finished once that read has delivered everything: a sink may hold data back in its batch
+/// (to write it in fewer, larger pieces) until [`Sink::finish`]. A batch whose read fails is
+/// dropped unfinished.
+pub(crate) trait Sink<T>: Send + Sync + 'static {
+    type Batch: Send;
+    fn batch(&self) -> Self::Batch;
+    /// `data` is the verified data of `item`'s chunk at offset `at` in the chunk.
+    fn put(&self, batch: &mut Self::Batch, item: &T, at: u64, data: &[u8]) -> Result<()>;
+    fn finish(&self, batch: Self::Batch) -> Result<()>;
+}
+
+/// A [`Sink`] that handles each piece at once, with nothing to finish.
+pub(crate) struct Each<F>(pub F);
+
+impl<T, F> Sink<T> for Each<F>
+where
+    F: Fn(&T, u64, &[u8]) -> Result<()> + Send + Sync + 'static,
+{
+    type Batch = ();
+    fn batch(&self) {}
+    fn put(&self, _: &mut (), item: &T, at: u64, data: &[u8]) -> Result<()> {
+        (self.0)(item, at, data)
+    }
+    fn finish(&self, _: ()) -> Result<()> {
+        Ok(())
     }
 }
 

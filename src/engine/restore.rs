@@ -18,7 +18,7 @@ use serde::Serialize;
 use super::error::{Error, Result};
 use super::format::{BaseRef, ChunkRef, Digest, Entry, Generation, Kind};
 use super::localstate::{self, DirState, Header, Stat};
-use super::{io_concurrency, names, par, Engine, ReadCtl};
+use super::{io_concurrency, names, par, Each, Engine, ReadCtl, Sink};
 
 /// Where a restore's content came from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -351,8 +351,9 @@ impl Engine {
             res
         };
         let (writer, progress) = (shared.clone(), self.progress.clone());
-        let deliver: Deliver =
-            Arc::new(move |need, at, data| writer.write_chunk(need, at, data, progress.as_ref()));
+        let deliver = Arc::new(Each(move |need: &Need, at, data: &[u8]| {
+            writer.write_chunk(need, at, data, progress.as_ref())
+        }));
         let write = self.fetch_chunks(plan, ready, shared.failed.clone(), deliver);
         let (prepared, written) = futures::join!(prepare, write);
         prepared?;
@@ -380,12 +381,12 @@ impl Engine {
     /// bytes that a tree restore writes into files and an image restore into an image. Every
     /// pack's task is awaited, even after a failure (noted in `failed`, which stops the rest
     /// early), so nothing is delivered once this returns. Returns the compressed bytes fetched.
-    pub(super) async fn fetch_chunks(
+    pub(super) async fn fetch_chunks<S: Sink<Need>>(
         &self,
         plan: Plan,
         ready: tokio::sync::watch::Receiver<bool>,
         failed: Arc<AtomicBool>,
-        deliver: Deliver,
+        deliver: Arc<S>,
     ) -> Result<u64> {
         let fetched = futures::stream::iter(plan)
             .map(|(pack, needs)| {
@@ -402,13 +403,13 @@ impl Engine {
     }
 
     /// [`Engine::fetch_chunks`] of one pack. Does nothing once another task has failed.
-    async fn fetch_pack(
+    async fn fetch_pack<S: Sink<Need>>(
         &self,
         pack: Digest,
         needs: HashMap<u64, Need>,
         prepared: tokio::sync::watch::Receiver<bool>,
         failed: Arc<AtomicBool>,
-        deliver: Deliver,
+        deliver: Arc<S>,
     ) -> Result<u64> {
         if failed.load(Ordering::Relaxed) {
             return Ok(0);
@@ -420,24 +421,13 @@ impl Engine {
             ready: Some(prepared),
             stop: Some(failed.clone()),
         };
-        let res = self
-            .read_chunks(
-                pack,
-                needs,
-                |n| &n.r,
-                ctl,
-                move |need, at, data| deliver(need, at, data),
-            )
-            .await;
+        let res = self.read_chunks(pack, needs, |n| &n.r, ctl, deliver).await;
         if res.is_err() {
             failed.store(true, Ordering::Relaxed);
         }
         res
     }
 }
-
-/// Receives verified chunk data: the chunk, the offset of `data` in it, `data`.
-pub(super) type Deliver = Arc<dyn Fn(&Need, u64, &[u8]) -> Result<()> + Send + Sync>;
 
 /// Which chunk goes where, by pack and offset in the pack.
 pub(super) type Plan = HashMap<Digest, HashMap<u64, Need>>;
