@@ -167,6 +167,7 @@ pub async fn measure(
     for i in 0..runs {
         let dir = work.join(format!("extract-{i}"));
         std::fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
+        settle();
         extract.push(timed(
             r#"zstd -d -q -c "$1" | tar -C "$2" -xf -"#,
             &[&tarball, &dir],
@@ -178,6 +179,7 @@ pub async fn measure(
     for i in 0..runs {
         let v = volumes(&work.join(format!("fresh-node-{i}")), true)?;
         let target = work.join(format!("fresh-target-{i}"));
+        settle();
         let before = reset_peak_rss();
         fresh.push(publish(&v, &target, &ctx, &format!("fresh{i}")).await?);
         fresh_rss.push(status_mib("VmHWM:") - before);
@@ -189,6 +191,7 @@ pub async fn measure(
     for i in 0..runs {
         let v = volumes(&work.join(format!("cold-node-{i}")), false)?;
         let target = work.join(format!("cold-target-{i}"));
+        settle();
         cold.push(publish(&v, &target, &ctx, &format!("cold{i}")).await?);
         finish(&v, &target, Ending::Aborted).await?;
     }
@@ -230,6 +233,12 @@ pub async fn measure(
         commit_1pct_uploaded: median(changed_up) as u64,
         new_bytes_1pct: new_bytes,
     })
+}
+
+/// Writes back what earlier steps left dirty, so that no step pays for the one before it (on
+/// a small machine, writeback competes for the same CPUs).
+fn settle() {
+    rustix::fs::sync();
 }
 
 /// Runs `script` with `sh -c` and `args` as $1, $2, ...; its wall time in seconds.

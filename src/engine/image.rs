@@ -176,10 +176,13 @@ impl Engine {
                 .count() as u64,
         );
         let failed = Arc::new(AtomicBool::new(false));
-        let (prepared, ready) = tokio::sync::watch::channel(false);
+        // Chunks are fetched, decompressed and verified while the metadata is written; only
+        // a write into the metadata area (the inline tails of small files) waits for it.
+        let gate = Arc::new(MetadataGate::default());
+        let (_always, ready) = tokio::sync::watch::channel(true);
         let metadata = {
             let (file, plan, entries) = (file.clone(), plan.clone(), entries.clone());
-            let (path, failed) = (path.to_path_buf(), failed.clone());
+            let (path, failed, gate) = (path.to_path_buf(), failed.clone(), gate.clone());
             async move {
                 let t0 = Instant::now();
                 let res = tokio::task::spawn_blocking(move || {
@@ -197,7 +200,7 @@ impl Engine {
                     ms = t0.elapsed().as_millis() as u64,
                     "image: metadata written"
                 );
-                let _ = prepared.send(true);
+                gate.open();
                 res
             }
         };
@@ -215,6 +218,7 @@ impl Engine {
             failed: failed.clone(),
             progress: self.progress.clone(),
             remaining,
+            gate,
         });
         let fetch = self.fetch_chunks(chunks, ready, failed, deliver);
         let (metadata, fetched) = futures::join!(metadata, fetch);
@@ -253,6 +257,38 @@ struct ImageSink {
     progress: Arc<dyn Progress>,
     /// Chunks each file still waits for.
     remaining: Arc<Vec<AtomicU32>>,
+    /// Opens once the metadata is written.
+    gate: Arc<MetadataGate>,
+}
+
+/// Writes into the metadata area wait for the metadata writer, which writes zeros where the
+/// inline tails go: a tail written before would be lost. Writes elsewhere (file blocks) go
+/// at once.
+#[derive(Default)]
+struct MetadataGate {
+    open: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+impl MetadataGate {
+    /// Lets every waiting and later write through (also after a failed metadata write: the
+    /// writers then see `failed`).
+    fn open(&self) {
+        *self.open.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.opened.notify_all();
+    }
+
+    /// Whether a write may go on: one into the metadata area first waits for the gate; none
+    /// goes on once the restore failed.
+    fn pass(&self, into_metadata: bool, failed: &AtomicBool) -> bool {
+        if into_metadata {
+            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            while !*open {
+                open = self.opened.wait(open).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+        !failed.load(Ordering::Relaxed)
+    }
 }
 
 /// A batch's small pieces not written yet: (image offset, start in `bytes`, length).
@@ -349,6 +385,9 @@ impl Run {
 impl ImageSink {
     /// Writes `bufs` one after another from `at`, with as few calls as the kernel allows.
     fn write(&self, mut at: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
+        if !self.gate.pass(at < self.plan.meta_end(), &self.failed) {
+            return Ok(());
+        }
         let mut bufs: Vec<IoSlice<'_>> = bufs.to_vec();
         let mut bufs = &mut bufs[..];
         while !bufs.is_empty() {
@@ -555,6 +594,33 @@ mod tests {
             writes - direct <= (all.len() - direct) / 10,
             "{writes} writes for {} pieces ({direct} large)",
             all.len()
+        );
+    }
+
+    /// A tail (in the metadata area) waits until the metadata is written, which would zero it;
+    /// file blocks and the writes of a failed restore do not wait.
+    #[test]
+    fn writes_into_the_metadata_area_wait_for_the_metadata() {
+        let gate = Arc::new(MetadataGate::default());
+        let failed = Arc::new(AtomicBool::new(false));
+        assert!(gate.pass(false, &failed), "file blocks go at once");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tail = {
+            let (gate, failed) = (gate.clone(), failed.clone());
+            std::thread::spawn(move || tx.send(gate.pass(true, &failed)).unwrap())
+        };
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(200))
+                .is_err(),
+            "a tail was written before the metadata"
+        );
+        gate.open();
+        assert!(rx.recv().unwrap());
+        tail.join().unwrap();
+        failed.store(true, Ordering::Relaxed);
+        assert!(
+            !gate.pass(true, &failed),
+            "nothing is written after a failure"
         );
     }
 
