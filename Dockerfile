@@ -33,6 +33,11 @@ LABEL org.opencontainers.image.title="cachevol" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}"
 COPY --from=build /out/cachevol /usr/local/bin/cachevol
+# glibc's malloc raises its mmap threshold after the first large buffer is freed, and then
+# keeps every later one: a node plugin that wrote two caches' bases held 130 MiB after 145 MiB
+# at peak. A fixed threshold gives the restore buffers (pack windows, write batches) back to
+# the system: 103 MiB at peak, 39 MiB after, at the same speed.
+ENV GLIBC_TUNABLES=glibc.malloc.mmap_threshold=262144:glibc.malloc.trim_threshold=262144
 # The default user is root: the node plugin mounts (its DaemonSet runs it privileged). The
 # controller needs no root, and the chart runs it as 65532 (distroless' nonroot).
 ENTRYPOINT ["/usr/local/bin/cachevol"]
