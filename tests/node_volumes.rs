@@ -120,6 +120,19 @@ fn generation(d: &CommitDecision) -> Option<u64> {
     }
 }
 
+/// Commits `src` as `key` of scope team-a, as a CI step with the CLI would (state under `t`).
+async fn commit_with_cli(store: &str, t: &Path, key: &str, src: &Path) {
+    cachevol::engine::Engine::new(
+        cachevol::engine::Store::open(store).unwrap(),
+        "team-a",
+        t.join("cli-state"),
+    )
+    .unwrap()
+    .commit(key, src, &cachevol::engine::CommitOptions::default())
+    .await
+    .unwrap();
+}
+
 /// The commit found nothing changed since generation `g` and uploaded nothing.
 fn assert_unchanged(d: &CommitDecision, g: u64) {
     match d {
@@ -386,16 +399,7 @@ async fn pods_asking_at_once_share_one_download_and_read_only_is_honoured() {
     let src = t.join("src");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("dep.tgz"), vec![5u8; 200_000]).unwrap();
-    let engine = cachevol::engine::Engine::new(
-        cachevol::engine::Store::open(&store).unwrap(),
-        "team-a",
-        t.join("cli-state"),
-    )
-    .unwrap();
-    engine
-        .commit("npm", &src, &cachevol::engine::CommitOptions::default())
-        .await
-        .unwrap();
+    commit_with_cli(&store, t, "npm", &src).await;
 
     let n = std::sync::Arc::new(node(t, "node1", false));
     let c = ctx(&store, "npm", "private", &[]);
@@ -928,16 +932,7 @@ async fn a_fresh_node_mounts_an_image_and_commits_stack_on_it_as_layers() {
     std::fs::create_dir_all(src.join("old-dir/inner")).unwrap();
     std::fs::write(src.join("old-dir/inner/x"), "x").unwrap();
     std::os::unix::fs::symlink("pkgs/left-pad.tgz", src.join("link")).unwrap();
-    let engine = cachevol::engine::Engine::new(
-        cachevol::engine::Store::open(&store).unwrap(),
-        "team-a",
-        t.join("cli-state"),
-    )
-    .unwrap();
-    engine
-        .commit("npm", &src, &cachevol::engine::CommitOptions::default())
-        .await
-        .unwrap();
+    commit_with_cli(&store, t, "npm", &src).await;
     let state = t.join("node1");
     let n = node(t, "node1", false);
     let c = ctx(&store, "npm", "private", &[]);

@@ -576,7 +576,7 @@ fn split_ns(ns: i64) -> (i64, u32) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn file(path: String, size: u64, mtime: i64) -> Entry {
@@ -591,7 +591,8 @@ mod tests {
         }
     }
 
-    fn attrs() -> Attrs {
+    /// Root-owned, unwidened attributes for the tests of the format and of its writer.
+    pub(crate) fn attrs() -> Attrs {
         Attrs {
             uid: 0,
             gid: 0,

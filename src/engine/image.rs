@@ -499,15 +499,7 @@ mod tests {
             .collect()
     }
 
-    fn attrs() -> Attrs {
-        Attrs {
-            uid: 0,
-            gid: 0,
-            widen: false,
-            root_mode: 0o755,
-            root_mtime: 1,
-        }
-    }
+    use super::super::erofs::tests::attrs;
 
     /// The pieces `file_ranges` gives for the files `which`, each file in chunks of 40 KiB, in
     /// about tree order.

@@ -398,6 +398,14 @@ async fn the_commit_decision_follows_commit_on_the_ending_and_the_marker() {
     ));
 }
 
+/// Publishes the cache for pod `pod_name` as a private view.
+async fn publish_private(n: &Node, pod_name: &str) -> Published {
+    n.volumes
+        .publish(publish_req(n, pod_name, "private", &[]))
+        .await
+        .unwrap()
+}
+
 /// A node whose store holds generation 1 of `ci/npm` and whose bases are images.
 async fn image_node(mounts: Fake) -> Node {
     let Node {
@@ -413,11 +421,7 @@ async fn image_node(mounts: Fake) -> Node {
 #[tokio::test]
 async fn a_fresh_base_is_an_image_mounted_read_only_under_the_view() {
     let n = image_node(Fake::default()).await;
-    let p = n
-        .volumes
-        .publish(publish_req(&n, "a", "private", &[]))
-        .await
-        .unwrap();
+    let p = publish_private(&n, "a").await;
     assert_eq!(p.form, Some(BaseForm::Image));
     let record = n.volumes.load(&p.view).unwrap();
     let gen_dir = record.base_dir.parent().unwrap();
@@ -446,11 +450,7 @@ async fn a_fresh_base_is_an_image_mounted_read_only_under_the_view() {
 #[tokio::test]
 async fn an_image_a_reboot_may_have_torn_is_written_again() {
     let n = image_node(Fake::default()).await;
-    let p = n
-        .volumes
-        .publish(publish_req(&n, "a", "private", &[]))
-        .await
-        .unwrap();
+    let p = publish_private(&n, "a").await;
     let base = n.volumes.load(&p.view).unwrap().base_dir;
     let gen_dir = base.parent().unwrap().to_path_buf();
     let synced = gen_dir.join("image.synced");
@@ -474,11 +474,7 @@ async fn an_image_a_reboot_may_have_torn_is_written_again() {
 
     // Rebooted after the image reached the disk: mounted again, warm.
     reboot(&n, "an-earlier-boot", true);
-    let p = n
-        .volumes
-        .publish(publish_req(&n, "b", "private", &[]))
-        .await
-        .unwrap();
+    let p = publish_private(&n, "b").await;
     assert!(p.warm, "{p:?}");
     assert!(n.mounts.at(&gen_dir.join("image")).is_some());
     n.volumes
@@ -489,11 +485,7 @@ async fn an_image_a_reboot_may_have_torn_is_written_again() {
 
     // Rebooted before it did: never mounted as it is; written again.
     reboot(&n, "an-earlier-boot", false);
-    let p = n
-        .volumes
-        .publish(publish_req(&n, "c", "private", &[]))
-        .await
-        .unwrap();
+    let p = publish_private(&n, "c").await;
     assert!(!p.warm, "{p:?}");
     assert_eq!(p.form, Some(BaseForm::Image));
 }
@@ -505,11 +497,7 @@ async fn where_the_kernel_refuses_images_bases_are_trees() {
         ..Default::default()
     })
     .await;
-    let p = n
-        .volumes
-        .publish(publish_req(&n, "a", "private", &[]))
-        .await
-        .unwrap();
+    let p = publish_private(&n, "a").await;
     assert_eq!(p.form, Some(BaseForm::Tree));
     let record = n.volumes.load(&p.view).unwrap();
     assert_eq!(
