@@ -131,3 +131,11 @@ async fn corrupt_pack_is_quarantined_s3_store() {
     };
     corrupt_pack_is_quarantined(url).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_pack_is_quarantined_azure_store() {
+    let Some(url) = az_url("quarantine") else {
+        return;
+    };
+    corrupt_pack_is_quarantined(url).await;
+}
