@@ -1028,10 +1028,18 @@ async fn a_fresh_node_mounts_an_image_and_commits_stack_on_it_as_layers() {
     assert!(p.warm, "{p:?}");
     check(&tc);
     std::fs::write(tc.join("third"), "3").unwrap();
+    // A marker the job made as a directory is not kept either.
+    std::fs::create_dir_all(tc.join(".cachevol-commit/x")).unwrap();
     assert_eq!(
         generation(&finish(&n, &tc, Ending::Succeeded).await),
         Some(3)
     );
+    let te = t.join("pods/e/mount");
+    let p = publish_async(&n, &te, &c, "e").await;
+    assert!(p.warm, "the commit stacked a second layer: {p:?}");
+    check(&te);
+    assert_eq!(std::fs::read_to_string(te.join("third")).unwrap(), "3");
+    finish(&n, &te, Ending::Aborted).await;
 
     // Another node restores generation 3 from the store: the same tree.
     let n2 = node(t, "node2", false);

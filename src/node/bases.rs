@@ -453,20 +453,29 @@ impl Volumes {
         let move_in = |from: PathBuf, to: PathBuf| -> Result<()> {
             std::fs::rename(&from, &to).map_err(io("move", &from))
         };
-        for f in [IMAGE, IMAGE_BOOT, IMAGE_SYNCED] {
-            if old_gen.join(f).exists() {
-                move_in(old_gen.join(f), new_gen.join(f))?;
+        let moved = (|| {
+            for f in [IMAGE, IMAGE_BOOT, IMAGE_SYNCED] {
+                if old_gen.join(f).exists() {
+                    move_in(old_gen.join(f), new_gen.join(f))?;
+                }
             }
+            let layer_dir = new_gen.join(LAYERS);
+            if old_gen.join(LAYERS).exists() {
+                move_in(old_gen.join(LAYERS), layer_dir.clone())?;
+            } else {
+                std::fs::create_dir_all(&layer_dir).map_err(io("create", &layer_dir))?;
+            }
+            let n = layers(new_gen).len();
+            move_in(upper.to_path_buf(), layer_dir.join(format!("{n:04}")))
+        })();
+        if moved.is_err() {
+            // Half moved: neither generation's directory is a base any more. Both are
+            // forgotten, and the next pod writes a fresh image.
+            engine.forget(old);
+            let _ = self.trash(new_gen);
         }
-        let layer_dir = new_gen.join(LAYERS);
-        if old_gen.join(LAYERS).exists() {
-            move_in(old_gen.join(LAYERS), layer_dir.clone())?;
-        } else {
-            std::fs::create_dir_all(&layer_dir).map_err(io("create", &layer_dir))?;
-        }
-        let n = layers(new_gen).len();
-        move_in(upper.to_path_buf(), layer_dir.join(format!("{n:04}")))?;
         let _ = self.trash(old_gen);
+        moved?;
         std::fs::create_dir_all(new).map_err(io("create", new))?;
         self.mount_base(new).await?;
         engine.record_tree(new, tree)?;
@@ -668,8 +677,10 @@ fn layers(gen_dir: &Path) -> Vec<PathBuf> {
 fn layer_of_upper(upper: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let marker = upper.join(engine::MARKER);
-    if marker.symlink_metadata().is_ok() {
-        std::fs::remove_file(&marker)?;
+    match marker.symlink_metadata() {
+        Ok(md) if md.is_dir() => std::fs::remove_dir_all(&marker)?,
+        Ok(_) => std::fs::remove_file(&marker)?,
+        Err(_) => {}
     }
     let mut stack = vec![upper.to_path_buf()];
     while let Some(d) = stack.pop() {
