@@ -12,7 +12,6 @@
 
 mod common;
 
-use bytes::Bytes;
 use common::*;
 
 /// Create-only puts never replace, a replace at a stale version is refused, and cachevol's
@@ -32,38 +31,7 @@ async fn azure_conditional_puts() {
     assert!(version.e_tag.is_some(), "Azure answers with an ETag");
 
     // The same through cachevol's Store.
-    let store = open(&url);
-    assert!(store.has_conditional_update());
-    let full = prefix.clone().join("wrapped");
-    assert!(store
-        .put_create(&full, Bytes::from_static(b"a"))
-        .await
-        .unwrap());
-    assert!(!store
-        .put_create(&full, Bytes::from_static(b"b"))
-        .await
-        .unwrap());
-    let (data, v1) = store.get(&full).await.unwrap().expect("the object exists");
-    assert_eq!(data, Bytes::from_static(b"a"));
-    // Swap with "expected absent" on an existing object loses.
-    assert!(!store
-        .put_swap(&full, Bytes::from_static(b"c"), None)
-        .await
-        .unwrap());
-    assert!(store
-        .put_swap(&full, Bytes::from_static(b"d"), Some(v1.clone()))
-        .await
-        .unwrap());
-    assert!(
-        !store
-            .put_swap(&full, Bytes::from_static(b"e"), Some(v1))
-            .await
-            .unwrap(),
-        "a swap at a stale version must lose"
-    );
-    let (data, _) = store.get(&full).await.unwrap().unwrap();
-    assert_eq!(data, Bytes::from_static(b"d"));
-    assert!(store.get(&prefix.join("absent")).await.unwrap().is_none());
+    common::conditional::store_create_then_swap(&url, &prefix).await;
 }
 
 /// Many writers create one object at once: exactly one succeeds, and the object holds its data.

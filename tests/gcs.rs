@@ -12,7 +12,6 @@
 
 mod common;
 
-use bytes::Bytes;
 use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -59,38 +58,7 @@ async fn gcs_conditional_puts() {
     );
 
     // The same through cachevol's Store.
-    let store = open(&url);
-    assert!(store.has_conditional_update());
-    let full = prefix.clone().join("wrapped");
-    assert!(store
-        .put_create(&full, Bytes::from_static(b"a"))
-        .await
-        .unwrap());
-    assert!(!store
-        .put_create(&full, Bytes::from_static(b"b"))
-        .await
-        .unwrap());
-    let (data, v1) = store.get(&full).await.unwrap().expect("the object exists");
-    assert_eq!(data, Bytes::from_static(b"a"));
-    // Swap with "expected absent" on an existing object loses.
-    assert!(!store
-        .put_swap(&full, Bytes::from_static(b"c"), None)
-        .await
-        .unwrap());
-    assert!(store
-        .put_swap(&full, Bytes::from_static(b"d"), Some(v1.clone()))
-        .await
-        .unwrap());
-    assert!(
-        !store
-            .put_swap(&full, Bytes::from_static(b"e"), Some(v1))
-            .await
-            .unwrap(),
-        "a swap at a stale version must lose"
-    );
-    let (data, _) = store.get(&full).await.unwrap().unwrap();
-    assert_eq!(data, Bytes::from_static(b"d"));
-    assert!(store.get(&prefix.join("absent")).await.unwrap().is_none());
+    common::conditional::store_create_then_swap(&url, &prefix).await;
 }
 
 /// Many writers create one object at once: exactly one succeeds, and the object holds its data.

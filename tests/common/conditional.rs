@@ -121,3 +121,44 @@ pub async fn create_races(
         );
     }
 }
+
+/// The same through cachevol's `Store` at `url` (objects under `prefix`): a create that lost
+/// and a swap at a stale version are `Ok(false)`, never errors, and the winner's data stays.
+pub async fn store_create_then_swap(url: &str, prefix: &Path) {
+    let store = super::open(url);
+    assert!(store.has_conditional_update());
+    let full = prefix.clone().join("wrapped");
+    assert!(store
+        .put_create(&full, Bytes::from_static(b"a"))
+        .await
+        .unwrap());
+    assert!(!store
+        .put_create(&full, Bytes::from_static(b"b"))
+        .await
+        .unwrap());
+    let (data, v1) = store.get(&full).await.unwrap().expect("the object exists");
+    assert_eq!(data, Bytes::from_static(b"a"));
+    // Swap with "expected absent" on an existing object loses.
+    assert!(!store
+        .put_swap(&full, Bytes::from_static(b"c"), None)
+        .await
+        .unwrap());
+    assert!(store
+        .put_swap(&full, Bytes::from_static(b"d"), Some(v1.clone()))
+        .await
+        .unwrap());
+    assert!(
+        !store
+            .put_swap(&full, Bytes::from_static(b"e"), Some(v1))
+            .await
+            .unwrap(),
+        "a swap at a stale version must lose"
+    );
+    let (data, _) = store.get(&full).await.unwrap().unwrap();
+    assert_eq!(data, Bytes::from_static(b"d"));
+    assert!(store
+        .get(&prefix.clone().join("absent"))
+        .await
+        .unwrap()
+        .is_none());
+}
