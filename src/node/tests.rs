@@ -368,11 +368,7 @@ async fn the_commit_decision_follows_commit_on_the_ending_and_the_marker() {
     assert!(n.seen.all().last().unwrap().contains("(marked by the job)"));
 
     // The next pod starts warm from what d committed: y and w, not x or z, and no marker.
-    let p = n
-        .volumes
-        .publish(publish_req(&n, "e", "private", &[]))
-        .await
-        .unwrap();
+    let p = publish_private(&n, "e").await;
     assert!(p.warm, "{p:?}");
     let base = n.volumes.load(&p.view).unwrap().base_dir;
     let mut names: Vec<String> = std::fs::read_dir(&base)
@@ -546,11 +542,7 @@ async fn where_overlayfs_is_refused_views_are_copies() {
 #[tokio::test]
 async fn an_unreadable_record_is_reported_and_the_others_are_kept() {
     let n = node(Fake::default()).await;
-    let p = n
-        .volumes
-        .publish(publish_req(&n, "a", "private", &[]))
-        .await
-        .unwrap();
+    let p = publish_private(&n, "a").await;
     let views = n.state().join("views");
     std::fs::write(views.join("p-broken.json"), b"{\"id\": \"p-broken\", trunc").unwrap();
     drop(n.volumes);
@@ -567,11 +559,7 @@ async fn an_unreadable_record_is_reported_and_the_others_are_kept() {
 #[tokio::test]
 async fn records_are_read_once_and_kept_in_step_with_saves() {
     let n = node(Fake::default()).await;
-    let p = n
-        .volumes
-        .publish(publish_req(&n, "a", "private", &[]))
-        .await
-        .unwrap();
+    let p = publish_private(&n, "a").await;
     let file = n.state().join("views").join(format!("{}.json", p.view));
     // Listing reads no file: a record file removed behind the node's back is still listed...
     std::fs::remove_file(&file).unwrap();
