@@ -148,11 +148,12 @@ fn deletion_requested(pod: &Pod) -> Option<k8s_openapi::jiff::Timestamp> {
     )
 }
 
-fn claimant(pod: &PodRef, node: &str) -> Claimant {
+fn claimant(pod: &PodRef, node: &str, volume: &str) -> Claimant {
     Claimant {
         uid: pod.uid.clone(),
         pod: format!("{}/{}", pod.namespace, pod.name),
         node: node.to_string(),
+        volume: volume.to_string(),
     }
 }
 
@@ -213,6 +214,16 @@ impl Agent {
     /// holder (kubelet calls again, and the pod keeps its place). The wait ends early, leaving
     /// the queue, when the pod ends; a cancelled call just stops (a retry keeps the place).
     ///
+    /// `volume` is the CSI volume id of the call. `busy_here`: this node publishes the same
+    /// volume to another target (its holder, most likely). Kubelet runs one mount or unmount
+    /// at a time per persistent volume on a node, so a call held open would keep kubelet from
+    /// unpublishing the holder — whose unpublish commits and frees the lock: a deadlock only
+    /// the bound would break. Such a call joins the queue and answers at once instead; the
+    /// holder's unmount, a different operation, resets kubelet's backoff for the volume, so
+    /// kubelet calls again right after it (and that call, the volume no longer busy here,
+    /// waits in the call for the commit). Calls kubelet does not serialize with the holder's
+    /// (other claims, inline volumes, other nodes) wait in the call.
+    ///
     /// The returned guard renews the Lease until it is dropped: a cold restore may take longer
     /// than the Lease lasts, and the view has no record (which the periodic renewal reads)
     /// until it is mounted. Drop it once the publish has finished either way.
@@ -220,6 +231,8 @@ impl Agent {
         &self,
         spec: &VolumeSpec,
         pod: Option<&PodRef>,
+        volume: &str,
+        busy_here: bool,
     ) -> node::Result<Option<Renewing>> {
         if spec.mode != Mode::Locked {
             return Ok(None);
@@ -231,8 +244,13 @@ impl Agent {
                     .into(),
             )
         })?;
-        let me = claimant(pod, &self.node);
-        let deadline = tokio::time::Instant::now() + self.lock_wait;
+        let me = claimant(pod, &self.node, volume);
+        let bound = if busy_here {
+            Duration::ZERO
+        } else {
+            self.lock_wait
+        };
+        let deadline = tokio::time::Instant::now() + bound;
         // The pod's end is watched from before the first try: a pod deleted right after it
         // joined the queue (before the wait below is set up) still stops the wait at once.
         let mut ended_rx = Some(self.pod_end(&pod.uid));
@@ -261,11 +279,15 @@ impl Agent {
                     )))
                 }
             };
-            let msg = format!(
+            let mut msg = format!(
                 "cache {} is locked: held by {holder}; this pod is number {place} in line \
                  and starts when the holder's commit is in the store",
                 spec.key
             );
+            if busy_here {
+                msg += " (kubelet mounts this volume for one pod at a time on a node and \
+                        calls again once the holder's is unmounted)";
+            }
             if wait.is_none() {
                 self.waiting
                     .lock()

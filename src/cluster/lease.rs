@@ -64,9 +64,18 @@ pub struct Claimant {
     /// `namespace/name`.
     pub pod: String,
     pub node: String,
+    /// The CSI volume id the pod mounts the cache as ("" when unknown).
+    pub volume: String,
 }
 
 impl Claimant {
+    /// Kubelet serializes this claimant's NodePublishVolume with `w`'s: the same persistent
+    /// volume on the same node (kubelet runs one mount at a time per such volume, whatever the
+    /// pod, and picks the next pod itself).
+    fn serialized_with(&self, w: &Waiter) -> bool {
+        !self.volume.is_empty() && w.volume == self.volume && w.node == self.node
+    }
+
     fn describe(&self) -> String {
         format!("pod {} on node {}", self.pod, self.node)
     }
@@ -81,6 +90,9 @@ pub struct Waiter {
     /// Unix seconds of its first and of its latest try.
     pub since: i64,
     pub seen: i64,
+    /// The CSI volume id it mounts the cache as (absent in Leases of older versions).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub volume: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -259,6 +271,7 @@ impl Rules {
                     node: me.node.clone(),
                     since: secs,
                     seen: secs,
+                    volume: me.volume.clone(),
                 })
             }
         }
@@ -283,7 +296,15 @@ impl Rules {
                 .unwrap_or_else(|| "another pod".into());
             return wait(holder, waiters, None);
         }
-        if place > 1 {
+        if place > 1 && me.serialized_with(&waiters[0]) {
+            // Free, and the first in line is a pod whose mount kubelet serializes with ours
+            // (one volume on one node): kubelet, not the queue, picks which of those pods it
+            // calls next, and it calls none of the others while this call is answered. The
+            // caller takes the first place; that pod takes the caller's place. Across nodes
+            // and volumes the queue's order holds.
+            let first = waiters.remove(0);
+            waiters[place - 2] = first;
+        } else if place > 1 {
             // Free, but another pod came first: it is served first, unless it has not asked
             // for a while (then check that it still exists).
             let first = waiters[0].clone();
@@ -783,6 +804,7 @@ mod tests {
             uid: uid.into(),
             pod: format!("ci/{uid}"),
             node: "n1".into(),
+            volume: String::new(),
         }
     }
 
@@ -793,6 +815,7 @@ mod tests {
             node: "n1".into(),
             since,
             seen,
+            volume: String::new(),
         }
     }
 
@@ -835,6 +858,63 @@ mod tests {
             };
             assert_eq!(RULES.expired(&v, NOW), want, "{ago:?} {secs:?}");
         }
+    }
+
+    // One persistent volume on one node: kubelet calls its pods' mounts one at a time, in an
+    // order of its own, so the pod it calls takes the place of the first in line when that is
+    // one of them; anywhere else (another node, another volume, an entry without a volume)
+    // the queue's order holds.
+    #[test]
+    fn the_pod_kubelet_calls_on_one_volume_and_node_takes_the_first_place() {
+        let secs = NOW / 1000;
+        let on = |uid, node: &str, volume: &str| Waiter {
+            node: node.into(),
+            volume: volume.into(),
+            ..waiter(uid, secs - 1, secs - 1)
+        };
+        let me = Claimant {
+            volume: "pv-1".into(),
+            ..pod("me")
+        };
+        let free = held(
+            None,
+            0,
+            vec![
+                on("a", "n1", "pv-1"),
+                on("r", "n2", "pv-1"),
+                on("me", "n1", "pv-1"),
+            ],
+        );
+        let d = RULES.acquire(&free, &me, NOW);
+        assert_eq!(d.outcome, Acquire::Held { took_over: None });
+        assert!(d.hold && d.write);
+        // a keeps a place, the one me had: behind r, who came before me.
+        assert_eq!(uids(&d.waiters), ["r", "a"]);
+        // Still held by another: no jumping.
+        let busy = held(Some("h"), 1_000, free.waiters.clone());
+        let d = RULES.acquire(&busy, &me, NOW);
+        assert!(
+            matches!(d.outcome, Acquire::Waiting { place: 3, .. }),
+            "{d:?}"
+        );
+        for (what, first) in [
+            ("another volume on this node", on("a", "n1", "pv-2")),
+            ("the same volume on another node", on("a", "n2", "pv-1")),
+            ("an entry an older version wrote", on("a", "n1", "")),
+        ] {
+            let lease = held(None, 0, vec![first, on("me", "n1", "pv-1")]);
+            let d = RULES.acquire(&lease, &me, NOW);
+            assert!(
+                matches!(d.outcome, Acquire::Waiting { place: 2, .. }),
+                "{what}: {d:?}"
+            );
+            assert_eq!(uids(&d.waiters), ["a", "me"], "{what}");
+        }
+        // A Waiter without a volume reads as before (Leases of older versions).
+        let old: Vec<Waiter> =
+            serde_json::from_str(r#"[{"uid":"a","pod":"ci/a","node":"n1","since":1,"seen":2}]"#)
+                .unwrap();
+        assert_eq!(old[0].volume, "");
     }
 
     #[test]

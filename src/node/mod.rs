@@ -314,6 +314,13 @@ impl Volumes {
         self.records.find(|v| v.targets.contains_key(target))
     }
 
+    /// Whether volume `id` is published on this node at a target other than `target`.
+    pub fn published_elsewhere(&self, id: &str, target: &Path) -> bool {
+        self.records
+            .find(|v| v.volume_id == id && v.targets.keys().any(|t| t != target))
+            .is_some()
+    }
+
     /// The views pod `uid` has or had mounted.
     pub fn views_of_pod(&self, uid: &str) -> Vec<ViewRecord> {
         self.records.filter(|v| v.pods.iter().any(|p| p.uid == uid))
