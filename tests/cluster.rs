@@ -1526,30 +1526,6 @@ impl Cluster {
         self.nodes.insert(name.to_string(), p);
     }
 
-    /// NodePublishVolume retried as kubelet retries a failed mount, per volume: 0.5 s after
-    /// the first failure, doubling, up to 2 min 2 s. The target and the failures seen (each
-    /// one a FailedMount warning on a real cluster).
-    async fn publish_like_kubelet(
-        &self,
-        pod: &PodInfo,
-        vol: &str,
-        ctx: &HashMap<String, String>,
-    ) -> (PathBuf, Vec<tonic::Status>) {
-        let mut delay = Duration::from_millis(500);
-        let mut errors = Vec::new();
-        loop {
-            match self.publish(pod, vol, ctx).await {
-                Ok(t) => return (t, errors),
-                Err(e) if matches!(e.code(), Code::Unavailable | Code::Aborted) => {
-                    errors.push(e);
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(122));
-                }
-                Err(e) => panic!("publish of {}: {e:?}\n{}", pod.name, self.logs()),
-            }
-        }
-    }
-
     /// Once (scope, key) has `n` generations in the store (polled every 50 ms): the earliest
     /// moment the last of them can have landed (the start of the last poll that did not see
     /// it), so that a latency measured from it is an upper bound.
@@ -1630,15 +1606,35 @@ async fn locked_waiters_get_the_cache_within_a_second_of_the_holders_commit() {
     let ta = c.publish(&a, &vols[0].0, &vols[0].1).await.unwrap();
     common::write(&ta.join("from-a"), b"a");
 
-    let c = &c;
+    let kubelets: HashMap<String, Kubelet> = ["node-b", "node-c"]
+        .iter()
+        .map(|n| (n.to_string(), Kubelet::default()))
+        .collect();
+    let (c, kubelets) = (&c, &kubelets);
     let waiter_b = async {
-        let (t, errors) = c.publish_like_kubelet(&b, &vols[1].0, &vols[1].1).await;
+        let (t, errors) = c
+            .mount_by(
+                &kubelets["node-b"],
+                Shape::Persistent,
+                &b,
+                &vols[1].0,
+                &vols[1].1,
+            )
+            .await;
         (t, errors, Instant::now())
     };
     let waiter_c = async {
         // After b is in line.
         c.event(&b, "CacheLockWaiting").await;
-        let (t, errors) = c.publish_like_kubelet(&cp, &vols[2].0, &vols[2].1).await;
+        let (t, errors) = c
+            .mount_by(
+                &kubelets["node-c"],
+                Shape::Persistent,
+                &cp,
+                &vols[2].0,
+                &vols[2].1,
+            )
+            .await;
         (t, errors, Instant::now())
     };
     let holders = async {

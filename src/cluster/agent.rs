@@ -214,11 +214,11 @@ impl Agent {
     /// holder (kubelet calls again, and the pod keeps its place). The wait ends early, leaving
     /// the queue, when the pod ends; a cancelled call just stops (a retry keeps the place).
     ///
-    /// `volume` is the CSI volume id of the call. `busy_here`: this node publishes the same
-    /// volume to another target (its holder, most likely). Kubelet runs one mount or unmount
-    /// at a time per persistent volume on a node, so a call held open would keep kubelet from
-    /// unpublishing the holder — whose unpublish commits and frees the lock: a deadlock only
-    /// the bound would break. Such a call joins the queue and answers at once instead; the
+    /// `volume` and `target` are the call's. When this node already publishes the same volume
+    /// to another target (its holder, most likely), the call does not wait: kubelet runs one
+    /// mount or unmount at a time per persistent volume on a node, so a call held open would
+    /// keep kubelet from unpublishing the holder — whose unpublish commits and frees the lock:
+    /// a deadlock only the bound would break. Such a call joins the queue and answers at once; the
     /// holder's unmount, a different operation, resets kubelet's backoff for the volume, so
     /// kubelet calls again right after it (and that call, the volume no longer busy here,
     /// waits in the call for the commit). Calls kubelet does not serialize with the holder's
@@ -232,7 +232,7 @@ impl Agent {
         spec: &VolumeSpec,
         pod: Option<&PodRef>,
         volume: &str,
-        busy_here: bool,
+        target: &std::path::Path,
     ) -> node::Result<Option<Renewing>> {
         if spec.mode != Mode::Locked {
             return Ok(None);
@@ -245,6 +245,7 @@ impl Agent {
             )
         })?;
         let me = claimant(pod, &self.node, volume);
+        let busy_here = self.volumes.published_elsewhere(volume, target);
         let bound = if busy_here {
             Duration::ZERO
         } else {

@@ -128,12 +128,7 @@ impl NodeService {
         let group = mount_group(cap)?;
         let spec = self.volumes.spec_of(&r.volume_context)?;
         let _renewing = match &self.agent {
-            Some(agent) => {
-                let busy_here = self.volumes.published_elsewhere(volume_id, &target);
-                agent
-                    .lock(&spec, pod.as_ref(), volume_id, busy_here)
-                    .await?
-            }
+            Some(agent) => agent.lock(&spec, pod.as_ref(), volume_id, &target).await?,
             None => None,
         };
         let published = match self
