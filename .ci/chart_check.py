@@ -114,6 +114,11 @@ EXISTING_SECRET = {
     "node": {"serviceAccount": {"create": False, "name": "ci-csi-node"}},
     "controller": {"serviceAccount": {"create": False, "name": "ci-csi-controller"}},
 }
+# An image built locally and loaded into the nodes (kind load, k3s/containerd import): never
+# pulled, so the render must carry exactly this reference and policy.
+LOCAL_IMAGE = {"image": {"repository": "localhost/cachevol", "tag": "dev", "pullPolicy": "Never"}}
+# The published image by default: what a plain `helm install` pulls.
+PUBLISHED_IMAGE = "ghcr.io/cachevol/cachevol"
 # Values the schema must refuse (each with the reason it must).
 BAD_VALUES = [
     ({"storageClass": {"parameters": {"mode": "exclusive"}}}, "mode enum"),
@@ -313,7 +318,8 @@ def check_chart(update: bool, f: Findings) -> None:
          else lambda: f.fail("NOTES.txt does not warn about the per-node file:// store"))()
 
         for label, values in (("defaults", None), ("everything on", EVERYTHING_ON),
-                              ("existing secret", EXISTING_SECRET)):
+                              ("existing secret", EXISTING_SECRET),
+                              ("local image", LOCAL_IMAGE)):
             chart.validate_schema(values)
             rendered = render(chart, values)
             stream = install_stream(rendered)
@@ -393,6 +399,30 @@ def check_rendered(label: str, values: dict, objs: list[dict], rendered: dict[st
     ctl = {c["name"]: c for c in dep["containers"]}
     expect("--extra-create-metadata" in ctl["csi-provisioner"]["args"],
            "csi-provisioner --extra-create-metadata")
+    # The cachevol image of both components, as image.* says: a digest wins over the tag, an
+    # empty tag is the chart's appVersion (the release's published image by default).
+    image = values.get("image", {})
+    app_version = str(yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"])
+    repo = image.get("repository", PUBLISHED_IMAGE)
+    want_image = (f"{repo}@{image['digest']}" if image.get("digest")
+                  else f"{repo}:{image.get('tag') or app_version}")
+    if not image:
+        expect(want_image == f"{PUBLISHED_IMAGE}:{app_version}", "defaults: the published image")
+    for name, c in (("node", node["cachevol"]), ("controller", ctl["cachevol"])):
+        expect(c["image"] == want_image, f"{name} image {c['image']}, want {want_image}")
+        want_policy = image.get("pullPolicy", "IfNotPresent")
+        expect(c.get("imagePullPolicy") == want_policy,
+               f"{name} imagePullPolicy {c.get('imagePullPolicy')}, want {want_policy}")
+    # The controller's containers keep their root file systems read-only; what cachevol writes
+    # to is an emptyDir (a hostPath or a config volume would be the wrong thing to write to).
+    for name, c in ctl.items():
+        expect(c.get("securityContext", {}).get("readOnlyRootFilesystem") is True,
+               f"controller container {name}: readOnlyRootFilesystem")
+    dep_volumes = {v["name"]: v for v in dep.get("volumes", [])}
+    for m in ctl["cachevol"].get("volumeMounts", []):
+        if not m.get("readOnly"):
+            expect("emptyDir" in dep_volumes.get(m["name"], {}),
+                   f"controller writes to {m['mountPath']}, which is not an emptyDir")
     store_values = values.get("store") or {}
     fullname = values.get("fullnameOverride") or RELEASE  # the release name holds the chart's
     secret = store_values.get("existingSecret") or (
