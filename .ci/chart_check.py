@@ -408,6 +408,8 @@ def check_rendered(label: str, values: dict, objs: list[dict], rendered: dict[st
     drivers = by_kind.get("CSIDriver", [])
     expect(len(drivers) == 1 and drivers[0]["metadata"]["name"] == driver,
            f"one CSIDriver named {driver}")
+    expect(bool(drivers) and drivers[0]["spec"].get("seLinuxMount") is True,
+           "CSIDriver seLinuxMount: true")
     for sc in by_kind.get("StorageClass", []):
         expect(sc.get("provisioner") == driver, f"StorageClass provisioner {sc.get('provisioner')}")
     ds = by_kind["DaemonSet"][0]["spec"]["template"]["spec"]
