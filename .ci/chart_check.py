@@ -30,7 +30,17 @@ EVERYTHING_ON_RENDER = REPO / "target" / "chart-check" / "everything-on.yaml"
 RELEASE, NAMESPACE = "cachevol", "cachevol"
 # The Kubernetes version objects are validated against (kubernetes-validate ships 1.25-1.37).
 KUBE_VERSION = "1.33.0"
+# The default driver name; also the prefix of the claim annotations users write, which stays
+# cachevol.dev/ whatever driver.name is.
 DRIVER = "cachevol.dev"
+# A second install beside the default one: another driver name, release and namespace.
+CANARY_DRIVER, CANARY_RELEASE, CANARY_NAMESPACE = "canary.cachevol.dev", "b", "cachevol-canary"
+CANARY = {"driver": {"name": CANARY_DRIVER}, "storageClass": {"name": "cachevol-canary"}}
+# Objects without a namespace: two installs must not share one of these names.
+CLUSTER_SCOPED = {"CSIDriver", "StorageClass", "ClusterRole", "ClusterRoleBinding",
+                  "PriorityClass", "PersistentVolume", "Namespace", "CustomResourceDefinition",
+                  "ValidatingWebhookConfiguration", "MutatingWebhookConfiguration",
+                  "APIService", "IngressClass", "RuntimeClass", "VolumeAttributesClass"}
 
 # Helm's install order (helm.sh/helm pkg/release/util/kind_sorter.go); kinds not listed come
 # last, in alphabetical order, as Helm puts them.
@@ -114,6 +124,11 @@ EXISTING_SECRET = {
     "node": {"serviceAccount": {"create": False, "name": "ci-csi-node"}},
     "controller": {"serviceAccount": {"create": False, "name": "ci-csi-controller"}},
 }
+# An image built locally and loaded into the nodes (kind load, k3s/containerd import): never
+# pulled, so the render must carry exactly this reference and policy.
+LOCAL_IMAGE = {"image": {"repository": "localhost/cachevol", "tag": "dev", "pullPolicy": "Never"}}
+# The published image by default: what a plain `helm install` pulls.
+PUBLISHED_IMAGE = "ghcr.io/cachevol/cachevol"
 # Values the schema must refuse (each with the reason it must).
 BAD_VALUES = [
     ({"storageClass": {"parameters": {"mode": "exclusive"}}}, "mode enum"),
@@ -130,6 +145,11 @@ BAD_VALUES = [
     ({"metrics": {"port": 70000}}, "port range"),
     ({"image": {"digest": "latest"}}, "digest form"),
     ({"node": {"updateStrategy": {"type": "Recreate"}}}, "DaemonSet strategy"),
+    ({"driver": {"name": "-canary.cachevol.dev"}}, "driver name begins with a dash"),
+    ({"driver": {"name": "canary..cachevol.dev"}}, "driver name with an empty part"),
+    ({"driver": {"name": "canary_cachevol.dev"}}, "driver name with an underscore"),
+    ({"driver": {"name": "a" * 64}}, "driver name over 63 characters"),
+    ({"node": {"stateDir": "var/lib/cachevol"}}, "relative state dir"),
 ]
 
 
@@ -146,8 +166,9 @@ class Findings:
         self.errors.append(what)
 
 
-def render(chart: helm.Chart, values: dict | None) -> dict[str, str]:
-    return chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+def render(chart: helm.Chart, values: dict | None, release: str = RELEASE,
+           namespace: str = NAMESPACE) -> dict[str, str]:
+    return chart.render(values, name=release, namespace=namespace, is_install=True)
 
 
 def split_documents(text: str) -> list[str]:
@@ -313,7 +334,8 @@ def check_chart(update: bool, f: Findings) -> None:
          else lambda: f.fail("NOTES.txt does not warn about the per-node file:// store"))()
 
         for label, values in (("defaults", None), ("everything on", EVERYTHING_ON),
-                              ("existing secret", EXISTING_SECRET)):
+                              ("existing secret", EXISTING_SECRET),
+                              ("local image", LOCAL_IMAGE), ("canary driver", CANARY)):
             chart.validate_schema(values)
             rendered = render(chart, values)
             stream = install_stream(rendered)
@@ -325,6 +347,7 @@ def check_chart(update: bool, f: Findings) -> None:
                 validate_object(o, f"render ({label})", f)
                 check_cachevol_usage(o, f"render ({label})", f)
             check_rendered(label, values or {}, objs, rendered, f)
+        check_two_installs(chart, f)
 
         # Every value is documented: its dotted path appears in README.md.
         readme = README.read_text()
@@ -337,6 +360,40 @@ def check_chart(update: bool, f: Findings) -> None:
              else lambda p=path: f.fail(f"README.md does not document the value `{p}`"))()
 
 
+def host_paths(objs: list[dict]) -> set[str]:
+    return {v["hostPath"]["path"] for o in objs for spec in pod_specs(o)
+            for v in spec.get("volumes", []) if "hostPath" in v}
+
+
+def check_two_installs(chart: helm.Chart, f: Findings) -> None:
+    """A second install (another driver.name, release and namespace) beside the default one
+    shares no cluster-scoped object and no host directory with it. The Leases are the binary's
+    (named after --driver-name, which check_rendered sees passed to both daemons); so are
+    csi-provisioner's, which it names after the driver. With the same namespace, the namespaced
+    objects differ too (every name starts with the release's)."""
+    first = objects(install_stream(render(chart, None)))
+    for namespace in (CANARY_NAMESPACE, NAMESPACE):
+        where = f"two installs (second in namespace {namespace})"
+        second = objects(install_stream(render(chart, CANARY, CANARY_RELEASE, namespace)))
+
+        def names(objs: list[dict]) -> set[tuple[str, str, str]]:
+            return {(o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"])
+                    for o in objs}
+
+        for o in first + second:
+            scoped = o["kind"] in CLUSTER_SCOPED
+            (f.ok if scoped != bool(o["metadata"].get("namespace"))
+             else lambda o=o: f.fail(f"{where}: {o['kind']}/{o['metadata']['name']} "
+                                     "namespace does not match its kind's scope"))()
+        shared = names(first) & names(second)
+        (f.ok if not shared else lambda: f.fail(f"{where}: both make {sorted(shared)}"))()
+        # kubelet's own directories, which every CSI driver's node plugin mounts: its root (pod
+        # volumes live under it) and plugins_registry (where registrars drop their sockets).
+        kubelet_own = {"/var/lib/kubelet", "/var/lib/kubelet/plugins_registry"}
+        both = (host_paths(first) & host_paths(second)) - kubelet_own
+        (f.ok if not both else lambda: f.fail(f"{where}: both use host directories {both}"))()
+
+
 def check_rendered(label: str, values: dict, objs: list[dict], rendered: dict[str, str],
                    f: Findings) -> None:
     """What the chart promises beyond schema validity."""
@@ -347,8 +404,14 @@ def check_rendered(label: str, values: dict, objs: list[dict], rendered: dict[st
     def expect(cond: bool, what: str) -> None:
         (f.ok if cond else lambda: f.fail(f"render ({label}): {what}"))()
 
+    driver = values.get("driver", {}).get("name", DRIVER)
     drivers = by_kind.get("CSIDriver", [])
-    expect(len(drivers) == 1 and drivers[0]["metadata"]["name"] == DRIVER, "one CSIDriver")
+    expect(len(drivers) == 1 and drivers[0]["metadata"]["name"] == driver,
+           f"one CSIDriver named {driver}")
+    expect(bool(drivers) and drivers[0]["spec"].get("seLinuxMount") is True,
+           "CSIDriver seLinuxMount: true")
+    for sc in by_kind.get("StorageClass", []):
+        expect(sc.get("provisioner") == driver, f"StorageClass provisioner {sc.get('provisioner')}")
     ds = by_kind["DaemonSet"][0]["spec"]["template"]["spec"]
     node = {c["name"]: c for c in ds["containers"]}
     expect(set(node) == {"cachevol", "node-driver-registrar", "liveness-probe"},
@@ -356,8 +419,16 @@ def check_rendered(label: str, values: dict, objs: list[dict], rendered: dict[st
     expect(node["cachevol"]["securityContext"].get("privileged") is True,
            "node plugin privileged")
     kubelet = values.get("kubeletDir", "/var/lib/kubelet")
-    expect(f"--kubelet-registration-path={kubelet}/plugins/{DRIVER}/csi.sock"
+    expect(f"--kubelet-registration-path={kubelet}/plugins/{driver}/csi.sock"
            in node["node-driver-registrar"]["args"], "registration path under kubeletDir")
+    node_paths = {v["name"]: v["hostPath"]["path"] for v in ds["volumes"] if "hostPath" in v}
+    expect(node_paths.get("plugin-dir") == f"{kubelet}/plugins/{driver}",
+           f"socket dir {node_paths.get('plugin-dir')}")
+    # The default driver keeps /var/lib/cachevol, where earlier installs have their state.
+    want_state = values.get("node", {}).get("stateDir") or (
+        "/var/lib/cachevol" if driver == DRIVER else f"/var/lib/cachevol-{driver}")
+    expect(node_paths.get("state-dir") == want_state,
+           f"node state dir {node_paths.get('state-dir')}, want {want_state}")
     reg = node["node-driver-registrar"]
     expect(any(a.startswith("--http-endpoint=:") for a in reg["args"])
            and reg.get("livenessProbe", {}).get("httpGet", {}).get("path") == "/healthz",
@@ -393,6 +464,30 @@ def check_rendered(label: str, values: dict, objs: list[dict], rendered: dict[st
     ctl = {c["name"]: c for c in dep["containers"]}
     expect("--extra-create-metadata" in ctl["csi-provisioner"]["args"],
            "csi-provisioner --extra-create-metadata")
+    # The cachevol image of both components, as image.* says: a digest wins over the tag, an
+    # empty tag is the chart's appVersion (the release's published image by default).
+    image = values.get("image", {})
+    app_version = str(yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"])
+    repo = image.get("repository", PUBLISHED_IMAGE)
+    want_image = (f"{repo}@{image['digest']}" if image.get("digest")
+                  else f"{repo}:{image.get('tag') or app_version}")
+    if not image:
+        expect(want_image == f"{PUBLISHED_IMAGE}:{app_version}", "defaults: the published image")
+    for name, c in (("node", node["cachevol"]), ("controller", ctl["cachevol"])):
+        expect(c["image"] == want_image, f"{name} image {c['image']}, want {want_image}")
+        want_policy = image.get("pullPolicy", "IfNotPresent")
+        expect(c.get("imagePullPolicy") == want_policy,
+               f"{name} imagePullPolicy {c.get('imagePullPolicy')}, want {want_policy}")
+    # The controller's containers keep their root file systems read-only; what cachevol writes
+    # to is an emptyDir (a hostPath or a config volume would be the wrong thing to write to).
+    for name, c in ctl.items():
+        expect(c.get("securityContext", {}).get("readOnlyRootFilesystem") is True,
+               f"controller container {name}: readOnlyRootFilesystem")
+    dep_volumes = {v["name"]: v for v in dep.get("volumes", [])}
+    for m in ctl["cachevol"].get("volumeMounts", []):
+        if not m.get("readOnly"):
+            expect("emptyDir" in dep_volumes.get(m["name"], {}),
+                   f"controller writes to {m['mountPath']}, which is not an emptyDir")
     store_values = values.get("store") or {}
     fullname = values.get("fullnameOverride") or RELEASE  # the release name holds the chart's
     secret = store_values.get("existingSecret") or (
@@ -402,6 +497,8 @@ def check_rendered(label: str, values: dict, objs: list[dict], rendered: dict[st
         expect(refs == ([secret] if secret else []), f"{name} envFrom {refs}, want {secret}")
         store = store_values.get("url") or "file:///var/lib/cachevol/store"
         expect(f"--store={store}" in c["args"], f"{name} --store={store}")
+        # GetPluginInfo's name, and what the binary names its Leases and lock label after.
+        expect(f"--driver-name={driver}" in c["args"], f"{name} --driver-name={driver}")
     if secret and not store_values.get("existingSecret"):
         expect(any(s["metadata"]["name"] == secret for s in by_kind.get("Secret", [])),
                "the chart makes the credentials Secret")

@@ -2,7 +2,8 @@
 //! with its default values, kept in step by .ci/chart-check) gives the cachevol containers are
 //! ones `cachevol` accepts, and so are those of the render with every value set that
 //! .ci/chart-check leaves in target/chart-check (flags such as `--base-budget` appear only
-//! there). A renamed flag would otherwise only show as pods crash-looping.
+//! there). A renamed flag would otherwise only show as pods crash-looping. And the chart's
+//! appVersion, which is the image tag it installs by default, is this crate's version.
 
 use std::process::Command;
 
@@ -28,6 +29,19 @@ fn cachevol_containers(text: &str) -> Vec<(String, Vec<String>)> {
         }
     }
     out
+}
+
+#[test]
+fn the_chart_installs_this_version() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/cachevol/Chart.yaml");
+    let chart: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    // A release that bumps one and not the other would install an image of another version.
+    assert_eq!(
+        chart["appVersion"].as_str(),
+        Some(env!("CARGO_PKG_VERSION")),
+        "{path}: appVersion is not the crate's version (Cargo.toml)"
+    );
 }
 
 #[test]

@@ -22,7 +22,7 @@ use super::events::{reason, Type};
 use super::lease::{Acquire, Claimant, Leases};
 use crate::node::report::{CommitOutcome, Waiting};
 use crate::node::{self, CommitDecision, ViewState, Volumes};
-use crate::spec::{Ending, Mode, PodRef, VolumeSpec};
+use crate::spec::{DriverName, Ending, Mode, PodRef, VolumeSpec};
 
 /// How often a waiting publish asks for its lock even when the Lease does not change.
 const WAITER_HEARTBEAT: Duration = Duration::from_secs(5);
@@ -164,10 +164,11 @@ impl Agent {
         namespace: &str,
         lease_duration: Duration,
         lock_wait: Duration,
+        driver: &DriverName,
     ) -> Arc<Agent> {
         let node = volumes.config().node_id.clone();
         Arc::new(Agent {
-            leases: Leases::new(client.clone(), namespace, lease_duration),
+            leases: Leases::new(client.clone(), namespace, lease_duration).for_driver(driver),
             client,
             node,
             volumes,

@@ -13,7 +13,7 @@ use kube::api::{Api, PostParams};
 
 use crate::node::report::{CommitOutcome, RestoreLevel, RestoreOutcome};
 use crate::node::Report;
-use crate::spec::PodRef;
+use crate::spec::{DriverName, PodRef};
 
 pub use crate::node::report::{reason, EventType as Type};
 
@@ -21,6 +21,8 @@ pub use crate::node::report::{reason, EventType as Type};
 pub struct Recorder {
     client: kube::Client,
     component: &'static str,
+    /// `<driver name>/<component>`: which install posted it, when two run in one cluster.
+    reporting_component: String,
     host: String,
     /// The last message per (pod uid, reason) and when it was posted: kubelet retries a
     /// waiting mount many times, and the same message need not be repeated each time.
@@ -37,9 +39,16 @@ impl Recorder {
         Recorder {
             client,
             component,
+            reporting_component: DriverName::default().reporting_component(component),
             host: host.to_string(),
             recent: Mutex::default(),
         }
+    }
+
+    /// Reports as `driver`'s component instead of the default driver's.
+    pub fn for_driver(mut self, driver: &DriverName) -> Recorder {
+        self.reporting_component = driver.reporting_component(self.component);
+        self
     }
 
     /// Posts an event about `pod`. The same reason and message for the same pod is posted at
@@ -96,7 +105,7 @@ impl Recorder {
                 component: Some(self.component.into()),
                 host: Some(self.host.clone()),
             }),
-            reporting_component: Some(format!("cachevol.dev/{}", self.component)),
+            reporting_component: Some(self.reporting_component.clone()),
             reporting_instance: Some(self.host.clone()),
             first_timestamp: Some(Time(now)),
             last_timestamp: Some(Time(now)),

@@ -11,9 +11,16 @@ use super::lease::Leases;
 use crate::engine::{Engine, GcPolicy, Store};
 use crate::metrics::Metrics;
 use crate::spec::records::Records;
+use crate::spec::DriverName;
 
-/// The controller's leader Lease (in the driver's namespace).
+/// The default driver's leader Lease (in the driver's namespace); see [`leader_lease`].
 pub const LEADER_LEASE: &str = "cachevol-controller";
+
+/// The leader Lease of `driver`'s controllers: `<lease prefix>-controller`, so that two
+/// installs in one namespace elect a leader each ([`LEADER_LEASE`] for the default driver).
+pub fn leader_lease(driver: &DriverName) -> String {
+    format!("{}-controller", driver.lease_prefix())
+}
 
 pub struct Collector {
     pub default_store: String,
@@ -27,8 +34,8 @@ pub struct Collector {
     pub metrics: Metrics,
 }
 
-/// Keeps `leader` up to date by taking and renewing the leader Lease every third of its
-/// duration. A replica that stops holds it until it expires; then a standby takes over.
+/// Keeps `leader` up to date by taking and renewing the leader Lease of the driver of `leases`
+/// every third of its duration. A replica that stops holds it until it expires; then a standby takes over.
 pub async fn lead_forever(
     leases: Leases,
     identity: String,
@@ -38,9 +45,10 @@ pub async fn lead_forever(
     let mut every = tokio::time::interval((duration / 3).max(Duration::from_millis(200)));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut first = true;
+    let name = leader_lease(leases.driver());
     loop {
         every.tick().await;
-        let answer = leases.lead(LEADER_LEASE, &identity).await;
+        let answer = leases.lead(&name, &identity).await;
         if let Err(e) = &answer {
             tracing::warn!(error = %e, "cannot renew the leader Lease");
         }
@@ -126,5 +134,20 @@ impl Collector {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leader_lease_per_driver() {
+        assert_eq!(leader_lease(&DriverName::default()), LEADER_LEASE);
+        let canary = DriverName::parse("canary.cachevol.dev").unwrap();
+        assert_eq!(
+            leader_lease(&canary),
+            "cachevol-canary-cachevol-dev-controller"
+        );
     }
 }

@@ -12,6 +12,10 @@
 //! controller's GC deletes those a dead node left behind, see [`Leases::collect`]), so there is
 //! no Lease per key ever locked.
 //!
+//! Lease names and the lock label come from the driver's name ([`DriverName`]), so that two
+//! installs in one namespace never share a Lease; the annotations below stay `cachevol.dev/*`,
+//! on Leases that are already the install's own.
+//!
 //! The controller's leader Lease uses the same read-modify-write loop (without the lock label):
 //! every change is a replace conditional on a resourceVersion, starting from the copy this
 //! process last read or wrote, re-read and retried with backoff on 409.
@@ -30,13 +34,14 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
 use serde::{Deserialize, Serialize};
 
 use super::{is_conflict, is_not_found};
+use crate::spec::DriverName;
 
 /// Annotations on a lock Lease.
 pub const WAITERS: &str = "cachevol.dev/waiters";
 pub const HOLDER: &str = "cachevol.dev/holder";
 pub const SCOPE: &str = "cachevol.dev/scope";
 pub const KEY: &str = "cachevol.dev/key";
-/// Label on every Lease cachevol makes.
+/// Label on every lock Lease of the default driver ([`DriverName::lock_label`]).
 pub const LOCK_LABEL: &str = "cachevol.dev/lock";
 
 /// How often a read-modify-write is retried after 409s before giving up, and the backoff
@@ -103,13 +108,24 @@ pub enum Acquire {
     Waiting { holder: String, place: usize },
 }
 
-/// The name of the Lease of a locked cache: DNS-safe, fixed length, from scope and key.
+/// The name of the Lease of a locked cache of the default driver: a DNS label of fixed length,
+/// from scope and key.
 pub fn lock_name(scope: &str, key: &str) -> String {
+    lock_name_of(&DriverName::default(), scope, key)
+}
+
+/// The name of the Lease of a locked cache of `driver`: its [`DriverName::lease_prefix`], then
+/// a hash of scope and key (a DNS subdomain, as Lease names are; a label for the default).
+pub fn lock_name_of(driver: &DriverName, scope: &str, key: &str) -> String {
     let mut h = blake3::Hasher::new();
     h.update(scope.as_bytes());
     h.update(b"\0");
     h.update(key.as_bytes());
-    format!("cachevol-lock-{}", &h.finalize().to_hex()[..24])
+    format!(
+        "{}-lock-{}",
+        driver.lease_prefix(),
+        &h.finalize().to_hex()[..24]
+    )
 }
 
 fn waiters_of(lease: &Lease) -> Vec<Waiter> {
@@ -384,6 +400,9 @@ pub struct Leases {
     /// The copy of each Lease this process last read or wrote: a change starts from it (its
     /// resourceVersion makes the write conditional) instead of reading first.
     known: Arc<Mutex<HashMap<String, Lease>>>,
+    /// Whose Leases these are: their names and the lock label derive from it.
+    driver: DriverName,
+    lock_label: String,
 }
 
 impl Leases {
@@ -396,7 +415,26 @@ impl Leases {
             // kubelet retries a failed mount with backoff up to about two minutes.
             waiter_ttl: Duration::from_secs(150),
             known: Arc::default(),
+            driver: DriverName::default(),
+            lock_label: LOCK_LABEL.to_string(),
         }
+    }
+
+    /// The Leases of `driver` instead of the default driver's: other names, another label.
+    pub fn for_driver(mut self, driver: &DriverName) -> Leases {
+        self.lock_label = driver.lock_label();
+        self.driver = driver.clone();
+        self
+    }
+
+    /// The driver whose Leases these are.
+    pub fn driver(&self) -> &DriverName {
+        &self.driver
+    }
+
+    /// The name of the lock Lease of cache (scope, key).
+    pub fn lock_name(&self, scope: &str, key: &str) -> String {
+        lock_name_of(&self.driver, scope, key)
     }
 
     fn remember(&self, name: &str, lease: Option<Lease>) {
@@ -421,7 +459,7 @@ impl Leases {
                 name: Some(name.to_string()),
                 namespace: Some(self.namespace.clone()),
                 labels: lock.then(|| {
-                    [(LOCK_LABEL.to_string(), "true".to_string())]
+                    [(self.lock_label.clone(), "true".to_string())]
                         .into_iter()
                         .collect()
                 }),
@@ -526,7 +564,7 @@ impl Leases {
         key: &str,
         me: &Claimant,
     ) -> Result<Acquire, kube::Error> {
-        let name = lock_name(scope, key);
+        let name = self.lock_name(scope, key);
         loop {
             let mut stale_first: Option<Waiter> = None;
             let out = self
@@ -588,7 +626,7 @@ impl Leases {
 
     /// Takes pod `uid` out of the queue of (scope, key) (its pod ended while it waited).
     pub async fn leave(&self, scope: &str, key: &str, uid: &str) -> Result<(), kube::Error> {
-        self.drop_waiter(&lock_name(scope, key), uid).await
+        self.drop_waiter(&self.lock_name(scope, key), uid).await
     }
 
     async fn drop_waiter(&self, name: &str, uid: &str) -> Result<(), kube::Error> {
@@ -613,7 +651,7 @@ impl Leases {
     /// (it expired and another pod took it, or it was released): the pod is fenced. Starts from
     /// the copy of the Lease last written, so a renewal is one conditional write.
     pub async fn renew(&self, scope: &str, key: &str, uid: &str) -> Result<bool, kube::Error> {
-        let name = lock_name(scope, key);
+        let name = self.lock_name(scope, key);
         let r = self
             .modify(
                 &name,
@@ -635,7 +673,7 @@ impl Leases {
 
     /// The description of the current holder of (scope, key), if any.
     pub async fn holder(&self, scope: &str, key: &str) -> Result<Option<String>, kube::Error> {
-        let lease = self.api.get_opt(&lock_name(scope, key)).await?;
+        let lease = self.api.get_opt(&self.lock_name(scope, key)).await?;
         Ok(lease.and_then(|l| {
             l.spec.as_ref()?.holder_identity.as_ref()?;
             Some(
@@ -651,7 +689,7 @@ impl Leases {
     /// Releases the lock of (scope, key) if pod `uid` holds it; the queue stays. A Lease left
     /// with nobody waiting is deleted.
     pub async fn release(&self, scope: &str, key: &str, uid: &str) -> Result<(), kube::Error> {
-        self.release_named(&lock_name(scope, key), uid).await
+        self.release_named(&self.lock_name(scope, key), uid).await
     }
 
     /// Takes or renews the leader Lease `name` for `identity`; true while it leads.
@@ -664,7 +702,7 @@ impl Leases {
                 if self.rules().lead(&v, identity, now.as_millisecond()) {
                     // Earlier versions labelled it as a lock: it is not one.
                     if let Some(l) = lease.metadata.labels.as_mut() {
-                        l.remove(LOCK_LABEL);
+                        l.remove(&self.lock_label);
                     }
                     self.hold(lease, identity, now);
                     Step::Write(true)
@@ -711,8 +749,8 @@ impl Leases {
     pub fn changes(&self, scope: &str, key: &str) -> impl futures::Stream<Item = ()> + Send {
         use futures::StreamExt;
         use kube::runtime::{watcher, WatchStreamExt};
-        let config =
-            watcher::Config::default().fields(&format!("metadata.name={}", lock_name(scope, key)));
+        let config = watcher::Config::default()
+            .fields(&format!("metadata.name={}", self.lock_name(scope, key)));
         watcher(self.api.clone(), config)
             .default_backoff()
             .filter_map(|e| async move {
@@ -734,7 +772,7 @@ impl Leases {
     pub async fn collect(&self, idle: Duration) -> Result<usize, kube::Error> {
         let list = self
             .api
-            .list(&ListParams::default().labels(&format!("{LOCK_LABEL}=true")))
+            .list(&ListParams::default().labels(&format!("{}=true", self.lock_label)))
             .await?;
         let now = Timestamp::now();
         let mut deleted = 0;
@@ -786,6 +824,25 @@ mod tests {
         assert_ne!(lock_name("a", "bc"), lock_name("ab", "c"));
         for n in [&a, &b] {
             assert!(n.len() <= 63);
+            assert!(n
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-'));
+        }
+    }
+
+    #[test]
+    fn another_driver_has_lock_leases_of_its_own() {
+        let canary = DriverName::parse("canary.cachevol.dev").unwrap();
+        let n = lock_name_of(&canary, "team-a", "npm");
+        assert_ne!(n, lock_name("team-a", "npm"));
+        assert_eq!(
+            lock_name_of(&DriverName::default(), "team-a", "npm"),
+            lock_name("team-a", "npm")
+        );
+        // The longest driver name still gives a DNS subdomain, as Lease names must be.
+        let long = DriverName::parse(&"a".repeat(63)).unwrap();
+        for n in [n, lock_name_of(&long, "team-a", "npm")] {
+            assert!(n.len() <= 253, "{n}");
             assert!(n
                 .bytes()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-'));

@@ -9,10 +9,11 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::handle;
 use super::pb::identity_server::Identity;
 use super::pb::{self, plugin_capability};
-use super::{handle, DRIVER_NAME};
 use crate::metrics::Metrics;
+use crate::spec::DriverName;
 
 /// The plugin capabilities. The spec requires every instance of one plugin version to report
 /// the same set, whichever services it serves, so the node plugin reports CONTROLLER_SERVICE
@@ -23,6 +24,9 @@ pub const PLUGIN_SERVICES: &[plugin_capability::service::Type] =
 #[derive(Clone)]
 pub struct IdentityService {
     state_dir: PathBuf,
+    /// GetPluginInfo's name: kubelet and csi-provisioner match it to the CSIDriver object and
+    /// the StorageClass's provisioner.
+    driver: DriverName,
     /// Last readiness reported (0 unknown, 1 ready, 2 not ready), to log changes only.
     last: Arc<AtomicU8>,
     /// Where each RPC is counted; nothing is counted without.
@@ -34,9 +38,16 @@ impl IdentityService {
     pub fn new(state_dir: PathBuf) -> IdentityService {
         IdentityService {
             state_dir,
+            driver: DriverName::default(),
             last: Arc::new(AtomicU8::new(0)),
             metrics: None,
         }
+    }
+
+    /// Answers GetPluginInfo with `driver` instead of the default name.
+    pub fn with_driver_name(mut self, driver: DriverName) -> IdentityService {
+        self.driver = driver;
+        self
     }
 
     /// Counts every RPC (method, code, duration) in `metrics`.
@@ -75,7 +86,7 @@ impl Identity for IdentityService {
     ) -> Result<Response<pb::GetPluginInfoResponse>, Status> {
         handle(self.metrics.as_ref(), "GetPluginInfo", "", async {
             Ok(pb::GetPluginInfoResponse {
-                name: DRIVER_NAME.to_string(),
+                name: self.driver.to_string(),
                 vendor_version: env!("CARGO_PKG_VERSION").to_string(),
                 manifest: Default::default(),
             })

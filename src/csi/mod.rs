@@ -30,8 +30,9 @@ pub mod pb {
     tonic::include_proto!("csi.v1");
 }
 
-/// The driver name: a StorageClass's `provisioner` and a CSIDriver object's name.
-pub const DRIVER_NAME: &str = "cachevol.dev";
+/// The default driver name: a StorageClass's `provisioner` and a CSIDriver object's name unless
+/// `--driver-name` says otherwise ([`crate::spec::DriverName`]).
+pub const DRIVER_NAME: &str = crate::spec::driver::DEFAULT;
 
 /// Runs one RPC handler inside its span (`csi.method`, `volume.id`), converts its error to a
 /// gRPC status through the one mapping in [`error`], logs the outcome and counts it in

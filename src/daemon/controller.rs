@@ -12,7 +12,7 @@ use crate::cluster;
 use crate::csi::controller::ControllerService;
 use crate::csi::pb::controller_server::ControllerServer;
 use crate::csi::pb::identity_server::IdentityServer;
-use crate::csi::{self, identity::IdentityService, server};
+use crate::csi::{self, server};
 use crate::engine::Store;
 use crate::metrics::Metrics;
 use crate::spec::{self, records::Records};
@@ -64,6 +64,7 @@ async fn start(
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         store = store.display_url(),
+        driver = %args.cluster.driver_name,
         state_dir = %state_dir.display(),
         volumes = records.len(),
         "cachevol controller starting"
@@ -88,6 +89,7 @@ async fn start(
             &args.cluster.namespace,
             args.cluster.lease_duration,
         )
+        .for_driver(&args.cluster.driver_name)
     });
     // Leadership matters only for GC: without it, no replica takes the Lease.
     if let (Some(c), false) = (&client, args.gc_interval.is_zero()) {
@@ -104,7 +106,8 @@ async fn start(
             c.clone(),
             &args.cluster.namespace,
             args.cluster.lease_duration,
-        );
+        )
+        .for_driver(&args.cluster.driver_name);
         tasks.spawn(
             "leader election",
             cluster::gc::lead_forever(
@@ -155,7 +158,7 @@ async fn start(
         &mut tasks,
     )
     .await?;
-    let identity = IdentityService::new(state_dir).with_metrics(metrics.clone());
+    let identity = super::identity(state_dir, &args.cluster, metrics.clone());
     let controller = ControllerService::new(records, store_url)
         .with_client(client)
         .with_metrics(metrics);

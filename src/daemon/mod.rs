@@ -101,6 +101,12 @@ pub async fn serve_metrics(
 /// Flags the node plugin and the controller share.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ClusterArgs {
+    /// The CSI driver's name (GetPluginInfo): the CSIDriver object's name and the
+    /// StorageClasses' provisioner. A second install in one cluster takes another name; the
+    /// names of its Leases, its lock label and its Events' reporting component derive from it.
+    /// Node plugin and controller of one install must agree.
+    #[arg(long, env = "CACHEVOL_DRIVER_NAME", default_value = spec::driver::DEFAULT)]
+    pub driver_name: spec::DriverName,
     /// Use the Kubernetes API (pod phases, Leases, Events, claim annotations).
     #[arg(long, env = "CACHEVOL_CLUSTER", value_enum, default_value_t)]
     pub cluster: crate::cluster::ClusterMode,
@@ -119,6 +125,18 @@ pub struct ClusterArgs {
     /// a line, for log pipelines).
     #[arg(long, env = logs::LOG_FORMAT_ENV, value_enum, default_value_t)]
     pub log_format: logs::LogFormat,
+}
+
+/// The CSI Identity service of a daemon whose state dir is `state_dir`, named as `cluster`
+/// says; both daemons make theirs here, so that their GetPluginInfo always agree.
+pub fn identity(
+    state_dir: std::path::PathBuf,
+    cluster: &ClusterArgs,
+    metrics: Metrics,
+) -> csi::identity::IdentityService {
+    csi::identity::IdentityService::new(state_dir)
+        .with_driver_name(cluster.driver_name.clone())
+        .with_metrics(metrics)
 }
 
 /// Retention rules as flags, shared by `cachevol gc` and the controller's periodic GC.
@@ -150,5 +168,52 @@ impl RetentionArgs {
 
     pub fn policy(&self, dry_run: bool) -> GcPolicy {
         self.retention().policy(dry_run)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::csi::pb::identity_server::Identity;
+
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    }
+
+    async fn plugin_name(args: &[&str]) -> String {
+        let flags =
+            Flags::try_parse_from(std::iter::once("cachevol").chain(args.iter().copied())).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        identity(dir.path().to_path_buf(), &flags.cluster, Metrics::new())
+            .get_plugin_info(tonic::Request::new(Default::default()))
+            .await
+            .unwrap()
+            .into_inner()
+            .name
+    }
+
+    #[tokio::test]
+    async fn the_driver_name_flag_reaches_get_plugin_info() {
+        assert_eq!(plugin_name(&[]).await, "cachevol.dev");
+        assert_eq!(
+            plugin_name(&["--driver-name", "canary.cachevol.dev"]).await,
+            "canary.cachevol.dev"
+        );
+    }
+
+    #[test]
+    fn a_driver_name_the_csi_spec_refuses_is_a_usage_error() {
+        for bad in ["-canary", "canary_cachevol", &"a".repeat(64), ""] {
+            let flag = format!("--driver-name={bad}");
+            let e = match Flags::try_parse_from(["cachevol", &flag]) {
+                Ok(_) => panic!("--driver-name {bad:?} accepted"),
+                Err(e) => e,
+            };
+            assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{e}");
+        }
     }
 }

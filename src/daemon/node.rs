@@ -10,7 +10,7 @@ use crate::cluster::{self, agent::Agent};
 use crate::csi::node::NodeService;
 use crate::csi::pb::identity_server::IdentityServer;
 use crate::csi::pb::node_server::NodeServer;
-use crate::csi::{self, identity::IdentityService, server};
+use crate::csi::{self, server};
 use crate::engine::Store;
 use crate::metrics::Metrics;
 use crate::node::{NodeConfig, Report, Volumes};
@@ -72,6 +72,7 @@ async fn start(
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         node = args.node_id,
+        driver = %args.cluster.driver_name,
         state_dir = %state_dir.display(),
         "cachevol node starting"
     );
@@ -85,7 +86,8 @@ async fn start(
     let report: Arc<dyn Report> = match &client {
         Some(c) => Arc::new(cluster::events::ClusterReport {
             metrics: counted,
-            events: cluster::events::Recorder::new(c.clone(), "cachevol-node", &args.node_id),
+            events: cluster::events::Recorder::new(c.clone(), "cachevol-node", &args.node_id)
+                .for_driver(&args.cluster.driver_name),
         }),
         None => counted,
     };
@@ -112,6 +114,7 @@ async fn start(
             &args.cluster.namespace,
             args.cluster.lease_duration,
             args.lock_wait,
+            &args.cluster.driver_name,
         )
     });
     match &agent {
@@ -149,7 +152,7 @@ async fn start(
             }
         });
     }
-    let identity = IdentityService::new(state_dir).with_metrics(metrics);
+    let identity = super::identity(state_dir, &args.cluster, metrics);
     let socket = server::Socket::bind(&path)?;
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity))

@@ -1,5 +1,19 @@
-{{/* The CSI driver's name: fixed in the binary, so not a value. */}}
-{{- define "cachevol.driverName" -}}cachevol.dev{{- end }}
+{{/* The CSI driver's name (driver.name): the CSIDriver object, the StorageClass's provisioner,
+the plugin's socket dir under kubelet's, and (through --driver-name) the names of its Leases. */}}
+{{- define "cachevol.driverName" -}}{{ .Values.driver.name }}{{- end }}
+
+{{/* The node plugin's state dir on the host: node.stateDir, else /var/lib/cachevol for the
+default driver (where installs before driver.name keep their bases and records) and
+/var/lib/cachevol-<driver.name> for any other, so that a second install never shares it. */}}
+{{- define "cachevol.nodeStateDir" -}}
+{{- if .Values.node.stateDir }}
+{{- .Values.node.stateDir }}
+{{- else if eq .Values.driver.name "cachevol.dev" }}
+{{- "/var/lib/cachevol" }}
+{{- else }}
+{{- printf "/var/lib/cachevol-%s" .Values.driver.name }}
+{{- end }}
+{{- end }}
 
 {{- define "cachevol.name" -}}
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
