@@ -639,3 +639,79 @@ fn shared_view_targets(state: &Path, target: &Path) -> Option<(String, usize)> {
             })
         })
 }
+
+/// The capability kubelet sends for a pod with an SELinux label when the CSIDriver says
+/// `seLinuxMount: true`: the context in the mount flags, quoted because of its comma.
+fn labelled_cap(flag: &str) -> pb::VolumeCapability {
+    pb::VolumeCapability {
+        access_type: Some(AccessType::Mount(volume_capability::MountVolume {
+            mount_flags: vec![flag.to_string()],
+            ..Default::default()
+        })),
+        access_mode: Some(AccessMode {
+            mode: Mode::MultiNodeMultiWriter as i32,
+        }),
+    }
+}
+
+#[tokio::test]
+async fn an_selinux_context_in_the_mount_flags_is_honoured_or_dropped_never_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let store = format!("file://{}", t.join("store").display());
+    let node = NodePlugin::start(t, "n1", &[]);
+    let mut c = node.client().await;
+    let selinux = std::fs::read_to_string("/proc/filesystems")
+        .unwrap()
+        .lines()
+        .any(|l| l.ends_with("\tselinuxfs"));
+
+    let target = t.join("pods/a/volumes/v/mount");
+    let req = pb::NodePublishVolumeRequest {
+        volume_capability: Some(labelled_cap(
+            "context=\"system_u:object_r:container_file_t:s0:c1,c2\"",
+        )),
+        ..publish_req("cv-1", &target, context(&store, "npm", "a"))
+    };
+    c.node_publish_volume(req.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", node.logs()));
+    assert!(mounted(&target));
+    std::fs::write(target.join("x"), "x").unwrap();
+    // The same publish again: fine.
+    c.node_publish_volume(req.clone()).await.unwrap();
+    let options: Vec<String> = cachevol::node::mount::mounts()
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.mount_point == target)
+        .map(|m| m.options)
+        .collect();
+    assert_eq!(options.len(), 1, "{options:?}");
+    // The kernel shows the label among the mount's options where it has SELinux.
+    assert_eq!(options[0].contains("context="), selinux, "{options:?}");
+    if !selinux {
+        assert!(
+            node.logs().contains("the context= mount flag is dropped"),
+            "{}",
+            node.logs()
+        );
+    }
+
+    // A context kubelet could never have sent is the caller's mistake, whatever the kernel.
+    let bad = pb::NodePublishVolumeRequest {
+        volume_capability: Some(labelled_cap("context=\"system_u:object_r:x:s0:c1,c2")),
+        ..publish_req(
+            "cv-2",
+            &t.join("pods/b/volumes/v/mount"),
+            context(&store, "npm", "b"),
+        )
+    };
+    let err = c.node_publish_volume(bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("mount_flags"), "{err:?}");
+
+    c.node_unpublish_volume(unpublish_req("cv-1", &target))
+        .await
+        .unwrap();
+    wait_generation(&store, "npm", 1, || node.logs()).await;
+}

@@ -107,17 +107,30 @@ impl NodeService {
             .as_ref()
             .ok_or(Error::MissingField("volume_capability"))?;
         let mode = capability::check(cap).map_err(Error::UnsupportedCapability)?;
+        let selinux_context = capability::selinux_context(cap)
+            .map_err(|why| Error::invalid("volume_capability.mount.mount_flags", why))?;
         let target = normal_path("target_path", target)?;
         if !r.staging_target_path.is_empty() {
             normal_path("staging_target_path", &r.staging_target_path)?;
         }
-        // Spec: a target already published from another volume is ALREADY_EXISTS.
+        // Spec: a target already published from another volume, or from this one with another
+        // capability (here: another SELinux context), is ALREADY_EXISTS; the same publish
+        // again is fine.
         if let Some(v) = self.volumes.view_of_target(&target) {
             if v.volume_id != volume_id {
                 return Err(Error::VolumeIncompatible(format!(
                     "{} is published from volume {}",
                     target.display(),
                     v.volume_id
+                )));
+            }
+            let asked = self.volumes.view_context(selinux_context.as_deref());
+            if v.selinux_context != asked {
+                return Err(Error::VolumeIncompatible(format!(
+                    "{} is published with SELinux context {:?}, not {:?}",
+                    target.display(),
+                    v.selinux_context.as_deref().unwrap_or("none"),
+                    asked.as_deref().unwrap_or("none")
                 )));
             }
         }
@@ -140,6 +153,7 @@ impl NodeService {
                 read_only: r.readonly || capability::is_read_only(mode),
                 pod: pod.clone(),
                 group,
+                selinux_context,
             })
             .await
         {

@@ -130,6 +130,9 @@ pub struct ViewRecord {
     /// When the view became pending (unix seconds), for the age of the oldest pending commit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_since: Option<u64>,
+    /// The SELinux context the view is mounted (or its copy labelled) with, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selinux_context: Option<String>,
 }
 
 /// The node's state as an operator watches it (metrics gauges).
@@ -172,6 +175,9 @@ pub struct Publish {
     pub pod: Option<PodRef>,
     /// The pod's fsGroup (VOLUME_MOUNT_GROUP): the view is made writable by this group.
     pub group: Option<u32>,
+    /// The SELinux context kubelet asked the view to be mounted with (`context=` in the mount
+    /// flags); dropped where the kernel has no SELinux.
+    pub selinux_context: Option<String>,
 }
 
 /// What a publish did, for events and logs.
@@ -210,6 +216,8 @@ pub struct Volumes {
     report: Arc<dyn Report>,
     /// Set once the kernel refused to mount a base image: bases are trees from then on.
     images_refused: std::sync::atomic::AtomicBool,
+    /// Whether the kernel has SELinux, so views take the `context=` kubelet asks for.
+    selinux: bool,
 }
 
 fn hash_id(parts: &[&str]) -> String {
@@ -246,9 +254,23 @@ impl Volumes {
             mounter,
             report,
             images_refused: Default::default(),
+            selinux: mount::selinux_enabled(),
         };
         volumes.drop_unkeyed_bases();
         Ok(volumes)
+    }
+
+    /// The same volumes as if the kernel had SELinux (`true`) or not, whatever it has: for
+    /// tests of what reaches the mounts.
+    pub fn with_selinux(mut self, on: bool) -> Volumes {
+        self.selinux = on;
+        self
+    }
+
+    /// The SELinux context a view asked to have `requested` gets on this node (see
+    /// [`mount::view_context`]).
+    pub fn view_context(&self, requested: Option<&str>) -> Option<String> {
+        mount::view_context(requested, self.selinux)
     }
 
     pub fn config(&self) -> &NodeConfig {
