@@ -6,7 +6,8 @@
 //! Rooms, one job each: [`records`] (the index of view records), [`bases`] (restore into bases,
 //! eviction, the store-keyed layout), [`views`] (publish, unpublish: overlay or copy views,
 //! mounts through a [`Mounter`]), [`decide`] (the commit decision and the commit), [`report`]
-//! (what the node tells metrics and Events through a [`Report`]).
+//! (what the node tells metrics and Events through a [`Report`]), [`health`] (how each store
+//! answered the node's requests).
 //!
 //! State under the node's state dir, every record written atomically:
 //! - `engine/`: the engine's records of restored and committed trees;
@@ -20,6 +21,7 @@
 
 mod bases;
 pub mod decide;
+pub mod health;
 pub mod mount;
 mod records;
 pub mod report;
@@ -218,6 +220,8 @@ pub struct Volumes {
     images_refused: std::sync::atomic::AtomicBool,
     /// Whether the kernel has SELinux, so views take the `context=` kubelet asks for.
     selinux: bool,
+    /// How each store answered the node's requests, for the volumes' condition.
+    answers: Arc<health::StoreAnswers>,
 }
 
 fn hash_id(parts: &[&str]) -> String {
@@ -255,6 +259,7 @@ impl Volumes {
             report,
             images_refused: Default::default(),
             selinux: mount::selinux_enabled(),
+            answers: Arc::default(),
         };
         volumes.drop_unkeyed_bases();
         Ok(volumes)
@@ -293,7 +298,8 @@ impl Volumes {
             .on_error(Arc::new(move |op| report.store_error(op)))
             .on_latency(Arc::new(move |op, took| {
                 timer.store_latency(op, took.as_secs_f64())
-            }));
+            }))
+            .on_answer(self.answers.hook(&spec.store));
         let e = Engine::new(store, &spec.scope, self.cfg.state_dir.join("engine"))?;
         self.engines
             .lock()

@@ -682,6 +682,27 @@ async fn shared_pods_of_another_selinux_context_get_a_view_of_their_own() {
 }
 
 #[tokio::test]
+async fn a_store_request_that_fails_is_recorded_for_the_condition() {
+    let n = node(Fake::default()).await;
+    let p = n
+        .volumes
+        .publish(publish_req(&n, "a", "private", &[]))
+        .await
+        .unwrap();
+    let answered = n.volumes.answers.of(&n.store);
+    assert!(answered.last_answer.is_some(), "the restore's requests");
+    assert!(answered.first_failure.is_none());
+    // The store's directory becomes a file: every request fails.
+    let dir = n.tmp.path().join("store");
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::write(&dir, "not a store").unwrap();
+    let spec = n.volumes.load(&p.view).unwrap().spec().unwrap();
+    let engine = n.volumes.engine(&spec).unwrap();
+    assert!(engine.newest("npm").await.is_err());
+    assert!(n.volumes.answers.of(&n.store).first_failure.is_some());
+}
+
+#[tokio::test]
 async fn an_unreadable_record_is_reported_and_the_others_are_kept() {
     let n = node(Fake::default()).await;
     let p = publish_private(&n, "a").await;
