@@ -715,3 +715,97 @@ async fn an_selinux_context_in_the_mount_flags_is_honoured_or_dropped_never_an_e
         .unwrap();
     wait_generation(&store, "npm", 1, || node.logs()).await;
 }
+
+async fn condition_of(
+    c: &mut NodeClient<Channel>,
+    vol: &str,
+    target: &Path,
+) -> pb::VolumeCondition {
+    c.node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
+        volume_id: vol.into(),
+        volume_path: target.display().to_string(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .volume_condition
+    .expect("VOLUME_CONDITION is advertised: every answer has one")
+}
+
+fn umount_lazily(p: &Path) {
+    let st = Command::new("umount").arg("-l").arg(p).status().unwrap();
+    assert!(st.success(), "umount -l {}", p.display());
+}
+
+#[tokio::test]
+async fn volume_stats_say_abnormal_once_a_view_loses_its_base_or_its_target() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let store = format!("file://{}", t.join("store").display());
+    let n1 = NodePlugin::start(t, "n1", &[]);
+    let mut c1 = n1.client().await;
+    let caps = c1
+        .node_get_capabilities(pb::NodeGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        format!("{caps:?}").contains("VolumeCondition"),
+        "VOLUME_CONDITION: {caps:?}"
+    );
+    // Generation 1, for a fresh node to restore as an image base.
+    let ta = t.join("pods/a/mount");
+    c1.node_publish_volume(publish_req("cv-1", &ta, context(&store, "npm", "a")))
+        .await
+        .unwrap();
+    std::fs::write(ta.join("f"), "one").unwrap();
+    let ok = condition_of(&mut c1, "cv-1", &ta).await;
+    assert!(!ok.abnormal, "{ok:?}");
+    assert_eq!(ok.message, "ok");
+    c1.node_unpublish_volume(unpublish_req("cv-1", &ta))
+        .await
+        .unwrap();
+    wait_generation(&store, "npm", 1, || n1.logs()).await;
+
+    let n2 = NodePlugin::start(t, "n2", &[]);
+    let mut c2 = n2.client().await;
+    let tb = t.join("pods/b/mount");
+    c2.node_publish_volume(publish_req("cv-1", &tb, context(&store, "npm", "b")))
+        .await
+        .unwrap();
+    assert!(!condition_of(&mut c2, "cv-1", &tb).await.abnormal);
+    let bases = t.join("n2/state/bases");
+    let base_tree = cachevol::node::mount::mounts()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.mount_point)
+        .find(|m| m.starts_with(&bases) && m.ends_with("tree"));
+    match base_tree {
+        Some(tree) => {
+            // The base image's mount goes: the pod's overlay keeps it, but the node has lost it.
+            umount_lazily(&tree);
+            let c = condition_of(&mut c2, "cv-1", &tb).await;
+            assert!(c.abnormal, "{c:?}");
+            assert!(
+                c.message.contains("base image is no longer mounted"),
+                "{c:?}"
+            );
+        }
+        // A kernel without file-backed EROFS: the base is a tree of files, nothing to unmount.
+        None => assert!(
+            n2.logs().contains("does not mount EROFS images"),
+            "{}",
+            n2.logs()
+        ),
+    }
+    // The pod's target, unmounted from under it.
+    umount_lazily(&tb);
+    let c = condition_of(&mut c2, "cv-1", &tb).await;
+    assert!(c.abnormal, "{c:?}");
+    assert!(
+        c.message
+            .contains(&format!("no longer mounted at {}", tb.display())),
+        "{c:?}"
+    );
+}

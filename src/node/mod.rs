@@ -7,7 +7,7 @@
 //! eviction, the store-keyed layout), [`views`] (publish, unpublish: overlay or copy views,
 //! mounts through a [`Mounter`]), [`decide`] (the commit decision and the commit), [`report`]
 //! (what the node tells metrics and Events through a [`Report`]), [`health`] (how each store
-//! answered the node's requests).
+//! answered the node's requests), [`condition`] (whether a published view is abnormal).
 //!
 //! State under the node's state dir, every record written atomically:
 //! - `engine/`: the engine's records of restored and committed trees;
@@ -20,6 +20,7 @@
 //!   `shared` cache on this node or private to one pod.
 
 mod bases;
+pub mod condition;
 pub mod decide;
 pub mod health;
 pub mod mount;
@@ -38,6 +39,7 @@ use crate::spec::{attr, VolumeSpec};
 pub use crate::spec::{Ending, PodRef};
 
 pub use bases::{grant_group, BaseForm};
+pub use condition::Condition;
 pub use decide::skip_reason;
 pub use mount::Mounter;
 pub use report::{NoReport, Report};

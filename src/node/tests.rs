@@ -682,6 +682,57 @@ async fn shared_pods_of_another_selinux_context_get_a_view_of_their_own() {
 }
 
 #[tokio::test]
+async fn a_view_is_abnormal_once_it_loses_its_mounts_its_base_or_its_store() {
+    let n = node(Fake::default()).await;
+    let req = publish_req(&n, "a", "private", &[]);
+    let p = n.volumes.publish(req.clone()).await.unwrap();
+    let record = n.volumes.load(&p.view).unwrap();
+    let condition = |n: &Node| n.volumes.condition(&record, &req.target);
+    assert_eq!(
+        condition(&n),
+        Condition {
+            abnormal: false,
+            message: "ok".into()
+        }
+    );
+
+    // The store has failed every request for 61s; 59s would not do.
+    let ago = |s| std::time::Instant::now() - std::time::Duration::from_secs(s);
+    let failing = |s| health::Answers {
+        last_answer: Some(ago(300)),
+        first_failure: Some(ago(s)),
+    };
+    n.volumes.answers.set(&n.store, failing(59));
+    assert!(!condition(&n).abnormal, "{:?}", condition(&n));
+    n.volumes.answers.set(&n.store, failing(61));
+    let c = condition(&n);
+    assert!(c.abnormal);
+    assert!(
+        c.message.contains("has failed every request for 61s"),
+        "{c:?}"
+    );
+    n.volumes.answers.set(&n.store, health::Answers::default());
+
+    // The node dropped the view's base (found damaged).
+    let engine = n.volumes.engine(&record.spec().unwrap()).unwrap();
+    engine.forget(&record.base_dir);
+    let c = condition(&n);
+    assert!(
+        c.abnormal && c.message.contains("was dropped from the node"),
+        "{c:?}"
+    );
+
+    // The target and the view's overlay, unmounted from under the pod.
+    n.mounts.unmount(&req.target).unwrap();
+    n.mounts
+        .unmount(&n.state().join("views").join(&p.view).join("view"))
+        .unwrap();
+    let c = condition(&n);
+    assert!(c.message.contains("no longer mounted at"), "{c:?}");
+    assert!(c.message.contains("overlay mount is gone"), "{c:?}");
+}
+
+#[tokio::test]
 async fn a_store_request_that_fails_is_recorded_for_the_condition() {
     let n = node(Fake::default()).await;
     let p = n
