@@ -639,3 +639,173 @@ fn shared_view_targets(state: &Path, target: &Path) -> Option<(String, usize)> {
             })
         })
 }
+
+/// The capability kubelet sends for a pod with an SELinux label when the CSIDriver says
+/// `seLinuxMount: true`: the context in the mount flags, quoted because of its comma.
+fn labelled_cap(flag: &str) -> pb::VolumeCapability {
+    pb::VolumeCapability {
+        access_type: Some(AccessType::Mount(volume_capability::MountVolume {
+            mount_flags: vec![flag.to_string()],
+            ..Default::default()
+        })),
+        access_mode: Some(AccessMode {
+            mode: Mode::MultiNodeMultiWriter as i32,
+        }),
+    }
+}
+
+#[tokio::test]
+async fn an_selinux_context_in_the_mount_flags_is_honoured_or_dropped_never_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let store = format!("file://{}", t.join("store").display());
+    let node = NodePlugin::start(t, "n1", &[]);
+    let mut c = node.client().await;
+    let selinux = std::fs::read_to_string("/proc/filesystems")
+        .unwrap()
+        .lines()
+        .any(|l| l.ends_with("\tselinuxfs"));
+
+    let target = t.join("pods/a/volumes/v/mount");
+    let req = pb::NodePublishVolumeRequest {
+        volume_capability: Some(labelled_cap(
+            "context=\"system_u:object_r:container_file_t:s0:c1,c2\"",
+        )),
+        ..publish_req("cv-1", &target, context(&store, "npm", "a"))
+    };
+    c.node_publish_volume(req.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", node.logs()));
+    assert!(mounted(&target));
+    std::fs::write(target.join("x"), "x").unwrap();
+    // The same publish again: fine.
+    c.node_publish_volume(req.clone()).await.unwrap();
+    let options: Vec<String> = cachevol::node::mount::mounts()
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.mount_point == target)
+        .map(|m| m.options)
+        .collect();
+    assert_eq!(options.len(), 1, "{options:?}");
+    // The kernel shows the label among the mount's options where it has SELinux.
+    assert_eq!(options[0].contains("context="), selinux, "{options:?}");
+    if !selinux {
+        assert!(
+            node.logs().contains("the context= mount flag is dropped"),
+            "{}",
+            node.logs()
+        );
+    }
+
+    // A context kubelet could never have sent is the caller's mistake, whatever the kernel.
+    let bad = pb::NodePublishVolumeRequest {
+        volume_capability: Some(labelled_cap("context=\"system_u:object_r:x:s0:c1,c2")),
+        ..publish_req(
+            "cv-2",
+            &t.join("pods/b/volumes/v/mount"),
+            context(&store, "npm", "b"),
+        )
+    };
+    let err = c.node_publish_volume(bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("mount_flags"), "{err:?}");
+
+    c.node_unpublish_volume(unpublish_req("cv-1", &target))
+        .await
+        .unwrap();
+    wait_generation(&store, "npm", 1, || node.logs()).await;
+}
+
+async fn condition_of(
+    c: &mut NodeClient<Channel>,
+    vol: &str,
+    target: &Path,
+) -> pb::VolumeCondition {
+    c.node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
+        volume_id: vol.into(),
+        volume_path: target.display().to_string(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .volume_condition
+    .expect("VOLUME_CONDITION is advertised: every answer has one")
+}
+
+fn umount_lazily(p: &Path) {
+    let st = Command::new("umount").arg("-l").arg(p).status().unwrap();
+    assert!(st.success(), "umount -l {}", p.display());
+}
+
+#[tokio::test]
+async fn volume_stats_say_abnormal_once_a_view_loses_its_base_or_its_target() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let store = format!("file://{}", t.join("store").display());
+    let n1 = NodePlugin::start(t, "n1", &[]);
+    let mut c1 = n1.client().await;
+    let caps = c1
+        .node_get_capabilities(pb::NodeGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        format!("{caps:?}").contains("VolumeCondition"),
+        "VOLUME_CONDITION: {caps:?}"
+    );
+    // Generation 1, for a fresh node to restore as an image base.
+    let ta = t.join("pods/a/mount");
+    c1.node_publish_volume(publish_req("cv-1", &ta, context(&store, "npm", "a")))
+        .await
+        .unwrap();
+    std::fs::write(ta.join("f"), "one").unwrap();
+    let ok = condition_of(&mut c1, "cv-1", &ta).await;
+    assert!(!ok.abnormal, "{ok:?}");
+    assert_eq!(ok.message, "ok");
+    c1.node_unpublish_volume(unpublish_req("cv-1", &ta))
+        .await
+        .unwrap();
+    wait_generation(&store, "npm", 1, || n1.logs()).await;
+
+    let n2 = NodePlugin::start(t, "n2", &[]);
+    let mut c2 = n2.client().await;
+    let tb = t.join("pods/b/mount");
+    c2.node_publish_volume(publish_req("cv-1", &tb, context(&store, "npm", "b")))
+        .await
+        .unwrap();
+    assert!(!condition_of(&mut c2, "cv-1", &tb).await.abnormal);
+    let bases = t.join("n2/state/bases");
+    let base_tree = cachevol::node::mount::mounts()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.mount_point)
+        .find(|m| m.starts_with(&bases) && m.ends_with("tree"));
+    match base_tree {
+        Some(tree) => {
+            // The base image's mount goes: the pod's overlay keeps it, but the node has lost it.
+            umount_lazily(&tree);
+            let c = condition_of(&mut c2, "cv-1", &tb).await;
+            assert!(c.abnormal, "{c:?}");
+            assert!(
+                c.message.contains("base image is no longer mounted"),
+                "{c:?}"
+            );
+        }
+        // A kernel without file-backed EROFS: the base is a tree of files, nothing to unmount.
+        None => assert!(
+            n2.logs().contains("does not mount EROFS images"),
+            "{}",
+            n2.logs()
+        ),
+    }
+    // The pod's target, unmounted from under it.
+    umount_lazily(&tb);
+    let c = condition_of(&mut c2, "cv-1", &tb).await;
+    assert!(c.abnormal, "{c:?}");
+    assert!(
+        c.message
+            .contains(&format!("no longer mounted at {}", tb.display())),
+        "{c:?}"
+    );
+}

@@ -90,6 +90,7 @@ async fn try_publish(
             read_only: false,
             pod: Some(pod(p)),
             group,
+            selinux_context: None,
         })
         .await
 }
@@ -436,6 +437,7 @@ async fn pods_asking_at_once_share_one_download_and_read_only_is_honoured() {
             read_only: true,
             pod: Some(pod("ro")),
             group: None,
+            selinux_context: None,
         })
         .await
         .unwrap();

@@ -94,6 +94,7 @@ async fn publish(
             service_account: "default".into(),
         }),
         group: None,
+        selinux_context: None,
     })
     .await
     .map_err(|e| Error::Lock(e.to_string()))?;

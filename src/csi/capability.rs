@@ -41,8 +41,9 @@ pub fn check(cap: &VolumeCapability) -> Result<Mode, String> {
                     .into(),
             )
         }
-        // fs_type and mount flags are accepted and ignored: nothing is formatted, the view is a
-        // directory on the node's own file system.
+        // fs_type and mount flags are accepted and ignored (nothing is formatted, the view is a
+        // directory on the node's own file system), except an SELinux `context=`: see
+        // [`selinux_context`].
         Some(AccessType::Mount(_)) => {}
     }
     let raw = match &cap.access_mode {
@@ -61,6 +62,74 @@ pub fn check(cap: &VolumeCapability) -> Result<Mode, String> {
             supported_list()
         )),
     }
+}
+
+/// The SELinux context the pod's view is to be mounted with: the `context=` option of the
+/// mount flags, which kubelet passes (`context="system_u:object_r:container_file_t:s0:c1,c2"`)
+/// when the CSIDriver says `seLinuxMount: true` and the pod has an SELinux label, instead of
+/// relabelling every file itself. Quotes are removed; a flag may hold several options
+/// separated by commas, and commas inside quotes belong to the value. None when no flag names
+/// a context. Every other mount flag is ignored, as before.
+///
+/// Refused (the caller's mistake, whatever the node's kernel): an unterminated quote, an empty
+/// context, and two different contexts.
+pub fn selinux_context(cap: &VolumeCapability) -> Result<Option<String>, String> {
+    let Some(AccessType::Mount(m)) = &cap.access_type else {
+        return Ok(None);
+    };
+    let mut found: Option<String> = None;
+    for flag in &m.mount_flags {
+        for opt in split_options(flag)? {
+            let Some(value) = opt.strip_prefix("context=") else {
+                continue;
+            };
+            let value = match value.strip_prefix('"') {
+                Some(rest) => rest
+                    .strip_suffix('"')
+                    .filter(|v| !v.contains('"'))
+                    .ok_or_else(|| format!("mount flag {opt:?}: stray quote in the context"))?,
+                None if value.contains('"') => {
+                    return Err(format!("mount flag {opt:?}: stray quote in the context"))
+                }
+                None => value,
+            };
+            if value.is_empty() || value.chars().any(|c| c.is_control() || c == ' ') {
+                return Err(format!(
+                    "mount flag {opt:?}: not an SELinux context (user:role:type:level)"
+                ));
+            }
+            match &found {
+                Some(f) if f != value => {
+                    return Err(format!(
+                        "mount flags name two SELinux contexts: {f:?} and {value:?}"
+                    ))
+                }
+                _ => found = Some(value.to_string()),
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// One mount flag's options: split at commas outside double quotes (an SELinux level such as
+/// `s0:c1,c2` is quoted because of its comma).
+fn split_options(flag: &str) -> Result<Vec<&str>, String> {
+    let (mut out, mut start, mut quoted) = (Vec::new(), 0, false);
+    for (i, c) in flag.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                out.push(&flag[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if quoted {
+        return Err(format!("mount flag {flag:?}: unterminated quote"));
+    }
+    out.push(&flag[start..]);
+    Ok(out.into_iter().filter(|o| !o.is_empty()).collect())
 }
 
 fn supported_list() -> String {
@@ -91,6 +160,64 @@ mod tests {
     fn mount_with_writer_and_reader_modes_is_accepted() {
         for m in SUPPORTED_MODES {
             assert_eq!(check(&cap(mount(), *m as i32)), Ok(*m));
+        }
+    }
+
+    fn flags(flags: &[&str]) -> VolumeCapability {
+        VolumeCapability {
+            access_type: Some(AccessType::Mount(MountVolume {
+                mount_flags: flags.iter().map(|f| f.to_string()).collect(),
+                ..Default::default()
+            })),
+            access_mode: Some(AccessMode {
+                mode: Mode::SingleNodeWriter as i32,
+            }),
+        }
+    }
+
+    #[test]
+    fn the_selinux_context_is_read_from_the_mount_flags() {
+        let want = Some("system_u:object_r:container_file_t:s0:c1,c2".to_string());
+        // As kubelet passes it: one flag, quoted because of the comma in the level.
+        let got = selinux_context(&flags(&[
+            "context=\"system_u:object_r:container_file_t:s0:c1,c2\"",
+        ]));
+        assert_eq!(got, Ok(want.clone()));
+        // Among other options in one flag, and beside other flags (ignored).
+        let got = selinux_context(&flags(&[
+            "noatime",
+            "ro,context=\"system_u:object_r:container_file_t:s0:c1,c2\",nodev",
+        ]));
+        assert_eq!(got, Ok(want));
+        // Unquoted (no comma in it), and repeated with the same value.
+        let got = selinux_context(&flags(&[
+            "context=system_u:object_r:container_file_t:s0",
+            "context=\"system_u:object_r:container_file_t:s0\"",
+        ]));
+        assert_eq!(
+            got,
+            Ok(Some("system_u:object_r:container_file_t:s0".to_string()))
+        );
+        // Other contexts and options are not `context=`.
+        assert_eq!(
+            selinux_context(&flags(&["fscontext=\"a:b:c:s0\"", "defcontext=a:b:c:s0"])),
+            Ok(None)
+        );
+        assert_eq!(selinux_context(&flags(&[])), Ok(None));
+        assert_eq!(selinux_context(&cap(mount(), 1)), Ok(None));
+    }
+
+    #[test]
+    fn a_malformed_selinux_context_is_refused() {
+        for bad in [
+            &["context=\"a:b:c:s0:c1,c2"][..],
+            &["context=a:b:c:s0\""],
+            &["context=\"a:b\"c:s0\""],
+            &["context="],
+            &["context=\"\""],
+            &["context=\"a:b:c:s0\"", "context=\"a:b:c:s0:c3\""],
+        ] {
+            assert!(selinux_context(&flags(bad)).is_err(), "{bad:?}");
         }
     }
 

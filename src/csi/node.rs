@@ -1,6 +1,7 @@
 //! The CSI Node service: NodePublishVolume gives a pod its view of a cache (see [`crate::node`]),
 //! NodeUnpublishVolume takes it away and, with no cluster to say how the pod ended, commits the
-//! view in the background; NodeGetVolumeStats reports bytes and inodes used; NodeGetInfo and
+//! view in the background; NodeGetVolumeStats reports bytes and inodes used and the volume's
+//! condition (abnormal when its view lost what it stands on); NodeGetInfo and
 //! NodeGetCapabilities describe the node. No staging: a cachevol volume has no device to stage.
 
 use std::path::{Path, PathBuf};
@@ -107,17 +108,30 @@ impl NodeService {
             .as_ref()
             .ok_or(Error::MissingField("volume_capability"))?;
         let mode = capability::check(cap).map_err(Error::UnsupportedCapability)?;
+        let selinux_context = capability::selinux_context(cap)
+            .map_err(|why| Error::invalid("volume_capability.mount.mount_flags", why))?;
         let target = normal_path("target_path", target)?;
         if !r.staging_target_path.is_empty() {
             normal_path("staging_target_path", &r.staging_target_path)?;
         }
-        // Spec: a target already published from another volume is ALREADY_EXISTS.
+        // Spec: a target already published from another volume, or from this one with another
+        // capability (here: another SELinux context), is ALREADY_EXISTS; the same publish
+        // again is fine.
         if let Some(v) = self.volumes.view_of_target(&target) {
             if v.volume_id != volume_id {
                 return Err(Error::VolumeIncompatible(format!(
                     "{} is published from volume {}",
                     target.display(),
                     v.volume_id
+                )));
+            }
+            let asked = self.volumes.view_context(selinux_context.as_deref());
+            if v.selinux_context != asked {
+                return Err(Error::VolumeIncompatible(format!(
+                    "{} is published with SELinux context {:?}, not {:?}",
+                    target.display(),
+                    v.selinux_context.as_deref().unwrap_or("none"),
+                    asked.as_deref().unwrap_or("none")
                 )));
             }
         }
@@ -140,6 +154,7 @@ impl NodeService {
                 read_only: r.readonly || capability::is_read_only(mode),
                 pod: pod.clone(),
                 group,
+                selinux_context,
             })
             .await
         {
@@ -180,16 +195,22 @@ impl NodeService {
     ) -> Result<pb::NodeGetVolumeStatsResponse, Error> {
         let volume_id = required("volume_id", &r.volume_id)?;
         let path = Path::new(required("volume_path", &r.volume_path)?);
-        match self.volumes.view_of_target(path) {
-            Some(v) if v.volume_id == volume_id => {}
+        let view = match self.volumes.view_of_target(path) {
+            Some(v) if v.volume_id == volume_id => v,
             _ => {
                 return Err(Error::VolumeNotFound(format!(
                     "{volume_id} at {}",
                     path.display()
                 )))
             }
-        }
+        };
         let u = self.volumes.usage(path)?;
+        // Spec (VOLUME_CONDITION): an abnormal volume is still answered with OK and its usage;
+        // the condition says what is wrong, and kubelet turns it into an Event on the pod.
+        let condition = self.volumes.condition(&view, path);
+        if condition.abnormal {
+            tracing::warn!(reason = condition.message, "volume abnormal");
+        }
         let clamp = |v: u64| v.min(i64::MAX as u64) as i64;
         Ok(pb::NodeGetVolumeStatsResponse {
             usage: vec![
@@ -206,7 +227,10 @@ impl NodeService {
                     unit: volume_usage::Unit::Inodes as i32,
                 },
             ],
-            volume_condition: None,
+            volume_condition: Some(pb::VolumeCondition {
+                abnormal: condition.abnormal,
+                message: condition.message,
+            }),
         })
     }
 }
@@ -339,6 +363,7 @@ impl Node for Arc<NodeService> {
                     rpc(node_service_capability::rpc::Type::GetVolumeStats),
                     rpc(node_service_capability::rpc::Type::SingleNodeMultiWriter),
                     rpc(node_service_capability::rpc::Type::VolumeMountGroup),
+                    rpc(node_service_capability::rpc::Type::VolumeCondition),
                 ],
             })
         })

@@ -41,6 +41,9 @@ pub struct Store {
     /// Told how long each request took (answered, failed or timed out), by op as for
     /// `on_error`, for whoever keeps a latency histogram.
     on_latency: Option<LatencyHook>,
+    /// Told whether each request was answered (normal answers such as not found included) or
+    /// failed, for whoever tracks whether the store works at all.
+    on_answer: Option<AnswerHook>,
 }
 
 /// What a [`Store`] calls on a failed request: the operation's metric name.
@@ -48,6 +51,10 @@ pub type ErrorHook = Arc<dyn Fn(&'static str) + Send + Sync>;
 
 /// What a [`Store`] calls after each request: the operation's metric name and how long it took.
 pub type LatencyHook = Arc<dyn Fn(&'static str, Duration) + Send + Sync>;
+
+/// What a [`Store`] calls after each request: whether the store answered (`true`, whatever the
+/// answer) or the request failed or timed out (`false`, as [`ErrorHook`] is told).
+pub type AnswerHook = Arc<dyn Fn(bool) + Send + Sync>;
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -147,6 +154,7 @@ impl Store {
             timeout,
             on_error: None,
             on_latency: None,
+            on_answer: None,
             conditional_update,
             metadata_credentials_only: matches!(parsed.scheme(), "s3" | "s3a")
                 && !aws_credentials_in_env(),
@@ -177,6 +185,7 @@ impl Store {
             timeout,
             on_error: None,
             on_latency: None,
+            on_answer: None,
             conditional_update: false,
             metadata_credentials_only: false,
         })
@@ -223,9 +232,22 @@ impl Store {
         self
     }
 
+    /// Calls `hook` after every request: `true` when the store answered (normal answers
+    /// included), `false` when the request failed or timed out.
+    pub fn on_answer(mut self, hook: AnswerHook) -> Store {
+        self.on_answer = Some(hook);
+        self
+    }
+
     fn failed(&self, op: &'static str) {
         if let Some(hook) = &self.on_error {
             hook(metric_op(op));
+        }
+    }
+
+    fn answered(&self, ok: bool) {
+        if let Some(hook) = &self.on_answer {
+            hook(ok);
         }
     }
 
@@ -241,11 +263,16 @@ impl Store {
             hook(metric_op(op), started.elapsed());
         }
         match answer {
-            Ok(Ok(v)) => Ok(v),
+            Ok(Ok(v)) => {
+                self.answered(true);
+                Ok(v)
+            }
             Ok(Err(source)) => {
-                if is_failure(op, &source) {
+                let failure = is_failure(op, &source);
+                if failure {
                     self.failed(op);
                 }
+                self.answered(!failure);
                 if is_missing_bucket(&source) {
                     return Err(Error::NoSuchBucket {
                         url: self.display.clone(),
@@ -272,6 +299,7 @@ impl Store {
             }
             Err(_) => {
                 self.failed(op);
+                self.answered(false);
                 Err(Error::StoreTimeout {
                     op,
                     location: location.to_string(),

@@ -313,6 +313,11 @@ impl Volumes {
         Ok(())
     }
 
+    /// Whether base `tree` is an image base (its tree is then a mount while in use).
+    pub(super) fn is_image_base(&self, tree: &Path) -> bool {
+        tree.parent().is_some_and(|g| g.join(IMAGE).exists())
+    }
+
     /// Unmounts an image base's mounts (before it is moved or deleted); nothing for trees.
     pub(super) fn unmount_base(&self, tree: &Path) {
         let gen_dir = tree.parent().expect("tree has a parent");

@@ -6,7 +6,8 @@
 //! Rooms, one job each: [`records`] (the index of view records), [`bases`] (restore into bases,
 //! eviction, the store-keyed layout), [`views`] (publish, unpublish: overlay or copy views,
 //! mounts through a [`Mounter`]), [`decide`] (the commit decision and the commit), [`report`]
-//! (what the node tells metrics and Events through a [`Report`]).
+//! (what the node tells metrics and Events through a [`Report`]), [`health`] (how each store
+//! answered the node's requests), [`condition`] (whether a published view is abnormal).
 //!
 //! State under the node's state dir, every record written atomically:
 //! - `engine/`: the engine's records of restored and committed trees;
@@ -19,7 +20,9 @@
 //!   `shared` cache on this node or private to one pod.
 
 mod bases;
+pub mod condition;
 pub mod decide;
+pub mod health;
 pub mod mount;
 mod records;
 pub mod report;
@@ -36,6 +39,7 @@ use crate::spec::{attr, VolumeSpec};
 pub use crate::spec::{Ending, PodRef};
 
 pub use bases::{grant_group, BaseForm};
+pub use condition::Condition;
 pub use decide::skip_reason;
 pub use mount::Mounter;
 pub use report::{NoReport, Report};
@@ -130,6 +134,9 @@ pub struct ViewRecord {
     /// When the view became pending (unix seconds), for the age of the oldest pending commit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_since: Option<u64>,
+    /// The SELinux context the view is mounted (or its copy labelled) with, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selinux_context: Option<String>,
 }
 
 /// The node's state as an operator watches it (metrics gauges).
@@ -172,6 +179,9 @@ pub struct Publish {
     pub pod: Option<PodRef>,
     /// The pod's fsGroup (VOLUME_MOUNT_GROUP): the view is made writable by this group.
     pub group: Option<u32>,
+    /// The SELinux context kubelet asked the view to be mounted with (`context=` in the mount
+    /// flags); dropped where the kernel has no SELinux.
+    pub selinux_context: Option<String>,
 }
 
 /// What a publish did, for events and logs.
@@ -210,6 +220,10 @@ pub struct Volumes {
     report: Arc<dyn Report>,
     /// Set once the kernel refused to mount a base image: bases are trees from then on.
     images_refused: std::sync::atomic::AtomicBool,
+    /// Whether the kernel has SELinux, so views take the `context=` kubelet asks for.
+    selinux: bool,
+    /// How each store answered the node's requests, for the volumes' condition.
+    answers: Arc<health::StoreAnswers>,
 }
 
 fn hash_id(parts: &[&str]) -> String {
@@ -246,9 +260,24 @@ impl Volumes {
             mounter,
             report,
             images_refused: Default::default(),
+            selinux: mount::selinux_enabled(),
+            answers: Arc::default(),
         };
         volumes.drop_unkeyed_bases();
         Ok(volumes)
+    }
+
+    /// The same volumes as if the kernel had SELinux (`true`) or not, whatever it has: for
+    /// tests of what reaches the mounts.
+    pub fn with_selinux(mut self, on: bool) -> Volumes {
+        self.selinux = on;
+        self
+    }
+
+    /// The SELinux context a view asked to have `requested` gets on this node (see
+    /// [`mount::view_context`]).
+    pub fn view_context(&self, requested: Option<&str>) -> Option<String> {
+        mount::view_context(requested, self.selinux)
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -271,7 +300,8 @@ impl Volumes {
             .on_error(Arc::new(move |op| report.store_error(op)))
             .on_latency(Arc::new(move |op, took| {
                 timer.store_latency(op, took.as_secs_f64())
-            }));
+            }))
+            .on_answer(self.answers.hook(&spec.store));
         let e = Engine::new(store, &spec.scope, self.cfg.state_dir.join("engine"))?;
         self.engines
             .lock()

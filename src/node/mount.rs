@@ -11,18 +11,17 @@ use std::path::{Path, PathBuf};
 use rustix::io::Errno;
 use rustix::mount::{MountFlags, UnmountFlags};
 
-/// Mounts an overlay of `lower` (layers, top first) with `upper` and `work` at `target`.
-/// metacopy and redirect_dir are off so the upper dir is a complete change set; index off keeps
-/// the lower layers usable by other views.
-pub fn overlay(lower: &[PathBuf], upper: &Path, work: &Path, target: &Path) -> io::Result<()> {
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={},metacopy=off,redirect_dir=off,index=off",
-        layer_list(lower)?,
-        upper.display(),
-        work.display()
-    );
-    let data =
-        CString::new(opts).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL"))?;
+/// Mounts an overlay of `lower` (layers, top first) with `upper` and `work` at `target`,
+/// labelled with SELinux `context` if given (see [`overlay_data`]).
+pub fn overlay(
+    lower: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+    context: Option<&str>,
+) -> io::Result<()> {
+    let data = CString::new(overlay_data(lower, upper, work, context)?)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL"))?;
     rustix::mount::mount(
         "overlay",
         target,
@@ -30,6 +29,87 @@ pub fn overlay(lower: &[PathBuf], upper: &Path, work: &Path, target: &Path) -> i
         MountFlags::empty(),
         data.as_c_str(),
     )?;
+    Ok(())
+}
+
+/// The data of a view's overlay mount. metacopy and redirect_dir are off so the upper dir is a
+/// complete change set; index off keeps the lower layers usable by other views. An SELinux
+/// `context` is passed quoted (its level may hold a comma): SELinux takes it out of the data,
+/// quote-aware, before overlayfs parses the rest, and every file of the mount then has that
+/// label, as kubelet expects of a driver that says `seLinuxMount: true`.
+pub fn overlay_data(
+    lower: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    context: Option<&str>,
+) -> io::Result<String> {
+    let mut data = format!(
+        "lowerdir={},upperdir={},workdir={},metacopy=off,redirect_dir=off,index=off",
+        layer_list(lower)?,
+        upper.display(),
+        work.display()
+    );
+    if let Some(c) = context {
+        if c.contains('"') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("SELinux context {c:?} contains a quote"),
+            ));
+        }
+        data.push_str(&format!(",context=\"{c}\""));
+    }
+    Ok(data)
+}
+
+/// Whether the kernel has SELinux: `selinuxfs` is in /proc/filesystems. The kernel registers
+/// it exactly when SELinux was initialized at boot, which is also exactly when mount(2) takes
+/// `context=` out of a mount's data; without it overlayfs would refuse the unknown option and
+/// the mount. Read from /proc rather than by looking for /sys/fs/selinux: the node plugin's
+/// container may not have selinuxfs mounted even where the host has SELinux.
+pub fn selinux_enabled() -> bool {
+    std::fs::read_to_string("/proc/filesystems").is_ok_and(|t| has_selinuxfs(&t))
+}
+
+fn has_selinuxfs(filesystems: &str) -> bool {
+    filesystems
+        .lines()
+        .any(|l| l.split_whitespace().last() == Some("selinuxfs"))
+}
+
+/// The SELinux context a view is mounted (or, for a copy, labelled) with: the one kubelet
+/// asked for where the kernel has SELinux; none where it has not (kubelet may still ask: the
+/// option then means nothing, and a mount with it would fail), with a debug line.
+pub fn view_context(requested: Option<&str>, selinux: bool) -> Option<String> {
+    let c = requested?;
+    if !selinux {
+        tracing::debug!(
+            selinux.context = c,
+            "no SELinux in this kernel: the context= mount flag is dropped"
+        );
+        return None;
+    }
+    Some(c.to_string())
+}
+
+/// Labels every entry of the tree at `root` with SELinux `context` (the `security.selinux`
+/// attribute), symbolic links themselves included: a copied view is bind-mounted onto the
+/// target, and a bind mount cannot take `context=` (mount(2) ignores the data of MS_BIND), so
+/// its files carry the label instead, as kubelet's own relabelling would have left them.
+pub fn label_tree(root: &Path, context: &str) -> io::Result<()> {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        rustix::fs::lsetxattr(
+            &p,
+            "security.selinux",
+            context.as_bytes(),
+            rustix::fs::XattrFlags::empty(),
+        )?;
+        if std::fs::symlink_metadata(&p)?.is_dir() {
+            for e in std::fs::read_dir(&p)? {
+                stack.push(e?.path());
+            }
+        }
+    }
     Ok(())
 }
 
@@ -257,6 +337,7 @@ pub trait Mounter: Send + Sync + 'static {
         upper: &Path,
         work: &Path,
         target: &Path,
+        context: Option<&str>,
     ) -> io::Result<()>;
     /// See [`erofs`].
     fn erofs(&self, image: &Path, target: &Path) -> io::Result<()>;
@@ -266,6 +347,8 @@ pub trait Mounter: Send + Sync + 'static {
     fn bind(&self, source: &Path, target: &Path, read_only: bool) -> io::Result<()>;
     /// See [`unmount`].
     fn unmount(&self, target: &Path) -> io::Result<()>;
+    /// See [`label_tree`].
+    fn label(&self, root: &Path, context: &str) -> io::Result<()>;
     /// Where something is mounted.
     fn mount_points(&self) -> io::Result<Vec<PathBuf>>;
     /// Whether something is mounted exactly at `path`.
@@ -284,8 +367,9 @@ impl Mounter for System {
         upper: &Path,
         work: &Path,
         target: &Path,
+        context: Option<&str>,
     ) -> io::Result<()> {
-        overlay(lower, upper, work, target)
+        overlay(lower, upper, work, target, context)
     }
 
     fn erofs(&self, image: &Path, target: &Path) -> io::Result<()> {
@@ -302,6 +386,10 @@ impl Mounter for System {
 
     fn unmount(&self, target: &Path) -> io::Result<()> {
         unmount(target)
+    }
+
+    fn label(&self, root: &Path, context: &str) -> io::Result<()> {
+        label_tree(root, context)
     }
 
     fn mount_points(&self) -> io::Result<Vec<PathBuf>> {
@@ -322,10 +410,22 @@ pub mod fake {
     /// One mount the fake made.
     #[derive(Clone, Debug, PartialEq, Eq)]
     pub enum Mount {
-        Overlay { lower: Vec<PathBuf>, upper: PathBuf },
-        Bind { source: PathBuf, read_only: bool },
-        Erofs { image: PathBuf },
-        OverlayReadOnly { lower: Vec<PathBuf> },
+        Overlay {
+            lower: Vec<PathBuf>,
+            upper: PathBuf,
+            /// The data mount(2) was given (see [`overlay_data`]).
+            data: String,
+        },
+        Bind {
+            source: PathBuf,
+            read_only: bool,
+        },
+        Erofs {
+            image: PathBuf,
+        },
+        OverlayReadOnly {
+            lower: Vec<PathBuf>,
+        },
     }
 
     #[derive(Default)]
@@ -335,6 +435,8 @@ pub mod fake {
         pub refuse_overlay: bool,
         /// EROFS mounts are refused (as on kernels without file-backed EROFS).
         pub refuse_erofs: bool,
+        /// Trees labelled with an SELinux context, in order.
+        pub labels: Mutex<Vec<(PathBuf, String)>>,
     }
 
     impl Fake {
@@ -349,8 +451,9 @@ pub mod fake {
             &self,
             lower: &[PathBuf],
             upper: &Path,
-            _work: &Path,
+            work: &Path,
             target: &Path,
+            context: Option<&str>,
         ) -> io::Result<()> {
             if self.refuse_overlay {
                 return Err(io::Error::from_raw_os_error(libc::EPERM));
@@ -358,6 +461,7 @@ pub mod fake {
             let m = Mount::Overlay {
                 lower: lower.to_vec(),
                 upper: upper.to_path_buf(),
+                data: overlay_data(lower, upper, work, context)?,
             };
             self.table.lock().unwrap().push((target.to_path_buf(), m));
             Ok(())
@@ -388,6 +492,12 @@ pub mod fake {
                 read_only,
             };
             self.table.lock().unwrap().push((target.to_path_buf(), m));
+            Ok(())
+        }
+
+        fn label(&self, root: &Path, context: &str) -> io::Result<()> {
+            let l = (root.to_path_buf(), context.to_string());
+            self.labels.lock().unwrap().push(l);
             Ok(())
         }
 
@@ -425,5 +535,61 @@ mod tests {
         assert_eq!(m[0].fstype, "ext3");
         assert_eq!(m[1].fstype, "overlay");
         assert!(m[1].options.contains("lowerdir=/a"));
+    }
+
+    #[test]
+    fn an_overlay_takes_the_selinux_context_quoted_only_where_the_kernel_has_selinux() {
+        let (lower, upper, work) = (
+            [PathBuf::from("/b/tree")],
+            Path::new("/v/upper"),
+            Path::new("/v/work"),
+        );
+        let plain = "lowerdir=/b/tree,upperdir=/v/upper,workdir=/v/work,metacopy=off,\
+                     redirect_dir=off,index=off";
+        let asked = Some("system_u:object_r:container_file_t:s0:c1,c2");
+        let data = |selinux| {
+            let c = view_context(asked, selinux);
+            overlay_data(&lower, upper, work, c.as_deref()).unwrap()
+        };
+        assert_eq!(
+            data(true),
+            format!("{plain},context=\"system_u:object_r:container_file_t:s0:c1,c2\"")
+        );
+        assert_eq!(data(false), plain);
+        assert_eq!(
+            overlay_data(&lower, upper, work, None).unwrap(),
+            plain,
+            "no context asked"
+        );
+        assert_eq!(view_context(None, true), None);
+        assert!(overlay_data(&lower, upper, work, Some("a\"b")).is_err());
+    }
+
+    #[test]
+    fn selinux_is_seen_in_the_kernels_file_systems() {
+        let with = "nodev\tsysfs\nnodev\tselinuxfs\n\text4\nnodev\toverlay\n";
+        let without = "nodev\tsysfs\n\text4\nnodev\toverlay\nnodev\tselinuxfs2\n";
+        assert!(has_selinuxfs(with));
+        assert!(!has_selinuxfs(without));
+        assert!(!has_selinuxfs(""));
+    }
+
+    /// Runs as root on a file system that keeps `security.*` attributes (those of the temp dir
+    /// do whether or not SELinux is on; only the kernel's checks of the label differ).
+    #[test]
+    fn label_tree_labels_every_entry_links_included() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("view");
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        std::fs::write(root.join("a/b/f"), "x").unwrap();
+        std::os::unix::fs::symlink("nowhere", root.join("a/l")).unwrap();
+        let c = "system_u:object_r:container_file_t:s0:c1,c2";
+        label_tree(&root, c).unwrap();
+        for p in ["", "a", "a/b", "a/b/f", "a/l"] {
+            let mut buf = vec![0u8; 256];
+            let n = rustix::fs::lgetxattr(root.join(p), "security.selinux", &mut buf[..])
+                .unwrap_or_else(|e| panic!("{p}: {e}"));
+            assert_eq!(&buf[..n], c.as_bytes(), "{p}");
+        }
     }
 }

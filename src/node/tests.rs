@@ -154,6 +154,7 @@ fn publish_req(n: &Node, pod_name: &str, mode: &str, extra: &[(&str, &str)]) -> 
         read_only: false,
         pod: Some(pod(pod_name)),
         group: None,
+        selinux_context: None,
     }
 }
 
@@ -189,11 +190,18 @@ async fn publish_binds_an_overlay_of_the_restored_base_once() {
         "one",
         "the base holds generation 1"
     );
+    let dir = n.state().join("views").join(&p.view);
     assert_eq!(
         n.mounts.at(&view),
         Some(Mount::Overlay {
             lower: vec![record.base_dir.clone()],
-            upper: upper(&n, &p.view)
+            upper: upper(&n, &p.view),
+            data: format!(
+                "lowerdir={},upperdir={},workdir={},metacopy=off,redirect_dir=off,index=off",
+                record.base_dir.display(),
+                dir.join("upper").display(),
+                dir.join("work").display()
+            ),
         })
     );
     assert_eq!(
@@ -537,6 +545,212 @@ async fn where_overlayfs_is_refused_views_are_copies() {
     n.volumes.unpublish("cv-1", &req.target).await.unwrap();
     let d = n.volumes.decide(&p.view, Ending::Succeeded).await.unwrap();
     assert_eq!(generation(&d), Some(2), "{d:?}");
+}
+
+const CONTEXT: &str = "system_u:object_r:container_file_t:s0:c1,c2";
+
+/// A publish of pod `pod_name` whose mount flags named SELinux context `context`.
+fn labelled(n: &Node, pod_name: &str, mode: &str, context: &str) -> Publish {
+    Publish {
+        selinux_context: Some(context.into()),
+        ..publish_req(n, pod_name, mode, &[])
+    }
+}
+
+/// The data of the overlay mount at view `id`.
+fn overlay_data_of(n: &Node, id: &str) -> String {
+    match n.mounts.at(&n.state().join("views").join(id).join("view")) {
+        Some(Mount::Overlay { data, .. }) => data,
+        other => panic!("no overlay at view {id}: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn with_selinux_the_overlay_of_a_view_is_mounted_with_the_pods_context() {
+    let mut n = node(Fake::default()).await;
+    n.volumes = n.volumes.with_selinux(true);
+    let req = labelled(&n, "a", "private", CONTEXT);
+    let p = n.volumes.publish(req.clone()).await.unwrap();
+    let data = overlay_data_of(&n, &p.view);
+    assert!(
+        data.ends_with(",index=off,context=\"system_u:object_r:container_file_t:s0:c1,c2\""),
+        "{data}"
+    );
+    let record = n.volumes.load(&p.view).unwrap();
+    assert_eq!(record.selinux_context.as_deref(), Some(CONTEXT));
+    // The target is a bind of that mount (which keeps its label); nothing else is labelled.
+    assert_eq!(
+        n.mounts.at(&req.target),
+        Some(Mount::Bind {
+            source: n.state().join("views").join(&p.view).join("view"),
+            read_only: false
+        })
+    );
+    assert!(n.mounts.labels.lock().unwrap().is_empty());
+    // kubelet repeats the call with the same flags: fine, nothing mounted again.
+    n.volumes.publish(req).await.unwrap();
+    assert_eq!(n.mounts.table.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn without_selinux_the_context_is_dropped_and_the_view_mounts_as_before() {
+    let mut n = node(Fake::default()).await;
+    n.volumes = n.volumes.with_selinux(false);
+    let p = n
+        .volumes
+        .publish(labelled(&n, "a", "private", CONTEXT))
+        .await
+        .unwrap();
+    let data = overlay_data_of(&n, &p.view);
+    assert!(!data.contains("context"), "{data}");
+    assert!(data.ends_with(",index=off"), "{data}");
+    assert_eq!(n.volumes.load(&p.view).unwrap().selinux_context, None);
+
+    let mut c = node(Fake {
+        refuse_overlay: true,
+        ..Default::default()
+    })
+    .await;
+    c.volumes = c.volumes.with_selinux(false);
+    c.volumes
+        .publish(labelled(&c, "a", "private", CONTEXT))
+        .await
+        .unwrap();
+    assert!(c.mounts.labels.lock().unwrap().is_empty(), "no label set");
+}
+
+#[tokio::test]
+async fn with_selinux_a_copied_view_is_labelled_before_its_bind_mount() {
+    let mut n = node(Fake {
+        refuse_overlay: true,
+        ..Default::default()
+    })
+    .await;
+    n.volumes = n.volumes.with_selinux(true);
+    let req = labelled(&n, "a", "private", CONTEXT);
+    let p = n.volumes.publish(req.clone()).await.unwrap();
+    let view = n.state().join("views").join(&p.view).join("view");
+    assert_eq!(n.volumes.load(&p.view).unwrap().kind, ViewKind::Copy);
+    assert_eq!(
+        *n.mounts.labels.lock().unwrap(),
+        vec![(view.clone(), CONTEXT.to_string())]
+    );
+    // A bind mount cannot take context=: the mount itself is a plain bind.
+    assert_eq!(
+        n.mounts.at(&req.target),
+        Some(Mount::Bind {
+            source: view,
+            read_only: false
+        })
+    );
+}
+
+#[tokio::test]
+async fn shared_pods_of_another_selinux_context_get_a_view_of_their_own() {
+    let mut n = node(Fake::default()).await;
+    n.volumes = n.volumes.with_selinux(true);
+    let a = n
+        .volumes
+        .publish(labelled(&n, "a", "shared", CONTEXT))
+        .await
+        .unwrap();
+    let b = n
+        .volumes
+        .publish(labelled(&n, "b", "shared", CONTEXT))
+        .await
+        .unwrap();
+    assert_eq!(a.view, b.view, "same context: one shared view");
+    let other = "system_u:object_r:container_file_t:s0:c3,c4";
+    let c = n
+        .volumes
+        .publish(labelled(&n, "c", "shared", other))
+        .await
+        .unwrap();
+    assert_ne!(c.view, a.view);
+    assert!(overlay_data_of(&n, &c.view).contains(other));
+    // Without a context, a shared view keeps the id it always had.
+    let d = n
+        .volumes
+        .publish(publish_req(&n, "d", "shared", &[]))
+        .await
+        .unwrap();
+    assert_eq!(
+        d.view,
+        format!("s-{}", hash_id(&[&n.store, "ci", "npm", ""]))
+    );
+    assert!(!overlay_data_of(&n, &d.view).contains("context"));
+}
+
+#[tokio::test]
+async fn a_view_is_abnormal_once_it_loses_its_mounts_its_base_or_its_store() {
+    let n = node(Fake::default()).await;
+    let req = publish_req(&n, "a", "private", &[]);
+    let p = n.volumes.publish(req.clone()).await.unwrap();
+    let record = n.volumes.load(&p.view).unwrap();
+    let condition = |n: &Node| n.volumes.condition(&record, &req.target);
+    assert_eq!(
+        condition(&n),
+        Condition {
+            abnormal: false,
+            message: "ok".into()
+        }
+    );
+
+    // The store has failed every request for 61s; 59s would not do.
+    let ago = |s| std::time::Instant::now() - std::time::Duration::from_secs(s);
+    let failing = |s| health::Answers {
+        last_answer: Some(ago(300)),
+        first_failure: Some(ago(s)),
+    };
+    n.volumes.answers.set(&n.store, failing(59));
+    assert!(!condition(&n).abnormal, "{:?}", condition(&n));
+    n.volumes.answers.set(&n.store, failing(61));
+    let c = condition(&n);
+    assert!(c.abnormal);
+    assert!(
+        c.message.contains("has failed every request for 61s"),
+        "{c:?}"
+    );
+    n.volumes.answers.set(&n.store, health::Answers::default());
+
+    // The node dropped the view's base (found damaged).
+    let engine = n.volumes.engine(&record.spec().unwrap()).unwrap();
+    engine.forget(&record.base_dir);
+    let c = condition(&n);
+    assert!(
+        c.abnormal && c.message.contains("was dropped from the node"),
+        "{c:?}"
+    );
+
+    // The target and the view's overlay, unmounted from under the pod.
+    n.mounts.unmount(&req.target).unwrap();
+    n.mounts
+        .unmount(&n.state().join("views").join(&p.view).join("view"))
+        .unwrap();
+    let c = condition(&n);
+    assert!(c.message.contains("no longer mounted at"), "{c:?}");
+    assert!(c.message.contains("overlay mount is gone"), "{c:?}");
+}
+
+#[tokio::test]
+async fn a_store_request_that_fails_is_recorded_for_the_condition() {
+    let n = node(Fake::default()).await;
+    let p = n
+        .volumes
+        .publish(publish_req(&n, "a", "private", &[]))
+        .await
+        .unwrap();
+    let answered = n.volumes.answers.of(&n.store);
+    assert!(answered.last_answer.is_some(), "the restore's requests");
+    assert!(answered.first_failure.is_none());
+    // The store's directory becomes a file: every request fails.
+    let dir = n.tmp.path().join("store");
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::write(&dir, "not a store").unwrap();
+    let spec = n.volumes.load(&p.view).unwrap().spec().unwrap();
+    let engine = n.volumes.engine(&spec).unwrap();
+    assert!(engine.newest("npm").await.is_err());
+    assert!(n.volumes.answers.of(&n.store).first_failure.is_some());
 }
 
 #[tokio::test]

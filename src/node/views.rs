@@ -41,14 +41,18 @@ impl Volumes {
     async fn publish_view(&self, req: Publish, spec: &VolumeSpec) -> Result<Published> {
         let started = Instant::now();
         let spec = spec.clone();
+        let context = self.view_context(req.selinux_context.as_deref());
         let id = match spec.mode {
             Mode::Shared => {
-                // Pods of another fsGroup get a view of their own.
+                // Pods of another fsGroup get a view of their own; so do pods of another
+                // SELinux context (one mount has one label, and another pod's categories
+                // would lock them out). Without a context the id is what it always was.
                 let group = req.group.map(|g| g.to_string()).unwrap_or_default();
-                format!(
-                    "s-{}",
-                    hash_id(&[&spec.store, &spec.scope, &spec.key, &group])
-                )
+                let mut parts = vec![spec.store.as_str(), &spec.scope, &spec.key, group.as_str()];
+                if let Some(c) = &context {
+                    parts.push(c);
+                }
+                format!("s-{}", hash_id(&parts))
             }
             Mode::Private | Mode::Locked => {
                 let who = req
@@ -151,7 +155,7 @@ impl Volumes {
                 published.degraded = base.degraded.clone();
                 published.bytes = base.bytes;
                 published.downloaded = base.downloaded;
-                self.make_view(&id, &req, &spec, base).await?
+                self.make_view(&id, &req, &spec, base, context).await?
             }
         };
 
@@ -172,13 +176,16 @@ impl Volumes {
         Ok(published)
     }
 
-    /// Creates the view's directories and mounts (overlay, or a copy where overlay is refused).
+    /// Creates the view's directories and mounts (overlay, or a copy where overlay is refused),
+    /// with SELinux `context` if any: an option of the overlay mount, or the label of every
+    /// copied file (the bind mount of a copy cannot take one).
     async fn make_view(
         &self,
         id: &str,
         req: &Publish,
         spec: &VolumeSpec,
         base: Base,
+        context: Option<String>,
     ) -> Result<ViewRecord> {
         let dir = self.view_dir(id);
         let (upper, work, view) = (dir.join("upper"), dir.join("work"), dir.join("view"));
@@ -198,10 +205,13 @@ impl Volumes {
         }
         let mut kind = ViewKind::Copy;
         if !self.cfg.force_copy {
-            match self
-                .mounter
-                .overlay(std::slice::from_ref(&base.dir), &upper, &work, &view)
-            {
+            match self.mounter.overlay(
+                std::slice::from_ref(&base.dir),
+                &upper,
+                &work,
+                &view,
+                context.as_deref(),
+            ) {
                 Ok(()) => kind = ViewKind::Overlay,
                 Err(e) => {
                     tracing::warn!(view = id, error = %e, "overlayfs refused; views are copies")
@@ -210,10 +220,18 @@ impl Volumes {
         }
         if kind == ViewKind::Copy {
             let (from, to, group) = (base.dir.clone(), view.clone(), req.group);
+            let (mounter, label) = (self.mounter.clone(), context.clone());
             blocking(move || {
                 mount::copy_tree(&from, &to).map_err(io("copy", &to))?;
                 if let Some(g) = group {
                     grant_group(&to, g).map_err(io("set the group of", &to))?;
+                }
+                // Before the copy is adopted: labelling changes each file's ctime, which the
+                // record of the copy compares to find what the pod changed.
+                if let Some(c) = label {
+                    mounter
+                        .label(&to, &c)
+                        .map_err(io("set the SELinux context of", &to))?;
                 }
                 Ok::<(), Error>(())
             })
@@ -242,6 +260,7 @@ impl Volumes {
             endings: BTreeMap::new(),
             group: req.group,
             pending_since: None,
+            selinux_context: context,
         };
         // Saved by the caller once the target is mounted; a crash before that leaves a view
         // mount without a record, which `recover` removes.
