@@ -226,7 +226,7 @@ impl Cluster {
         };
         c.controller.spawn();
         for n in nodes {
-            let port = free_port();
+            let port = common::free_port();
             let mut p = c.plugin(
                 n,
                 &[
@@ -523,14 +523,6 @@ fn cap() -> pb::VolumeCapability {
             mode: Mode::MultiNodeMultiWriter as i32,
         }),
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn ls(dir: &Path) -> Vec<String> {
@@ -1513,7 +1505,7 @@ async fn a_degraded_view_never_commits_over_newer_data() {
 impl Cluster {
     /// A node plugin started with `extra` flags (and a metrics port), added to the cluster.
     fn add_node(&mut self, name: &str, extra: &[&str]) {
-        let port = free_port();
+        let port = common::free_port();
         let mut args = vec![
             format!("--node-id={name}"),
             format!("--metrics-address=127.0.0.1:{port}"),

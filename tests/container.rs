@@ -472,14 +472,6 @@ fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// GET `path` on 127.0.0.1:`port`: (status code, body). Retries while the server starts.
 fn http_get(port: u16, path: &str) -> (u16, String) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -641,7 +633,7 @@ async fn the_controller_runs_as_nonroot_on_a_read_only_root() {
         std::fs::create_dir_all(dir).unwrap();
         std::os::unix::fs::chown(dir, Some(NONROOT), Some(NONROOT)).unwrap();
     }
-    let port = free_port();
+    let port = common::free_port();
     let metrics = format!("--metrics-address=127.0.0.1:{port}");
     let mut run = Run::new(&[
         "controller",

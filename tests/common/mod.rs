@@ -420,6 +420,15 @@ pub fn find_listing(root: &Path) -> Vec<String> {
         .collect()
 }
 
+/// A port on 127.0.0.1 that was free a moment ago (for a server the test starts next).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A gRPC channel over a unix socket, dialled as kubelet and the CSI sidecars do.
 pub async fn dial_unix(socket: &Path) -> tonic::transport::Channel {
     let path = socket.to_path_buf();
