@@ -13,7 +13,8 @@
 //! - [`daemon`]: `cachevol node` and `cachevol controller` as supervised processes.
 //! - [`cli`]: the `cachevol` command line around the engine and the daemons.
 
-// No unsafe code: system calls go through std, rustix or nix (the benchmark's getrusage).
+// No unsafe code: system calls go through std, rustix or nix (the benchmark's getrusage, in a
+// build with the `bench` feature).
 #![forbid(unsafe_code)]
 
 pub mod cli;

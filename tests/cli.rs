@@ -1045,6 +1045,7 @@ fn missing_s3_credentials_are_named_as_such() {
 /// wait status, CPU time and peak RSS of the one command it runs — that command's own, not the
 /// largest of every command the benchmark ran before it.
 #[test]
+#[cfg(feature = "bench")] // the benchmark is in the binary only with the feature
 fn bench_child_reports_each_commands_own_peak_rss_and_status() {
     let env = Env::new();
     std::fs::create_dir_all(&env.root).unwrap();
@@ -1115,6 +1116,7 @@ fn store_clock_moves_past(env: &Env) {
 /// (publish as an image against `zstd -d | tar -x`, and with every file read once), the JSON
 /// line is an object like every other, and no mount of its nodes is left behind.
 #[test]
+#[cfg(feature = "bench")] // the benchmark is in the binary only with the feature
 fn bench_node_measures_a_fresh_node_against_extract_and_leaves_no_mount() {
     if !rustix::process::geteuid().is_root() {
         return; // needs mounts

@@ -2,7 +2,11 @@
 //! Exit codes mean something (see `ExitCode`), `--json` prints machine-readable reports, and
 //! long operations draw progress bars when stderr is a terminal.
 
+// The benchmark is a tool for working on cachevol, not part of the product: only with the
+// `bench` feature (README, "Benchmark").
+#[cfg(feature = "bench")]
 mod bench;
+#[cfg(feature = "bench")]
 mod bench_node;
 mod output;
 mod run;
@@ -155,6 +159,7 @@ enum Command {
         generation: Option<u64>,
     },
     /// Measure restore and commit against tar+zstd on real trees.
+    #[cfg(feature = "bench")]
     Bench(bench::BenchArgs),
     /// Serve the CSI Identity and Controller services (beside csi-provisioner).
     ///
@@ -183,6 +188,7 @@ impl Command {
             Command::Rollback { .. } => "rollback",
             Command::Wipe { .. } => "wipe",
             Command::Verify { .. } => "verify",
+            #[cfg(feature = "bench")]
             Command::Bench(_) => "bench",
             Command::Controller(_) => "controller",
             Command::Node(_) => "node",
@@ -309,6 +315,7 @@ pub fn exit_code(e: &Error) -> i32 {
 /// Entry point of the binary: returns the process exit code.
 pub fn main() -> i32 {
     // The benchmark's measuring wrapper: no logging, no runtime, no command line of its own.
+    #[cfg(feature = "bench")]
     if let Some(code) = bench::child_main() {
         return code;
     }
@@ -366,6 +373,7 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Error> {
     let bars = Arc::new(Bars::new(out.bars_enabled(), out.plain_progress()));
     match cli.command {
         Command::Run(args) => run::run(&g, args, out, bars).await,
+        #[cfg(feature = "bench")]
         Command::Bench(args) => bench::run(&g, args, out).await,
         Command::Node(args) => {
             Ok(daemon::node::run(args, g.store.clone(), g.state_dir.clone()).await)
