@@ -539,6 +539,21 @@ fn the_image_is_small_stripped_and_labelled() {
         sections.contains(".gnu_debuglink"),
         "no debuglink to the split debug info"
     );
+    // No test machinery ships (Cargo.toml's features, off in hack/image.sh's build): neither
+    // the CACHEVOL_FAULT crash points nor the benchmark (its hidden wrapper command, the help
+    // line of `cachevol bench`). A build with the features has each string.
+    let bytes = std::fs::read(&binary).unwrap();
+    for machinery in [
+        "CACHEVOL_FAULT",
+        "__bench-child",
+        "against tar+zstd on real trees",
+    ] {
+        let needle = machinery.as_bytes();
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle),
+            "the shipped binary carries test machinery: {machinery:?}"
+        );
+    }
     // Nothing but the binary, glibc, libgcc and the CA bundle: no shell, no package manager.
     for absent in ["bin/sh", "usr/bin/sh", "usr/bin/apt-get", "usr/bin/dpkg"] {
         assert!(
