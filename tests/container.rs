@@ -40,26 +40,21 @@ const MAX_IMAGE_BYTES: u64 = 40 << 20;
 /// The archive to test, or `None` (the test skips) when `CACHEVOL_TEST_IMAGE` is unset outside
 /// CI. Under CI it must be set and runc must be there: a smoke test that skips proves nothing.
 fn archive(test: &str) -> Option<PathBuf> {
-    let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false");
     let runc = Command::new("runc")
         .arg("--version")
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    match std::env::var_os("CACHEVOL_TEST_IMAGE").filter(|v| !v.is_empty()) {
-        Some(path) if runc => Some(PathBuf::from(path)),
-        _ if ci => panic!(
-            "CI is set but CACHEVOL_TEST_IMAGE is not, or runc is missing: the image's smoke \
-             tests must run in CI (.ci/run builds the image with make image)"
+    let path = common::required(
+        test,
+        common::env_nonempty("CACHEVOL_TEST_IMAGE").filter(|_| runc),
+        "CACHEVOL_TEST_IMAGE is not set, or runc is missing",
+        common::Provider::CiRun(
+            "set CACHEVOL_TEST_IMAGE=target/image/cachevol.tar (make image) and install runc; \
+             .ci/run does both",
         ),
-        _ => {
-            eprintln!(
-                "SKIPPED {test}: set CACHEVOL_TEST_IMAGE=target/image/cachevol.tar (make image) \
-                 and install runc to run the image's smoke tests"
-            );
-            None
-        }
-    }
+    )?;
+    Some(PathBuf::from(path))
 }
 
 /// An image unpacked into a runc bundle's root file system, with its config.

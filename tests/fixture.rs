@@ -11,21 +11,20 @@ use std::path::PathBuf;
 use cachevol::engine::{CommitOptions, CommitOutcome, RestoreSource};
 use common::*;
 
-fn fixture_dir() -> Option<PathBuf> {
-    match std::env::var_os("CACHEVOL_FIXTURE_DIR") {
-        Some(d) if !d.is_empty() => Some(PathBuf::from(d)),
-        _ => {
-            if std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false") {
-                panic!("CACHEVOL_FIXTURE_DIR is not set but CI is: .ci/run builds the npm fixture and sets it");
-            }
-            eprintln!("SKIPPED: CACHEVOL_FIXTURE_DIR is not set (make-fixtures.sh OUT npm)");
-            None
-        }
-    }
+/// The fixture directory, or None (the test `test` skips) when `CACHEVOL_FIXTURE_DIR` is unset
+/// outside CI ([`required`]).
+fn fixture_dir(test: &str) -> Option<PathBuf> {
+    let dir = required(
+        test,
+        env_nonempty("CACHEVOL_FIXTURE_DIR"),
+        "CACHEVOL_FIXTURE_DIR is not set",
+        Provider::CiRun(".ci/run builds the npm fixture (make-fixtures.sh OUT npm) and sets it"),
+    )?;
+    Some(PathBuf::from(dir))
 }
 
 async fn round_trip(name: &str) {
-    let Some(fixtures) = fixture_dir() else {
+    let Some(fixtures) = fixture_dir(name) else {
         return;
     };
     let src = fixtures.join(name);

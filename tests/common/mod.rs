@@ -17,52 +17,93 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use cachevol::engine::format::Digest;
 use cachevol::engine::{Engine, Store};
 
+/// Whether this is a CI run: `CI` set to anything but empty or `false` (.ci/run exports
+/// `CI=true` unless told otherwise). The one reading of `CI` in the tests: see [`required`].
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false")
+}
+
+/// Who provides what a test needs from its environment (a server, a file, a privilege), which
+/// decides what its absence means: [`required`].
+#[derive(Clone, Copy, Debug)]
+pub enum Provider {
+    /// .ci/run provides it (the text says how): missing under CI is a failure, since a test that
+    /// skips there proves nothing; missing locally is a skip.
+    CiRun(&'static str),
+    /// Nothing .ci/run can provide, so the test is opt-in (the text says how to opt in): missing
+    /// is a skip everywhere, CI included. The gs:// tests are the one case: no GCS emulator that
+    /// .ci/run can install serves object_store's XML API writes with preconditions (README,
+    /// "Testing gs://"), so they run only where a real bucket is configured.
+    OptIn(&'static str),
+}
+
+/// The one rule for a test whose dependency may be missing: `found` when it is there; else,
+/// under CI ([`in_ci`]) with a [`Provider::CiRun`] dependency, the test fails saying what is
+/// missing and how .ci/run provides it; otherwise None after a line `SKIPPED <test>: <missing>
+/// (<how>)`, and the test returns.
+pub fn required<T>(test: &str, found: Option<T>, missing: &str, by: Provider) -> Option<T> {
+    if found.is_some() {
+        return found;
+    }
+    match by {
+        Provider::CiRun(how) if in_ci() => {
+            panic!("{test}: {missing}, but CI is set and must run it: {how}")
+        }
+        Provider::CiRun(how) | Provider::OptIn(how) => {
+            eprintln!("SKIPPED {test}: {missing} ({how})");
+            None
+        }
+    }
+}
+
+/// The value of environment variable `var`, None when unset or empty.
+pub fn env_nonempty(var: &str) -> Option<String> {
+    std::env::var(var).ok().filter(|v| !v.is_empty())
+}
+
 /// The S3 store URL of the test environment (`CACHEVOL_TEST_S3_URL`, set by .ci/run), with a
-/// fresh prefix for `test` so tests never see each other's objects. Unset: fails under CI
-/// (`CI` set), else the test is skipped with a message.
+/// fresh prefix for `test` so tests never see each other's objects. Unset: [`required`] (fails
+/// under CI, else skipped).
 pub fn s3_url(test: &str) -> Option<String> {
-    env_store_url("CACHEVOL_TEST_S3_URL", "S3", test)
+    let how = ".ci/run starts moto's S3 server and sets CACHEVOL_TEST_S3_URL";
+    env_store_url("CACHEVOL_TEST_S3_URL", "S3", how, test)
 }
 
 /// The Azure Blob store URL of the test environment (`CACHEVOL_TEST_AZ_URL`, e.g.
 /// `az://cachevol/ci-123`, set by .ci/run against Azurite with the `AZURE_*` variables and
-/// `AZURITE_BLOB_STORAGE_URL`), with a fresh prefix for `test`. Unset: fails under CI (`CI`
-/// set), else the test is skipped with a message.
+/// `AZURITE_BLOB_STORAGE_URL`), with a fresh prefix for `test`. Unset: [`required`] (fails
+/// under CI, else skipped).
 pub fn az_url(test: &str) -> Option<String> {
-    env_store_url("CACHEVOL_TEST_AZ_URL", "Azure", test)
+    let how = ".ci/run starts Azurite and sets CACHEVOL_TEST_AZ_URL";
+    env_store_url("CACHEVOL_TEST_AZ_URL", "Azure", how, test)
 }
 
 /// The Google Cloud Storage URL of a real bucket (`CACHEVOL_TEST_GS_URL`, e.g.
 /// `gs://my-bucket/cachevol-test`, with object_store's `GOOGLE_*` credentials), with a fresh
-/// prefix for `test`. Unset: the test is skipped with a message, **also under CI**: .ci/run
-/// starts no GCS emulator, since none it can install serves object_store's XML API uploads
-/// and their preconditions (README, "Testing gs://").
+/// prefix for `test`. Unset: skipped, **also under CI**: the gs:// tests are
+/// [`Provider::OptIn`], since .ci/run can start no GCS emulator for them.
 pub fn gs_url(test: &str) -> Option<String> {
-    match std::env::var("CACHEVOL_TEST_GS_URL") {
-        Ok(base) if !base.is_empty() => Some(fresh_prefix(&base, test)),
-        _ => {
-            eprintln!(
-                "SKIPPED {test}: CACHEVOL_TEST_GS_URL is not set. The GCS tests need a real \
-                 bucket (gs://BUCKET/PREFIX and GOOGLE_* credentials), also under CI: no GCS \
-                 emulator installable here serves object_store's XML API writes with \
-                 preconditions (README, \"Testing gs://\")"
-            );
-            None
-        }
-    }
+    let base = required(
+        test,
+        env_nonempty("CACHEVOL_TEST_GS_URL"),
+        "CACHEVOL_TEST_GS_URL is not set",
+        Provider::OptIn(
+            "the GCS tests need a real bucket, gs://BUCKET/PREFIX and GOOGLE_* credentials, \
+             also under CI: no GCS emulator installable here serves object_store's XML API \
+             writes with preconditions (README, \"Testing gs://\")",
+        ),
+    )?;
+    Some(fresh_prefix(&base, test))
 }
 
-fn env_store_url(var: &str, what: &str, test: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(base) if !base.is_empty() => Some(fresh_prefix(&base, test)),
-        _ => {
-            if std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false") {
-                panic!("{var} is not set but CI is: the {what} tests must run in CI (see .ci/run)");
-            }
-            eprintln!("SKIPPED {test}: {var} is not set (run .ci/run for the {what} tests)");
-            None
-        }
-    }
+fn env_store_url(var: &str, what: &str, how: &'static str, test: &str) -> Option<String> {
+    let base = required(
+        test,
+        env_nonempty(var),
+        &format!("{var} is not set, the {what} tests need it"),
+        Provider::CiRun(how),
+    )?;
+    Some(fresh_prefix(&base, test))
 }
 
 /// `base` with a prefix below it that no other test (or run) uses.
