@@ -375,9 +375,17 @@ async fn bases_past_the_node_budget_are_evicted_least_recently_used_first() {
         let target = t.join(format!("t-{key}"));
         publish_async(&n, &target, &ctx(&store, key, "private", &[]), key).await;
         finish(&n, &target, Ending::Aborted).await;
-        std::thread::sleep(std::time::Duration::from_millis(20));
     }
     assert!(base("k1").exists() && base("k2").exists());
+    // k2 was used after k1: said with the mtimes of their generations' directories, which order
+    // eviction, rather than by sleeping between the two and hoping the clock moved.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
+    for (key, ago_s) in [("k1", 20), ("k2", 10)] {
+        common::set_mtime(base(key).parent().unwrap(), now - ago_s * 1_000_000_000);
+    }
     // k1 is used again: k2 is now the least recently used.
     let target = t.join("t-k1b");
     publish_async(&n, &target, &ctx(&store, "k1", "private", &[]), "k1b").await;
