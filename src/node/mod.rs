@@ -154,12 +154,10 @@ pub struct NodeGauges {
     pub oldest_pending_secs: f64,
 }
 
-/// Now in unix seconds.
+/// Now in unix seconds, as the node's records keep it: the engine's clock (never negative:
+/// it reads 0 before the epoch).
 pub(crate) fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    crate::engine::now_unix() as u64
 }
 
 impl ViewRecord {
