@@ -57,6 +57,29 @@ fn archive(test: &str) -> Option<PathBuf> {
     Some(PathBuf::from(path))
 }
 
+/// The archive unpacked into a temp dir of the test's own (`image/` in it), or `None` when the
+/// test skips.
+fn unpacked(test: &str) -> Option<(tempfile::TempDir, Image)> {
+    let archive = archive(test)?;
+    let tmp = tempfile::tempdir().unwrap();
+    let image = Image::unpack(&archive, &tmp.path().join("image"));
+    Some((tmp, image))
+}
+
+/// Every file under `dir`, its subdirectories' included.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            files.extend(walk(&p));
+        } else {
+            files.push(p);
+        }
+    }
+    files
+}
+
 /// An image unpacked into a runc bundle's root file system, with its config.
 struct Image {
     rootfs: PathBuf,
@@ -108,21 +131,14 @@ impl Image {
                     .arg(&rootfs),
             );
             uncompressed += if gzip {
-                let mut n = 0u64;
                 let mut child = Command::new("gzip")
                     .arg("-dc")
                     .arg(&path)
                     .stdout(Stdio::piped())
                     .spawn()
                     .unwrap();
-                let mut out = child.stdout.take().unwrap();
-                let mut buf = vec![0; 1 << 16];
-                loop {
-                    match out.read(&mut buf).unwrap() {
-                        0 => break,
-                        k => n += k as u64,
-                    }
-                }
+                let n =
+                    std::io::copy(&mut child.stdout.take().unwrap(), &mut std::io::sink()).unwrap();
                 assert!(child.wait().unwrap().success());
                 n
             } else {
@@ -511,11 +527,9 @@ fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
 
 #[test]
 fn the_image_is_small_stripped_and_labelled() {
-    let Some(archive) = archive("the_image_is_small_stripped_and_labelled") else {
+    let Some((_tmp, image)) = unpacked("the_image_is_small_stripped_and_labelled") else {
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let image = Image::unpack(&archive, tmp.path());
     assert!(
         image.uncompressed <= MAX_IMAGE_BYTES,
         "the image weighs {} bytes uncompressed, over {MAX_IMAGE_BYTES}",
@@ -575,12 +589,10 @@ fn the_image_is_small_stripped_and_labelled() {
 
 #[test]
 fn the_cli_names_its_commit_and_round_trips_a_tree() {
-    let Some(archive) = archive("the_cli_names_its_commit_and_round_trips_a_tree") else {
+    let Some((tmp, image)) = unpacked("the_cli_names_its_commit_and_round_trips_a_tree") else {
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let image = Image::unpack(&archive, &t.join("image"));
 
     // --version names the commit of the image's revision label: the binary in the image is
     // the one built from the commit the image says.
@@ -631,12 +643,10 @@ fn the_cli_names_its_commit_and_round_trips_a_tree() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_controller_runs_as_nonroot_on_a_read_only_root() {
-    let Some(archive) = archive("the_controller_runs_as_nonroot_on_a_read_only_root") else {
+    let Some((tmp, image)) = unpacked("the_controller_runs_as_nonroot_on_a_read_only_root") else {
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let image = Image::unpack(&archive, &t.join("image"));
     // The chart's emptyDirs: the socket dir and the state dir, writable by 65532 (fsGroup).
     let (socket_dir, state) = (t.join("csi"), t.join("state"));
     for dir in [&socket_dir, &state] {
@@ -698,20 +708,23 @@ async fn the_controller_runs_as_nonroot_on_a_read_only_root() {
         .await
         .unwrap();
     assert_eq!(code, 200, "/readyz: {body}\n{}", controller.logs());
-    // It wrote its record into the state dir, as 65532.
+    // It wrote its socket and its volume record as 65532, into the dirs it was given.
     let uid = |p: &Path| std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(p).unwrap());
     assert_eq!(uid(&socket), NONROOT);
+    let written: Vec<PathBuf> = walk(&state);
+    assert!(!written.is_empty(), "nothing in the state dir");
+    for p in &written {
+        assert_eq!(uid(p), NONROOT, "{p:?}");
+    }
     assert!(controller.stop(), "{}", controller.logs());
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_node_plugin_mounts_for_the_host_from_the_image() {
-    let Some(archive) = archive("the_node_plugin_mounts_for_the_host_from_the_image") else {
+    let Some((tmp, image)) = unpacked("the_node_plugin_mounts_for_the_host_from_the_image") else {
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let image = Image::unpack(&archive, &t.join("image"));
     // One host dir holds kubelet's pod dirs, the plugin's state dir, its socket and the store,
     // bound at the same path (as the chart binds kubeletDir and stateDir).
     let host = SharedDir::new(&t.join("host"));
