@@ -13,7 +13,8 @@
 # 3. buildah builds the Dockerfile with BINARY=prebuilt on that base, at the time of the
 #    commit being built: the same commit gives the same layer digests, build after build.
 #
-# Environment: IMAGE (the tag), SOURCE_DATE_EPOCH (default: the commit's time), CARGO.
+# Environment: IMAGE (the tag), SOURCE_DATE_EPOCH (default: the commit's time), CARGO, and
+# CARGO_TARGET_DIR (where cargo builds; the outputs above stay under this checkout's target/).
 # Tools missing from the machine (buildah, binutils) are installed with apt-get.
 set -euo pipefail
 
@@ -22,6 +23,7 @@ cd "$repo"
 image=${IMAGE:-localhost/cachevol:dev}
 out=$repo/target/image
 cargo=${CARGO:-cargo}
+release=${CARGO_TARGET_DIR:-$repo/target}/release
 
 need=()
 for tool in buildah:buildah objcopy:binutils dpkg-deb:dpkg python3:python3; do
@@ -51,8 +53,8 @@ case $commit in *-dirty) short=$short-dirty ;; esac
 CACHEVOL_COMMIT=$short "$cargo" build --release --locked --quiet
 # Split, strip, link: the image gets 26 MB instead of 150 MB (line tables for backtraces stay
 # in the .debug file, which gdb and addr2line find by the debuglink).
-objcopy --only-keep-debug target/release/cachevol "$out/cachevol.debug"
-objcopy --strip-all --add-gnu-debuglink="$out/cachevol.debug" target/release/cachevol "$out/cachevol"
+objcopy --only-keep-debug "$release/cachevol" "$out/cachevol.debug"
+objcopy --strip-all --add-gnu-debuglink="$out/cachevol.debug" "$release/cachevol" "$out/cachevol"
 touch -d "@$epoch" "$out/cachevol" "$out/cachevol.debug"
 
 # buildah's own store and run dir, under target/: nothing goes to the machine's
