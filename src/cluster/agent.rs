@@ -22,7 +22,7 @@ use super::events::{reason, Type};
 use super::lease::{Acquire, Claimant, Leases};
 use crate::node::report::{CommitOutcome, Waiting};
 use crate::node::{self, CommitDecision, ViewState, Volumes};
-use crate::spec::{DriverName, Ending, Mode, PodRef, VolumeSpec};
+use crate::spec::{self, user, DriverName, Ending, Mode, PodRef, VolumeSpec};
 
 /// How often a waiting publish asks for its lock even when the Lease does not change.
 const WAITER_HEARTBEAT: Duration = Duration::from_secs(5);
@@ -239,10 +239,10 @@ impl Agent {
             return Ok(None);
         }
         let pod = pod.ok_or_else(|| {
-            node::Error::InvalidArgument(
+            spec::Error::parameter(
+                user::POD_UID,
                 "a locked cache needs the pod's identity: the CSIDriver must have \
-                 podInfoOnMount: true"
-                    .into(),
+                 podInfoOnMount: true",
             )
         })?;
         let me = claimant(pod, &self.node, volume);
@@ -380,10 +380,11 @@ impl Agent {
         let (Mode::Locked, Some(pod)) = (spec.mode, pod) else {
             return;
         };
-        let has_view = self.volumes.views_of_pod(&pod.uid).iter().any(|v| {
-            v.spec()
-                .is_ok_and(|s| s.scope == spec.scope && s.key == spec.key)
-        });
+        let has_view = self
+            .volumes
+            .views_of_pod(&pod.uid)
+            .iter()
+            .any(|v| v.spec.scope == spec.scope && v.spec.key == spec.key);
         if !has_view {
             if let Err(e) = self.leases.release(&spec.scope, &spec.key, &pod.uid).await {
                 tracing::warn!(cache.key = spec.key, error = %e, "could not release a lock; it expires by itself");
@@ -526,13 +527,10 @@ impl Agent {
             tracing::debug!(view = id, "not deciding yet: a pod of the view still runs");
             return; // a pod still runs, or its ending has not been seen yet
         };
-        let Ok(spec) = record.spec() else {
-            let _ = self.volumes.decide(id, ending).await;
-            return;
-        };
+        let spec = &record.spec;
         // A lost lock matters only to a commit: a view that is skipped anyway says why it is.
         let marked = self.volumes.marked(&record);
-        if spec.mode == Mode::Locked && node::skip_reason(&spec, ending, marked).is_none() {
+        if spec.mode == Mode::Locked && node::skip_reason(spec, ending, marked).is_none() {
             for p in &record.pods {
                 match self.leases.renew(&spec.scope, &spec.key, &p.uid).await {
                     Ok(true) => {}
@@ -599,7 +597,7 @@ impl Agent {
                 if v.state == ViewState::Pending {
                     self.spawn_finish(v.id.clone());
                 }
-                let Ok(spec) = v.spec() else { continue };
+                let spec = &v.spec;
                 if spec.mode != Mode::Locked {
                     continue;
                 }

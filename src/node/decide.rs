@@ -17,11 +17,11 @@ impl Volumes {
         let started = Instant::now();
         let result = self.commit(id, ending).await;
         let seconds = started.elapsed().as_secs_f64();
-        let spec = record.as_ref().and_then(|r| r.spec().ok());
-        let key = spec.as_ref().map(|s| s.key.clone()).unwrap_or_default();
+        let spec = record.as_ref().map(|r| &r.spec);
+        let key = spec.map(|s| s.key.clone()).unwrap_or_default();
         let mib = report::mib;
         // What decided the commit, for the event (only pods with a cluster get events).
-        let decided = match (spec.as_ref().map(|s| s.commit_on), ending) {
+        let decided = match (spec.map(|s| s.commit_on), ending) {
             (Some(CommitOn::Marker), _) => "marked by the job",
             (Some(CommitOn::Always), Ending::Failed | Ending::Aborted) => "commit-on always",
             (_, Ending::Succeeded) => "pod succeeded",
@@ -125,7 +125,7 @@ impl Volumes {
         if record.state != ViewState::Pending {
             return Ok(CommitDecision::NotPending);
         }
-        let spec = record.spec()?;
+        let spec = record.spec.clone();
         if let Some(why) = skip_reason(&spec, ending, self.marked(&record)) {
             self.discard(&record)?;
             return Ok(CommitDecision::Skipped(why));

@@ -150,7 +150,7 @@ fn publish_req(n: &Node, pod_name: &str, mode: &str, extra: &[(&str, &str)]) -> 
     Publish {
         volume_id: "cv-1".into(),
         target: n.tmp.path().join("pods").join(pod_name).join("mount"),
-        context,
+        spec: VolumeSpec::from_publish(&context, None).unwrap(),
         read_only: false,
         pod: Some(pod(pod_name)),
         group: None,
@@ -714,7 +714,7 @@ async fn a_view_is_abnormal_once_it_loses_its_mounts_its_base_or_its_store() {
     n.volumes.answers.set(&n.store, health::Answers::default());
 
     // The node dropped the view's base (found damaged).
-    let engine = n.volumes.engine(&record.spec().unwrap()).unwrap();
+    let engine = n.volumes.engine(&record.spec).unwrap();
     engine.forget(&record.base_dir);
     let c = condition(&n);
     assert!(
@@ -747,7 +747,7 @@ async fn a_store_request_that_fails_is_recorded_for_the_condition() {
     let dir = n.tmp.path().join("store");
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::write(&dir, "not a store").unwrap();
-    let spec = n.volumes.load(&p.view).unwrap().spec().unwrap();
+    let spec = n.volumes.load(&p.view).unwrap().spec;
     let engine = n.volumes.engine(&spec).unwrap();
     assert!(engine.newest("npm").await.is_err());
     assert!(n.volumes.answers.of(&n.store).first_failure.is_some());
