@@ -117,7 +117,7 @@ fn generation(d: &CommitDecision) -> Option<u64> {
             CommitOutcome::Committed { generation } => Some(generation),
             CommitOutcome::Unchanged { .. } => None,
         },
-        CommitDecision::Skipped(_) | CommitDecision::NotPending => None,
+        CommitDecision::Skipped(_) | CommitDecision::Fenced(_) | CommitDecision::NotPending => None,
     }
 }
 

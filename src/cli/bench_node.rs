@@ -116,7 +116,9 @@ async fn finish(v: &Volumes, target: &Path, ending: Ending) -> Result<(f64, u64)
     let secs = t.elapsed().as_secs_f64();
     Ok(match d {
         CommitDecision::Committed(r) => (secs, r.uploaded),
-        CommitDecision::Skipped(_) | CommitDecision::NotPending => (secs, 0),
+        CommitDecision::Skipped(_) | CommitDecision::Fenced(_) | CommitDecision::NotPending => {
+            (secs, 0)
+        }
     })
 }
 

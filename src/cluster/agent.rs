@@ -20,8 +20,8 @@ use kube::runtime::{watcher, WatchStreamExt};
 
 use super::events::{reason, Type};
 use super::lease::{Acquire, Claimant, Leases};
-use crate::node::report::{CommitOutcome, Waiting};
-use crate::node::{self, CommitDecision, ViewState, Volumes};
+use crate::node::report::Waiting;
+use crate::node::{self, ViewState, Volumes};
 use crate::spec::{self, user, DriverName, Ending, Mode, PodRef, VolumeSpec};
 
 /// How often a waiting publish asks for its lock even when the Lease does not change.
@@ -528,9 +528,13 @@ impl Agent {
             return; // a pod still runs, or its ending has not been seen yet
         };
         let spec = &record.spec;
-        // A lost lock matters only to a commit: a view that is skipped anyway says why it is.
+        // A lost lock matters only to a commit: the Lease is asked only when the verdict
+        // with the lock held is to commit; the node decides (and reports) with the answer.
         let marked = self.volumes.marked(&record);
-        if spec.mode == Mode::Locked && node::skip_reason(spec, ending, marked).is_none() {
+        let mut lock = node::Lock::Held;
+        if spec.mode == Mode::Locked
+            && node::verdict(spec, ending, marked, &node::Lock::Held).is_none()
+        {
             for p in &record.pods {
                 match self.leases.renew(&spec.scope, &spec.key, &p.uid).await {
                     Ok(true) => {}
@@ -542,28 +546,11 @@ impl Agent {
                             .ok()
                             .flatten()
                             .unwrap_or_else(|| "nobody".into());
-                        let why = format!(
-                            "commit of cache {} refused: pod {}/{} lost its lock (its lease \
-                             expired and is now held by {holder}), so its writes could \
-                             overwrite newer data",
-                            spec.key, p.namespace, p.name
-                        );
-                        match self.volumes.abandon(id, why.clone()).await {
-                            Ok(CommitDecision::Skipped(_)) => {
-                                let report = self.volumes.report();
-                                report.commit(CommitOutcome::Fenced, 0, 0.0);
-                                for q in &record.pods {
-                                    report
-                                        .event(q, Type::Warning, reason::FENCED, why.clone())
-                                        .await;
-                                }
-                            }
-                            Ok(_) => {}
-                            Err(e) => {
-                                tracing::warn!(view = id, error = %e, "could not drop a fenced view")
-                            }
-                        }
-                        return;
+                        lock = node::Lock::Lost {
+                            pod: format!("{}/{}", p.namespace, p.name),
+                            holder,
+                        };
+                        break;
                     }
                     Err(e) => {
                         // Decided on a later tick, when the API answers again.
@@ -573,10 +560,11 @@ impl Agent {
                 }
             }
         }
-        let result = self.volumes.decide(id, ending).await;
+        let result = self.volumes.decide_with_lock(id, ending, &lock).await;
         let retry_later =
             matches!(&result, Err(node::Error::Engine(e)) if e.is_store_unavailable());
-        if spec.mode == Mode::Locked && !retry_later {
+        // A lost lock is another pod's now: nothing to release.
+        if spec.mode == Mode::Locked && !retry_later && lock == node::Lock::Held {
             for p in &record.pods {
                 if let Err(e) = self.leases.release(&spec.scope, &spec.key, &p.uid).await {
                     tracing::warn!(view = id, error = %e, "could not release a lock; it expires by itself");

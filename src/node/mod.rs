@@ -40,7 +40,7 @@ pub use crate::spec::{Ending, PodRef};
 
 pub use bases::{grant_group, BaseForm};
 pub use condition::Condition;
-pub use decide::skip_reason;
+pub use decide::{verdict, Lock};
 pub use mount::Mounter;
 pub use report::{NoReport, Report};
 
@@ -196,10 +196,17 @@ pub struct Published {
     pub seconds: f64,
 }
 
+/// The node's answer for a finished view ([`Volumes::decide`]); a failed commit is an error
+/// instead. Its metric label is [`report::CommitOutcome::of`] it.
 #[derive(Clone, Debug)]
 pub enum CommitDecision {
+    /// The engine's report: a new generation, or unchanged.
     Committed(CommitReport),
+    /// Not committed on purpose ([`verdict`]): policy `pull`, `commit-on`, how the pods ended.
     Skipped(String),
+    /// Refused: its writer lost the lock of its locked cache ([`verdict`]), or the generation
+    /// it may create was taken (the engine's fence). Says why.
+    Fenced(String),
     /// Nothing to decide: the view is gone (decided by an earlier call) or still mounted.
     NotPending,
 }

@@ -402,6 +402,58 @@ async fn the_commit_decision_follows_commit_on_the_ending_and_the_marker() {
     ));
 }
 
+/// A locked view whose writer lost its lock is fenced: dropped, nothing uploaded, counted once
+/// as fenced and told once to its pod, by the node (the agent only says how the lock stands).
+#[tokio::test]
+async fn a_lost_lock_fences_the_commit_and_is_reported_once() {
+    let n = node(Fake::default()).await;
+    let req = publish_req(&n, "a", "locked", &[]);
+    let p = n.volumes.publish(req.clone()).await.unwrap();
+    std::fs::write(upper(&n, &p.view).join("x"), "x").unwrap();
+    n.volumes.unpublish("cv-1", &req.target).await.unwrap();
+    let lost = Lock::Lost {
+        pod: "ci/a".into(),
+        holder: "ci/b".into(),
+    };
+    let d = n
+        .volumes
+        .decide_with_lock(&p.view, Ending::Succeeded, &lost)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&d, CommitDecision::Fenced(w) if w.contains("pod ci/a lost its lock")
+            && w.contains("held by ci/b")),
+        "{d:?}"
+    );
+    assert!(
+        n.volumes.load(&p.view).is_none(),
+        "a fenced view is dropped"
+    );
+    assert_eq!(
+        n.seen.counted(),
+        ["restore key restored", "base tree", "commit fenced"]
+    );
+    let fenced: Vec<String> = n
+        .seen
+        .events()
+        .into_iter()
+        .filter(|e| e.contains("CacheFenced"))
+        .collect();
+    assert_eq!(fenced.len(), 1, "{fenced:?}");
+    assert!(fenced[0].starts_with("event Warning CacheFenced a: commit of cache npm refused"));
+    let engine = Engine::new(
+        Store::open(&n.store).unwrap(),
+        "ci",
+        n.tmp.path().join("check"),
+    )
+    .unwrap();
+    assert_eq!(
+        engine.newest("npm").await.unwrap(),
+        Some(1),
+        "nothing committed"
+    );
+}
+
 /// Publishes the cache for pod `pod_name` as a private view.
 async fn publish_private(n: &Node, pod_name: &str) -> Published {
     n.volumes
