@@ -787,6 +787,40 @@ mod tests {
     }
 
     #[test]
+    fn a_publish_context_is_read_once_whichever_kind_of_volume() {
+        // The controller's attributes, kubelet's pod info beside them ignored.
+        let mut ctx = params(&[
+            ("scope", "team-a"),
+            ("key", "npm"),
+            ("mode", "shared"),
+            ("csi.storage.k8s.io/pod.uid", "u-1"),
+        ]);
+        // No store named: the driver's.
+        let s = VolumeSpec::from_publish(&ctx, Some(STORE)).unwrap();
+        assert_eq!((s.store.as_str(), s.mode), (STORE, Mode::Shared));
+        assert!(VolumeSpec::from_publish(&ctx, None).is_err());
+        // A store named is kept.
+        ctx.insert("store".into(), "file:///var/cache/cv".into());
+        let s = VolumeSpec::from_publish(&ctx, Some(STORE)).unwrap();
+        assert_eq!(s.store, "file:///var/cache/cv");
+        // An invalid attribute is one error that names it.
+        ctx.insert("commit-on".into(), "never".into());
+        let e = VolumeSpec::from_publish(&ctx, Some(STORE)).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidParameter { name, .. } if name == "commit-on"),
+            "{e}"
+        );
+        // An inline volume: the pod's namespace, the driver's store.
+        let inline = params(&[
+            ("key", "npm"),
+            ("csi.storage.k8s.io/ephemeral", "true"),
+            ("csi.storage.k8s.io/pod.namespace", "team-b"),
+        ]);
+        let s = VolumeSpec::from_publish(&inline, Some(STORE)).unwrap();
+        assert_eq!((s.store.as_str(), s.scope.as_str()), (STORE, "team-b"));
+    }
+
+    #[test]
     fn store_urls_must_be_openable_and_free_of_credentials() {
         for ok in [
             "s3://bucket/prefix",
