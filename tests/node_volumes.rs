@@ -14,7 +14,7 @@ mod common;
 
 use cachevol::engine::CommitOutcome;
 use cachevol::node::{CommitDecision, NodeConfig, Publish, ViewKind, Volumes};
-use cachevol::spec::{Ending, PodRef};
+use cachevol::spec::{Ending, PodRef, VolumeSpec};
 
 /// Whether the nodes of this run write their bases as images (the default) or as trees.
 fn images() -> bool {
@@ -86,7 +86,7 @@ async fn try_publish(
         .publish(Publish {
             volume_id: "cv-vol".into(),
             target: target.to_path_buf(),
-            context: c.clone(),
+            spec: VolumeSpec::from_publish(c, None).unwrap(),
             read_only: false,
             pod: Some(pod(p)),
             group,
@@ -117,7 +117,7 @@ fn generation(d: &CommitDecision) -> Option<u64> {
             CommitOutcome::Committed { generation } => Some(generation),
             CommitOutcome::Unchanged { .. } => None,
         },
-        CommitDecision::Skipped(_) | CommitDecision::NotPending => None,
+        CommitDecision::Skipped(_) | CommitDecision::Fenced(_) | CommitDecision::NotPending => None,
     }
 }
 
@@ -441,7 +441,7 @@ async fn pods_asking_at_once_share_one_download_and_read_only_is_honoured() {
         .publish(Publish {
             volume_id: "cv-vol".into(),
             target: ro.clone(),
-            context: c.clone(),
+            spec: VolumeSpec::from_publish(&c, None).unwrap(),
             read_only: true,
             pod: Some(pod("ro")),
             group: None,

@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::engine::{CommitOptions, Engine, Error, Store};
 use crate::node::{CommitDecision, NodeConfig, Publish, Volumes};
-use crate::spec::{Ending, PodRef};
+use crate::spec::{Ending, PodRef, VolumeSpec};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct NodeFigures {
@@ -85,7 +85,7 @@ async fn publish(
     v.publish(Publish {
         volume_id: "cv-bench".into(),
         target: target.to_path_buf(),
-        context: ctx.clone(),
+        spec: VolumeSpec::from_publish(ctx, None).map_err(|e| Error::Lock(e.to_string()))?,
         read_only: false,
         pod: Some(PodRef {
             name: pod.into(),
@@ -116,7 +116,9 @@ async fn finish(v: &Volumes, target: &Path, ending: Ending) -> Result<(f64, u64)
     let secs = t.elapsed().as_secs_f64();
     Ok(match d {
         CommitDecision::Committed(r) => (secs, r.uploaded),
-        CommitDecision::Skipped(_) | CommitDecision::NotPending => (secs, 0),
+        CommitDecision::Skipped(_) | CommitDecision::Fenced(_) | CommitDecision::NotPending => {
+            (secs, 0)
+        }
     })
 }
 

@@ -20,9 +20,9 @@ use kube::runtime::{watcher, WatchStreamExt};
 
 use super::events::{reason, Type};
 use super::lease::{Acquire, Claimant, Leases};
-use crate::node::report::{CommitOutcome, Waiting};
-use crate::node::{self, CommitDecision, ViewState, Volumes};
-use crate::spec::{DriverName, Ending, Mode, PodRef, VolumeSpec};
+use crate::node::report::Waiting;
+use crate::node::{self, ViewState, Volumes};
+use crate::spec::{self, user, DriverName, Ending, Mode, PodRef, VolumeSpec};
 
 /// How often a waiting publish asks for its lock even when the Lease does not change.
 const WAITER_HEARTBEAT: Duration = Duration::from_secs(5);
@@ -239,10 +239,10 @@ impl Agent {
             return Ok(None);
         }
         let pod = pod.ok_or_else(|| {
-            node::Error::InvalidArgument(
+            spec::Error::parameter(
+                user::POD_UID,
                 "a locked cache needs the pod's identity: the CSIDriver must have \
-                 podInfoOnMount: true"
-                    .into(),
+                 podInfoOnMount: true",
             )
         })?;
         let me = claimant(pod, &self.node, volume);
@@ -380,10 +380,11 @@ impl Agent {
         let (Mode::Locked, Some(pod)) = (spec.mode, pod) else {
             return;
         };
-        let has_view = self.volumes.views_of_pod(&pod.uid).iter().any(|v| {
-            v.spec()
-                .is_ok_and(|s| s.scope == spec.scope && s.key == spec.key)
-        });
+        let has_view = self
+            .volumes
+            .views_of_pod(&pod.uid)
+            .iter()
+            .any(|v| v.spec.scope == spec.scope && v.spec.key == spec.key);
         if !has_view {
             if let Err(e) = self.leases.release(&spec.scope, &spec.key, &pod.uid).await {
                 tracing::warn!(cache.key = spec.key, error = %e, "could not release a lock; it expires by itself");
@@ -526,13 +527,14 @@ impl Agent {
             tracing::debug!(view = id, "not deciding yet: a pod of the view still runs");
             return; // a pod still runs, or its ending has not been seen yet
         };
-        let Ok(spec) = record.spec() else {
-            let _ = self.volumes.decide(id, ending).await;
-            return;
-        };
-        // A lost lock matters only to a commit: a view that is skipped anyway says why it is.
+        let spec = &record.spec;
+        // A lost lock matters only to a commit: the Lease is asked only when the verdict
+        // with the lock held is to commit; the node decides (and reports) with the answer.
         let marked = self.volumes.marked(&record);
-        if spec.mode == Mode::Locked && node::skip_reason(&spec, ending, marked).is_none() {
+        let mut lock = node::Lock::Held;
+        if spec.mode == Mode::Locked
+            && node::verdict(spec, ending, marked, &node::Lock::Held).is_none()
+        {
             for p in &record.pods {
                 match self.leases.renew(&spec.scope, &spec.key, &p.uid).await {
                     Ok(true) => {}
@@ -544,28 +546,11 @@ impl Agent {
                             .ok()
                             .flatten()
                             .unwrap_or_else(|| "nobody".into());
-                        let why = format!(
-                            "commit of cache {} refused: pod {}/{} lost its lock (its lease \
-                             expired and is now held by {holder}), so its writes could \
-                             overwrite newer data",
-                            spec.key, p.namespace, p.name
-                        );
-                        match self.volumes.abandon(id, why.clone()).await {
-                            Ok(CommitDecision::Skipped(_)) => {
-                                let report = self.volumes.report();
-                                report.commit(CommitOutcome::Fenced, 0, 0.0);
-                                for q in &record.pods {
-                                    report
-                                        .event(q, Type::Warning, reason::FENCED, why.clone())
-                                        .await;
-                                }
-                            }
-                            Ok(_) => {}
-                            Err(e) => {
-                                tracing::warn!(view = id, error = %e, "could not drop a fenced view")
-                            }
-                        }
-                        return;
+                        lock = node::Lock::Lost {
+                            pod: format!("{}/{}", p.namespace, p.name),
+                            holder,
+                        };
+                        break;
                     }
                     Err(e) => {
                         // Decided on a later tick, when the API answers again.
@@ -575,10 +560,11 @@ impl Agent {
                 }
             }
         }
-        let result = self.volumes.decide(id, ending).await;
+        let result = self.volumes.decide_with_lock(id, ending, &lock).await;
         let retry_later =
             matches!(&result, Err(node::Error::Engine(e)) if e.is_store_unavailable());
-        if spec.mode == Mode::Locked && !retry_later {
+        // A lost lock is another pod's now: nothing to release.
+        if spec.mode == Mode::Locked && !retry_later && lock == node::Lock::Held {
             for p in &record.pods {
                 if let Err(e) = self.leases.release(&spec.scope, &spec.key, &p.uid).await {
                     tracing::warn!(view = id, error = %e, "could not release a lock; it expires by itself");
@@ -599,7 +585,7 @@ impl Agent {
                 if v.state == ViewState::Pending {
                     self.spawn_finish(v.id.clone());
                 }
-                let Ok(spec) = v.spec() else { continue };
+                let spec = &v.spec;
                 if spec.mode != Mode::Locked {
                     continue;
                 }

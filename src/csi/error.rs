@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use tonic::{Code, Status};
 
-use crate::{engine, spec};
+use crate::{engine, node, spec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -56,6 +56,12 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A volume setting is invalid (a StorageClass parameter, an annotation, a volume
+    /// attribute, the volume context of a publish: named), or the controller's records cannot
+    /// be read or written. Kept as the volume model's own error; its code is chosen below.
+    #[error(transparent)]
+    Spec(#[from] spec::Error),
+
     #[error(transparent)]
     Engine(#[from] engine::Error),
 }
@@ -95,7 +101,8 @@ impl Error {
             Error::OperationPending(_) => Code::Aborted,
             Error::Unavailable(_) => Code::Unavailable,
             Error::CapacityOutOfRange(_) => Code::OutOfRange,
-            Error::Io { .. } => Code::Internal,
+            Error::Spec(spec::Error::InvalidParameter { .. }) => Code::InvalidArgument,
+            Error::Io { .. } | Error::Spec(spec::Error::Io { .. }) => Code::Internal,
             Error::Engine(e) => engine_code(e),
         }
     }
@@ -148,13 +155,20 @@ impl From<Error> for Status {
     }
 }
 
-impl From<spec::Error> for Error {
-    /// The volume model's errors keep their meaning (and message): a bad setting is a bad
-    /// parameter, unreadable records are local I/O.
-    fn from(e: spec::Error) -> Error {
+impl From<node::Error> for Error {
+    /// The node's errors by meaning: an invalid setting stays the volume model's error, a call
+    /// in flight is "operation pending", a held lock is retryable, an unknown target is a
+    /// volume not found.
+    fn from(e: node::Error) -> Error {
         match e {
-            spec::Error::InvalidParameter { name, why } => Error::InvalidParameter { name, why },
-            spec::Error::Io { op, path, source } => Error::Io { op, path, source },
+            node::Error::Spec(e) => Error::Spec(e),
+            node::Error::Busy(what) => Error::OperationPending(what),
+            node::Error::Unavailable(what) => Error::Unavailable(what),
+            node::Error::NotPublished(id, target) => {
+                Error::VolumeNotFound(format!("{id} at {target}"))
+            }
+            node::Error::Io { op, path, source } => Error::Io { op, path, source },
+            node::Error::Engine(e) => Error::Engine(e),
         }
     }
 }

@@ -15,25 +15,7 @@ use super::{capability, handle, inflight::InFlight, Error};
 use crate::cluster::agent::Agent;
 use crate::metrics::Metrics;
 use crate::node::{self as volumes, Volumes};
-use crate::spec::{Ending, PodRef};
-
-impl From<volumes::Error> for Error {
-    fn from(e: volumes::Error) -> Error {
-        match e {
-            volumes::Error::InvalidArgument(why) => Error::InvalidParameter {
-                name: "volume_context".into(),
-                why,
-            },
-            volumes::Error::Busy(what) => Error::OperationPending(what),
-            volumes::Error::Unavailable(what) => Error::Unavailable(what),
-            volumes::Error::NotPublished(id, target) => {
-                Error::VolumeNotFound(format!("{id} at {target}"))
-            }
-            volumes::Error::Io { op, path, source } => Error::Io { op, path, source },
-            volumes::Error::Engine(e) => Error::Engine(e),
-        }
-    }
-}
+use crate::spec::{Ending, PodRef, VolumeSpec};
 
 pub struct NodeService {
     volumes: Arc<Volumes>,
@@ -138,9 +120,14 @@ impl NodeService {
         let _guard = self
             .inflight
             .begin(&format!("{volume_id}\0{}", target.display()))?;
+        // The volume context is read here, once, into the volume model: everything below
+        // (the lock, the view, its record, the commit) works with the typed spec and pod.
         let pod = PodRef::from_context(&r.volume_context);
         let group = mount_group(cap)?;
-        let spec = self.volumes.spec_of(&r.volume_context)?;
+        let spec = VolumeSpec::from_publish(
+            &r.volume_context,
+            self.volumes.config().default_store.as_deref(),
+        )?;
         let _renewing = match &self.agent {
             Some(agent) => agent.lock(&spec, pod.as_ref(), volume_id, &target).await?,
             None => None,
@@ -150,7 +137,7 @@ impl NodeService {
             .publish(volumes::Publish {
                 volume_id: volume_id.to_string(),
                 target: target.clone(),
-                context: r.volume_context.clone(),
+                spec: spec.clone(),
                 read_only: r.readonly || capability::is_read_only(mode),
                 pod: pod.clone(),
                 group,

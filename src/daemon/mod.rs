@@ -52,6 +52,7 @@ impl Error {
             Error::Csi(
                 csi::Error::InvalidField { .. }
                 | csi::Error::InvalidParameter { .. }
+                | csi::Error::Spec(spec::Error::InvalidParameter { .. })
                 | csi::Error::MissingField(_),
             ) => 2,
             _ => 1,

@@ -106,15 +106,12 @@ impl Volumes {
             }
         };
         let is_mounted = |p: &Path| mounted.as_ref().map(|m| m.iter().any(|x| x == p));
-        let spec = view.spec().ok();
-        let store = spec
-            .as_ref()
-            .map(|s| crate::engine::store::redact_url(&s.store))
-            .unwrap_or_default();
+        let spec = &view.spec;
+        let store = crate::engine::store::redact_url(&spec.store);
         let (view_mounted, base) = match view.kind {
             ViewKind::Copy => (None, BaseSeen::Fine),
             ViewKind::Overlay => {
-                let engine = spec.as_ref().and_then(|s| self.engine(s).ok());
+                let engine = self.engine(spec).ok();
                 let base = if !view.base_dir.exists() {
                     BaseSeen::Gone
                 } else if engine.is_some_and(|e| !e.has_record(&view.base_dir)) {
@@ -129,11 +126,10 @@ impl Volumes {
                 (is_mounted(&self.view_dir(&view.id).join("view")), base)
             }
         };
-        let store_failing = spec.as_ref().and_then(|s| {
-            self.answers
-                .of(&s.store)
-                .failing_for(Instant::now(), FAILING_AFTER)
-        });
+        let store_failing = self
+            .answers
+            .of(&spec.store)
+            .failing_for(Instant::now(), FAILING_AFTER);
         decide(&Seen {
             target: target.to_path_buf(),
             target_mounted: is_mounted(target),

@@ -1,5 +1,6 @@
-//! The commit decision: whether a pending view is committed (its policy, `commit-on`, how its
-//! pods ended, the job's marker), the commit itself, and what is reported about it.
+//! The commit decision: whether a pending view is committed ([`verdict`]: its policy,
+//! `commit-on`, how its pods ended, the job's marker, the lock of a locked cache), the commit
+//! itself, and what is reported about it (once, in [`Volumes::decide`]).
 
 use std::path::Path;
 use std::time::Instant;
@@ -11,17 +12,41 @@ use crate::spec::{CommitOn, Mode, Policy, VolumeSpec};
 
 impl Volumes {
     /// Decides and commits a pending view as its pods ended (`ending`), and reports the
-    /// outcome: a metric always, and an Event on each of the view's pods.
+    /// outcome: a metric always, and an Event on each of the view's pods. For a view whose
+    /// writer's lock nobody checks (no cluster): see [`Volumes::decide_with_lock`].
     pub async fn decide(&self, id: &str, ending: Ending) -> Result<CommitDecision> {
+        self.decide_with_lock(id, ending, &Lock::Held).await
+    }
+
+    /// [`Volumes::decide`] for a view whose writer stands with its cache's lock as `lock` says
+    /// (the cluster agent asked the Lease). The one place a decision is reported: a fenced
+    /// view, whichever fence stopped it, is counted and told once.
+    pub async fn decide_with_lock(
+        &self,
+        id: &str,
+        ending: Ending,
+        lock: &Lock,
+    ) -> Result<CommitDecision> {
         let record = self.load(id);
         let started = Instant::now();
-        let result = self.commit(id, ending).await;
+        let result = self.commit_with_lock(id, ending, lock).await;
         let seconds = started.elapsed().as_secs_f64();
-        let spec = record.as_ref().and_then(|r| r.spec().ok());
-        let key = spec.as_ref().map(|s| s.key.clone()).unwrap_or_default();
+        let Some(outcome) = report::CommitOutcome::of(&result) else {
+            tracing::debug!(view = id, "nothing to decide: the view is not pending");
+            return result;
+        };
+        let uploaded = match &result {
+            Ok(CommitDecision::Committed(c)) if outcome == report::CommitOutcome::Committed => {
+                c.uploaded
+            }
+            _ => 0,
+        };
+        self.report.commit(outcome, uploaded, seconds);
+        let spec = record.as_ref().map(|r| &r.spec);
+        let key = spec.map(|s| s.key.clone()).unwrap_or_default();
         let mib = report::mib;
         // What decided the commit, for the event (only pods with a cluster get events).
-        let decided = match (spec.as_ref().map(|s| s.commit_on), ending) {
+        let decided = match (spec.map(|s| s.commit_on), ending) {
             (Some(CommitOn::Marker), _) => "marked by the job",
             (Some(CommitOn::Always), Ending::Failed | Ending::Aborted) => "commit-on always",
             (_, Ending::Succeeded) => "pod succeeded",
@@ -31,7 +56,6 @@ impl Volumes {
         let (kind, why, text) = match &result {
             Ok(CommitDecision::Committed(c)) => match c.outcome {
                 CommitOutcome::Committed { generation } => {
-                    r.commit(report::CommitOutcome::Committed, c.uploaded, seconds);
                     tracing::info!(
                         view = id,
                         cache.key = key,
@@ -59,7 +83,6 @@ impl Volumes {
                     (EventType::Normal, reason::COMMITTED, text)
                 }
                 CommitOutcome::Unchanged { generation } => {
-                    r.commit(report::CommitOutcome::Unchanged, 0, seconds);
                     tracing::info!(view = id, cache.key = key, "unchanged");
                     (
                         EventType::Normal,
@@ -74,7 +97,6 @@ impl Volumes {
                 }
             },
             Ok(CommitDecision::Skipped(why)) => {
-                r.commit(report::CommitOutcome::Skipped, 0, seconds);
                 tracing::info!(view = id, cache.key = key, why, "not committed");
                 (
                     EventType::Normal,
@@ -82,22 +104,16 @@ impl Volumes {
                     format!("cache {key}: not committed: {why}"),
                 )
             }
-            Ok(CommitDecision::NotPending) => {
-                tracing::debug!(view = id, "nothing to decide: the view is not pending");
-                return result;
+            Ok(CommitDecision::Fenced(why)) => {
+                tracing::warn!(view = id, error = %why, "commit fenced");
+                (EventType::Warning, reason::FENCED, why.clone())
             }
+            Ok(CommitDecision::NotPending) => return result,
             Err(super::Error::Engine(e)) if e.is_store_unavailable() => {
-                r.commit(report::CommitOutcome::Failed, 0, seconds);
                 tracing::warn!(view = id, error = %e, "commit failed: the store is unreachable; retried later");
                 return result;
             }
-            Err(super::Error::Engine(e @ engine::Error::Fenced { .. })) => {
-                r.commit(report::CommitOutcome::Fenced, 0, seconds);
-                tracing::warn!(view = id, error = %e, "commit fenced");
-                (EventType::Warning, reason::FENCED, e.to_string())
-            }
             Err(e) => {
-                r.commit(report::CommitOutcome::Refused, 0, seconds);
                 tracing::warn!(view = id, error = %e, "commit refused");
                 (
                     EventType::Warning,
@@ -115,20 +131,31 @@ impl Volumes {
     }
 
     /// Decides and (when the policy allows and the pods ended well) commits a pending view,
-    /// then removes it. The committed tree becomes the node's base for the next pod.
+    /// then removes it. The committed tree becomes the node's base for the next pod. Reports
+    /// nothing: [`Volumes::decide`] does.
     pub async fn commit(&self, id: &str, ending: Ending) -> Result<CommitDecision> {
-        let lock = self.records.lock(id);
-        let _guard = lock.lock().await;
+        self.commit_with_lock(id, ending, &Lock::Held).await
+    }
+
+    /// [`Volumes::commit`] for a view whose writer stands with its cache's lock as `lock` says.
+    pub async fn commit_with_lock(
+        &self,
+        id: &str,
+        ending: Ending,
+        lock: &Lock,
+    ) -> Result<CommitDecision> {
+        let view_lock = self.records.lock(id);
+        let _guard = view_lock.lock().await;
         let Some(record) = self.load(id) else {
             return Ok(CommitDecision::NotPending);
         };
         if record.state != ViewState::Pending {
             return Ok(CommitDecision::NotPending);
         }
-        let spec = record.spec()?;
-        if let Some(why) = skip_reason(&spec, ending, self.marked(&record)) {
+        let spec = record.spec.clone();
+        if let Some(decided) = verdict(&spec, ending, self.marked(&record), lock) {
             self.discard(&record)?;
-            return Ok(CommitDecision::Skipped(why));
+            return Ok(decided);
         }
         let engine = self.engine(&spec)?;
         let writer = match record.pods.as_slice() {
@@ -185,8 +212,14 @@ impl Volumes {
         let (report, tree) = match result {
             Ok(v) => v,
             Err(e) if e.is_store_unavailable() => return Err(e.into()),
+            Err(e @ engine::Error::Fenced { .. }) => {
+                // The generation it may create was taken (a degraded or locked view that
+                // newer data overtook): the same answer as a lost lock, told the same way.
+                self.discard(&record)?;
+                return Ok(CommitDecision::Fenced(e.to_string()));
+            }
             Err(e) => {
-                // Refused (fenced, over budget) or invalid: retrying cannot help.
+                // Refused (over budget, too many conflicts) or invalid: retrying cannot help.
                 self.discard(&record)?;
                 return Err(e.into());
             }
@@ -215,39 +248,57 @@ impl Volumes {
         };
         marker_in(&root)
     }
-
-    /// Drops a pending view without committing it (its writer was fenced): the decision is
-    /// `Skipped(why)`.
-    pub async fn abandon(&self, id: &str, why: String) -> Result<CommitDecision> {
-        let lock = self.records.lock(id);
-        let _guard = lock.lock().await;
-        match self.load(id) {
-            Some(r) if r.state == ViewState::Pending => {
-                self.discard(&r)?;
-                Ok(CommitDecision::Skipped(why))
-            }
-            _ => Ok(CommitDecision::NotPending),
-        }
-    }
 }
 
-/// Why a view of `spec` whose pods ended as `ending` is not committed; None: it is. `marked`:
-/// the job created the commit marker at the view's root (what decides under `commit-on:
-/// marker`, whatever the pods' phase or deletion).
-pub fn skip_reason(spec: &VolumeSpec, ending: Ending, marked: bool) -> Option<String> {
+/// How the writer of a view stands with its cache's lock when the view is decided (only a
+/// `locked` cache has one; only the cluster agent asks its Lease).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lock {
+    /// Held, or nobody asked: not a locked cache, no cluster, or the view is not committed
+    /// anyway (a lost lock matters only to a commit).
+    Held,
+    /// Lost: pod `pod` (`namespace/name`) let its Lease expire and `holder` has it now.
+    Lost { pod: String, holder: String },
+}
+
+/// The one commit decision for a view of `spec` whose pods ended as `ending`: `None` when it is
+/// committed, else the answer given instead ([`CommitDecision::Skipped`] or
+/// [`CommitDecision::Fenced`], saying why). `marked`: the job created the commit marker at the
+/// view's root (what decides under `commit-on: marker`, whatever the pods' phase or deletion).
+/// `lock`: a locked cache's writer that lost its lock is fenced, since its writes could
+/// overwrite newer data; a view that is skipped anyway says why it is skipped.
+pub fn verdict(
+    spec: &VolumeSpec,
+    ending: Ending,
+    marked: bool,
+    lock: &Lock,
+) -> Option<CommitDecision> {
+    let skip = |why: String| Some(CommitDecision::Skipped(why));
     match (spec.policy, spec.commit_on, ending) {
-        (Policy::Pull, _, _) => Some("policy pull never commits".to_string()),
-        (_, CommitOn::Marker, _) if marked => None,
-        (_, CommitOn::Marker, _) => Some(format!(
-            "the job wrote no marker: commit-on is marker and no file {} was created at the \
-             volume's root",
-            engine::MARKER
-        )),
+        (Policy::Pull, _, _) => return skip("policy pull never commits".to_string()),
+        (_, CommitOn::Marker, _) if marked => {}
+        (_, CommitOn::Marker, _) => {
+            return skip(format!(
+                "the job wrote no marker: commit-on is marker and no file {} was created at \
+                 the volume's root",
+                engine::MARKER
+            ))
+        }
         (_, _, Ending::Aborted) => {
-            Some("the pod was killed, evicted or deleted before it finished".to_string())
+            return skip("the pod was killed, evicted or deleted before it finished".to_string())
         }
         (_, CommitOn::Success, Ending::Failed) => {
-            Some("the pod failed and commit-on is success".to_string())
+            return skip("the pod failed and commit-on is success".to_string())
+        }
+        _ => {}
+    }
+    match lock {
+        Lock::Lost { pod, holder } if spec.mode == Mode::Locked => {
+            Some(CommitDecision::Fenced(format!(
+                "commit of cache {} refused: pod {pod} lost its lock (its lease expired and is \
+                 now held by {holder}), so its writes could overwrite newer data",
+                spec.key
+            )))
         }
         _ => None,
     }
@@ -272,13 +323,13 @@ fn upper_is_unchanged(upper: &Path) -> bool {
 mod tests {
     use super::*;
 
-    fn spec(policy: Policy, commit_on: CommitOn) -> VolumeSpec {
+    fn spec(policy: Policy, commit_on: CommitOn, mode: Mode) -> VolumeSpec {
         VolumeSpec {
             store: "file:///s".into(),
             scope: "ci".into(),
             key: "npm".into(),
             restore_keys: vec![],
-            mode: Mode::Private,
+            mode,
             policy,
             commit_on,
             merge: engine::Merge::Replace,
@@ -286,37 +337,264 @@ mod tests {
         }
     }
 
-    /// The commit decision for every commit-on, ending and marker: under `marker` only the
-    /// marker counts (GitLab and Jenkins pods are deleted while running, ARC pods Succeed
-    /// after failed jobs); `pull` never commits; an aborted pod never commits otherwise.
+    /// What a row expects: committed, or the answer given instead with a word of its reason.
+    #[derive(Debug)]
+    enum Want {
+        Commit,
+        Skipped(&'static str),
+        Fenced(&'static str),
+    }
+
+    /// The commit decision for every commit-on, ending and marker, and for a locked cache's
+    /// lock: under `marker` only the marker counts (GitLab and Jenkins pods are deleted while
+    /// running, ARC pods Succeed after failed jobs); `pull` never commits; an aborted pod never
+    /// commits otherwise; a locked cache's writer that lost its lock is fenced, but only where
+    /// it would have committed (a skipped view says why it is skipped), and a lock is nothing
+    /// to a cache that is not locked.
     #[test]
     fn what_decides_a_commit() {
         use CommitOn::*;
         use Ending::*;
+        use Mode::*;
         use Policy::*;
+        use Want::*;
+        let lost = Lock::Lost {
+            pod: "ci/build-1".into(),
+            holder: "ci/build-2".into(),
+        };
+        let held = Lock::Held;
         let cases = [
-            // (policy, commit-on, ending, marked, committed, why contains)
-            (PullPush, Success, Succeeded, false, true, ""),
-            (PullPush, Success, Succeeded, true, true, ""),
-            (PullPush, Success, Failed, true, false, "failed"),
-            (PullPush, Success, Aborted, true, false, "killed"),
-            (PullPush, Always, Failed, false, true, ""),
-            (PullPush, Always, Aborted, false, false, "deleted"),
-            (PullPush, Marker, Succeeded, false, false, MARKER_NAME),
-            (PullPush, Marker, Succeeded, true, true, ""),
-            (PullPush, Marker, Failed, true, true, ""),
-            (PullPush, Marker, Aborted, true, true, ""),
-            (PullPush, Marker, Aborted, false, false, "no marker"),
-            (Push, Marker, Aborted, true, true, ""),
-            (Pull, Marker, Succeeded, true, false, "pull"),
-            (Pull, Always, Succeeded, false, false, "pull"),
+            // (policy, commit-on, mode, ending, marked, lock, expected)
+            (PullPush, Success, Private, Succeeded, false, &held, Commit),
+            (PullPush, Success, Private, Succeeded, true, &held, Commit),
+            (
+                PullPush,
+                Success,
+                Private,
+                Failed,
+                false,
+                &held,
+                Skipped("failed"),
+            ),
+            (
+                PullPush,
+                Success,
+                Private,
+                Failed,
+                true,
+                &held,
+                Skipped("failed"),
+            ),
+            (
+                PullPush,
+                Success,
+                Private,
+                Aborted,
+                false,
+                &held,
+                Skipped("killed"),
+            ),
+            (
+                PullPush,
+                Success,
+                Private,
+                Aborted,
+                true,
+                &held,
+                Skipped("killed"),
+            ),
+            (PullPush, Always, Private, Succeeded, false, &held, Commit),
+            (PullPush, Always, Private, Failed, false, &held, Commit),
+            (PullPush, Always, Private, Failed, true, &held, Commit),
+            (
+                PullPush,
+                Always,
+                Private,
+                Aborted,
+                false,
+                &held,
+                Skipped("deleted"),
+            ),
+            (
+                PullPush,
+                Always,
+                Private,
+                Aborted,
+                true,
+                &held,
+                Skipped("evicted"),
+            ),
+            (
+                PullPush,
+                Marker,
+                Private,
+                Succeeded,
+                false,
+                &held,
+                Skipped(MARKER_NAME),
+            ),
+            (PullPush, Marker, Private, Succeeded, true, &held, Commit),
+            (
+                PullPush,
+                Marker,
+                Private,
+                Failed,
+                false,
+                &held,
+                Skipped("no marker"),
+            ),
+            (PullPush, Marker, Private, Failed, true, &held, Commit),
+            (
+                PullPush,
+                Marker,
+                Private,
+                Aborted,
+                false,
+                &held,
+                Skipped("no marker"),
+            ),
+            (PullPush, Marker, Private, Aborted, true, &held, Commit),
+            (PullPush, Success, Shared, Succeeded, false, &held, Commit),
+            (Push, Success, Private, Succeeded, false, &held, Commit),
+            (
+                Push,
+                Success,
+                Private,
+                Failed,
+                false,
+                &held,
+                Skipped("failed"),
+            ),
+            (Push, Marker, Private, Aborted, true, &held, Commit),
+            (
+                Pull,
+                Success,
+                Private,
+                Succeeded,
+                false,
+                &held,
+                Skipped("pull"),
+            ),
+            (
+                Pull,
+                Marker,
+                Private,
+                Succeeded,
+                true,
+                &held,
+                Skipped("pull"),
+            ),
+            (
+                Pull,
+                Always,
+                Private,
+                Succeeded,
+                false,
+                &held,
+                Skipped("pull"),
+            ),
+            // Locked: held, the same as any mode.
+            (PullPush, Success, Locked, Succeeded, false, &held, Commit),
+            (
+                PullPush,
+                Success,
+                Locked,
+                Failed,
+                false,
+                &held,
+                Skipped("failed"),
+            ),
+            // Locked, lost: fenced where it would commit ...
+            (
+                PullPush,
+                Success,
+                Locked,
+                Succeeded,
+                false,
+                &lost,
+                Fenced("lost its lock"),
+            ),
+            (
+                PullPush,
+                Always,
+                Locked,
+                Failed,
+                false,
+                &lost,
+                Fenced("ci/build-2"),
+            ),
+            (
+                PullPush,
+                Marker,
+                Locked,
+                Aborted,
+                true,
+                &lost,
+                Fenced("pod ci/build-1"),
+            ),
+            (
+                Push,
+                Success,
+                Locked,
+                Succeeded,
+                false,
+                &lost,
+                Fenced("newer data"),
+            ),
+            // ... and skipped, saying why, where it would not.
+            (
+                PullPush,
+                Success,
+                Locked,
+                Failed,
+                false,
+                &lost,
+                Skipped("failed"),
+            ),
+            (
+                PullPush,
+                Success,
+                Locked,
+                Aborted,
+                false,
+                &lost,
+                Skipped("killed"),
+            ),
+            (
+                PullPush,
+                Marker,
+                Locked,
+                Succeeded,
+                false,
+                &lost,
+                Skipped("no marker"),
+            ),
+            (
+                Pull,
+                Success,
+                Locked,
+                Succeeded,
+                false,
+                &lost,
+                Skipped("pull"),
+            ),
+            // A lock is nothing to a cache that is not locked.
+            (PullPush, Success, Private, Succeeded, false, &lost, Commit),
+            (PullPush, Success, Shared, Succeeded, false, &lost, Commit),
         ];
-        for (policy, commit_on, ending, marked, committed, why) in cases {
-            let got = skip_reason(&spec(policy, commit_on), ending, marked);
-            let case = format!("{policy:?} {commit_on:?} {ending:?} marked={marked}: {got:?}");
-            assert_eq!(got.is_none(), committed, "{case}");
-            if let Some(g) = got {
-                assert!(g.contains(why), "{case}");
+        for (policy, commit_on, mode, ending, marked, lock, want) in cases {
+            let got = verdict(&spec(policy, commit_on, mode), ending, marked, lock);
+            let case = format!(
+                "{policy:?} {commit_on:?} {mode:?} {ending:?} marked={marked} {lock:?}: \
+                 want {want:?}, got {got:?}"
+            );
+            match (&got, &want) {
+                (None, Commit) => {}
+                (Some(CommitDecision::Skipped(why)), Skipped(needle))
+                | (Some(CommitDecision::Fenced(why)), Fenced(needle)) => {
+                    assert!(why.contains(needle), "{case}")
+                }
+                _ => panic!("{case}"),
             }
         }
     }

@@ -35,19 +35,21 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{self, CommitReport, Engine, RestoreSource, Store};
-use crate::spec::{attr, VolumeSpec};
+use crate::spec::VolumeSpec;
 pub use crate::spec::{Ending, PodRef};
 
 pub use bases::{grant_group, BaseForm};
 pub use condition::Condition;
-pub use decide::skip_reason;
+pub use decide::{verdict, Lock};
 pub use mount::Mounter;
 pub use report::{NoReport, Report};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{0}")]
-    InvalidArgument(String),
+    /// A volume setting is invalid (a locked cache published without the pod's identity);
+    /// names the attribute. Kept as the volume model's error, for the CSI side to map.
+    #[error(transparent)]
+    Spec(#[from] crate::spec::Error),
     /// Another call on the same volume or target is in flight.
     #[error("an operation on {0} is already in progress; retry later")]
     Busy(String),
@@ -110,8 +112,10 @@ pub enum ViewState {
 pub struct ViewRecord {
     pub id: String,
     pub volume_id: String,
-    /// The volume's attributes (the `volume_context` cachevol's controller made).
-    pub context: BTreeMap<String, String>,
+    /// The volume's spec, stored as its `volume_context` map under `context` (the format
+    /// records always had, so records of earlier versions read back).
+    #[serde(rename = "context")]
+    pub spec: VolumeSpec,
     pub kind: ViewKind,
     pub state: ViewState,
     /// The base tree the view started from.
@@ -160,19 +164,12 @@ pub(crate) fn unix_now() -> u64 {
     crate::engine::now_unix() as u64
 }
 
-impl ViewRecord {
-    pub fn spec(&self) -> Result<VolumeSpec> {
-        let ctx: HashMap<String, String> = self.context.clone().into_iter().collect();
-        VolumeSpec::from_context(&ctx).map_err(|e| Error::InvalidArgument(e.to_string()))
-    }
-}
-
-/// What NodePublishVolume asks for.
+/// What NodePublishVolume asks for, its volume context already read into `spec` and `pod`.
 #[derive(Clone, Debug)]
 pub struct Publish {
     pub volume_id: String,
     pub target: PathBuf,
-    pub context: HashMap<String, String>,
+    pub spec: VolumeSpec,
     pub read_only: bool,
     pub pod: Option<PodRef>,
     /// The pod's fsGroup (VOLUME_MOUNT_GROUP): the view is made writable by this group.
@@ -199,10 +196,17 @@ pub struct Published {
     pub seconds: f64,
 }
 
+/// The node's answer for a finished view ([`Volumes::decide`]); a failed commit is an error
+/// instead. Its metric label is [`report::CommitOutcome::of`] it.
 #[derive(Clone, Debug)]
 pub enum CommitDecision {
+    /// The engine's report: a new generation, or unchanged.
     Committed(CommitReport),
+    /// Not committed on purpose ([`verdict`]): policy `pull`, `commit-on`, how the pods ended.
     Skipped(String),
+    /// Refused: its writer lost the lock of its locked cache ([`verdict`]), or the generation
+    /// it may create was taken (the engine's fence). Says why.
+    Fenced(String),
     /// Nothing to decide: the view is gone (decided by an earlier call) or still mounted.
     NotPending,
 }
@@ -352,22 +356,6 @@ impl Volumes {
     /// The views pod `uid` has or had mounted.
     pub fn views_of_pod(&self, uid: &str) -> Vec<ViewRecord> {
         self.records.filter(|v| v.pods.iter().any(|p| p.uid == uid))
-    }
-
-    /// The spec of a NodePublishVolume context: the controller's attributes, or for an inline
-    /// volume the pod's own attributes (validated, in the pod's namespace, on the node's store).
-    pub fn spec_of(&self, ctx: &HashMap<String, String>) -> Result<VolumeSpec> {
-        if VolumeSpec::is_inline(ctx) {
-            return VolumeSpec::from_inline(ctx, self.cfg.default_store.as_deref())
-                .map_err(|e| Error::InvalidArgument(e.to_string()));
-        }
-        let mut ctx = ctx.clone();
-        if !ctx.contains_key(attr::STORE) {
-            if let Some(s) = &self.cfg.default_store {
-                ctx.insert(attr::STORE.into(), s.clone());
-            }
-        }
-        VolumeSpec::from_context(&ctx).map_err(|e| Error::InvalidArgument(e.to_string()))
     }
 
     /// Moves a directory out of the way and deletes it in the background: deleting a large

@@ -5,8 +5,8 @@
 
 use futures::future::BoxFuture;
 
-use super::{PodRef, Published, Volumes};
-use crate::engine::RestoreSource;
+use super::{CommitDecision, PodRef, Published, Volumes};
+use crate::engine::{self, RestoreSource};
 use crate::spec::VolumeSpec;
 
 /// Event reasons (the contract: users filter on them).
@@ -85,7 +85,8 @@ pub enum CommitOutcome {
     Unchanged,
     /// Not committed on purpose (policy `pull`, `commit-on: success` and the pod failed, ...).
     Skipped,
-    /// Refused because the writer's lock or generation was overtaken.
+    /// Refused because the writer's lock or generation was overtaken
+    /// ([`CommitDecision::Fenced`]).
     Fenced,
     /// Refused on purpose: over budget, too many conflicting commits, unsupported file, ...
     Refused,
@@ -94,6 +95,22 @@ pub enum CommitOutcome {
 }
 
 impl CommitOutcome {
+    /// The outcome of the node's answer for a view (None: nothing was decided, the view was
+    /// not pending). The only place a decision becomes a metric label.
+    pub fn of(decided: &super::Result<CommitDecision>) -> Option<CommitOutcome> {
+        Some(match decided {
+            Ok(CommitDecision::Committed(c)) => match c.outcome {
+                engine::CommitOutcome::Committed { .. } => Self::Committed,
+                engine::CommitOutcome::Unchanged { .. } => Self::Unchanged,
+            },
+            Ok(CommitDecision::Skipped(_)) => Self::Skipped,
+            Ok(CommitDecision::Fenced(_)) => Self::Fenced,
+            Ok(CommitDecision::NotPending) => return None,
+            Err(super::Error::Engine(e)) if e.is_store_unavailable() => Self::Failed,
+            Err(_) => Self::Refused,
+        })
+    }
+
     pub const ALL: [CommitOutcome; 6] = [
         Self::Committed,
         Self::Unchanged,

@@ -150,7 +150,7 @@ fn publish_req(n: &Node, pod_name: &str, mode: &str, extra: &[(&str, &str)]) -> 
     Publish {
         volume_id: "cv-1".into(),
         target: n.tmp.path().join("pods").join(pod_name).join("mount"),
-        context,
+        spec: VolumeSpec::from_publish(&context, None).unwrap(),
         read_only: false,
         pod: Some(pod(pod_name)),
         group: None,
@@ -400,6 +400,58 @@ async fn the_commit_decision_follows_commit_on_the_ending_and_the_marker() {
         n.volumes.decide(&p.view, Ending::Succeeded).await.unwrap(),
         CommitDecision::NotPending
     ));
+}
+
+/// A locked view whose writer lost its lock is fenced: dropped, nothing uploaded, counted once
+/// as fenced and told once to its pod, by the node (the agent only says how the lock stands).
+#[tokio::test]
+async fn a_lost_lock_fences_the_commit_and_is_reported_once() {
+    let n = node(Fake::default()).await;
+    let req = publish_req(&n, "a", "locked", &[]);
+    let p = n.volumes.publish(req.clone()).await.unwrap();
+    std::fs::write(upper(&n, &p.view).join("x"), "x").unwrap();
+    n.volumes.unpublish("cv-1", &req.target).await.unwrap();
+    let lost = Lock::Lost {
+        pod: "ci/a".into(),
+        holder: "ci/b".into(),
+    };
+    let d = n
+        .volumes
+        .decide_with_lock(&p.view, Ending::Succeeded, &lost)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&d, CommitDecision::Fenced(w) if w.contains("pod ci/a lost its lock")
+            && w.contains("held by ci/b")),
+        "{d:?}"
+    );
+    assert!(
+        n.volumes.load(&p.view).is_none(),
+        "a fenced view is dropped"
+    );
+    assert_eq!(
+        n.seen.counted(),
+        ["restore key restored", "base tree", "commit fenced"]
+    );
+    let fenced: Vec<String> = n
+        .seen
+        .events()
+        .into_iter()
+        .filter(|e| e.contains("CacheFenced"))
+        .collect();
+    assert_eq!(fenced.len(), 1, "{fenced:?}");
+    assert!(fenced[0].starts_with("event Warning CacheFenced a: commit of cache npm refused"));
+    let engine = Engine::new(
+        Store::open(&n.store).unwrap(),
+        "ci",
+        n.tmp.path().join("check"),
+    )
+    .unwrap();
+    assert_eq!(
+        engine.newest("npm").await.unwrap(),
+        Some(1),
+        "nothing committed"
+    );
 }
 
 /// Publishes the cache for pod `pod_name` as a private view.
@@ -714,7 +766,7 @@ async fn a_view_is_abnormal_once_it_loses_its_mounts_its_base_or_its_store() {
     n.volumes.answers.set(&n.store, health::Answers::default());
 
     // The node dropped the view's base (found damaged).
-    let engine = n.volumes.engine(&record.spec().unwrap()).unwrap();
+    let engine = n.volumes.engine(&record.spec).unwrap();
     engine.forget(&record.base_dir);
     let c = condition(&n);
     assert!(
@@ -747,7 +799,7 @@ async fn a_store_request_that_fails_is_recorded_for_the_condition() {
     let dir = n.tmp.path().join("store");
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::write(&dir, "not a store").unwrap();
-    let spec = n.volumes.load(&p.view).unwrap().spec().unwrap();
+    let spec = n.volumes.load(&p.view).unwrap().spec;
     let engine = n.volumes.engine(&spec).unwrap();
     assert!(engine.newest("npm").await.is_err());
     assert!(n.volumes.answers.of(&n.store).first_failure.is_some());
@@ -845,4 +897,58 @@ async fn gauges_count_bases_active_and_pending_views() {
         "{:?}",
         n.seen.counted()
     );
+}
+
+/// A view record as the previous version wrote it (`views/<id>.json`, pretty JSON, the
+/// volume's attributes as the `context` map) is read back and written again byte for byte: a
+/// node upgraded with views pending finds and commits them.
+#[test]
+fn a_view_record_of_the_previous_version_round_trips() {
+    let written = r#"{
+  "id": "p-0123456789abcdef0123",
+  "volume_id": "cv-1",
+  "context": {
+    "budget": "1073741824",
+    "commit-on": "marker",
+    "key": "npm",
+    "merge": "union",
+    "mode": "locked",
+    "policy": "pull-push",
+    "restore-keys": "npm-main,npm-base",
+    "scope": "ci",
+    "store": "s3://caches/cluster-a"
+  },
+  "kind": "overlay",
+  "state": "pending",
+  "base_dir": "/var/lib/cachevol/bases/@0123abcd/ci/npm/3/tree",
+  "base": {
+    "key": "npm",
+    "generation": 3
+  },
+  "targets": {
+    "/var/lib/kubelet/pods/u-1/volumes/kubernetes.io~csi/cv-1/mount": {
+      "name": "build-1",
+      "namespace": "ci",
+      "uid": "u-1",
+      "service_account": "runner"
+    }
+  },
+  "pods": [
+    {
+      "name": "build-1",
+      "namespace": "ci",
+      "uid": "u-1",
+      "service_account": "runner"
+    }
+  ],
+  "degraded": null,
+  "endings": {
+    "u-1": "succeeded"
+  },
+  "group": 1000,
+  "pending_since": 1764496800,
+  "selinux_context": "system_u:object_r:container_file_t:s0:c1,c2"
+}"#;
+    let record: ViewRecord = serde_json::from_str(written).unwrap();
+    assert_eq!(serde_json::to_string_pretty(&record).unwrap(), written);
 }

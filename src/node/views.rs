@@ -14,16 +14,15 @@ use super::{
     ViewRecord, ViewState, Volumes,
 };
 use crate::engine::{self, RestoreSource};
-use crate::spec::{Mode, VolumeSpec};
+use crate::spec::Mode;
 
 impl Volumes {
     /// Publishes a view of the volume's cache at `req.target`. Idempotent: publishing a target
     /// that is already published from this volume succeeds without doing anything.
     /// Reports what it did: a restore metric, and an Event on the pod.
     pub async fn publish(&self, req: Publish) -> Result<Published> {
-        let spec = self.spec_of(&req.context)?;
-        let pod = req.pod.clone();
-        match self.publish_view(req, &spec).await {
+        let (spec, pod) = (req.spec.clone(), req.pod.clone());
+        match self.publish_view(req).await {
             Ok(p) => {
                 self.report_publish(&spec, pod.as_ref(), &p).await;
                 Ok(p)
@@ -38,9 +37,9 @@ impl Volumes {
         }
     }
 
-    async fn publish_view(&self, req: Publish, spec: &VolumeSpec) -> Result<Published> {
+    async fn publish_view(&self, req: Publish) -> Result<Published> {
         let started = Instant::now();
-        let spec = spec.clone();
+        let spec = &req.spec;
         let context = self.view_context(req.selinux_context.as_deref());
         let id = match spec.mode {
             Mode::Shared => {
@@ -100,9 +99,9 @@ impl Volumes {
             // Exclusive on this node: another view of the same cache that is still live holds it.
             let holder = self.views().into_iter().find(|v| {
                 v.id != id
-                    && v.spec().is_ok_and(|s| {
-                        s.store == spec.store && s.scope == spec.scope && s.key == spec.key
-                    })
+                    && v.spec.store == spec.store
+                    && v.spec.scope == spec.scope
+                    && v.spec.key == spec.key
             });
             if let Some(h) = holder {
                 let who = h
@@ -148,14 +147,14 @@ impl Volumes {
                 )));
             }
             None => {
-                let base = self.ensure_base(&spec, req.group).await?;
+                let base = self.ensure_base(spec, req.group).await?;
                 published.source = Some(base.source.clone());
                 published.warm = base.warm;
                 published.form = base.form;
                 published.degraded = base.degraded.clone();
                 published.bytes = base.bytes;
                 published.downloaded = base.downloaded;
-                self.make_view(&id, &req, &spec, base, context).await?
+                self.make_view(&id, &req, base, context).await?
             }
         };
 
@@ -183,7 +182,6 @@ impl Volumes {
         &self,
         id: &str,
         req: &Publish,
-        spec: &VolumeSpec,
         base: Base,
         context: Option<String>,
     ) -> Result<ViewRecord> {
@@ -236,13 +234,13 @@ impl Volumes {
                 Ok::<(), Error>(())
             })
             .await?;
-            let (engine, from, to) = (self.engine(spec)?, base.dir.clone(), view.clone());
+            let (engine, from, to) = (self.engine(&req.spec)?, base.dir.clone(), view.clone());
             blocking(move || engine.adopt_copy(&from, &to)).await?;
         }
         let record = ViewRecord {
             id: id.to_string(),
             volume_id: req.volume_id.clone(),
-            context: spec.to_context(),
+            spec: req.spec.clone(),
             kind,
             state: ViewState::Active,
             base_dir: base.dir,

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::user;
 
 /// The pod a publish is for, from kubelet's pod info on mount (`csi.storage.k8s.io/pod.*`).
+/// Read once, at the CSI edge, with the volume's spec.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodRef {
     pub name: String,
@@ -20,12 +21,12 @@ impl PodRef {
     /// Reads kubelet's pod info from a NodePublishVolume `volume_context`.
     pub fn from_context(ctx: &HashMap<String, String>) -> Option<PodRef> {
         let get = |k: &str| ctx.get(k).cloned().unwrap_or_default();
-        let uid = get("csi.storage.k8s.io/pod.uid");
+        let uid = get(user::POD_UID);
         (!uid.is_empty()).then(|| PodRef {
-            name: get("csi.storage.k8s.io/pod.name"),
+            name: get(user::POD_NAME),
             namespace: get(user::POD_NAMESPACE),
             uid,
-            service_account: get("csi.storage.k8s.io/serviceAccount.name"),
+            service_account: get(user::SERVICE_ACCOUNT),
         })
     }
 }

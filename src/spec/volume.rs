@@ -335,7 +335,11 @@ pub mod user {
     pub const ADMIN_ONLY: &[&str] = &[STORE, SCOPE];
     /// kubelet marks inline (CSI ephemeral) volumes with this volume-context key.
     pub const EPHEMERAL: &str = "csi.storage.k8s.io/ephemeral";
+    /// kubelet's pod info on mount (the CSIDriver's `podInfoOnMount: true`).
     pub const POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
+    pub const POD_NAME: &str = "csi.storage.k8s.io/pod.name";
+    pub const POD_UID: &str = "csi.storage.k8s.io/pod.uid";
+    pub const SERVICE_ACCOUNT: &str = "csi.storage.k8s.io/serviceAccount.name";
 }
 
 impl VolumeSpec {
@@ -383,6 +387,27 @@ impl VolumeSpec {
             }
         }
         Ok(())
+    }
+
+    /// The spec of a NodePublishVolume `volume_context`, read once where the CSI call arrives:
+    /// the controller's attributes (a context that names no store takes `driver_store`), or for
+    /// an inline volume the pod's own attributes (validated, in the pod's namespace, on
+    /// `driver_store`). Errors name the attribute.
+    pub fn from_publish(
+        ctx: &HashMap<String, String>,
+        driver_store: Option<&str>,
+    ) -> Result<VolumeSpec, Error> {
+        if VolumeSpec::is_inline(ctx) {
+            return VolumeSpec::from_inline(ctx, driver_store);
+        }
+        match (ctx.contains_key(attr::STORE), driver_store) {
+            (false, Some(store)) => {
+                let mut ctx = ctx.clone();
+                ctx.insert(attr::STORE.into(), store.to_string());
+                VolumeSpec::from_context(&ctx)
+            }
+            _ => VolumeSpec::from_context(ctx),
+        }
     }
 
     /// Whether a NodePublishVolume context is an inline (CSI ephemeral) volume's.
@@ -435,6 +460,22 @@ impl VolumeSpec {
             spec.apply_user(name, value.trim(), &format!("volumeAttributes.{name}"))?;
         }
         Ok(spec)
+    }
+}
+
+/// A spec is stored (in the node's view records) as its `volume_context`, the form the
+/// controller hands the node: records keep one format whichever side wrote them, and a record
+/// read back is validated as a context is.
+impl serde::Serialize for VolumeSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serde::Serialize::serialize(&self.to_context(), s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for VolumeSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<VolumeSpec, D::Error> {
+        let ctx: HashMap<String, String> = serde::Deserialize::deserialize(d)?;
+        VolumeSpec::from_context(&ctx).map_err(serde::de::Error::custom)
     }
 }
 
@@ -743,6 +784,40 @@ mod tests {
             .to_string()
             .contains("required"));
         assert!(VolumeSpec::from_inline(&ctx, None).is_err());
+    }
+
+    #[test]
+    fn a_publish_context_is_read_once_whichever_kind_of_volume() {
+        // The controller's attributes, kubelet's pod info beside them ignored.
+        let mut ctx = params(&[
+            ("scope", "team-a"),
+            ("key", "npm"),
+            ("mode", "shared"),
+            ("csi.storage.k8s.io/pod.uid", "u-1"),
+        ]);
+        // No store named: the driver's.
+        let s = VolumeSpec::from_publish(&ctx, Some(STORE)).unwrap();
+        assert_eq!((s.store.as_str(), s.mode), (STORE, Mode::Shared));
+        assert!(VolumeSpec::from_publish(&ctx, None).is_err());
+        // A store named is kept.
+        ctx.insert("store".into(), "file:///var/cache/cv".into());
+        let s = VolumeSpec::from_publish(&ctx, Some(STORE)).unwrap();
+        assert_eq!(s.store, "file:///var/cache/cv");
+        // An invalid attribute is one error that names it.
+        ctx.insert("commit-on".into(), "never".into());
+        let e = VolumeSpec::from_publish(&ctx, Some(STORE)).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidParameter { name, .. } if name == "commit-on"),
+            "{e}"
+        );
+        // An inline volume: the pod's namespace, the driver's store.
+        let inline = params(&[
+            ("key", "npm"),
+            ("csi.storage.k8s.io/ephemeral", "true"),
+            ("csi.storage.k8s.io/pod.namespace", "team-b"),
+        ]);
+        let s = VolumeSpec::from_publish(&inline, Some(STORE)).unwrap();
+        assert_eq!((s.store.as_str(), s.scope.as_str()), (STORE, "team-b"));
     }
 
     #[test]
