@@ -1,8 +1,6 @@
 //! The driver's errors, named for the conditions of the CSI spec's error tables, and the one
 //! place where they (and the engine's errors) become gRPC status codes.
 
-use std::path::PathBuf;
-
 use tonic::{Code, Status};
 
 use crate::{engine, spec};
@@ -48,27 +46,14 @@ pub enum Error {
     CapacityOutOfRange(String),
 
     /// Local state (records, sockets, state dirs) could not be read or written.
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] engine::IoError),
 
     #[error(transparent)]
     Engine(#[from] engine::Error),
 }
 
 impl Error {
-    pub(crate) fn io(
-        op: &'static str,
-        path: impl Into<PathBuf>,
-    ) -> impl FnOnce(std::io::Error) -> Error {
-        let path = path.into();
-        move |source| Error::Io { op, path, source }
-    }
-
     pub(crate) fn invalid(field: &'static str, why: impl Into<String>) -> Error {
         Error::InvalidField {
             field,
@@ -154,7 +139,7 @@ impl From<spec::Error> for Error {
     fn from(e: spec::Error) -> Error {
         match e {
             spec::Error::InvalidParameter { name, why } => Error::InvalidParameter { name, why },
-            spec::Error::Io { op, path, source } => Error::Io { op, path, source },
+            spec::Error::Io(e) => Error::Io(e),
         }
     }
 }

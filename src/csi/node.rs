@@ -29,7 +29,7 @@ impl From<volumes::Error> for Error {
             volumes::Error::NotPublished(id, target) => {
                 Error::VolumeNotFound(format!("{id} at {target}"))
             }
-            volumes::Error::Io { op, path, source } => Error::Io { op, path, source },
+            volumes::Error::Io(e) => Error::Io(e),
             volumes::Error::Engine(e) => Error::Engine(e),
         }
     }

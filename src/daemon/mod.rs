@@ -92,7 +92,7 @@ pub async fn serve_metrics(
     });
     let (bound, server) = crate::metrics::bind(addr, ready, metrics.clone())
         .await
-        .map_err(csi::Error::io("serve metrics on", addr.to_string()))?;
+        .map_err(crate::engine::io("serve metrics on", addr.to_string()))?;
     tracing::info!(address = %bound, "serving /metrics, /healthz, /readyz");
     tasks.spawn("metrics server", server);
     Ok(())

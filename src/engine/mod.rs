@@ -39,7 +39,7 @@ pub fn is_marker(path: &str) -> bool {
 }
 
 pub use commit::{CommitOptions, CommitOutcome, CommitReport, CommittedTree, Merge};
-pub use error::{Error, Result};
+pub use error::{io, Error, IoError, Result};
 pub use format::{Entry, Generation, Kind, Provenance};
 pub use gc::{GcPolicy, GcReport};
 pub use image::{ImageOptions, ImageReport};

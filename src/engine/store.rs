@@ -15,7 +15,7 @@ use object_store::{
     ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion,
 };
 
-use super::error::{Error, Result};
+use super::error::{io, Error, Result};
 use super::names;
 
 /// Default per-request timeout; `CACHEVOL_STORE_TIMEOUT` (seconds) overrides it.
@@ -166,10 +166,10 @@ impl Store {
             path
         } else {
             std::env::current_dir()
-                .map_err(Error::io("resolve", &path))?
+                .map_err(io("resolve", &path))?
                 .join(path)
         };
-        std::fs::create_dir_all(&path).map_err(Error::io("create store directory", &path))?;
+        std::fs::create_dir_all(&path).map_err(io("create store directory", &path))?;
         let fs = object_store::local::LocalFileSystem::new_with_prefix(&path)
             .map_err(|e| Error::InvalidStore {
                 url: path.display().to_string(),

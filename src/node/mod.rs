@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{self, CommitReport, Engine, RestoreSource, Store};
+use crate::engine::{self, io, CommitReport, Engine, IoError, RestoreSource, Store};
 use crate::spec::{attr, VolumeSpec};
 pub use crate::spec::{Ending, PodRef};
 
@@ -56,20 +56,10 @@ pub enum Error {
     Unavailable(String),
     #[error("volume {0} is not published at {1}")]
     NotPublished(String, String),
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] engine::IoError),
     #[error(transparent)]
     Engine(#[from] engine::Error),
-}
-
-fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
-    let path = path.to_path_buf();
-    move |source| Error::Io { op, path, source }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
