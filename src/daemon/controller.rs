@@ -96,9 +96,7 @@ async fn start(
         let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
             format!(
                 "{}-{}",
-                std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .map(|h| h.trim().to_string())
-                    .unwrap_or_else(|_| "controller".into()),
+                crate::engine::hostname().unwrap_or_else(|| "controller".into()),
                 std::process::id()
             )
         });
