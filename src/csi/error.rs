@@ -61,13 +61,6 @@ impl Error {
         }
     }
 
-    pub(crate) fn parameter(name: impl Into<String>, why: impl Into<String>) -> Error {
-        Error::InvalidParameter {
-            name: name.into(),
-            why: why.into(),
-        }
-    }
-
     /// The gRPC code for this error, following the CSI spec's general and per-RPC tables.
     pub fn code(&self) -> Code {
         match self {

@@ -50,7 +50,7 @@ async fn start(
 ) -> Result<(), Error> {
     let state_dir = state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
     let path = server::parse_endpoint(&args.endpoint)?;
-    spec::check_store_url(&store_url).map_err(|why| csi::Error::invalid("--store", why))?;
+    super::check_store_flag(&store_url)?;
     // The process's registry, served on /metrics.
     let metrics = Metrics::new();
     let store = metrics.count_store(Store::open(&store_url).map_err(csi::Error::from)?);

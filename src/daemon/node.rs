@@ -67,7 +67,7 @@ async fn start(
     let state_dir = state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
     let path = server::parse_endpoint(&args.endpoint)?;
     if let Some(s) = &store {
-        spec::check_store_url(s).map_err(|why| csi::Error::parameter("--store", why))?;
+        super::check_store_flag(s)?;
     }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
