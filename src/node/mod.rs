@@ -200,6 +200,9 @@ pub enum CommitDecision {
 pub struct Volumes {
     cfg: NodeConfig,
     engines: Mutex<HashMap<(String, String), Engine>>,
+    /// Stores the caller opened already, by URL (the daemon's default store): used as they are
+    /// rather than opened a second time.
+    opened: HashMap<String, Store>,
     /// One lock per base directory: pods asking at once share one download.
     base_locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
     /// The view records, and one lock per view.
@@ -243,6 +246,7 @@ impl Volumes {
         let volumes = Volumes {
             cfg,
             engines: Mutex::default(),
+            opened: HashMap::new(),
             base_locks: Mutex::default(),
             records,
             mounter,
@@ -253,6 +257,15 @@ impl Volumes {
         };
         volumes.drop_unkeyed_bases();
         Ok(volumes)
+    }
+
+    /// The same volumes, with the store at `url` already open: the node daemon opens its
+    /// default store at start-up (a store that cannot be opened is a configuration error) and
+    /// hands it over, so that volumes of that store, pending commits resumed first among them,
+    /// do not open it again.
+    pub fn with_store(mut self, url: &str, store: Store) -> Volumes {
+        self.opened.insert(url.to_string(), store);
+        self
     }
 
     /// The same volumes as if the kernel had SELinux (`true`) or not, whatever it has: for
@@ -284,7 +297,11 @@ impl Volumes {
         }
         let report = self.report.clone();
         let timer = self.report.clone();
-        let store = Store::open(&spec.store)?
+        let store = match self.opened.get(&spec.store) {
+            Some(s) => s.clone(),
+            None => Store::open(&spec.store)?,
+        };
+        let store = store
             .on_error(Arc::new(move |op| report.store_error(op)))
             .on_latency(Arc::new(move |op, took| {
                 timer.store_latency(op, took.as_secs_f64())
