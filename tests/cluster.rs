@@ -59,15 +59,14 @@ impl Plugin {
             )
             .spawn()
             .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("plugin exited ({st}):\n{}", self.logs());
-            }
-            assert!(Instant::now() < deadline, "no socket:\n{}", self.logs());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = self.child.insert(child);
+        common::wait_for_socket(
+            "plugin",
+            child,
+            &self.socket,
+            &self.log,
+            Duration::from_secs(30),
+        );
     }
 
     fn logs(&self) -> String {

@@ -402,18 +402,13 @@ impl Container {
 
     /// Waits until `socket` accepts connections, failing with the logs if the container exits.
     fn wait_socket(&mut self, socket: &Path) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(socket).is_err() {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                panic!("the container exited ({st}):\n{}", self.logs());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no socket {socket:?}:\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        common::wait_for_socket(
+            "the container",
+            &mut self.child,
+            socket,
+            &self.log,
+            Duration::from_secs(30),
+        );
     }
 
     /// SIGTERM (what kubelet sends), then waits for the exit.

@@ -79,22 +79,14 @@ impl Plugin {
             socket: d.socket(),
             log: d.root.join("controller.log"),
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = p.child.try_wait().unwrap() {
-                panic!("controller exited early ({status}):\n{}", p.logs());
-            }
-            if std::os::unix::net::UnixStream::connect(&p.socket).is_ok() {
-                return p;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "controller did not listen on {} in time:\n{}",
-                p.socket.display(),
-                p.logs()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        common::wait_for_socket(
+            "controller",
+            &mut p.child,
+            &p.socket,
+            &p.log,
+            Duration::from_secs(20),
+        );
+        p
     }
 
     fn logs(&self) -> String {
@@ -873,16 +865,18 @@ async fn a_store_outage_keeps_probe_ready_and_shows_in_readyz_and_metrics() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let p = Plugin {
+    let mut p = Plugin {
         child,
         socket: d.socket(),
         log,
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(&p.socket).is_err() {
-        assert!(Instant::now() < deadline, "no socket:\n{}", p.logs());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_for_socket(
+        "controller",
+        &mut p.child,
+        &p.socket,
+        &p.log,
+        Duration::from_secs(20),
+    );
 
     let mut id = p.identity().await;
     let asked = Instant::now();

@@ -52,14 +52,13 @@ impl NodePlugin {
             .spawn()
             .unwrap();
         let mut p = NodePlugin { child, socket, log };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&p.socket).is_err() {
-            if let Some(st) = p.child.try_wait().unwrap() {
-                panic!("node plugin exited ({st}):\n{}", p.logs());
-            }
-            assert!(Instant::now() < deadline, "no socket:\n{}", p.logs());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        common::wait_for_socket(
+            "node plugin",
+            &mut p.child,
+            &p.socket,
+            &p.log,
+            Duration::from_secs(20),
+        );
         p
     }
 

@@ -36,7 +36,7 @@ use serde::Serialize;
 
 use super::output::{human_bytes, Out};
 use super::Global;
-use crate::engine::{Error, Store};
+use crate::engine::{io, Error, IoError, Store};
 
 const KEY: &str = "bench";
 const MIB: f64 = 1024.0 * 1024.0;
@@ -81,11 +81,7 @@ pub struct BenchArgs {
 }
 
 fn failed(what: impl Into<PathBuf>, detail: impl std::fmt::Display) -> Error {
-    Error::Io {
-        op: "benchmark",
-        path: what.into(),
-        source: std::io::Error::other(detail.to_string()),
-    }
+    IoError::other("benchmark", what, detail.to_string()).into()
 }
 
 /// Wall time, CPU time (user + system, with the children it waited for) and peak RSS of one
@@ -131,7 +127,7 @@ fn walk(dir: &Path, s: &mut Stats) -> std::io::Result<()> {
 
 fn stats(dir: &Path) -> Result<Stats, Error> {
     let mut s = Stats::default();
-    walk(dir, &mut s).map_err(Error::io("walk", dir))?;
+    walk(dir, &mut s).map_err(io("walk", dir))?;
     Ok(s)
 }
 
@@ -497,11 +493,11 @@ fn add_new_files(dir: &Path, total: u64, seed: u64) -> Result<(Vec<String>, u64)
         let sub = dir
             .join(&tops[n as usize % NEW_DIRS])
             .join(format!("d{}", n % 3));
-        std::fs::create_dir_all(&sub).map_err(Error::io("create", &sub))?;
+        std::fs::create_dir_all(&sub).map_err(io("create", &sub))?;
         buf.resize(size as usize, 0);
         rng.fill(&mut buf);
         let path = sub.join(format!("new-{n}.bin"));
-        std::fs::write(&path, &buf).map_err(Error::io("write", &path))?;
+        std::fs::write(&path, &buf).map_err(io("write", &path))?;
         left -= size;
         n += 1;
     }
@@ -558,7 +554,7 @@ impl WorkDir {
                         quiet,
                     })
                 }
-                Err(e) => last = Some(Error::io("create work dir", &c)(e)),
+                Err(e) => last = Some(IoError::new("create work dir", &c, e).into()),
             }
         }
         Err(last.expect("at least one candidate"))
@@ -668,17 +664,17 @@ impl Bench<'_> {
     fn exec(&self, what: &str, dir: &Path, cmd: Command) -> Result<Ran, Error> {
         let log = dir.join(format!("{what}.log"));
         let usage_file = dir.join(format!("{what}.usage"));
-        let stderr = std::fs::File::create(&log).map_err(Error::io("create", &log))?;
+        let stderr = std::fs::File::create(&log).map_err(io("create", &log))?;
         let mut cmd = measured(&self.exe, &usage_file, &cmd);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr);
         sync();
-        let mut child = cmd.spawn().map_err(Error::io("start", what))?;
+        let mut child = cmd.spawn().map_err(io("start", what))?;
         let mut stdout = Vec::new();
         let read = child.stdout.take().expect("piped").read_to_end(&mut stdout);
-        let wrapper = child.wait().map_err(Error::io("wait for", what))?;
-        read.map_err(Error::io("read output of", what))?;
+        let wrapper = child.wait().map_err(io("wait for", what))?;
+        read.map_err(io("read output of", what))?;
         let usage = std::fs::read_to_string(&usage_file)
             .ok()
             .and_then(|l| Usage::parse(&l));
@@ -810,7 +806,7 @@ impl Bench<'_> {
 
     /// One run of every step on one tree; its trees stay until `dir` is deleted.
     async fn one(&self, t: &TreeCtx, run: u32, dir: &Path) -> Result<RunFigures, Error> {
-        std::fs::create_dir_all(dir).map_err(Error::io("create", dir))?;
+        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
         let mut f = RunFigures::default();
 
         // Baseline: tar | zstd -T0 -3, then zstd -d | tar -x into a fresh directory.
@@ -825,7 +821,7 @@ impl Bench<'_> {
         )?;
         f.tar_create = ran.sample;
         f.tar_zst_bytes = std::fs::metadata(&tarball)
-            .map_err(Error::io("stat", &tarball))?
+            .map_err(io("stat", &tarball))?
             .len();
         self.note(
             t,
@@ -835,7 +831,7 @@ impl Bench<'_> {
             &format!(", {}", human_bytes(f.tar_zst_bytes)),
         );
         let x_tar = dir.join("x-tar");
-        std::fs::create_dir(&x_tar).map_err(Error::io("create", &x_tar))?;
+        std::fs::create_dir(&x_tar).map_err(io("create", &x_tar))?;
         let ran = self.exec(
             "tar-extract",
             dir,
@@ -899,7 +895,7 @@ impl Bench<'_> {
                 .chain(tops.iter().map(OsStr::new))
                 .collect::<Vec<_>>(),
         );
-        let o = zst.output().map_err(Error::io("run", "tar | zstd | wc"))?;
+        let o = zst.output().map_err(io("run", "tar | zstd | wc"))?;
         f.change_new_zst_bytes = String::from_utf8_lossy(&o.stdout)
             .trim()
             .parse()
@@ -1081,10 +1077,10 @@ fn table(
 }
 
 pub async fn run(g: &Global, args: BenchArgs, out: &Out) -> Result<i32, Error> {
-    let exe = std::env::current_exe().map_err(Error::io("locate", "the cachevol binary"))?;
+    let exe = std::env::current_exe().map_err(io("locate", "the cachevol binary"))?;
     let mut origins = Vec::new();
     for t in &args.trees {
-        let p = std::fs::canonicalize(t).map_err(Error::io("resolve", t))?;
+        let p = std::fs::canonicalize(t).map_err(io("resolve", t))?;
         if !p.is_dir() {
             return Err(failed(p, "is not a directory"));
         }
@@ -1124,14 +1120,13 @@ pub async fn run(g: &Global, args: BenchArgs, out: &Out) -> Result<i32, Error> {
     let mut trees = Vec::new();
     for (index, (origin, name)) in origins.into_iter().zip(names).enumerate() {
         let src = bench.work.join(format!("t{index}")).join("src");
-        std::fs::create_dir_all(src.parent().expect("has a parent"))
-            .map_err(Error::io("create", &src))?;
+        std::fs::create_dir_all(src.parent().expect("has a parent")).map_err(io("create", &src))?;
         let st = Command::new("cp")
             .arg("-a")
             .arg(&origin)
             .arg(&src)
             .status()
-            .map_err(Error::io("run cp for", &origin))?;
+            .map_err(io("run cp for", &origin))?;
         if !st.success() {
             return Err(failed(&origin, format!("cp -a failed: {st}")));
         }
@@ -1179,7 +1174,7 @@ pub async fn run(g: &Global, args: BenchArgs, out: &Out) -> Result<i32, Error> {
                     .work
                     .join(format!("t{}", t.index))
                     .join(format!("run{}", run + 1));
-                remove_tree(&dir).map_err(Error::io("remove", &dir))?;
+                remove_tree(&dir).map_err(io("remove", &dir))?;
             }
         }
     }

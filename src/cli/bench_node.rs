@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::engine::{CommitOptions, Engine, Error, Store};
+use crate::engine::{io, CommitOptions, Engine, Error, IoError, Store};
 use crate::node::{CommitDecision, NodeConfig, Publish, Volumes};
 use crate::spec::{Ending, PodRef, VolumeSpec};
 
@@ -169,7 +169,7 @@ pub async fn measure(
     let (mut extract, mut extract_read) = (Vec::new(), Vec::new());
     for i in 0..runs {
         let dir = work.join(format!("extract-{i}"));
-        std::fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
+        std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
         settle();
         extract.push(timed(
             r#"zstd -d -q -c "$1" | tar -C "$2" -xf -"#,
@@ -214,7 +214,7 @@ pub async fn measure(
     for i in 0..runs {
         publish(&v, &target, &ctx, &format!("c{i}")).await?;
         new_bytes = add_new_files(&target, first.bytes / 100, i as u64 + 1)
-            .map_err(Error::io("write", &target))?;
+            .map_err(io("write", &target))?;
         let (s, up) = finish(&v, &target, Ending::Succeeded).await?;
         changed.push(s);
         changed_up.push(up as f64);
@@ -253,13 +253,9 @@ fn timed(script: &str, args: &[&Path]) -> Result<f64, Error> {
         .arg("sh")
         .args(args)
         .status()
-        .map_err(Error::io("run", "sh"))?;
+        .map_err(io("run", "sh"))?;
     if !status.success() {
-        return Err(Error::Io {
-            op: "run",
-            path: PathBuf::from(script),
-            source: std::io::Error::other(format!("{status}")),
-        });
+        return Err(IoError::other("run", script, format!("{status}")).into());
     }
     Ok(t.elapsed().as_secs_f64())
 }
@@ -333,7 +329,7 @@ pub async fn run(
     let mut out = Vec::new();
     for (i, tree) in trees.iter().enumerate() {
         let w = work.join(format!("node-{i}"));
-        std::fs::create_dir_all(&w).map_err(Error::io("create", &w))?;
+        std::fs::create_dir_all(&w).map_err(io("create", &w))?;
         let store = match store_url {
             Some(u) => format!(
                 "{}/node-{i}-{}",
@@ -346,7 +342,7 @@ pub async fn run(
         // large deletion is several times slower on ext4 and would skew the next tree's figures.
         let measured = measure(tree, &store, &w, runs).await;
         // The nodes' bases are mounted images: unmounted before the caller removes the dir.
-        crate::node::mount::unmount_all_under(&w).map_err(Error::io("unmount under", &w))?;
+        crate::node::mount::unmount_all_under(&w).map_err(io("unmount under", &w))?;
         out.push(measured?);
     }
     Ok(out)

@@ -15,7 +15,7 @@ use clap::{Args, ValueEnum};
 use super::output;
 use super::output::{Bars, Out};
 use super::{exit, CommitArgs, Global, HitArgs};
-use crate::engine::{self, names, Engine, Error, RestoreSource};
+use crate::engine::{self, io, names, Engine, Error, RestoreSource};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -118,7 +118,7 @@ impl KeyLock {
             )));
         };
         let dir = root.join(engine.scope()).join("locks");
-        std::fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
+        std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
         let path = dir.join(format!("{key}.lock"));
         let mut file = std::fs::OpenOptions::new()
             .read(true)
@@ -126,7 +126,7 @@ impl KeyLock {
             .create(true)
             .truncate(false)
             .open(&path)
-            .map_err(Error::io("open", &path))?;
+            .map_err(io("open", &path))?;
         // flock(2) on Linux, as before: runs of older versions still exclude each other.
         if file.try_lock().is_err() {
             let holder = std::fs::read_to_string(&path).unwrap_or_default();
@@ -250,7 +250,7 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
         remove_marker(dir)?;
         let Some(source) = source else {
             if args.policy == Policy::Push {
-                std::fs::create_dir_all(dir).map_err(Error::io("create", dir))?;
+                std::fs::create_dir_all(dir).map_err(io("create", dir))?;
             } else {
                 engine.forget(dir);
             }
@@ -326,7 +326,8 @@ fn remove_marker(dir: &std::path::Path) -> Result<(), Error> {
         Ok(_) => std::fs::remove_file(&marker),
         Err(_) => Ok(()),
     }
-    .map_err(Error::io("remove", &marker))
+    .map_err(io("remove", &marker))?;
+    Ok(())
 }
 
 /// Runs the command with inherited stdio; its exit code, or 128 + signal when killed.

@@ -14,6 +14,7 @@ use super::inflight::InFlight;
 use super::pb::controller_server::Controller;
 use super::pb::{self, controller_service_capability as csc};
 use super::{handle, Error};
+use crate::engine::IoError;
 use crate::metrics::Metrics;
 use crate::spec::records::{self, Records, VolumeRecord};
 use crate::spec::{param, VolumeSpec};
@@ -143,11 +144,7 @@ impl ControllerService {
         let r = record.clone();
         tokio::task::spawn_blocking(move || records.put(&r))
             .await
-            .map_err(|e| Error::Io {
-                op: "write volume record",
-                path: PathBuf::new(),
-                source: std::io::Error::other(e),
-            })??;
+            .map_err(|e| IoError::other("write volume record", PathBuf::new(), e))??;
         tracing::info!(
             cache.key = %spec.key,
             cache.scope = %spec.scope,
@@ -171,11 +168,7 @@ impl ControllerService {
         let id = req.volume_id.clone();
         let existed = tokio::task::spawn_blocking(move || records.remove(&id))
             .await
-            .map_err(|e| Error::Io {
-                op: "remove volume record",
-                path: PathBuf::new(),
-                source: std::io::Error::other(e),
-            })??;
+            .map_err(|e| IoError::other("remove volume record", PathBuf::new(), e))??;
         if existed {
             tracing::info!("volume record forgotten; cache data kept");
         } else {

@@ -1,8 +1,6 @@
 //! The driver's errors, named for the conditions of the CSI spec's error tables, and the one
 //! place where they (and the engine's errors) become gRPC status codes.
 
-use std::path::PathBuf;
-
 use tonic::{Code, Status};
 
 use crate::{engine, node, spec};
@@ -48,13 +46,8 @@ pub enum Error {
     CapacityOutOfRange(String),
 
     /// Local state (records, sockets, state dirs) could not be read or written.
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] engine::IoError),
 
     /// A volume setting is invalid (a StorageClass parameter, an annotation, a volume
     /// attribute, the volume context of a publish: named), or the controller's records cannot
@@ -67,24 +60,9 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn io(
-        op: &'static str,
-        path: impl Into<PathBuf>,
-    ) -> impl FnOnce(std::io::Error) -> Error {
-        let path = path.into();
-        move |source| Error::Io { op, path, source }
-    }
-
     pub(crate) fn invalid(field: &'static str, why: impl Into<String>) -> Error {
         Error::InvalidField {
             field,
-            why: why.into(),
-        }
-    }
-
-    pub(crate) fn parameter(name: impl Into<String>, why: impl Into<String>) -> Error {
-        Error::InvalidParameter {
-            name: name.into(),
             why: why.into(),
         }
     }
@@ -167,7 +145,7 @@ impl From<node::Error> for Error {
             node::Error::NotPublished(id, target) => {
                 Error::VolumeNotFound(format!("{id} at {target}"))
             }
-            node::Error::Io { op, path, source } => Error::Io { op, path, source },
+            node::Error::Io(e) => Error::Io(e),
             node::Error::Engine(e) => Error::Engine(e),
         }
     }

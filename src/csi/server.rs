@@ -14,6 +14,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::server::Router;
 
 use super::Error;
+use crate::engine;
 
 /// Mode of the socket file: the plugin's user and group may connect, nobody else.
 pub const SOCKET_MODE: u32 = 0o660;
@@ -56,22 +57,22 @@ impl Socket {
     /// removed first; a live one, or a file that is not a socket, is an error.
     pub fn bind(path: &Path) -> Result<Socket, Error> {
         let dir = path.parent().unwrap_or(Path::new("/"));
-        std::fs::create_dir_all(dir).map_err(Error::io("create socket directory", dir))?;
+        std::fs::create_dir_all(dir).map_err(engine::io("create socket directory", dir))?;
         remove_stale(path)?;
         // Bind under a temporary name, set the mode, then rename into place: the socket is
         // never visible at `path` with the umask's mode.
         let tmp = dir.join(format!(".csi-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&tmp);
-        let listener = UnixListener::bind(&tmp).map_err(Error::io("bind", &tmp))?;
+        let listener = UnixListener::bind(&tmp).map_err(engine::io("bind", &tmp))?;
         let setup = || -> io::Result<()> {
             std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(SOCKET_MODE))?;
             std::fs::rename(&tmp, path)
         };
         if let Err(e) = setup() {
             let _ = std::fs::remove_file(&tmp);
-            return Err(Error::io("set up socket", path)(e));
+            return Err(engine::IoError::new("set up socket", path, e).into());
         }
-        let meta = std::fs::metadata(path).map_err(Error::io("stat", path))?;
+        let meta = std::fs::metadata(path).map_err(engine::io("stat", path))?;
         Ok(Socket {
             path: path.to_path_buf(),
             listener: Some(listener),
@@ -107,7 +108,7 @@ fn remove_stale(path: &Path) -> Result<(), Error> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io("stat", path)(e)),
+        Err(e) => return Err(engine::IoError::new("stat", path, e).into()),
     };
     if !meta.file_type().is_socket() {
         return Err(Error::invalid(
@@ -128,7 +129,7 @@ fn remove_stale(path: &Path) -> Result<(), Error> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("remove stale socket", path)(e)),
+        Err(e) => Err(engine::IoError::new("remove stale socket", path, e).into()),
     }
 }
 
@@ -136,8 +137,8 @@ fn remove_stale(path: &Path) -> Result<(), Error> {
 /// in-flight RPCs get up to [`DRAIN_TIMEOUT`] to finish, and the socket file is removed.
 pub async fn serve(socket: Socket, router: Router) -> Result<(), Error> {
     // Registered before serving, so a signal that comes early is not lost.
-    let mut term = signal(SignalKind::terminate()).map_err(Error::io("watch", "SIGTERM"))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(Error::io("watch", "SIGINT"))?;
+    let mut term = signal(SignalKind::terminate()).map_err(engine::io("watch", "SIGTERM"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(engine::io("watch", "SIGINT"))?;
     let signalled = async move {
         tokio::select! {
             _ = term.recv() => "SIGTERM",
@@ -176,11 +177,7 @@ pub async fn serve_until(
         }
     };
     let result = tokio::select! {
-        r = &mut server => r.map_err(|e| Error::Io {
-            op: "serve",
-            path: socket.path().to_path_buf(),
-            source: io::Error::other(e),
-        }),
+        r = &mut server => r.map_err(|e| engine::IoError::other("serve", socket.path(), e).into()),
         _ = deadline => {
             tracing::warn!(
                 timeout_s = drain.as_secs(),

@@ -50,7 +50,7 @@ async fn start(
 ) -> Result<(), Error> {
     let state_dir = state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
     let path = server::parse_endpoint(&args.endpoint)?;
-    spec::check_store_url(&store_url).map_err(|why| csi::Error::invalid("--store", why))?;
+    super::check_store_flag(&store_url)?;
     // The process's registry, served on /metrics.
     let metrics = Metrics::new();
     let store = metrics.count_store(Store::open(&store_url).map_err(csi::Error::from)?);
@@ -96,9 +96,7 @@ async fn start(
         let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
             format!(
                 "{}-{}",
-                std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .map(|h| h.trim().to_string())
-                    .unwrap_or_else(|_| "controller".into()),
+                crate::engine::hostname().unwrap_or_else(|| "controller".into()),
                 std::process::id()
             )
         });

@@ -60,6 +60,12 @@ impl Error {
     }
 }
 
+/// Checks `--store`, the default store of volumes that name none: it is written into volume
+/// attributes, so it must pass the volume model's check (no credentials), not only open.
+fn check_store_flag(url: &str) -> Result<(), csi::Error> {
+    spec::check_store_url(url).map_err(|why| csi::Error::invalid("--store", why))
+}
+
 /// Runs a daemon's start-up and serving; logs and prints why it stopped, and returns the exit
 /// code.
 async fn exit_code(what: &str, run: impl std::future::Future<Output = Result<(), Error>>) -> i32 {
@@ -93,7 +99,7 @@ pub async fn serve_metrics(
     });
     let (bound, server) = crate::metrics::bind(addr, ready, metrics.clone())
         .await
-        .map_err(csi::Error::io("serve metrics on", addr.to_string()))?;
+        .map_err(crate::engine::io("serve metrics on", addr.to_string()))?;
     tracing::info!(address = %bound, "serving /metrics, /healthz, /readyz");
     tasks.spawn("metrics server", server);
     Ok(())

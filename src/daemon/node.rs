@@ -67,7 +67,7 @@ async fn start(
     let state_dir = state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
     let path = server::parse_endpoint(&args.endpoint)?;
     if let Some(s) = &store {
-        spec::check_store_url(s).map_err(|why| csi::Error::parameter("--store", why))?;
+        super::check_store_flag(s)?;
     }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -91,21 +91,30 @@ async fn start(
         }),
         None => counted,
     };
-    let volumes = Arc::new(
-        Volumes::with(
-            NodeConfig {
-                node_id: args.node_id.clone(),
-                state_dir: state_dir.clone(),
-                default_store: store.clone(),
-                force_copy: args.copy_views,
-                base_budget: args.base_budget,
-                base_images: args.base_images,
-            },
-            Arc::new(crate::node::mount::System),
-            report,
-        )
-        .map_err(csi::Error::from)?,
-    );
+    // A store that cannot even be opened is a configuration error, found before anything (the
+    // pending commits resumed below) would write to it; the volumes use the store opened here.
+    let opened = store
+        .as_deref()
+        .map(Store::open)
+        .transpose()
+        .map_err(csi::Error::from)?;
+    let mut volumes = Volumes::with(
+        NodeConfig {
+            node_id: args.node_id.clone(),
+            state_dir: state_dir.clone(),
+            default_store: store.clone(),
+            force_copy: args.copy_views,
+            base_budget: args.base_budget,
+            base_images: args.base_images,
+        },
+        Arc::new(crate::node::mount::System),
+        report,
+    )
+    .map_err(csi::Error::from)?;
+    if let (Some(url), Some(s)) = (&store, opened) {
+        volumes = volumes.with_store(url, s);
+    }
+    let volumes = Arc::new(volumes);
     let mut tasks = Tasks::new();
     let agent = client.map(|c| {
         Agent::new(
@@ -132,9 +141,6 @@ async fn start(
     let service = Arc::new(NodeService::new(volumes.clone(), agent).with_metrics(metrics.clone()));
     // Views left pending by a previous run (unpublished, not yet committed) are committed now.
     service.resume_pending().await;
-    if let Some(s) = &store {
-        Store::open(s).map_err(csi::Error::from)?; // a store that cannot even be opened is a configuration error
-    }
     super::serve_metrics(
         args.cluster.metrics_address,
         &state_dir,

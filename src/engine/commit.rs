@@ -15,7 +15,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use tokio::task::JoinSet;
 
-use super::error::{Error, Result};
+use super::error::{Error, IoError, Result};
 use super::format::{
     self, BaseRef, ChunkRef, Digest, Entry, Generation, Kind, PackBuilder, Provenance, Totals,
 };
@@ -964,11 +964,7 @@ impl Engine {
                         vanished.insert(file);
                     }
                     Err(e) => {
-                        failure.get_or_insert(Error::Io {
-                            op: "read",
-                            path: paths[&file].clone(),
-                            source: e,
-                        });
+                        failure.get_or_insert(IoError::new("read", &paths[&file], e).into());
                         rx.close();
                     }
                 },

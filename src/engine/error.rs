@@ -5,6 +5,46 @@ use std::path::PathBuf;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A file system call that failed: what was done, to which path, and the system's error. The
+/// one I/O error of every layer: the volume model, the node and the CSI services wrap it
+/// (`#[from]`) rather than declare their own, so the path and the `std::io::Error` reach the
+/// top intact.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {path}: {source}")]
+pub struct IoError {
+    pub op: &'static str,
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl IoError {
+    pub fn new(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> IoError {
+        IoError {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// An I/O error that is not the system's: a refusal or a failure found by the caller
+    /// (a child that exited badly, a torn file), said in the same `op path: why` form.
+    pub fn other(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+        why: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> IoError {
+        IoError::new(op, path, std::io::Error::other(why))
+    }
+}
+
+/// `map_err(io("read", &path))?`: the error of `op` on `path`, which `?` turns into the
+/// caller's error type.
+pub fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> IoError {
+    let path = path.into();
+    move |source| IoError { op, path, source }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("invalid {what} {value:?}: {why}")]
@@ -17,13 +57,8 @@ pub enum Error {
     #[error("invalid store URL {url:?}: {why}")]
     InvalidStore { url: String, why: String },
 
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
 
     #[error("store {op} {location}: {source}")]
     Store {
@@ -102,14 +137,6 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn io(
-        op: &'static str,
-        path: impl Into<PathBuf>,
-    ) -> impl FnOnce(std::io::Error) -> Error {
-        let path = path.into();
-        move |source| Error::Io { op, path, source }
-    }
-
     pub(crate) fn corrupt(location: impl Into<String>, why: impl Into<String>) -> Error {
         Error::Corrupt {
             location: location.into(),

@@ -14,7 +14,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::erofs::{Attrs, Image};
-use super::error::{Error, Result};
+use super::error::{io, Error, IoError, Result};
 use super::format::{BaseRef, Entry, Kind};
 use super::localstate::{self, DirState};
 use super::restore::{current_umask, plan_chunks, Need, RestoreSource};
@@ -96,11 +96,11 @@ impl Engine {
             .mode(0o644)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&temp)
-            .map_err(Error::io("create", &temp))?;
+            .map_err(io("create", &temp))?;
         let file = Arc::new(file);
         let written = async {
             file.set_len(plan.image_len())
-                .map_err(Error::io("allocate", &temp))?;
+                .map_err(io("allocate", &temp))?;
             let downloaded = self
                 .write_image(&file, &temp, plan.clone(), entries.clone())
                 .await?;
@@ -127,7 +127,7 @@ impl Engine {
         );
         if let Err(e) = std::fs::rename(&temp, image) {
             let _ = std::fs::remove_file(&temp);
-            return Err(Error::io("rename into place", image)(e));
+            return Err(IoError::new("rename into place", image, e).into());
         }
         if let Some(dir) = &opts.record {
             let dir = localstate::canonical(dir)?;
@@ -187,8 +187,7 @@ impl Engine {
                 let t0 = Instant::now();
                 let res = tokio::task::spawn_blocking(move || {
                     plan.write_metadata(&entries, |at, data| {
-                        file.write_all_at(data, at)
-                            .map_err(Error::io("write", &path))
+                        Ok(file.write_all_at(data, at).map_err(io("write", &path))?)
                     })
                 })
                 .await
@@ -393,13 +392,16 @@ impl ImageSink {
         while !bufs.is_empty() {
             let n = match rustix::io::pwritev(&*self.file, bufs, at) {
                 Ok(0) => {
-                    return Err(Error::io("write", &self.path)(
+                    return Err(IoError::new(
+                        "write",
+                        &self.path,
                         std::io::ErrorKind::WriteZero.into(),
-                    ))
+                    )
+                    .into())
                 }
                 Ok(n) => n,
                 Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(Error::io("write", &self.path)(e.into())),
+                Err(e) => return Err(IoError::new("write", &self.path, e.into()).into()),
             };
             at += n as u64;
             IoSlice::advance_slices(&mut bufs, n);

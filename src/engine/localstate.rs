@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::error::{Error, Result};
+use super::error::{io, Result};
 use super::format::{self, BaseRef, ChunkRef, Digest, Entry, Kind};
 
 /// What `stat` said of a restored or committed file; equal stats mean unchanged content.
@@ -58,7 +58,7 @@ fn marker_path(state_dir: &Path, dir: &Path) -> PathBuf {
 
 /// The canonical form of a cache dir, so `./x` and `/abs/x` share one record.
 pub fn canonical(dir: &Path) -> Result<PathBuf> {
-    std::fs::canonicalize(dir).map_err(Error::io("resolve", dir))
+    Ok(std::fs::canonicalize(dir).map_err(io("resolve", dir))?)
 }
 
 impl DirState {
@@ -382,17 +382,17 @@ impl<'a> Reader<'a> {
 /// Writes a file so that a crash leaves either the old or the new content, never a mix.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path.parent().expect("state files live in a directory");
-    std::fs::create_dir_all(dir).map_err(Error::io("create", dir))?;
+    std::fs::create_dir_all(dir).map_err(io("create", dir))?;
     let tmp = dir.join(format!(
         ".{}.tmp{}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
         std::process::id()
     ));
-    let mut f = std::fs::File::create(&tmp).map_err(Error::io("create", &tmp))?;
-    f.write_all(data).map_err(Error::io("write", &tmp))?;
-    f.sync_all().map_err(Error::io("fsync", &tmp))?;
+    let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+    f.write_all(data).map_err(io("write", &tmp))?;
+    f.sync_all().map_err(io("fsync", &tmp))?;
     drop(f);
-    std::fs::rename(&tmp, path).map_err(Error::io("rename", path))?;
+    std::fs::rename(&tmp, path).map_err(io("rename", path))?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }

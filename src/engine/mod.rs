@@ -39,7 +39,7 @@ pub fn is_marker(path: &str) -> bool {
 }
 
 pub use commit::{CommitOptions, CommitOutcome, CommitReport, CommittedTree, Merge};
-pub use error::{Error, Result};
+pub use error::{io, Error, IoError, Result};
 pub use format::{Entry, Generation, Kind, Provenance};
 pub use gc::{GcPolicy, GcReport};
 pub use image::{ImageOptions, ImageReport};
@@ -614,6 +614,15 @@ pub(crate) fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
+/// This machine's (or pod's) host name, as the kernel has it; None when it cannot be read. The
+/// one reading of it: writer ids, unique ids and the controller's Lease identity all name the
+/// host the same way.
+pub fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+}
+
 /// A default writer id for provenance: `user@host`. The user is `$USER` or `$LOGNAME`, else
 /// the name of the process's uid in /etc/passwd (CI containers often set neither), else `uidN`.
 pub fn default_writer() -> String {
@@ -627,9 +636,7 @@ pub fn default_writer() -> String {
             passwd_name(&passwd, uid)
         })
         .unwrap_or_else(|| format!("uid{uid}"));
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into());
+    let host = hostname().unwrap_or_else(|| "localhost".into());
     format!("{user}@{host}")
 }
 

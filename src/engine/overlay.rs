@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
-use super::error::{Error, Result};
+use super::error::{io, Error, IoError, Result};
 use super::format::{Entry, Kind, MODE_MASK};
 use super::restore::{clear, timestamps};
 
@@ -41,8 +41,8 @@ pub fn changes(upper: &Path) -> Result<Vec<Change>> {
     let mut out = Vec::new();
     let mut stack = vec![(upper.to_path_buf(), String::new())];
     while let Some((dir, rel)) = stack.pop() {
-        for item in std::fs::read_dir(&dir).map_err(Error::io("read directory", &dir))? {
-            let item = item.map_err(Error::io("read directory", &dir))?;
+        for item in std::fs::read_dir(&dir).map_err(io("read directory", &dir))? {
+            let item = item.map_err(io("read directory", &dir))?;
             let full = item.path();
             let name = item.file_name();
             let name = name.to_str().ok_or_else(|| Error::Unsupported {
@@ -57,7 +57,7 @@ pub fn changes(upper: &Path) -> Result<Vec<Change>> {
             } else {
                 format!("{rel}/{name}")
             };
-            let md = std::fs::symlink_metadata(&full).map_err(Error::io("stat", &full))?;
+            let md = std::fs::symlink_metadata(&full).map_err(io("stat", &full))?;
             let ft = md.file_type();
             let mtime = md.mtime() * 1_000_000_000 + md.mtime_nsec();
             let entry = |kind, size, target| Entry {
@@ -97,7 +97,7 @@ pub fn changes(upper: &Path) -> Result<Vec<Change>> {
                 }
                 out.push(Change::Content(entry(Kind::File, md.len(), None)));
             } else if ft.is_symlink() {
-                let t = std::fs::read_link(&full).map_err(Error::io("readlink", &full))?;
+                let t = std::fs::read_link(&full).map_err(io("readlink", &full))?;
                 let t = t.to_str().ok_or_else(|| Error::Unsupported {
                     path: full.clone(),
                     why: "the link target is not UTF-8".into(),
@@ -188,7 +188,7 @@ pub fn apply_to_dir(upper: &Path, dir: &Path) -> Result<()> {
                 let is_dir = std::fs::symlink_metadata(&d).is_ok_and(|m| m.is_dir());
                 if *opaque || !is_dir {
                     clear(&d)?;
-                    std::fs::create_dir(&d).map_err(Error::io("create", &d))?;
+                    std::fs::create_dir(&d).map_err(io("create", &d))?;
                 }
                 dirs.push(entry.clone());
             }
@@ -197,10 +197,10 @@ pub fn apply_to_dir(upper: &Path, dir: &Path) -> Result<()> {
                 clear(&d)?;
                 if entry.kind == Kind::Symlink {
                     let t = entry.target.as_deref().unwrap_or_default();
-                    std::os::unix::fs::symlink(t, &d).map_err(Error::io("symlink", &d))?;
+                    std::os::unix::fs::symlink(t, &d).map_err(io("symlink", &d))?;
                 } else {
                     let s = upper.join(&entry.path);
-                    std::fs::rename(&s, &d).map_err(Error::io("move", &s))?;
+                    std::fs::rename(&s, &d).map_err(io("move", &s))?;
                 }
             }
         }
@@ -208,7 +208,7 @@ pub fn apply_to_dir(upper: &Path, dir: &Path) -> Result<()> {
     for e in dirs.iter().rev() {
         let d = dir.join(&e.path);
         std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(e.mode))
-            .map_err(Error::io("chmod", &d))?;
+            .map_err(io("chmod", &d))?;
         set_mtime(&d, e.mtime)?;
     }
     Ok(())
@@ -221,32 +221,32 @@ fn set_mtime(path: &Path, ns: i64) -> Result<()> {
         &timestamps(ns),
         rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
     )
-    .map_err(|errno| Error::io("set times of", path)(errno.into()))
+    .map_err(|errno| IoError::new("set times of", path, errno.into()).into())
 }
 
 /// Hard-links a tree: new directories (same modes and mtimes), the same file inodes. Cheap,
 /// and safe for trees that are never modified in place.
 pub fn link_tree(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir(to).map_err(Error::io("create", to))?;
+    std::fs::create_dir(to).map_err(io("create", to))?;
     let mut stack = vec![(from.to_path_buf(), to.to_path_buf())];
     let mut made = vec![(from.to_path_buf(), to.to_path_buf())];
     while let Some((s, d)) = stack.pop() {
-        for item in std::fs::read_dir(&s).map_err(Error::io("read directory", &s))? {
-            let item = item.map_err(Error::io("read directory", &s))?;
+        for item in std::fs::read_dir(&s).map_err(io("read directory", &s))? {
+            let item = item.map_err(io("read directory", &s))?;
             let (si, di) = (item.path(), d.join(item.file_name()));
-            let ft = item.file_type().map_err(Error::io("stat", &si))?;
+            let ft = item.file_type().map_err(io("stat", &si))?;
             if ft.is_dir() {
-                std::fs::create_dir(&di).map_err(Error::io("create", &di))?;
+                std::fs::create_dir(&di).map_err(io("create", &di))?;
                 stack.push((si.clone(), di.clone()));
                 made.push((si, di));
             } else {
-                std::fs::hard_link(&si, &di).map_err(Error::io("link", &di))?;
+                std::fs::hard_link(&si, &di).map_err(io("link", &di))?;
             }
         }
     }
     for (s, d) in made.into_iter().rev() {
-        let md = std::fs::symlink_metadata(&s).map_err(Error::io("stat", &s))?;
-        std::fs::set_permissions(&d, md.permissions()).map_err(Error::io("chmod", &d))?;
+        let md = std::fs::symlink_metadata(&s).map_err(io("stat", &s))?;
+        std::fs::set_permissions(&d, md.permissions()).map_err(io("chmod", &d))?;
         set_mtime(&d, md.mtime() * 1_000_000_000 + md.mtime_nsec())?;
     }
     Ok(())

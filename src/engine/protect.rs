@@ -64,7 +64,7 @@ pub(crate) fn unique_id() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = super::hostname().unwrap_or_default();
     let seed = format!(
         "{nanos}/{}/{}/{host}/{:p}",
         std::process::id(),

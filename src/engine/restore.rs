@@ -15,7 +15,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
-use super::error::{Error, Result};
+use super::error::{io, Error, IoError, Result};
 use super::format::{BaseRef, ChunkRef, Digest, Entry, Generation, Kind};
 use super::localstate::{self, DirState, Header, Stat};
 use super::{io_concurrency, names, par, Each, Engine, ReadCtl, Sink};
@@ -134,7 +134,7 @@ impl Engine {
         if let Some((_, k, _)) = &found {
             names::key(k)?;
         }
-        std::fs::create_dir_all(dir).map_err(Error::io("create", dir))?;
+        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
         let dir = localstate::canonical(dir)?;
         let mut previous =
             DirState::load(&self.state_dir, &dir, self.store.display_url(), &self.scope);
@@ -487,8 +487,8 @@ struct Writer {
 
 /// Removes everything inside `dir`, keeping `dir` itself (it may be a mount point).
 fn empty_dir(dir: &Path) -> Result<()> {
-    for item in std::fs::read_dir(dir).map_err(Error::io("read directory", dir))? {
-        let item = item.map_err(Error::io("read directory", dir))?;
+    for item in std::fs::read_dir(dir).map_err(io("read directory", dir))? {
+        let item = item.map_err(io("read directory", dir))?;
         clear(&item.path())?;
     }
     Ok(())
@@ -564,9 +564,9 @@ pub(super) fn current_umask() -> u32 {
 pub(crate) fn clear(path: &Path) -> Result<()> {
     match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("stat", path)(e)),
-        Ok(md) if md.is_dir() => std::fs::remove_dir_all(path).map_err(Error::io("remove", path)),
-        Ok(_) => std::fs::remove_file(path).map_err(Error::io("remove", path)),
+        Err(e) => Err(IoError::new("stat", path, e).into()),
+        Ok(md) if md.is_dir() => Ok(std::fs::remove_dir_all(path).map_err(io("remove", path))?),
+        Ok(_) => Ok(std::fs::remove_file(path).map_err(io("remove", path))?),
     }
 }
 
@@ -613,9 +613,9 @@ impl Writer {
             Ok(f) => Ok(f),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 clear(path)?;
-                open().map_err(Error::io("create", path))
+                Ok(open().map_err(io("create", path))?)
             }
-            Err(e) => Err(Error::io("create", path)(e)),
+            Err(e) => Err(IoError::new("create", path, e).into()),
         }
     }
 
@@ -640,8 +640,8 @@ impl Writer {
             }
             rustix::fs::futimens(f, &timestamps(e.mtime))
         };
-        set().map_err(|errno| Error::io("set times of", path)(errno.into()))?;
-        let md = f.metadata().map_err(Error::io("stat", path))?;
+        set().map_err(|errno| IoError::new("set times of", path, errno.into()))?;
+        let md = f.metadata().map_err(io("stat", path))?;
         self.stats.lock().expect("not poisoned")[i] = Some(stat_of(&md));
         Ok(())
     }
@@ -691,14 +691,14 @@ impl Writer {
         match std::fs::create_dir(&path) {
             Ok(()) => Ok(()),
             Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
-                let md = std::fs::symlink_metadata(&path).map_err(Error::io("stat", &path))?;
+                let md = std::fs::symlink_metadata(&path).map_err(io("stat", &path))?;
                 if !md.is_dir() {
                     clear(&path)?;
-                    std::fs::create_dir(&path).map_err(Error::io("create", &path))?;
+                    std::fs::create_dir(&path).map_err(io("create", &path))?;
                 }
                 Ok(())
             }
-            Err(err) => Err(Error::io("create", &path)(err)),
+            Err(err) => Err(IoError::new("create", &path, err).into()),
         }
     }
 
@@ -710,7 +710,7 @@ impl Writer {
             Kind::Symlink => {
                 let target = e.target.as_deref().expect("validated");
                 clear(&path)?;
-                std::os::unix::fs::symlink(target, &path).map_err(Error::io("symlink", &path))
+                Ok(std::os::unix::fs::symlink(target, &path).map_err(io("symlink", &path))?)
             }
             Kind::File if e.chunks.is_empty() => {
                 let f = self.create(&path, self.create_mode(i))?;
@@ -718,7 +718,7 @@ impl Writer {
             }
             Kind::File => {
                 let f = self.create(&path, self.create_mode(i))?;
-                f.set_len(e.size).map_err(Error::io("allocate", &path))
+                Ok(f.set_len(e.size).map_err(io("allocate", &path))?)
             }
             Kind::Dir => unreachable!("directories are made level by level"),
         }
@@ -742,7 +742,7 @@ impl Writer {
                 .write(true)
                 .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
                 .open(path)
-                .map_err(Error::io("open", path))
+                .map_err(io("open", path))
         };
         for &(i, offset) in &need.targets {
             let path = self.path(i);
@@ -754,10 +754,9 @@ impl Writer {
                     reopen(&path)?
                 };
                 if at == 0 {
-                    std::io::Write::write_all(&mut f, data).map_err(Error::io("write", &path))?;
+                    std::io::Write::write_all(&mut f, data).map_err(io("write", &path))?;
                 } else {
-                    f.write_all_at(data, at)
-                        .map_err(Error::io("write", &path))?;
+                    f.write_all_at(data, at).map_err(io("write", &path))?;
                 }
                 if last {
                     self.seal(i, &f, &path)?;
@@ -766,7 +765,7 @@ impl Writer {
             } else {
                 let f = reopen(&path)?;
                 f.write_all_at(data, offset + at)
-                    .map_err(Error::io("write", &path))?;
+                    .map_err(io("write", &path))?;
                 if last && self.remaining[i].fetch_sub(1, Ordering::AcqRel) == 1 {
                     self.seal(i, &f, &path)?;
                     progress.file_done();
@@ -800,6 +799,6 @@ impl Writer {
             &timestamps(e.mtime),
             rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
         )
-        .map_err(|errno| Error::io("set times of", &path)(errno.into()))
+        .map_err(|errno| IoError::new("set times of", &path, errno.into()).into())
     }
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 
-use super::error::{Error, Result};
+use super::error::{io, Error, IoError, Result};
 use super::format::{Kind, MODE_MASK};
 use super::localstate::Stat;
 
@@ -147,9 +147,9 @@ fn read_dir(
     subdirs: &mut Vec<(PathBuf, String)>,
 ) -> Result<()> {
     let out = &mut walked.entries;
-    let rd = std::fs::read_dir(dir).map_err(Error::io("read directory", dir))?;
+    let rd = std::fs::read_dir(dir).map_err(io("read directory", dir))?;
     for item in rd {
-        let item = item.map_err(Error::io("read directory", dir))?;
+        let item = item.map_err(io("read directory", dir))?;
         let name = item.file_name();
         let Some(name) = name.to_str() else {
             return Err(Error::Unsupported {
@@ -170,7 +170,7 @@ fn read_dir(
             Ok(md) => md,
             // Gone between readdir and stat: it is not part of the tree.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(Error::io("stat", item.path())(e)),
+            Err(e) => return Err(IoError::new("stat", item.path(), e).into()),
         };
         let ft = md.file_type();
         let kind = if ft.is_dir() {
@@ -184,7 +184,7 @@ fn read_dir(
             continue;
         };
         let target = if kind == Kind::Symlink {
-            let t = std::fs::read_link(item.path()).map_err(Error::io("readlink", item.path()))?;
+            let t = std::fs::read_link(item.path()).map_err(io("readlink", item.path()))?;
             Some(
                 t.to_str()
                     .ok_or_else(|| Error::Unsupported {

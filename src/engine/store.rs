@@ -15,7 +15,7 @@ use object_store::{
     ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion,
 };
 
-use super::error::{Error, Result};
+use super::error::{io, Error, Result};
 use super::names;
 
 /// Default per-request timeout; `CACHEVOL_STORE_TIMEOUT` (seconds) overrides it.
@@ -78,6 +78,64 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// What a store URL names, once checked: a local directory or a bucket (container) of one of
+/// the object stores cachevol speaks to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// An absolute path, or the path of a `file://` URL.
+    Local(PathBuf),
+    /// `s3://` (or `s3a://`).
+    S3,
+    /// `gs://`.
+    Gcs,
+    /// `az://` (or `azure://`, `abfs://`, `abfss://`).
+    Azure,
+}
+
+impl StoreUrl {
+    /// Checks a store URL: the one test of which URLs are stores, shared by [`Store::open`] and
+    /// the volume model (which adds its own rule: no credentials in volume attributes). The
+    /// reason given on refusal does not repeat the URL; callers name it (redacted).
+    pub fn parse(url: &str) -> Result<StoreUrl, String> {
+        if url.is_empty() {
+            return Err("must not be empty".into());
+        }
+        if !url.contains("://") {
+            // Only an absolute path is a local store: `s3:/bucket` or `bucket/prefix` is a
+            // mistyped URL far more often than a directory under the working directory.
+            return if url.starts_with('/') {
+                Ok(StoreUrl::Local(PathBuf::from(url)))
+            } else {
+                Err(
+                    "neither a URL (file:///dir, s3://bucket/prefix, gs://bucket/prefix, \
+                     az://container/prefix) nor an absolute path"
+                        .into(),
+                )
+            };
+        }
+        let u = url::Url::parse(url).map_err(|e| format!("not a valid URL: {e}"))?;
+        let bucket = |backend| {
+            if u.host_str().unwrap_or("").is_empty() {
+                Err("names no bucket or container".to_string())
+            } else {
+                Ok(backend)
+            }
+        };
+        match u.scheme() {
+            "file" => u
+                .to_file_path()
+                .map(StoreUrl::Local)
+                .map_err(|_| "a file:// URL needs an absolute path".into()),
+            "s3" | "s3a" => bucket(StoreUrl::S3),
+            "gs" => bucket(StoreUrl::Gcs),
+            "az" | "azure" | "abfs" | "abfss" => bucket(StoreUrl::Azure),
+            other => Err(format!(
+                "unsupported scheme {other:?} (use file://, s3://, gs:// or az://)"
+            )),
+        }
+    }
+}
+
 impl Store {
     /// Opens a store from a URL: `file:///abs/dir` (or an absolute path), `s3://bucket/prefix`,
     /// `gs://bucket/prefix`, `az://container/prefix`. Cloud credentials and endpoints come from
@@ -93,58 +151,37 @@ impl Store {
             url: redact_url(url),
             why,
         };
-        if !url.contains("://") {
-            // Only an absolute path is a local store: `s3:/bucket` or `bucket/prefix` is a
-            // mistyped URL far more often than a directory under the working directory.
-            if !url.starts_with('/') {
-                return Err(invalid(
-                    "neither a URL (file:///dir, s3://bucket/prefix, gs://bucket/prefix, \
-                     az://container/prefix) nor an absolute path"
-                        .into(),
-                ));
+        let parsed = StoreUrl::parse(url).map_err(invalid)?;
+        // Every object's name starts with the URL's path, so it must be an object path (no
+        // empty segments), a file:// URL's too; a bare path is a directory, never parsed so.
+        let prefix = match url::Url::parse(url) {
+            Ok(u) => {
+                Path::parse(u.path().trim_start_matches('/')).map_err(|e| invalid(e.to_string()))?
             }
-            return Self::open_local(PathBuf::from(url), timeout);
-        }
-        let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
-        if parsed.scheme() != "file" && parsed.host_str().unwrap_or("").is_empty() {
-            return Err(invalid("names no bucket or container".into()));
-        }
-        let prefix = Path::parse(parsed.path().trim_start_matches('/'))
-            .map_err(|e| invalid(e.to_string()))?;
-        let (inner, conditional_update): (Arc<dyn ObjectStore>, bool) = match parsed.scheme() {
-            "file" => {
-                let path = parsed
-                    .to_file_path()
-                    .map_err(|_| invalid("a file:// URL needs an absolute path".into()))?;
-                return Self::open_local(path, timeout);
-            }
-            "s3" | "s3a" => {
-                let s3 = object_store::aws::AmazonS3Builder::from_env()
+            Err(_) => Path::default(),
+        };
+        let s3 = parsed == StoreUrl::S3;
+        let inner: Arc<dyn ObjectStore> = match parsed {
+            StoreUrl::Local(path) => return Self::open_local(path, timeout),
+            StoreUrl::S3 => Arc::new(
+                object_store::aws::AmazonS3Builder::from_env()
                     .with_url(url)
                     .with_conditional_put(object_store::aws::S3ConditionalPut::ETagMatch)
                     .build()
-                    .map_err(|e| invalid(e.to_string()))?;
-                (Arc::new(s3), true)
-            }
-            "gs" => {
-                let gcs = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .map_err(|e| invalid(e.to_string()))?,
+            ),
+            StoreUrl::Gcs => Arc::new(
+                object_store::gcp::GoogleCloudStorageBuilder::from_env()
                     .with_url(url)
                     .build()
-                    .map_err(|e| invalid(e.to_string()))?;
-                (Arc::new(gcs), true)
-            }
-            "az" | "azure" | "abfs" | "abfss" => {
-                let az = object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .map_err(|e| invalid(e.to_string()))?,
+            ),
+            StoreUrl::Azure => Arc::new(
+                object_store::azure::MicrosoftAzureBuilder::from_env()
                     .with_url(url)
                     .build()
-                    .map_err(|e| invalid(e.to_string()))?;
-                (Arc::new(az), true)
-            }
-            other => {
-                return Err(invalid(format!(
-                    "unsupported scheme {other:?} (use file://, s3://, gs:// or az://)"
-                )))
-            }
+                    .map_err(|e| invalid(e.to_string()))?,
+            ),
         };
         Ok(Store {
             inner,
@@ -155,9 +192,10 @@ impl Store {
             on_error: None,
             on_latency: None,
             on_answer: None,
-            conditional_update,
-            metadata_credentials_only: matches!(parsed.scheme(), "s3" | "s3a")
-                && !aws_credentials_in_env(),
+            // Every object store cachevol opens (S3 with ETag matches, GCS, Azure) can
+            // compare-and-swap; only the local directory cannot.
+            conditional_update: true,
+            metadata_credentials_only: s3 && !aws_credentials_in_env(),
         })
     }
 
@@ -166,10 +204,10 @@ impl Store {
             path
         } else {
             std::env::current_dir()
-                .map_err(Error::io("resolve", &path))?
+                .map_err(io("resolve", &path))?
                 .join(path)
         };
-        std::fs::create_dir_all(&path).map_err(Error::io("create store directory", &path))?;
+        std::fs::create_dir_all(&path).map_err(io("create store directory", &path))?;
         let fs = object_store::local::LocalFileSystem::new_with_prefix(&path)
             .map_err(|e| Error::InvalidStore {
                 url: path.display().to_string(),
@@ -633,6 +671,36 @@ pub fn parse_generation(location: &Path) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Store::open refuses exactly what StoreUrl::parse refuses, with its reason: the CLI, the
+    // daemons and the volume model give one answer for one URL.
+    #[test]
+    fn open_refuses_what_the_url_check_refuses_and_says_why() {
+        for bad in [
+            "",
+            "bucket/prefix",
+            "s3:///prefix",
+            "ftp://x/y",
+            "file://host/x",
+        ] {
+            let why = StoreUrl::parse(bad).unwrap_err();
+            match Store::open(bad) {
+                Err(Error::InvalidStore { why: said, .. }) => assert_eq!(said, why, "{bad}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let abs = path.to_str().unwrap();
+        assert_eq!(StoreUrl::parse(abs), Ok(StoreUrl::Local(path.clone())));
+        assert_eq!(
+            StoreUrl::parse(&format!("file://{abs}")),
+            Ok(StoreUrl::Local(path))
+        );
+        assert_eq!(StoreUrl::parse("s3://b/p"), Ok(StoreUrl::S3));
+        assert_eq!(StoreUrl::parse("gs://b"), Ok(StoreUrl::Gcs));
+        assert_eq!(StoreUrl::parse("az://c/p"), Ok(StoreUrl::Azure));
+    }
 
     #[test]
     fn redacts_credentials() {

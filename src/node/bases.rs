@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{blocking, hash_id, io, Result, ViewRecord, Volumes};
+use super::{blocking, hash_id, io, IoError, Result, ViewRecord, Volumes};
 use crate::engine::{self, Engine, RestoreSource};
 use crate::spec::{Policy, VolumeSpec};
 
@@ -200,7 +200,7 @@ impl Volumes {
                         blocking(move || grant_group(&d, g))
                             .await
                             .map(|_| r)
-                            .map_err(|e| io("set the group of", &dir)(e))
+                            .map_err(|e| IoError::new("set the group of", &dir, e).into())
                     }
                     None => Ok(r),
                 },
@@ -286,13 +286,12 @@ impl Volumes {
             .map_err(io("read the mount table", tree))?;
         if !mounted.contains(&image) {
             if !durable(&gen_dir) {
-                return Err(super::Error::Io {
-                    op: "mount",
-                    path: gen_dir.join(IMAGE),
-                    source: std::io::Error::other(
-                        "the node restarted before this image reached the disk: it may be torn",
-                    ),
-                });
+                return Err(IoError::other(
+                    "mount",
+                    gen_dir.join(IMAGE),
+                    "the node restarted before this image reached the disk: it may be torn",
+                )
+                .into());
             }
             std::fs::create_dir_all(&image).map_err(io("create", &image))?;
             self.mounter
@@ -456,7 +455,7 @@ impl Volumes {
             .map_err(io("prepare a layer from", upper))?;
         self.unmount_base(old);
         let move_in = |from: PathBuf, to: PathBuf| -> Result<()> {
-            std::fs::rename(&from, &to).map_err(io("move", &from))
+            Ok(std::fs::rename(&from, &to).map_err(io("move", &from))?)
         };
         let moved = (|| {
             for f in [IMAGE, IMAGE_BOOT, IMAGE_SYNCED] {

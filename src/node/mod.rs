@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{self, CommitReport, Engine, RestoreSource, Store};
+use crate::engine::{self, io, CommitReport, Engine, IoError, RestoreSource, Store};
 use crate::spec::VolumeSpec;
 pub use crate::spec::{Ending, PodRef};
 
@@ -58,20 +58,10 @@ pub enum Error {
     Unavailable(String),
     #[error("volume {0} is not published at {1}")]
     NotPublished(String, String),
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] engine::IoError),
     #[error(transparent)]
     Engine(#[from] engine::Error),
-}
-
-fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
-    let path = path.to_path_buf();
-    move |source| Error::Io { op, path, source }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -214,6 +204,9 @@ pub enum CommitDecision {
 pub struct Volumes {
     cfg: NodeConfig,
     engines: Mutex<HashMap<(String, String), Engine>>,
+    /// Stores the caller opened already, by URL (the daemon's default store): used as they are
+    /// rather than opened a second time.
+    opened: HashMap<String, Store>,
     /// One lock per base directory: pods asking at once share one download.
     base_locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
     /// The view records, and one lock per view.
@@ -257,6 +250,7 @@ impl Volumes {
         let volumes = Volumes {
             cfg,
             engines: Mutex::default(),
+            opened: HashMap::new(),
             base_locks: Mutex::default(),
             records,
             mounter,
@@ -267,6 +261,15 @@ impl Volumes {
         };
         volumes.drop_unkeyed_bases();
         Ok(volumes)
+    }
+
+    /// The same volumes, with the store at `url` already open: the node daemon opens its
+    /// default store at start-up (a store that cannot be opened is a configuration error) and
+    /// hands it over, so that volumes of that store, pending commits resumed first among them,
+    /// do not open it again.
+    pub fn with_store(mut self, url: &str, store: Store) -> Volumes {
+        self.opened.insert(url.to_string(), store);
+        self
     }
 
     /// The same volumes as if the kernel had SELinux (`true`) or not, whatever it has: for
@@ -298,7 +301,11 @@ impl Volumes {
         }
         let report = self.report.clone();
         let timer = self.report.clone();
-        let store = Store::open(&spec.store)?
+        let store = match self.opened.get(&spec.store) {
+            Some(s) => s.clone(),
+            None => Store::open(&spec.store)?,
+        };
+        let store = store
             .on_error(Arc::new(move |op| report.store_error(op)))
             .on_latency(Arc::new(move |op, took| {
                 timer.store_latency(op, took.as_secs_f64())

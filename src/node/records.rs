@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use super::{io, Report, Result, ViewRecord};
+use super::{IoError, Report, Result, ViewRecord};
 
 pub(super) struct Records {
     dir: PathBuf,
@@ -85,7 +85,9 @@ impl Records {
     pub(super) fn remove(&self, id: &str) -> Result<()> {
         let path = self.path(id);
         match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("remove", &path)(e)),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(IoError::new("remove", &path, e).into())
+            }
             _ => {
                 self.index.lock().expect("not poisoned").remove(id);
                 Ok(())

@@ -1,7 +1,7 @@
 //! The volume model's errors: a bad value of a named setting, or local records that cannot be
 //! read or written. The CSI side turns them into gRPC codes in one place (`csi::error`).
 
-use std::path::PathBuf;
+use crate::engine;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -10,24 +10,11 @@ pub enum Error {
     InvalidParameter { name: String, why: String },
 
     /// Local records (the controller's volume records) could not be read or written.
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] engine::IoError),
 }
 
 impl Error {
-    pub(crate) fn io(
-        op: &'static str,
-        path: impl Into<PathBuf>,
-    ) -> impl FnOnce(std::io::Error) -> Error {
-        let path = path.into();
-        move |source| Error::Io { op, path, source }
-    }
-
     pub(crate) fn parameter(name: impl Into<String>, why: impl Into<String>) -> Error {
         Error::InvalidParameter {
             name: name.into(),

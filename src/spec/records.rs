@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::Error;
+use crate::engine::{io, IoError};
 
 const FORMAT_VERSION: u32 = 1;
 /// Prefix of every volume id cachevol hands out.
@@ -78,10 +79,10 @@ impl Records {
     /// cannot be read is reported and skipped, not deleted.
     pub fn open(state_dir: &Path) -> Result<Records, Error> {
         let dir = state_dir.join("volumes");
-        std::fs::create_dir_all(&dir).map_err(Error::io("create state directory", &dir))?;
+        std::fs::create_dir_all(&dir).map_err(io("create state directory", &dir))?;
         let mut by_id = HashMap::new();
-        for entry in std::fs::read_dir(&dir).map_err(Error::io("read", &dir))? {
-            let entry = entry.map_err(Error::io("read", &dir))?;
+        for entry in std::fs::read_dir(&dir).map_err(io("read", &dir))? {
+            let entry = entry.map_err(io("read", &dir))?;
             let path = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') && name.ends_with(".tmp") {
@@ -148,11 +149,7 @@ impl Records {
         };
         write().map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
-            Error::Io {
-                op: "write volume record",
-                path: path.clone(),
-                source: e,
-            }
+            Error::Io(IoError::new("write volume record", &path, e))
         })?;
         self.lock().insert(r.volume_id.clone(), r.clone());
         Ok(())
@@ -166,11 +163,11 @@ impl Records {
         let path = self.path(volume_id);
         let existed = match std::fs::remove_file(&path) {
             Ok(()) => {
-                sync_dir(&self.dir).map_err(Error::io("sync", &self.dir))?;
+                sync_dir(&self.dir).map_err(io("sync", &self.dir))?;
                 true
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-            Err(e) => return Err(Error::io("remove volume record", &path)(e)),
+            Err(e) => return Err(IoError::new("remove volume record", &path, e).into()),
         };
         Ok(self.lock().remove(volume_id).is_some() || existed)
     }

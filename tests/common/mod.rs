@@ -470,6 +470,32 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Waits until a plugin (`what`: a process the test started, `child`, logging to `log`) accepts
+/// connections on its unix socket, at most `timeout`. A plugin that exits meanwhile fails the
+/// test at once, and a late one at the deadline; both with its log.
+pub fn wait_for_socket(
+    what: &str,
+    child: &mut std::process::Child,
+    socket: &Path,
+    log: &Path,
+    timeout: std::time::Duration,
+) {
+    let logs = || std::fs::read_to_string(log).unwrap_or_default();
+    let deadline = std::time::Instant::now() + timeout;
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("{what} exited ({st}):\n{}", logs());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not listen on {} within {timeout:?}:\n{}",
+            socket.display(),
+            logs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// A gRPC channel over a unix socket, dialled as kubelet and the CSI sidecars do.
 pub async fn dial_unix(socket: &Path) -> tonic::transport::Channel {
     let path = socket.to_path_buf();
