@@ -1,11 +1,20 @@
-//! Bases: the trees of restored or committed generations a node keeps, one directory per
-//! store, scope, key, generation and group (`bases/@<store id>/<scope>/<key>/<generation>/tree`),
-//! never modified in place. Restores into them (once, however many pods ask at once), the
-//! committed tree kept as the next base, and eviction past the node's budget.
+//! The base cache: the trees of restored or committed generations a node keeps, one directory
+//! per store, scope, key, generation and group
+//! (`bases/@<store id>/<scope>/<key>/<generation>/tree`), never modified in place. Which
+//! generations are local and in which form (an EROFS image, or a tree of files), restores into
+//! them (once, however many pods ask at once), the committed tree kept as the next base, and
+//! eviction past the node's budget.
+//!
+//! [`Bases`] owns that state and nothing else: it knows no view, record or pod. What it needs of
+//! the views (which bases they read, so that eviction spares them; a finished view's upper dir)
+//! its callers hand it. A new base form (the lazy base) is one more arm here.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
-use super::{blocking, hash_id, io, IoError, Result, ViewRecord, Volumes};
+use super::{blocking, hash_id, io, lock_of, IoError, Mounter, Result, Trash};
 use crate::engine::{self, Engine, RestoreSource};
 use crate::spec::{Policy, VolumeSpec};
 
@@ -43,6 +52,33 @@ const IMAGE_SYNCED: &str = "image.synced";
 /// path for the kernel.
 const MAX_LAYERS: usize = 16;
 
+/// The node's bases.
+pub(super) struct Bases {
+    /// `<state dir>/bases`.
+    root: PathBuf,
+    trash: Trash,
+    /// Bytes of bases kept; least recently used bases no view reads are evicted past it.
+    budget: Option<u64>,
+    /// Write fresh bases as images (`--base-images`)...
+    images: bool,
+    /// ...unless the kernel refused to mount one: bases are trees from then on.
+    images_refused: AtomicBool,
+    /// One lock per base directory: pods asking at once share one download.
+    locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+    mounter: Arc<dyn Mounter>,
+}
+
+/// A finished view, as the base cache sees it after its commit: the base it read, its pods'
+/// group, its upper dir (what they wrote), and whether another view still reads that base
+/// (asked under the base's lock).
+pub(super) struct Finished<'a> {
+    pub(super) base: &'a Path,
+    pub(super) group: Option<u32>,
+    pub(super) upper: &'a Path,
+    pub(super) others_read_base: &'a (dyn Fn() -> bool + Sync),
+}
+
+/// A base a publish got.
 pub(super) struct Base {
     pub(super) dir: PathBuf,
     /// How this publish's restore wrote the base (None: it was already on the node).
@@ -54,20 +90,41 @@ pub(super) struct Base {
     pub(super) downloaded: u64,
 }
 
-impl Volumes {
+impl Bases {
+    pub(super) fn new(
+        root: PathBuf,
+        trash: Trash,
+        budget: Option<u64>,
+        images: bool,
+        mounter: Arc<dyn Mounter>,
+    ) -> Bases {
+        Bases {
+            root,
+            trash,
+            budget,
+            images,
+            images_refused: AtomicBool::new(false),
+            locks: Mutex::default(),
+            mounter,
+        }
+    }
+
     /// Bases of earlier versions (`bases/<scope>/...`, without the store) are never used again:
     /// which store they came from is not in their path. Those no view uses go to the trash (the
     /// next pod restores its cache again); a view over one still commits from it (its record
     /// names the directory), and its committed tree becomes a base of the new layout.
-    pub(super) fn drop_unkeyed_bases(&self) {
-        let root = self.cfg.state_dir.join("bases");
-        let used: Vec<PathBuf> = self.views().into_iter().map(|v| v.base_dir).collect();
-        for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+    /// `used`: the base directories views read.
+    pub(super) fn drop_unkeyed(&self, used: &[PathBuf]) {
+        for e in std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let dir = e.path();
             if is_store_dir(&dir) || used.iter().any(|u| u.starts_with(&dir)) {
                 continue;
             }
-            match self.trash(&dir) {
+            match self.trash.put(&dir) {
                 Ok(()) => {
                     tracing::info!(dir = %dir.display(), "dropped bases of an earlier layout")
                 }
@@ -81,17 +138,15 @@ impl Volumes {
     /// Where the bases of the engine's store and scope live: `bases/@<store id>/<scope>`.
     /// Bases of two stores never share a directory, even with the same scope, key and
     /// generation (two StorageClasses, or an inline volume beside a PV).
-    fn base_root(&self, engine: &Engine) -> PathBuf {
-        self.cfg
-            .state_dir
-            .join("bases")
+    fn root_of(&self, engine: &Engine) -> PathBuf {
+        self.root
             .join(store_dir(engine.store().display_url()))
             .join(engine.scope())
     }
 
     /// The tree of generation `generation` of `key` (None: the empty base), as a base for
     /// pods of fsGroup `group`: each group has bases of its own, writable by it.
-    fn base_tree(
+    fn tree(
         &self,
         engine: &Engine,
         key: &str,
@@ -105,7 +160,7 @@ impl Volumes {
         if let Some(g) = group {
             name.push_str(&format!("-g{g}"));
         }
-        let root = self.base_root(engine);
+        let root = self.root_of(engine);
         match generation {
             Some(_) => root.join(key).join(name).join("tree"),
             None => root.join(name).join("tree"),
@@ -115,8 +170,14 @@ impl Volumes {
     /// The base of a volume: the newest generation of its key (else of a restore key) on the
     /// node, downloaded if missing — once, however many pods ask at once. A store that cannot
     /// be reached degrades to the newest base the node has for the key, else to an empty one.
-    pub(super) async fn ensure_base(&self, spec: &VolumeSpec, group: Option<u32>) -> Result<Base> {
-        let engine = self.engine(spec)?;
+    /// `used` says which base directories views read (asked after a restore, for eviction).
+    pub(super) async fn ensure(
+        &self,
+        engine: &Engine,
+        spec: &VolumeSpec,
+        group: Option<u32>,
+        used: impl Fn() -> Vec<PathBuf>,
+    ) -> Result<Base> {
         let source = if spec.policy == Policy::Push {
             Ok(RestoreSource::Miss)
         } else {
@@ -126,11 +187,7 @@ impl Volumes {
             Ok(s) => (s, None),
             Err(e) if e.is_store_unavailable() => {
                 let why = format!("store unreachable: {e}");
-                match self
-                    .local_bases(&spec.key, &engine, group)
-                    .into_iter()
-                    .next()
-                {
+                match self.local(&spec.key, engine, group).into_iter().next() {
                     Some((generation, _)) => (
                         RestoreSource::Key {
                             key: spec.key.clone(),
@@ -146,19 +203,19 @@ impl Volumes {
         let dir = match &source {
             RestoreSource::Key { key, generation }
             | RestoreSource::RestoreKey { key, generation } => {
-                self.base_tree(&engine, key, Some(*generation), group)
+                self.tree(engine, key, Some(*generation), group)
             }
-            RestoreSource::Miss => self.base_tree(&engine, &spec.key, None, group),
+            RestoreSource::Miss => self.tree(engine, &spec.key, None, group),
         };
-        let lock = Self::lock_of(&self.base_locks, &dir);
+        let lock = lock_of(&self.locks, &dir);
         let _guard = lock.lock().await;
         let mut warm = engine.has_record(&dir);
         if warm {
-            if let Err(e) = self.mount_base(&dir).await {
+            if let Err(e) = self.mount(&dir).await {
                 // An image base the kernel no longer mounts (rebooted into another kernel, or
                 // the image is damaged): written out again below.
                 tracing::warn!(base = %dir.display(), error = %e, "cannot mount a base image; restoring it again");
-                self.unmount_base(&dir);
+                self.unmount(&dir);
                 engine.forget(&dir);
                 let gen_dir = dir.parent().unwrap_or(&dir);
                 let _ = std::fs::remove_file(gen_dir.join(IMAGE));
@@ -177,15 +234,15 @@ impl Volumes {
                 .into());
             }
             std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
-            match self.restore_image(&engine, &source, &dir, group).await {
+            match self.restore_image(engine, &source, &dir, group).await {
                 Ok(Some(r)) => {
                     (bytes, downloaded) = (r.bytes, r.downloaded);
                     form = Some(BaseForm::Image);
-                    self.evict_bases().await;
+                    self.evict(used()).await;
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    self.unmount_base(&dir);
+                    self.unmount(&dir);
                     let _ = std::fs::remove_dir_all(dir.parent().unwrap_or(&dir));
                     return Err(e);
                 }
@@ -213,7 +270,7 @@ impl Volumes {
                     return Err(e);
                 }
             }
-            self.evict_bases().await;
+            self.evict(used()).await;
         }
         touch(&dir);
         Ok(Base {
@@ -251,7 +308,7 @@ impl Volumes {
         let _ = std::fs::remove_file(gen_dir.join(IMAGE_SYNCED));
         std::fs::write(gen_dir.join(IMAGE_BOOT), boot_id())
             .map_err(io("write", &gen_dir.join(IMAGE_BOOT)))?;
-        match self.mount_base(tree).await {
+        match self.mount(tree).await {
             Ok(()) => {
                 sync_in_background(gen_dir.to_path_buf());
                 Ok(Some(report))
@@ -263,7 +320,7 @@ impl Volumes {
                      Linux 6.12); bases are written as trees of files from now on"
                 );
                 self.images_off();
-                self.unmount_base(tree);
+                self.unmount(tree);
                 engine.forget(tree);
                 let _ = std::fs::remove_file(gen_dir.join(IMAGE));
                 Ok(None)
@@ -274,7 +331,7 @@ impl Volumes {
     /// Mounts base `tree` when it is an image base that is not mounted (just written, or after
     /// a reboot): its image, then `tree` over it (a bind mount, or a read-only overlay of the
     /// layers committed on this node over the image). Tree bases need nothing.
-    pub(super) async fn mount_base(&self, tree: &Path) -> Result<()> {
+    pub(super) async fn mount(&self, tree: &Path) -> Result<()> {
         let gen_dir = tree.parent().expect("tree has a parent").to_path_buf();
         if !gen_dir.join(IMAGE).exists() {
             return Ok(());
@@ -313,12 +370,12 @@ impl Volumes {
     }
 
     /// Whether base `tree` is an image base (its tree is then a mount while in use).
-    pub(super) fn is_image_base(&self, tree: &Path) -> bool {
+    pub(super) fn is_image(&self, tree: &Path) -> bool {
         tree.parent().is_some_and(|g| g.join(IMAGE).exists())
     }
 
     /// Unmounts an image base's mounts (before it is moved or deleted); nothing for trees.
-    pub(super) fn unmount_base(&self, tree: &Path) {
+    pub(super) fn unmount(&self, tree: &Path) {
         let gen_dir = tree.parent().expect("tree has a parent");
         for m in [tree.to_path_buf(), gen_dir.join(IMAGE_MOUNT)] {
             if self.mounter.is_mount_point(&m).unwrap_or(false) {
@@ -331,20 +388,16 @@ impl Volumes {
 
     /// Whether fresh bases are written as images: asked for, and not refused by the kernel.
     fn images_on(&self) -> bool {
-        self.cfg.base_images
-            && !self
-                .images_refused
-                .load(std::sync::atomic::Ordering::Relaxed)
+        self.images && !self.images_refused.load(Ordering::Relaxed)
     }
 
     fn images_off(&self) {
-        self.images_refused
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.images_refused.store(true, Ordering::Relaxed);
     }
 
     /// The generations of `spec.key` the node has complete bases of for `group`, newest first.
-    fn local_bases(&self, key: &str, engine: &Engine, group: Option<u32>) -> Vec<(u64, PathBuf)> {
-        let root = self.base_root(engine).join(key);
+    fn local(&self, key: &str, engine: &Engine, group: Option<u32>) -> Vec<(u64, PathBuf)> {
+        let root = self.root_of(engine).join(key);
         let suffix = group.map(|g| format!("-g{g}")).unwrap_or_default();
         let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(&root)
             .into_iter()
@@ -361,32 +414,34 @@ impl Volumes {
         out
     }
 
-    /// After a commit of generation `generation` from a view over `record.base_dir`: the
+    /// After a commit of generation `generation` of `key` from the view `finished`: the
     /// committed tree becomes a base without a download — the old base is moved (when no other
     /// view uses it) or hard-linked, and the view's upper dir is moved in.
-    pub(super) async fn advance_base(
+    pub(super) async fn advance(
         &self,
         engine: &Engine,
-        spec: &VolumeSpec,
-        record: &ViewRecord,
+        key: &str,
         generation: u64,
+        finished: Finished<'_>,
         tree: &engine::CommittedTree,
     ) -> Result<()> {
-        let new = self.base_tree(engine, &spec.key, Some(generation), record.group);
-        let lock = Self::lock_of(&self.base_locks, &new);
+        let Finished {
+            base: old,
+            group,
+            upper,
+            others_read_base,
+        } = finished;
+        let new = self.tree(engine, key, Some(generation), group);
+        let lock = lock_of(&self.locks, &new);
         let _guard = lock.lock().await;
         if engine.has_record(&new) {
             return Ok(());
         }
         let parent = new.parent().expect("tree has a parent");
         std::fs::create_dir_all(parent).map_err(io("create", parent))?;
-        let upper = self.view_dir(&record.id).join("upper");
-        let old = &record.base_dir;
-        let in_use = self
-            .views()
-            .iter()
-            .any(|v| v.id != record.id && &v.base_dir == old);
-        let old_lock = Self::lock_of(&self.base_locks, old);
+        let upper = upper.to_path_buf();
+        let in_use = others_read_base();
+        let old_lock = lock_of(&self.locks, &old.to_path_buf());
         let _old_guard = old_lock.lock().await;
         let old_gen = old.parent().expect("tree has a parent");
         if old_gen.join(IMAGE).exists() {
@@ -397,7 +452,7 @@ impl Volumes {
                 return Ok(());
             }
             return self
-                .stack_layer(engine, record, old, &new, &upper, tree)
+                .stack_layer(engine, group, old, &new, &upper, tree)
                 .await;
         }
         let empty_base = old
@@ -406,13 +461,13 @@ impl Volumes {
             .and_then(|n| n.to_str())
             .is_some_and(|n| n.starts_with("_empty"));
         if in_use || empty_base {
-            let (from, to) = (old.clone(), new.clone());
+            let (from, to) = (old.to_path_buf(), new.clone());
             blocking(move || engine::overlay::link_tree(&from, &to)).await?;
         } else {
             std::fs::rename(old, &new).map_err(io("move", old))?;
             let _ = std::fs::remove_dir(old.parent().unwrap_or(old));
         }
-        if let Some(g) = record.group {
+        if let Some(g) = group {
             // What the pods wrote joins the group's base: writable by the next pod too.
             let u = upper.clone();
             blocking(move || grant_group(&u, g))
@@ -433,7 +488,7 @@ impl Volumes {
     async fn stack_layer(
         &self,
         engine: &Engine,
-        record: &ViewRecord,
+        group: Option<u32>,
         old: &Path,
         new: &Path,
         upper: &Path,
@@ -443,7 +498,7 @@ impl Volumes {
             old.parent().expect("tree has a parent"),
             new.parent().expect("tree has a parent"),
         );
-        if let Some(g) = record.group {
+        if let Some(g) = group {
             let u = upper.to_path_buf();
             blocking(move || grant_group(&u, g))
                 .await
@@ -453,7 +508,7 @@ impl Volumes {
         blocking(move || layer_of_upper(&u))
             .await
             .map_err(io("prepare a layer from", upper))?;
-        self.unmount_base(old);
+        self.unmount(old);
         let move_in = |from: PathBuf, to: PathBuf| -> Result<()> {
             Ok(std::fs::rename(&from, &to).map_err(io("move", &from))?)
         };
@@ -476,55 +531,36 @@ impl Volumes {
             // Half moved: neither generation's directory is a base any more. Both are
             // forgotten, and the next pod writes a fresh image.
             engine.forget(old);
-            let _ = self.trash(new_gen);
+            let _ = self.trash.put(new_gen);
         }
-        let _ = self.trash(old_gen);
+        let _ = self.trash.put(old_gen);
         moved?;
         std::fs::create_dir_all(new).map_err(io("create", new))?;
-        self.mount_base(new).await?;
+        self.mount(new).await?;
         engine.record_tree(new, tree)?;
         touch(new);
         Ok(())
     }
 
-    /// The node's gauges: bytes of its bases (walks every base tree: call it now and then, not
-    /// per request), its views and how long the oldest pending commit has waited.
-    pub async fn gauges(&self) -> super::NodeGauges {
-        let root = self.cfg.state_dir.join("bases");
+    /// Bytes of the node's bases (walks every base tree: call it now and then, not per
+    /// request).
+    pub(super) async fn bytes(&self) -> u64 {
+        let root = self.root.clone();
         let bases = blocking(move || sized_bases(&root)).await;
-        let now = super::unix_now();
-        let views = self.views();
-        let pending: Vec<&super::ViewRecord> = views
-            .iter()
-            .filter(|v| v.state == super::ViewState::Pending)
-            .collect();
-        super::NodeGauges {
-            base_bytes: bases.iter().map(|b| b.1).sum(),
-            base_budget: self.cfg.base_budget,
-            active_views: views.len() - pending.len(),
-            pending_views: pending.len(),
-            oldest_pending_secs: pending
-                .iter()
-                .filter_map(|v| v.pending_since)
-                .min()
-                .map(|t| now.saturating_sub(t) as f64)
-                .unwrap_or(0.0),
-        }
+        bases.iter().map(|b| b.1).sum()
     }
 
-    /// Samples [`Volumes::gauges`] and reports them.
-    pub async fn report_gauges(&self) {
-        let g = self.gauges().await;
-        self.report.node_gauges(&g);
+    pub(super) fn budget(&self) -> Option<u64> {
+        self.budget
     }
 
-    /// Evicts least recently used bases no view uses while the node keeps more than its budget.
-    async fn evict_bases(&self) {
-        let Some(budget) = self.cfg.base_budget else {
+    /// Evicts least recently used bases no view uses (`used`: the base directories views
+    /// read) while the node keeps more than its budget.
+    async fn evict(&self, used: Vec<PathBuf>) {
+        let Some(budget) = self.budget else {
             return;
         };
-        let used: Vec<PathBuf> = self.views().into_iter().map(|v| v.base_dir).collect();
-        let root = self.cfg.state_dir.join("bases");
+        let root = self.root.clone();
         let mut bases = blocking(move || sized_bases(&root)).await;
         let mut total: u64 = bases.iter().map(|b| b.1).sum();
         bases.sort();
@@ -535,13 +571,13 @@ impl Volumes {
             if used.contains(&tree) {
                 continue;
             }
-            let lock = Self::lock_of(&self.base_locks, &tree);
+            let lock = lock_of(&self.locks, &tree);
             let Ok(_g) = lock.try_lock() else {
                 continue;
             };
             let gen_dir = tree.parent().expect("tree has a parent").to_path_buf();
-            self.unmount_base(&tree);
-            if self.trash(&gen_dir).is_ok() {
+            self.unmount(&tree);
+            if self.trash.put(&gen_dir).is_ok() {
                 tracing::info!(base = %tree.display(), bytes = size, "evicted base");
                 total -= size;
             }
@@ -733,4 +769,244 @@ fn sync_in_background(gen_dir: PathBuf) {
             tracing::debug!(dir = %gen_dir.display(), error = %e, "could not mark a base image durable");
         }
     });
+}
+
+/// The base cache alone, through the fake mounter: no view, record or pod, only what its callers
+/// hand it. The store is a `file://` directory.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{CommitOptions, Store};
+    use crate::node::mount::fake::{Fake, Mount};
+    use crate::spec::{CommitOn, Mode};
+
+    struct Cache {
+        tmp: tempfile::TempDir,
+        engine: Engine,
+        mounts: Arc<Fake>,
+        bases: Bases,
+    }
+
+    /// A base cache whose store holds generation 1 of `ci/npm` and of `ci/pip` (one file each,
+    /// 300 bytes).
+    async fn cache(mounts: Fake, budget: Option<u64>, images: bool) -> Cache {
+        let tmp = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", tmp.path().join("store").display());
+        let cli = Engine::new(Store::open(&url).unwrap(), "ci", tmp.path().join("cli")).unwrap();
+        for key in ["npm", "pip"] {
+            let src = tmp.path().join("src").join(key);
+            std::fs::create_dir_all(&src).unwrap();
+            std::fs::write(src.join("f"), key.repeat(100)).unwrap();
+            cli.commit(key, &src, &CommitOptions::default())
+                .await
+                .unwrap();
+        }
+        let state = tmp.path().join("state");
+        for d in ["engine", "bases", "trash"] {
+            std::fs::create_dir_all(state.join(d)).unwrap();
+        }
+        let engine = Engine::new(Store::open(&url).unwrap(), "ci", state.join("engine")).unwrap();
+        let mounts = Arc::new(mounts);
+        let bases = Bases::new(
+            state.join("bases"),
+            Trash(state.join("trash")),
+            budget,
+            images,
+            mounts.clone(),
+        );
+        Cache {
+            tmp,
+            engine,
+            mounts,
+            bases,
+        }
+    }
+
+    fn spec(c: &Cache, key: &str) -> VolumeSpec {
+        VolumeSpec {
+            store: format!("file://{}", c.tmp.path().join("store").display()),
+            scope: "ci".into(),
+            key: key.into(),
+            restore_keys: vec![],
+            mode: Mode::Private,
+            policy: Policy::PullPush,
+            commit_on: CommitOn::Success,
+            merge: engine::Merge::Replace,
+            budget: None,
+        }
+    }
+
+    fn none_used() -> Vec<PathBuf> {
+        Vec::new()
+    }
+
+    #[tokio::test]
+    async fn a_base_is_restored_once_then_warm_in_the_same_directory() {
+        let c = cache(Fake::default(), None, false).await;
+        let first = c
+            .bases
+            .ensure(&c.engine, &spec(&c, "npm"), None, none_used)
+            .await
+            .unwrap();
+        assert!(!first.warm);
+        assert_eq!(first.form, Some(BaseForm::Tree));
+        assert_eq!(
+            std::fs::read_to_string(first.dir.join("f")).unwrap(),
+            "npm".repeat(100)
+        );
+        let again = c
+            .bases
+            .ensure(&c.engine, &spec(&c, "npm"), None, none_used)
+            .await
+            .unwrap();
+        assert!(again.warm);
+        assert_eq!(again.form, None, "nothing written the second time");
+        assert_eq!(again.dir, first.dir);
+        assert_eq!(c.bases.bytes().await, 300);
+        assert!(
+            c.mounts.table.lock().unwrap().is_empty(),
+            "a tree base needs no mount"
+        );
+    }
+
+    #[tokio::test]
+    async fn each_group_gets_a_base_of_its_own() {
+        let c = cache(Fake::default(), None, false).await;
+        let plain = c
+            .bases
+            .ensure(&c.engine, &spec(&c, "npm"), None, none_used)
+            .await
+            .unwrap();
+        let grouped = c
+            .bases
+            .ensure(&c.engine, &spec(&c, "npm"), Some(2000), none_used)
+            .await
+            .unwrap();
+        assert_ne!(plain.dir, grouped.dir);
+        assert!(!grouped.warm);
+    }
+
+    #[tokio::test]
+    async fn past_the_budget_the_least_recently_used_base_no_view_reads_is_evicted() {
+        // Room for one base of 300 bytes.
+        let c = cache(Fake::default(), Some(400), false).await;
+        let npm = c
+            .bases
+            .ensure(&c.engine, &spec(&c, "npm"), None, none_used)
+            .await
+            .unwrap();
+        // A view reads npm's base: restoring pip leaves it, over budget.
+        let read = vec![npm.dir.clone()];
+        let pip = c
+            .bases
+            .ensure(&c.engine, &spec(&c, "pip"), None, || read.clone())
+            .await
+            .unwrap();
+        assert!(
+            npm.dir.join("f").exists(),
+            "a base a view reads is never evicted"
+        );
+        assert_eq!(c.bases.bytes().await, 600);
+        // No view reads it any more: the next restore evicts it (pip was used last).
+        std::fs::remove_dir_all(pip.dir.parent().unwrap()).unwrap();
+        c.engine.forget(&pip.dir);
+        c.bases
+            .ensure(&c.engine, &spec(&c, "pip"), None, none_used)
+            .await
+            .unwrap();
+        assert!(!npm.dir.exists(), "evicted");
+        assert_eq!(c.bases.bytes().await, 300);
+    }
+
+    #[tokio::test]
+    async fn a_fresh_base_is_an_image_unless_the_kernel_refuses_then_trees_from_then_on() {
+        let c = cache(Fake::default(), None, true).await;
+        let b = c
+            .bases
+            .ensure(&c.engine, &spec(&c, "npm"), None, none_used)
+            .await
+            .unwrap();
+        assert_eq!(b.form, Some(BaseForm::Image));
+        assert!(c.bases.is_image(&b.dir));
+        let gen_dir = b.dir.parent().unwrap();
+        assert_eq!(
+            c.mounts.at(&b.dir),
+            Some(Mount::Bind {
+                source: gen_dir.join(IMAGE_MOUNT),
+                read_only: true
+            })
+        );
+        c.bases.unmount(&b.dir);
+        assert!(
+            c.mounts.table.lock().unwrap().is_empty(),
+            "both mounts gone"
+        );
+
+        let c = cache(
+            Fake {
+                refuse_erofs: true,
+                ..Default::default()
+            },
+            None,
+            true,
+        )
+        .await;
+        for key in ["npm", "pip"] {
+            let b = c
+                .bases
+                .ensure(&c.engine, &spec(&c, key), None, none_used)
+                .await
+                .unwrap();
+            assert_eq!(b.form, Some(BaseForm::Tree), "{key}");
+            assert!(!c.bases.is_image(&b.dir));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_committed_tree_becomes_the_next_base_without_a_download() {
+        let c = cache(Fake::default(), None, false).await;
+        let old = c
+            .bases
+            .ensure(&c.engine, &spec(&c, "npm"), None, none_used)
+            .await
+            .unwrap();
+        // What a view's pods wrote, in its upper dir, committed as generation 2.
+        let upper = c.tmp.path().join("upper");
+        std::fs::create_dir_all(&upper).unwrap();
+        std::fs::write(upper.join("g"), "new").unwrap();
+        let (report, tree) = c
+            .engine
+            .commit_overlay("npm", &old.dir, &upper, &CommitOptions::default())
+            .await
+            .unwrap();
+        assert!(matches!(
+            report.outcome,
+            engine::CommitOutcome::Committed { generation: 2 }
+        ));
+        let finished = Finished {
+            base: &old.dir,
+            group: None,
+            upper: &upper,
+            others_read_base: &|| false,
+        };
+        c.bases
+            .advance(&c.engine, "npm", 2, finished, &tree.unwrap())
+            .await
+            .unwrap();
+        assert!(
+            !old.dir.exists(),
+            "the old base was moved, no other view read it"
+        );
+        let next = c
+            .bases
+            .ensure(&c.engine, &spec(&c, "npm"), None, none_used)
+            .await
+            .unwrap();
+        assert!(next.warm, "generation 2 is local");
+        assert_eq!(std::fs::read_to_string(next.dir.join("g")).unwrap(), "new");
+        assert_eq!(
+            std::fs::read_to_string(next.dir.join("f")).unwrap(),
+            "npm".repeat(100)
+        );
+    }
 }

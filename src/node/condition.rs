@@ -116,7 +116,7 @@ impl Volumes {
                     BaseSeen::Gone
                 } else if engine.is_some_and(|e| !e.has_record(&view.base_dir)) {
                     BaseSeen::Dropped
-                } else if self.is_image_base(&view.base_dir)
+                } else if self.bases.is_image(&view.base_dir)
                     && is_mounted(&view.base_dir) == Some(false)
                 {
                     BaseSeen::Unmounted

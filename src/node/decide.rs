@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use super::report::{self, reason, EventType};
-use super::{CommitDecision, Ending, Result, ViewKind, ViewRecord, ViewState, Volumes};
+use super::{bases, CommitDecision, Ending, Result, ViewKind, ViewRecord, ViewState, Volumes};
 use crate::engine::{self, CommitOptions, CommitOutcome, CommitReport};
 use crate::spec::{CommitOn, Mode, Policy, VolumeSpec};
 
@@ -196,7 +196,7 @@ impl Volumes {
                 } else {
                     // An image base is read where the upper lacks a file's chunks (a pack
                     // that must be uploaded again): mounted again after a reboot.
-                    if let Err(e) = self.mount_base(&record.base_dir).await {
+                    if let Err(e) = self.bases.mount(&record.base_dir).await {
                         tracing::warn!(view = id, error = %e, "cannot mount the view's base image; committing from the upper dir and the store");
                     }
                     engine
@@ -227,8 +227,21 @@ impl Volumes {
         if let (CommitOutcome::Committed { generation }, Some(tree), 0) =
             (&report.outcome, tree, report.merged)
         {
+            let upper = dir.join("upper");
+            let others_read_base = || {
+                self.views()
+                    .iter()
+                    .any(|v| v.id != record.id && v.base_dir == record.base_dir)
+            };
+            let finished = bases::Finished {
+                base: &record.base_dir,
+                group: record.group,
+                upper: &upper,
+                others_read_base: &others_read_base,
+            };
             if let Err(e) = self
-                .advance_base(&engine, &spec, &record, *generation, &tree)
+                .bases
+                .advance(&engine, &spec.key, *generation, finished, &tree)
                 .await
             {
                 tracing::warn!(view = id, error = %e, "could not keep the committed tree as a base; the next pod downloads it");

@@ -207,14 +207,13 @@ pub struct Volumes {
     /// Stores the caller opened already, by URL (the daemon's default store): used as they are
     /// rather than opened a second time.
     opened: HashMap<String, Store>,
-    /// One lock per base directory: pods asking at once share one download.
-    base_locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+    /// The base cache: which generations are local, in which form; eviction.
+    bases: bases::Bases,
     /// The view records, and one lock per view.
     records: records::Records,
     mounter: Arc<dyn Mounter>,
     report: Arc<dyn Report>,
-    /// Set once the kernel refused to mount a base image: bases are trees from then on.
-    images_refused: std::sync::atomic::AtomicBool,
+    trash: Trash,
     /// Whether the kernel has SELinux, so views take the `context=` kubelet asks for.
     selinux: bool,
     /// How each store answered the node's requests, for the volumes' condition.
@@ -247,19 +246,27 @@ impl Volumes {
             std::fs::create_dir_all(&p).map_err(io("create", &p))?;
         }
         let records = records::Records::load(cfg.state_dir.join("views"), report.as_ref());
+        let trash = Trash(cfg.state_dir.join("trash"));
+        let bases = bases::Bases::new(
+            cfg.state_dir.join("bases"),
+            trash.clone(),
+            cfg.base_budget,
+            cfg.base_images,
+            mounter.clone(),
+        );
         let volumes = Volumes {
             cfg,
             engines: Mutex::default(),
             opened: HashMap::new(),
-            base_locks: Mutex::default(),
+            bases,
             records,
             mounter,
             report,
-            images_refused: Default::default(),
+            trash,
             selinux: mount::selinux_enabled(),
             answers: Arc::default(),
         };
-        volumes.drop_unkeyed_bases();
+        volumes.bases.drop_unkeyed(&volumes.used_bases());
         Ok(volumes)
     }
 
@@ -319,15 +326,39 @@ impl Volumes {
         Ok(e)
     }
 
-    fn lock_of<K: std::hash::Hash + Eq + Clone>(
-        map: &Mutex<HashMap<K, Arc<tokio::sync::Mutex<()>>>>,
-        key: &K,
-    ) -> Arc<tokio::sync::Mutex<()>> {
-        map.lock()
-            .expect("not poisoned")
-            .entry(key.clone())
-            .or_default()
-            .clone()
+    /// The base directories views read: the base cache never evicts or drops those.
+    fn used_bases(&self) -> Vec<PathBuf> {
+        self.views().into_iter().map(|v| v.base_dir).collect()
+    }
+
+    /// The node's gauges: bytes of its bases (walks every base tree: call it now and then, not
+    /// per request), its views and how long the oldest pending commit has waited.
+    pub async fn gauges(&self) -> NodeGauges {
+        let base_bytes = self.bases.bytes().await;
+        let now = unix_now();
+        let views = self.views();
+        let pending: Vec<&ViewRecord> = views
+            .iter()
+            .filter(|v| v.state == ViewState::Pending)
+            .collect();
+        NodeGauges {
+            base_bytes,
+            base_budget: self.bases.budget(),
+            active_views: views.len() - pending.len(),
+            pending_views: pending.len(),
+            oldest_pending_secs: pending
+                .iter()
+                .filter_map(|v| v.pending_since)
+                .min()
+                .map(|t| now.saturating_sub(t) as f64)
+                .unwrap_or(0.0),
+        }
+    }
+
+    /// Samples [`Volumes::gauges`] and reports them.
+    pub async fn report_gauges(&self) {
+        let g = self.gauges().await;
+        self.report.node_gauges(&g);
     }
 
     fn view_dir(&self, id: &str) -> PathBuf {
@@ -365,10 +396,20 @@ impl Volumes {
         self.records.filter(|v| v.pods.iter().any(|p| p.uid == uid))
     }
 
+    fn trash(&self, dir: &Path) -> Result<()> {
+        self.trash.put(dir)
+    }
+}
+
+/// The node's trash (`<state dir>/trash`), shared by the base cache and the views.
+#[derive(Clone, Debug)]
+struct Trash(PathBuf);
+
+impl Trash {
     /// Moves a directory out of the way and deletes it in the background: deleting a large
     /// tree right before creating another is slow on ext4, and nobody waits for it.
-    fn trash(&self, dir: &Path) -> Result<()> {
-        let to = self.cfg.state_dir.join("trash").join(format!(
+    fn put(&self, dir: &Path) -> Result<()> {
+        let to = self.0.join(format!(
             "{}-{}",
             hash_id(&[&dir.display().to_string()]),
             now_nanos()
@@ -379,6 +420,18 @@ impl Volumes {
         });
         Ok(())
     }
+}
+
+/// The lock of `key` in `map` (made on first use): one async lock per base or view.
+fn lock_of<K: std::hash::Hash + Eq + Clone>(
+    map: &Mutex<HashMap<K, Arc<tokio::sync::Mutex<()>>>>,
+    key: &K,
+) -> Arc<tokio::sync::Mutex<()>> {
+    map.lock()
+        .expect("not poisoned")
+        .entry(key.clone())
+        .or_default()
+        .clone()
 }
 
 #[derive(Clone, Copy, Debug, Default)]

@@ -147,7 +147,11 @@ impl Volumes {
                 )));
             }
             None => {
-                let base = self.ensure_base(spec, req.group).await?;
+                let engine = self.engine(spec)?;
+                let base = self
+                    .bases
+                    .ensure(&engine, spec, req.group, || self.used_bases())
+                    .await?;
                 published.source = Some(base.source.clone());
                 published.warm = base.warm;
                 published.form = base.form;
