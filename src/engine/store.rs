@@ -399,21 +399,33 @@ impl Store {
         )
     }
 
-    /// Creates the object only if nothing is there yet; `Ok(false)` when it already existed.
-    pub async fn put_create(&self, location: &Path, data: Bytes) -> Result<bool> {
+    /// One put in `mode`, timed and counted as `op`.
+    async fn put_mode(
+        &self,
+        op: &'static str,
+        location: &Path,
+        data: Bytes,
+        mode: PutMode,
+    ) -> Result<object_store::PutResult> {
         let opts = PutOptions {
-            mode: PutMode::Create,
+            mode,
             ..Default::default()
         };
-        let res = self
-            .timed(
-                "create",
-                location,
-                self.inner
-                    .put_opts(location, PutPayload::from_bytes(data), opts),
-            )
-            .await;
-        match res {
+        self.timed(
+            op,
+            location,
+            self.inner
+                .put_opts(location, PutPayload::from_bytes(data), opts),
+        )
+        .await
+    }
+
+    /// Creates the object only if nothing is there yet; `Ok(false)` when it already existed.
+    pub async fn put_create(&self, location: &Path, data: Bytes) -> Result<bool> {
+        match self
+            .put_mode("create", location, data, PutMode::Create)
+            .await
+        {
             Ok(_) => Ok(true),
             Err(Error::Store {
                 source: object_store::Error::AlreadyExists { .. },
@@ -442,19 +454,7 @@ impl Store {
             (true, Some(v)) => PutMode::Update(v),
             (true, None) => PutMode::Create,
         };
-        let opts = PutOptions {
-            mode,
-            ..Default::default()
-        };
-        let res = self
-            .timed(
-                "swap",
-                location,
-                self.inner
-                    .put_opts(location, PutPayload::from_bytes(data), opts),
-            )
-            .await;
-        match res {
+        match self.put_mode("swap", location, data, mode).await {
             Ok(_) => Ok(true),
             Err(Error::Store {
                 source:
