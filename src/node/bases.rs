@@ -840,25 +840,25 @@ mod tests {
         Vec::new()
     }
 
+    /// The base of `key` for `group`, no view reading any base.
+    async fn ensure(c: &Cache, key: &str, group: Option<u32>) -> Base {
+        c.bases
+            .ensure(&c.engine, &spec(c, key), group, none_used)
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn a_base_is_restored_once_then_warm_in_the_same_directory() {
         let c = cache(Fake::default(), None, false).await;
-        let first = c
-            .bases
-            .ensure(&c.engine, &spec(&c, "npm"), None, none_used)
-            .await
-            .unwrap();
+        let first = ensure(&c, "npm", None).await;
         assert!(!first.warm);
         assert_eq!(first.form, Some(BaseForm::Tree));
         assert_eq!(
             std::fs::read_to_string(first.dir.join("f")).unwrap(),
             "npm".repeat(100)
         );
-        let again = c
-            .bases
-            .ensure(&c.engine, &spec(&c, "npm"), None, none_used)
-            .await
-            .unwrap();
+        let again = ensure(&c, "npm", None).await;
         assert!(again.warm);
         assert_eq!(again.form, None, "nothing written the second time");
         assert_eq!(again.dir, first.dir);
@@ -872,16 +872,8 @@ mod tests {
     #[tokio::test]
     async fn each_group_gets_a_base_of_its_own() {
         let c = cache(Fake::default(), None, false).await;
-        let plain = c
-            .bases
-            .ensure(&c.engine, &spec(&c, "npm"), None, none_used)
-            .await
-            .unwrap();
-        let grouped = c
-            .bases
-            .ensure(&c.engine, &spec(&c, "npm"), Some(2000), none_used)
-            .await
-            .unwrap();
+        let plain = ensure(&c, "npm", None).await;
+        let grouped = ensure(&c, "npm", Some(2000)).await;
         assert_ne!(plain.dir, grouped.dir);
         assert!(!grouped.warm);
     }
@@ -890,11 +882,7 @@ mod tests {
     async fn past_the_budget_the_least_recently_used_base_no_view_reads_is_evicted() {
         // Room for one base of 300 bytes.
         let c = cache(Fake::default(), Some(400), false).await;
-        let npm = c
-            .bases
-            .ensure(&c.engine, &spec(&c, "npm"), None, none_used)
-            .await
-            .unwrap();
+        let npm = ensure(&c, "npm", None).await;
         // A view reads npm's base: restoring pip leaves it, over budget.
         let read = vec![npm.dir.clone()];
         let pip = c
@@ -910,10 +898,7 @@ mod tests {
         // No view reads it any more: the next restore evicts it (pip was used last).
         std::fs::remove_dir_all(pip.dir.parent().unwrap()).unwrap();
         c.engine.forget(&pip.dir);
-        c.bases
-            .ensure(&c.engine, &spec(&c, "pip"), None, none_used)
-            .await
-            .unwrap();
+        ensure(&c, "pip", None).await;
         assert!(!npm.dir.exists(), "evicted");
         assert_eq!(c.bases.bytes().await, 300);
     }
@@ -921,11 +906,7 @@ mod tests {
     #[tokio::test]
     async fn a_fresh_base_is_an_image_unless_the_kernel_refuses_then_trees_from_then_on() {
         let c = cache(Fake::default(), None, true).await;
-        let b = c
-            .bases
-            .ensure(&c.engine, &spec(&c, "npm"), None, none_used)
-            .await
-            .unwrap();
+        let b = ensure(&c, "npm", None).await;
         assert_eq!(b.form, Some(BaseForm::Image));
         assert!(c.bases.is_image(&b.dir));
         let gen_dir = b.dir.parent().unwrap();
@@ -952,11 +933,7 @@ mod tests {
         )
         .await;
         for key in ["npm", "pip"] {
-            let b = c
-                .bases
-                .ensure(&c.engine, &spec(&c, key), None, none_used)
-                .await
-                .unwrap();
+            let b = ensure(&c, key, None).await;
             assert_eq!(b.form, Some(BaseForm::Tree), "{key}");
             assert!(!c.bases.is_image(&b.dir));
         }
@@ -965,11 +942,7 @@ mod tests {
     #[tokio::test]
     async fn a_committed_tree_becomes_the_next_base_without_a_download() {
         let c = cache(Fake::default(), None, false).await;
-        let old = c
-            .bases
-            .ensure(&c.engine, &spec(&c, "npm"), None, none_used)
-            .await
-            .unwrap();
+        let old = ensure(&c, "npm", None).await;
         // What a view's pods wrote, in its upper dir, committed as generation 2.
         let upper = c.tmp.path().join("upper");
         std::fs::create_dir_all(&upper).unwrap();
@@ -997,11 +970,7 @@ mod tests {
             !old.dir.exists(),
             "the old base was moved, no other view read it"
         );
-        let next = c
-            .bases
-            .ensure(&c.engine, &spec(&c, "npm"), None, none_used)
-            .await
-            .unwrap();
+        let next = ensure(&c, "npm", None).await;
         assert!(next.warm, "generation 2 is local");
         assert_eq!(std::fs::read_to_string(next.dir.join("g")).unwrap(), "new");
         assert_eq!(
