@@ -144,7 +144,7 @@ impl Volumes {
         ending: Ending,
         lock: &Lock,
     ) -> Result<CommitDecision> {
-        let view_lock = self.records.lock(id);
+        let view_lock = self.views.lock(id);
         let _guard = view_lock.lock().await;
         let Some(record) = self.load(id) else {
             return Ok(CommitDecision::NotPending);
@@ -154,7 +154,7 @@ impl Volumes {
         }
         let spec = record.spec.clone();
         if let Some(decided) = verdict(&spec, ending, self.marked(&record), lock) {
-            self.discard(&record)?;
+            self.views.discard(&record)?;
             return Ok(decided);
         }
         let engine = self.engine(&spec)?;
@@ -180,7 +180,7 @@ impl Volumes {
             note: None,
             group_widened: record.group.is_some(),
         };
-        let dir = self.view_dir(id);
+        let dir = self.views.dir(id);
         let result = match record.kind {
             ViewKind::Overlay => {
                 let upper = dir.join("upper");
@@ -215,12 +215,12 @@ impl Volumes {
             Err(e @ engine::Error::Fenced { .. }) => {
                 // The generation it may create was taken (a degraded or locked view that
                 // newer data overtook): the same answer as a lost lock, told the same way.
-                self.discard(&record)?;
+                self.views.discard(&record)?;
                 return Ok(CommitDecision::Fenced(e.to_string()));
             }
             Err(e) => {
                 // Refused (over budget, too many conflicts) or invalid: retrying cannot help.
-                self.discard(&record)?;
+                self.views.discard(&record)?;
                 return Err(e.into());
             }
         };
@@ -229,7 +229,8 @@ impl Volumes {
         {
             let upper = dir.join("upper");
             let others_read_base = || {
-                self.views()
+                self.views
+                    .all()
                     .iter()
                     .any(|v| v.id != record.id && v.base_dir == record.base_dir)
             };
@@ -247,7 +248,7 @@ impl Volumes {
                 tracing::warn!(view = id, error = %e, "could not keep the committed tree as a base; the next pod downloads it");
             }
         }
-        self.discard(&record)?;
+        self.views.discard(&record)?;
         Ok(CommitDecision::Committed(report))
     }
 
@@ -255,11 +256,7 @@ impl Volumes {
     /// is looked for where the pods' writes are (an overlay's upper dir: the view itself is
     /// unmounted by now), so only this view's pods can have made it.
     pub fn marked(&self, record: &ViewRecord) -> bool {
-        let root = match record.kind {
-            ViewKind::Overlay => self.view_dir(&record.id).join("upper"),
-            ViewKind::Copy => self.view_dir(&record.id).join("view"),
-        };
-        marker_in(&root)
+        marker_in(&self.views.writes(record))
     }
 }
 
