@@ -415,3 +415,292 @@ impl Views {
         pending
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{CommitOptions, Store};
+    use crate::node::bases::Bases;
+    use crate::node::mount::fake::{Fake, Mount};
+    use crate::node::NoReport;
+    use crate::spec::{CommitOn, Mode, Policy};
+
+    struct Fixture {
+        tmp: tempfile::TempDir,
+        engine: Engine,
+        mounts: Arc<Fake>,
+        views: Views,
+    }
+
+    impl Fixture {
+        fn state(&self) -> PathBuf {
+            self.tmp.path().join("state")
+        }
+
+        /// The same views dir read again, as after a restart.
+        fn reloaded(&self) -> Views {
+            views(&self.state(), self.mounts.clone())
+        }
+
+        /// A base of generation 1 of `ci/npm` (one file `f`, "one"), restored by the base
+        /// cache as a publish gets it.
+        async fn base(&self) -> Base {
+            let bases = Bases::new(
+                self.state().join("bases"),
+                Trash(self.state().join("trash")),
+                None,
+                false,
+                self.mounts.clone(),
+            );
+            bases
+                .ensure(&self.engine, &spec(self), None, Vec::new)
+                .await
+                .unwrap()
+        }
+
+        fn req(&self, pod: &str) -> Publish {
+            Publish {
+                volume_id: "cv-1".into(),
+                target: self.tmp.path().join("pods").join(pod),
+                spec: spec(self),
+                read_only: false,
+                pod: Some(PodRef {
+                    name: pod.into(),
+                    namespace: "ci".into(),
+                    uid: format!("uid-{pod}"),
+                    service_account: "default".into(),
+                }),
+                group: None,
+                selinux_context: None,
+            }
+        }
+    }
+
+    fn views(state: &Path, mounts: Arc<Fake>) -> Views {
+        Views::new(
+            state.join("views"),
+            Trash(state.join("trash")),
+            mounts,
+            false,
+            false,
+            &NoReport,
+        )
+    }
+
+    fn spec(s: &Fixture) -> VolumeSpec {
+        VolumeSpec {
+            store: format!("file://{}", s.tmp.path().join("store").display()),
+            scope: "ci".into(),
+            key: "npm".into(),
+            restore_keys: vec![],
+            mode: Mode::Private,
+            policy: Policy::PullPush,
+            commit_on: CommitOn::Success,
+            merge: engine::Merge::Replace,
+            budget: None,
+        }
+    }
+
+    /// A view store over an empty state dir, whose store holds generation 1 of `ci/npm`.
+    async fn store(mounts: Fake) -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", tmp.path().join("store").display());
+        let src = tmp.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("f"), "one").unwrap();
+        Engine::new(Store::open(&url).unwrap(), "ci", tmp.path().join("cli"))
+            .unwrap()
+            .commit("npm", &src, &CommitOptions::default())
+            .await
+            .unwrap();
+        let state = tmp.path().join("state");
+        for d in ["engine", "bases", "views", "trash"] {
+            std::fs::create_dir_all(state.join(d)).unwrap();
+        }
+        let engine = Engine::new(Store::open(&url).unwrap(), "ci", state.join("engine")).unwrap();
+        let mounts = Arc::new(mounts);
+        let views = views(&state, mounts.clone());
+        Fixture {
+            tmp,
+            engine,
+            mounts,
+            views,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_overlay_view_gets_its_dirs_one_overlay_and_a_bind_per_target() {
+        let s = store(Fake::default()).await;
+        let base = s.base().await;
+        let base_dir = base.dir.clone();
+        let req = s.req("build-1");
+        let mut v = s
+            .views
+            .make(&s.engine, "p-1", &req, base, None)
+            .await
+            .unwrap();
+        assert_eq!(v.kind, ViewKind::Overlay);
+        assert_eq!(v.state, ViewState::Active);
+        assert_eq!(v.base.as_ref().map(|b| b.generation), Some(1));
+        let dir = s.views.dir("p-1");
+        for d in ["upper", "work", "view"] {
+            assert!(dir.join(d).is_dir(), "{d}");
+        }
+        assert_eq!(
+            *s.mounts.table.lock().unwrap(),
+            vec![(
+                dir.join("view"),
+                Mount::Overlay {
+                    lower: vec![base_dir.clone()],
+                    upper: dir.join("upper"),
+                    data: mount::overlay_data(
+                        &[base_dir],
+                        &dir.join("upper"),
+                        &dir.join("work"),
+                        None
+                    )
+                    .unwrap(),
+                }
+            )]
+        );
+        assert!(
+            s.views.load("p-1").is_none(),
+            "saved once a target is mounted"
+        );
+
+        s.views
+            .attach(&mut v, &req.target, true, req.pod.as_ref())
+            .unwrap();
+        assert_eq!(
+            s.mounts.at(&req.target),
+            Some(Mount::Bind {
+                source: dir.join("view"),
+                read_only: true
+            })
+        );
+        let saved = s.views.load("p-1").expect("saved with its target");
+        assert!(saved.targets.contains_key(&req.target));
+        assert_eq!(saved.pods, vec![req.pod.clone().unwrap()]);
+        assert!(s.views.is_published(&saved, &req.target));
+        assert_eq!(
+            s.views.of_target(&req.target).map(|v| v.id),
+            Some("p-1".into())
+        );
+        assert_eq!(s.views.of_pod("uid-build-1").len(), 1);
+        assert_eq!(s.views.used_bases(), vec![saved.base_dir.clone()]);
+        assert!(s.views.published_elsewhere("cv-1", Path::new("/elsewhere")));
+        assert!(!s.views.published_elsewhere("cv-1", &req.target));
+    }
+
+    #[tokio::test]
+    async fn where_overlay_is_refused_the_view_is_a_labelled_copy() {
+        let s = store(Fake {
+            refuse_overlay: true,
+            ..Fake::default()
+        })
+        .await;
+        let base = s.base().await;
+        let context = "system_u:object_r:container_file_t:s0:c1,c2".to_string();
+        let v = s
+            .views
+            .make(
+                &s.engine,
+                "p-1",
+                &s.req("build-1"),
+                base,
+                Some(context.clone()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(v.kind, ViewKind::Copy);
+        let view = s.views.dir("p-1").join("view");
+        assert_eq!(std::fs::read_to_string(view.join("f")).unwrap(), "one");
+        assert!(
+            s.mounts.table.lock().unwrap().is_empty(),
+            "a copy is no mount"
+        );
+        assert_eq!(
+            *s.mounts.labels.lock().unwrap(),
+            vec![(view, context.clone())]
+        );
+        assert_eq!(v.selinux_context, Some(context));
+    }
+
+    #[tokio::test]
+    async fn the_last_target_gone_leaves_a_pending_view_and_discard_removes_it() {
+        let s = store(Fake::default()).await;
+        let base = s.base().await;
+        let (a, b) = (s.req("build-1"), s.req("build-2"));
+        let mut v = s
+            .views
+            .make(&s.engine, "s-1", &a, base, None)
+            .await
+            .unwrap();
+        s.views
+            .attach(&mut v, &a.target, false, a.pod.as_ref())
+            .unwrap();
+        s.views
+            .attach(&mut v, &b.target, false, b.pod.as_ref())
+            .unwrap();
+        assert_eq!(s.views.load("s-1").unwrap().pods.len(), 2);
+
+        assert!(s.views.detach("cv-1", &a.target).await.unwrap().is_none());
+        assert!(matches!(
+            s.views.detach("cv-other", &b.target).await,
+            Err(Error::NotPublished(..))
+        ));
+        let pending = s.views.detach("cv-1", &b.target).await.unwrap().unwrap();
+        assert_eq!(pending.state, ViewState::Pending);
+        assert!(pending.pending_since.is_some());
+        assert!(
+            s.mounts.table.lock().unwrap().is_empty(),
+            "targets and the overlay unmounted"
+        );
+        assert_eq!(s.views.writes(&pending), s.views.dir("s-1").join("upper"));
+
+        s.views.discard(&pending).unwrap();
+        assert!(!s.views.dir("s-1").exists());
+        assert!(s.views.load("s-1").is_none());
+        assert!(!s.state().join("views").join("s-1.json").exists());
+        assert!(s.reloaded().all().is_empty(), "no record read back");
+    }
+
+    #[tokio::test]
+    async fn records_survive_a_reload_and_recover_finds_the_unmounted_ones() {
+        let s = store(Fake::default()).await;
+        let base = s.base().await;
+        let req = s.req("build-1");
+        let mut v = s
+            .views
+            .make(&s.engine, "p-1", &req, base, None)
+            .await
+            .unwrap();
+        s.views
+            .attach(&mut v, &req.target, false, req.pod.as_ref())
+            .unwrap();
+        s.views
+            .record_ending("uid-build-1", Ending::Succeeded)
+            .await
+            .unwrap();
+        // A view mount whose record was never saved (a crash during publish).
+        let orphan = s.views.dir("p-orphan").join("view");
+        s.mounts
+            .overlay(&[], &orphan, &orphan, &orphan, None)
+            .unwrap();
+
+        let again = s.reloaded();
+        let r = again.load("p-1").expect("read back");
+        assert_eq!(r.targets.keys().collect::<Vec<_>>(), vec![&req.target]);
+        assert_eq!(r.endings.get("uid-build-1"), Some(&Ending::Succeeded));
+        assert!(again.recover().is_empty(), "still mounted: nothing pending");
+        assert!(s.mounts.at(&orphan).is_none(), "the orphan mount is gone");
+
+        // The node restarted without its mounts: the view is pending.
+        s.mounts.table.lock().unwrap().clear();
+        let pending = again.recover();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].state, ViewState::Pending);
+        assert!(pending[0].targets.is_empty());
+        assert_eq!(s.reloaded().load("p-1").unwrap().state, ViewState::Pending);
+    }
+}
