@@ -213,6 +213,8 @@ pub struct Volumes {
     bases: bases::Bases,
     /// The view store: the views' directories, mounts and records.
     views: views::Views,
+    /// What a finished view becomes.
+    committer: decide::Committer,
     report: Arc<dyn Report>,
     /// How each store answered the node's requests, for the volumes' condition.
     answers: Arc<health::StoreAnswers>,
@@ -259,12 +261,14 @@ impl Volumes {
             mount::selinux_enabled(),
             report.as_ref(),
         );
+        let committer = decide::Committer::new(cfg.node_id.clone());
         let volumes = Volumes {
             cfg,
             engines: Mutex::default(),
             opened: HashMap::new(),
             bases,
             views,
+            committer,
             report,
             answers: Arc::default(),
         };
