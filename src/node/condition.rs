@@ -98,7 +98,7 @@ impl Volumes {
     /// The condition of the view published at `target`: see [`decide`]. Reads the mount table
     /// and the base's record; asks the store nothing.
     pub fn condition(&self, view: &ViewRecord, target: &Path) -> Condition {
-        let mounted = match self.mounter.mount_points() {
+        let mounted = match self.views.mount_table() {
             Ok(m) => Some(m),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the mount table: mounts not judged");
@@ -123,7 +123,7 @@ impl Volumes {
                 } else {
                     BaseSeen::Fine
                 };
-                (is_mounted(&self.view_dir(&view.id).join("view")), base)
+                (is_mounted(&self.views.dir(&view.id).join("view")), base)
             }
         };
         let store_failing = self

@@ -1,13 +1,16 @@
 //! The commit decision: whether a pending view is committed ([`verdict`]: its policy,
 //! `commit-on`, how its pods ended, the job's marker, the lock of a locked cache), the commit
-//! itself, and what is reported about it (once, in [`Volumes::decide`]).
+//! itself ([`Committer`]: what a finished view becomes, handed the views, bases and engine),
+//! and what is reported about it (once, in [`Volumes::decide`]).
 
 use std::path::Path;
 use std::time::Instant;
 
+use super::bases::{self, Bases};
 use super::report::{self, reason, EventType};
-use super::{bases, CommitDecision, Ending, Result, ViewKind, ViewRecord, ViewState, Volumes};
-use crate::engine::{self, CommitOptions, CommitOutcome, CommitReport};
+use super::views::Views;
+use super::{CommitDecision, Ending, Result, ViewKind, ViewRecord, ViewState, Volumes};
+use crate::engine::{self, CommitOptions, CommitOutcome, CommitReport, Engine};
 use crate::spec::{CommitOn, Mode, Policy, VolumeSpec};
 
 impl Volumes {
@@ -144,29 +147,67 @@ impl Volumes {
         ending: Ending,
         lock: &Lock,
     ) -> Result<CommitDecision> {
-        let view_lock = self.records.lock(id);
+        let engine_of = |spec: &VolumeSpec| self.engine(spec);
+        self.committer
+            .commit(&self.views, &self.bases, &engine_of, id, ending, lock)
+            .await
+    }
+
+    /// Whether the job marked the view for commit: `.cachevol-commit` at its root. The marker
+    /// is looked for where the pods' writes are (an overlay's upper dir: the view itself is
+    /// unmounted by now), so only this view's pods can have made it.
+    pub fn marked(&self, record: &ViewRecord) -> bool {
+        marked(&self.views, record)
+    }
+}
+
+/// What a finished view becomes: committed into its store (its tree then the node's next
+/// base) or not, and discarded either way. Knows the node (the writer of its commits); the
+/// views, the bases and the engine its caller hands it.
+pub(super) struct Committer {
+    node_id: String,
+}
+
+impl Committer {
+    pub(super) fn new(node_id: String) -> Committer {
+        Committer { node_id }
+    }
+
+    /// Decides and (when [`verdict`] allows) commits pending view `id` of `views` as its pods
+    /// ended and its writer stands with its lock, then discards it; a committed tree becomes
+    /// the next base in `bases`. `engine_of` opens the view's store, only when it commits.
+    pub(super) async fn commit(
+        &self,
+        views: &Views,
+        bases: &Bases,
+        engine_of: &(dyn Fn(&VolumeSpec) -> Result<Engine> + Sync),
+        id: &str,
+        ending: Ending,
+        lock: &Lock,
+    ) -> Result<CommitDecision> {
+        let view_lock = views.lock(id);
         let _guard = view_lock.lock().await;
-        let Some(record) = self.load(id) else {
+        let Some(record) = views.load(id) else {
             return Ok(CommitDecision::NotPending);
         };
         if record.state != ViewState::Pending {
             return Ok(CommitDecision::NotPending);
         }
         let spec = record.spec.clone();
-        if let Some(decided) = verdict(&spec, ending, self.marked(&record), lock) {
-            self.discard(&record)?;
+        if let Some(decided) = verdict(&spec, ending, marked(views, &record), lock) {
+            views.discard(&record)?;
             return Ok(decided);
         }
-        let engine = self.engine(&spec)?;
+        let engine = engine_of(&spec)?;
         let writer = match record.pods.as_slice() {
-            [] => format!("node {}", self.cfg.node_id),
+            [] => format!("node {}", self.node_id),
             pods => format!(
                 "{} on node {}",
                 pods.iter()
                     .map(|p| format!("pod {}/{}", p.namespace, p.name))
                     .collect::<Vec<_>>()
                     .join(", "),
-                self.cfg.node_id
+                self.node_id
             ),
         };
         let opts = CommitOptions {
@@ -180,7 +221,7 @@ impl Volumes {
             note: None,
             group_widened: record.group.is_some(),
         };
-        let dir = self.view_dir(id);
+        let dir = views.dir(id);
         let result = match record.kind {
             ViewKind::Overlay => {
                 let upper = dir.join("upper");
@@ -196,7 +237,7 @@ impl Volumes {
                 } else {
                     // An image base is read where the upper lacks a file's chunks (a pack
                     // that must be uploaded again): mounted again after a reboot.
-                    if let Err(e) = self.bases.mount(&record.base_dir).await {
+                    if let Err(e) = bases.mount(&record.base_dir).await {
                         tracing::warn!(view = id, error = %e, "cannot mount the view's base image; committing from the upper dir and the store");
                     }
                     engine
@@ -215,12 +256,12 @@ impl Volumes {
             Err(e @ engine::Error::Fenced { .. }) => {
                 // The generation it may create was taken (a degraded or locked view that
                 // newer data overtook): the same answer as a lost lock, told the same way.
-                self.discard(&record)?;
+                views.discard(&record)?;
                 return Ok(CommitDecision::Fenced(e.to_string()));
             }
             Err(e) => {
                 // Refused (over budget, too many conflicts) or invalid: retrying cannot help.
-                self.discard(&record)?;
+                views.discard(&record)?;
                 return Err(e.into());
             }
         };
@@ -229,7 +270,8 @@ impl Volumes {
         {
             let upper = dir.join("upper");
             let others_read_base = || {
-                self.views()
+                views
+                    .all()
                     .iter()
                     .any(|v| v.id != record.id && v.base_dir == record.base_dir)
             };
@@ -239,28 +281,21 @@ impl Volumes {
                 upper: &upper,
                 others_read_base: &others_read_base,
             };
-            if let Err(e) = self
-                .bases
+            if let Err(e) = bases
                 .advance(&engine, &spec.key, *generation, finished, &tree)
                 .await
             {
                 tracing::warn!(view = id, error = %e, "could not keep the committed tree as a base; the next pod downloads it");
             }
         }
-        self.discard(&record)?;
+        views.discard(&record)?;
         Ok(CommitDecision::Committed(report))
     }
+}
 
-    /// Whether the job marked the view for commit: `.cachevol-commit` at its root. The marker
-    /// is looked for where the pods' writes are (an overlay's upper dir: the view itself is
-    /// unmounted by now), so only this view's pods can have made it.
-    pub fn marked(&self, record: &ViewRecord) -> bool {
-        let root = match record.kind {
-            ViewKind::Overlay => self.view_dir(&record.id).join("upper"),
-            ViewKind::Copy => self.view_dir(&record.id).join("view"),
-        };
-        marker_in(&root)
-    }
+/// Whether the job marked `record`'s view for commit (see [`Volumes::marked`]).
+fn marked(views: &Views, record: &ViewRecord) -> bool {
+    marker_in(&views.writes(record))
 }
 
 /// How the writer of a view stands with its cache's lock when the view is decided (only a
@@ -448,5 +483,154 @@ mod tests {
         assert!(upper_is_unchanged(t.path()));
         std::fs::write(t.path().join("dep"), b"x").unwrap();
         assert!(!upper_is_unchanged(t.path()));
+    }
+
+    /// The committer on its own: views, bases and an engine over a `file://` store holding
+    /// generation 1 of `ci/npm` (`f`: "one"), mounts through the fake mounter, no Volumes.
+    mod committer {
+        use super::*;
+        use crate::engine::Store;
+        use crate::node::mount::fake::Fake;
+        use crate::node::{NoReport, PodRef, Publish, Trash};
+        use std::sync::Arc;
+
+        struct Node {
+            tmp: tempfile::TempDir,
+            engine: Engine,
+            views: Views,
+            bases: Bases,
+        }
+
+        async fn node() -> Node {
+            let tmp = tempfile::tempdir().unwrap();
+            let url = format!("file://{}", tmp.path().join("store").display());
+            let src = tmp.path().join("src");
+            std::fs::create_dir_all(&src).unwrap();
+            std::fs::write(src.join("f"), "one").unwrap();
+            Engine::new(Store::open(&url).unwrap(), "ci", tmp.path().join("cli"))
+                .unwrap()
+                .commit("npm", &src, &CommitOptions::default())
+                .await
+                .unwrap();
+            let state = tmp.path().join("state");
+            for d in ["engine", "bases", "views", "trash"] {
+                std::fs::create_dir_all(state.join(d)).unwrap();
+            }
+            let mounts = Arc::new(Fake::default());
+            let trash = Trash(state.join("trash"));
+            Node {
+                engine: Engine::new(Store::open(&url).unwrap(), "ci", state.join("engine"))
+                    .unwrap(),
+                views: Views::new(
+                    state.join("views"),
+                    trash.clone(),
+                    mounts.clone(),
+                    false,
+                    false,
+                    &NoReport,
+                ),
+                bases: Bases::new(state.join("bases"), trash, None, false, mounts),
+                tmp,
+            }
+        }
+
+        fn npm(n: &Node, policy: Policy) -> VolumeSpec {
+            VolumeSpec {
+                store: format!("file://{}", n.tmp.path().join("store").display()),
+                ..spec(policy, CommitOn::Success, Mode::Private)
+            }
+        }
+
+        /// A view of `spec` whose pod wrote `f2` (where an overlay puts it) and unpublished.
+        async fn finished(n: &Node, spec: &VolumeSpec) -> String {
+            let req = Publish {
+                volume_id: "cv-1".into(),
+                target: n.tmp.path().join("target"),
+                spec: spec.clone(),
+                read_only: false,
+                pod: Some(PodRef {
+                    name: "build-1".into(),
+                    namespace: "ci".into(),
+                    uid: "uid-1".into(),
+                    service_account: "default".into(),
+                }),
+                group: None,
+                selinux_context: None,
+            };
+            let base = n
+                .bases
+                .ensure(&n.engine, spec, None, Vec::new)
+                .await
+                .unwrap();
+            let mut v = n
+                .views
+                .make(&n.engine, "p-1", &req, base, None)
+                .await
+                .unwrap();
+            n.views
+                .attach(&mut v, &req.target, false, req.pod.as_ref())
+                .unwrap();
+            std::fs::write(n.views.dir("p-1").join("upper").join("f2"), "two").unwrap();
+            let pending = n.views.detach("cv-1", &req.target).await.unwrap();
+            assert!(pending.is_some(), "pending once its last target is gone");
+            "p-1".into()
+        }
+
+        async fn commit(n: &Node, id: &str, ending: Ending) -> Result<CommitDecision> {
+            let engine = n.engine.clone();
+            let engine_of = move |_: &VolumeSpec| Ok(engine.clone());
+            Committer::new("node1".into())
+                .commit(&n.views, &n.bases, &engine_of, id, ending, &Lock::Held)
+                .await
+        }
+
+        #[tokio::test]
+        async fn a_view_with_writes_becomes_the_next_generation_and_the_next_base() {
+            let n = node().await;
+            let spec = npm(&n, Policy::PullPush);
+            let id = finished(&n, &spec).await;
+            match commit(&n, &id, Ending::Succeeded).await.unwrap() {
+                CommitDecision::Committed(r) => assert!(
+                    matches!(r.outcome, CommitOutcome::Committed { generation: 2 }),
+                    "{:?}",
+                    r.outcome
+                ),
+                other => panic!("{other:?}"),
+            }
+            assert!(n.views.load(&id).is_none(), "discarded once committed");
+            assert!(!n.views.dir(&id).exists());
+            let next = n
+                .bases
+                .ensure(&n.engine, &spec, None, Vec::new)
+                .await
+                .unwrap();
+            assert!(next.warm, "the committed tree is the node's base");
+            assert_eq!(std::fs::read_to_string(next.dir.join("f2")).unwrap(), "two");
+            assert!(matches!(
+                commit(&n, &id, Ending::Succeeded).await.unwrap(),
+                CommitDecision::NotPending
+            ));
+        }
+
+        #[tokio::test]
+        async fn a_skipped_view_is_discarded_without_a_commit() {
+            let n = node().await;
+            let id = finished(&n, &npm(&n, Policy::PullPush)).await;
+            match commit(&n, &id, Ending::Failed).await.unwrap() {
+                CommitDecision::Skipped(why) => assert!(why.contains("failed"), "{why}"),
+                other => panic!("{other:?}"),
+            }
+            assert!(n.views.load(&id).is_none());
+            assert!(!n.views.dir(&id).exists());
+            let base = n
+                .bases
+                .ensure(&n.engine, &npm(&n, Policy::PullPush), None, Vec::new)
+                .await
+                .unwrap();
+            assert!(
+                !base.dir.join("f2").exists(),
+                "the base is still generation 1"
+            );
+        }
     }
 }

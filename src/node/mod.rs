@@ -4,8 +4,9 @@
 //! Node service (src/csi/node.rs) and the cluster agent are adapters around [`Volumes`].
 //!
 //! Rooms, one job each: [`records`] (the index of view records), [`bases`] (restore into bases,
-//! eviction, the store-keyed layout), [`views`] (publish, unpublish: overlay or copy views,
-//! mounts through a [`Mounter`]), [`decide`] (the commit decision and the commit), [`report`]
+//! eviction, the store-keyed layout), [`views`] (the view store: overlay or copy views over a
+//! base dir, their records, mounts through a [`Mounter`]), [`publish`] (publish and unpublish:
+//! engine, base, view), [`decide`] (the commit decision and the commit), [`report`]
 //! (what the node tells metrics and Events through a [`Report`]), [`health`] (how each store
 //! answered the node's requests), [`condition`] (whether a published view is abnormal).
 //!
@@ -24,6 +25,7 @@ pub mod condition;
 pub mod decide;
 pub mod health;
 pub mod mount;
+mod publish;
 mod records;
 pub mod report;
 mod views;
@@ -209,13 +211,11 @@ pub struct Volumes {
     opened: HashMap<String, Store>,
     /// The base cache: which generations are local, in which form; eviction.
     bases: bases::Bases,
-    /// The view records, and one lock per view.
-    records: records::Records,
-    mounter: Arc<dyn Mounter>,
+    /// The view store: the views' directories, mounts and records.
+    views: views::Views,
+    /// What a finished view becomes.
+    committer: decide::Committer,
     report: Arc<dyn Report>,
-    trash: Trash,
-    /// Whether the kernel has SELinux, so views take the `context=` kubelet asks for.
-    selinux: bool,
     /// How each store answered the node's requests, for the volumes' condition.
     answers: Arc<health::StoreAnswers>,
 }
@@ -245,7 +245,6 @@ impl Volumes {
             let p = cfg.state_dir.join(d);
             std::fs::create_dir_all(&p).map_err(io("create", &p))?;
         }
-        let records = records::Records::load(cfg.state_dir.join("views"), report.as_ref());
         let trash = Trash(cfg.state_dir.join("trash"));
         let bases = bases::Bases::new(
             cfg.state_dir.join("bases"),
@@ -254,19 +253,26 @@ impl Volumes {
             cfg.base_images,
             mounter.clone(),
         );
+        let views = views::Views::new(
+            cfg.state_dir.join("views"),
+            trash,
+            mounter,
+            cfg.force_copy,
+            mount::selinux_enabled(),
+            report.as_ref(),
+        );
+        let committer = decide::Committer::new(cfg.node_id.clone());
         let volumes = Volumes {
             cfg,
             engines: Mutex::default(),
             opened: HashMap::new(),
             bases,
-            records,
-            mounter,
+            views,
+            committer,
             report,
-            trash,
-            selinux: mount::selinux_enabled(),
             answers: Arc::default(),
         };
-        volumes.bases.drop_unkeyed(&volumes.used_bases());
+        volumes.bases.drop_unkeyed(&volumes.views.used_bases());
         Ok(volumes)
     }
 
@@ -282,14 +288,14 @@ impl Volumes {
     /// The same volumes as if the kernel had SELinux (`true`) or not, whatever it has: for
     /// tests of what reaches the mounts.
     pub fn with_selinux(mut self, on: bool) -> Volumes {
-        self.selinux = on;
+        self.views.set_selinux(on);
         self
     }
 
     /// The SELinux context a view asked to have `requested` gets on this node (see
     /// [`mount::view_context`]).
     pub fn view_context(&self, requested: Option<&str>) -> Option<String> {
-        mount::view_context(requested, self.selinux)
+        self.views.context(requested)
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -326,11 +332,6 @@ impl Volumes {
         Ok(e)
     }
 
-    /// The base directories views read: the base cache never evicts or drops those.
-    fn used_bases(&self) -> Vec<PathBuf> {
-        self.views().into_iter().map(|v| v.base_dir).collect()
-    }
-
     /// The node's gauges: bytes of its bases (walks every base tree: call it now and then, not
     /// per request), its views and how long the oldest pending commit has waited.
     pub async fn gauges(&self) -> NodeGauges {
@@ -361,43 +362,40 @@ impl Volumes {
         self.report.node_gauges(&g);
     }
 
-    fn view_dir(&self, id: &str) -> PathBuf {
-        self.cfg.state_dir.join("views").join(id)
-    }
-
-    fn save(&self, r: &ViewRecord) -> Result<()> {
-        self.records.save(r)
-    }
-
     /// The record of view `id`.
     pub fn load(&self, id: &str) -> Option<ViewRecord> {
-        self.records.get(id)
+        self.views.load(id)
     }
 
     /// Every view record on the node, by id.
     pub fn views(&self) -> Vec<ViewRecord> {
-        self.records.all()
+        self.views.all()
     }
 
     /// The view a target is published from.
     pub fn view_of_target(&self, target: &Path) -> Option<ViewRecord> {
-        self.records.find(|v| v.targets.contains_key(target))
+        self.views.of_target(target)
     }
 
     /// Whether volume `id` is published on this node at a target other than `target`.
     pub fn published_elsewhere(&self, id: &str, target: &Path) -> bool {
-        self.records
-            .find(|v| v.volume_id == id && v.targets.keys().any(|t| t != target))
-            .is_some()
+        self.views.published_elsewhere(id, target)
     }
 
     /// The views pod `uid` has or had mounted.
     pub fn views_of_pod(&self, uid: &str) -> Vec<ViewRecord> {
-        self.records.filter(|v| v.pods.iter().any(|p| p.uid == uid))
+        self.views.of_pod(uid)
     }
 
-    fn trash(&self, dir: &Path) -> Result<()> {
-        self.trash.put(dir)
+    /// Bytes and inodes used by the volume published at `target`.
+    pub fn usage(&self, target: &Path) -> Result<Usage> {
+        self.views.usage(target)
+    }
+
+    /// After a restart of the node plugin: views whose targets are no longer mounted are
+    /// unpublished; returns the views that are pending a commit decision.
+    pub fn recover(&self) -> Vec<ViewRecord> {
+        self.views.recover()
     }
 }
 

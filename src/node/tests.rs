@@ -884,7 +884,7 @@ async fn gauges_count_bases_active_and_pending_views() {
     // A pending view that has waited a while (its record says since when, across restarts).
     let mut v = n.volumes.views()[0].clone();
     v.pending_since = Some(since - 600);
-    n.volumes.save(&v).unwrap();
+    n.volumes.views.save(&v).unwrap();
     let g = n.volumes.gauges().await;
     assert!(
         (600.0..610.0).contains(&g.oldest_pending_secs),

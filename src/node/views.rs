@@ -1,199 +1,155 @@
-//! Views: what a pod sees at its target path. An overlay of the cache's base with an upper dir
-//! of its own (or, where overlayfs is refused, a copy of the base), bind-mounted onto kubelet's
-//! target; shared by the pods of a `shared` cache on the node, private to one pod otherwise.
-//! Every mount goes through the node's [`Mounter`](super::Mounter).
+//! The view store: what a pod sees at its target path. An overlay of a base dir with an upper
+//! dir of its own (or, where overlayfs is refused, a copy of the base), bind-mounted onto
+//! kubelet's targets; shared by the pods of a `shared` cache on the node, private to one pod
+//! otherwise. `views/<id>/{upper,work,view}` and the view records (`views/<id>.json`).
+//!
+//! [`Views`] owns that state and nothing else: it knows no store, cache policy or commit. What
+//! it needs of them (the base a publish got, the engine that records a copy) its callers hand
+//! it. Every mount goes through its [`Mounter`](super::Mounter).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::Arc;
 
 use super::bases::{grant_group, Base};
-use super::report::{RestoreLevel, RestoreOutcome};
+use super::records::Records;
 use super::{
-    blocking, hash_id, io, mount, Ending, Error, Publish, Published, Result, Usage, ViewKind,
-    ViewRecord, ViewState, Volumes,
+    blocking, io, mount, Ending, Error, Mounter, PodRef, Publish, Report, Result, Trash, Usage,
+    ViewKind, ViewRecord, ViewState,
 };
-use crate::engine::{self, RestoreSource};
-use crate::spec::Mode;
+use crate::engine::{self, Engine, RestoreSource};
+use crate::spec::VolumeSpec;
 
-impl Volumes {
-    /// Publishes a view of the volume's cache at `req.target`. Idempotent: publishing a target
-    /// that is already published from this volume succeeds without doing anything.
-    /// Reports what it did: a restore metric, and an Event on the pod.
-    pub async fn publish(&self, req: Publish) -> Result<Published> {
-        let (spec, pod) = (req.spec.clone(), req.pod.clone());
-        match self.publish_view(req).await {
-            Ok(p) => {
-                self.report_publish(&spec, pod.as_ref(), &p).await;
-                Ok(p)
-            }
-            Err(e) => {
-                if !matches!(e, Error::Busy(_) | Error::Unavailable(_)) {
-                    self.report
-                        .restore(RestoreLevel::Miss, RestoreOutcome::Failed, 0, 0.0);
-                }
-                Err(e)
-            }
+/// The node's views.
+pub(super) struct Views {
+    /// `<state dir>/views`: a directory and a record per view.
+    dir: PathBuf,
+    /// The view records, and one lock per view.
+    records: Records,
+    mounter: Arc<dyn Mounter>,
+    trash: Trash,
+    /// Never use overlayfs: views are copies of their base (`--force-copy`).
+    force_copy: bool,
+    /// Whether the kernel has SELinux, so views take the `context=` kubelet asks for.
+    selinux: bool,
+}
+
+impl Views {
+    /// The views under `dir`, their records read once now (unreadable ones told to `report`).
+    pub(super) fn new(
+        dir: PathBuf,
+        trash: Trash,
+        mounter: Arc<dyn Mounter>,
+        force_copy: bool,
+        selinux: bool,
+        report: &dyn Report,
+    ) -> Views {
+        Views {
+            records: Records::load(dir.clone(), report),
+            dir,
+            mounter,
+            trash,
+            force_copy,
+            selinux,
         }
     }
 
-    async fn publish_view(&self, req: Publish) -> Result<Published> {
-        let started = Instant::now();
-        let spec = &req.spec;
-        let context = self.view_context(req.selinux_context.as_deref());
-        let id = match spec.mode {
-            Mode::Shared => {
-                // Pods of another fsGroup get a view of their own; so do pods of another
-                // SELinux context (one mount has one label, and another pod's categories
-                // would lock them out). Without a context the id is what it always was.
-                let group = req.group.map(|g| g.to_string()).unwrap_or_default();
-                let mut parts = vec![spec.store.as_str(), &spec.scope, &spec.key, group.as_str()];
-                if let Some(c) = &context {
-                    parts.push(c);
-                }
-                format!("s-{}", hash_id(&parts))
-            }
-            Mode::Private | Mode::Locked => {
-                let who = req
-                    .pod
-                    .as_ref()
-                    .map(|p| p.uid.clone())
-                    .unwrap_or_else(|| req.target.display().to_string());
-                format!("p-{}", hash_id(&[&req.volume_id, &who]))
-            }
-        };
-        let lock = self.records.lock(&id);
-        let _guard = lock
-            .try_lock()
-            .map_err(|_| Error::Busy(format!("volume {}", req.volume_id)))?;
-
-        if let Some(existing) = self.load(&id) {
-            if existing.targets.contains_key(&req.target)
-                && self.mounter.is_mount_point(&req.target).unwrap_or(false)
-            {
-                return Ok(Published {
-                    view: id,
-                    seconds: started.elapsed().as_secs_f64(),
-                    ..Default::default()
-                });
-            }
-        }
-        // A locked cache: held from the check below until the view's record is saved, so two
-        // pods publishing it at once never both find it free (the record is what holds it).
-        let cache_lock = (spec.mode == Mode::Locked).then(|| {
-            self.records.lock(&format!(
-                "cache\0{}\0{}\0{}",
-                spec.store, spec.scope, spec.key
-            ))
-        });
-        let _cache_guard = match &cache_lock {
-            Some(l) => Some(l.try_lock().map_err(|_| {
-                Error::Unavailable(format!(
-                    "cache {} is locked: another pod's publish on this node is taking it",
-                    spec.key
-                ))
-            })?),
-            None => None,
-        };
-        if spec.mode == Mode::Locked {
-            // Exclusive on this node: another view of the same cache that is still live holds it.
-            let holder = self.views().into_iter().find(|v| {
-                v.id != id
-                    && v.spec.store == spec.store
-                    && v.spec.scope == spec.scope
-                    && v.spec.key == spec.key
-            });
-            if let Some(h) = holder {
-                let who = h
-                    .pods
-                    .first()
-                    .map(|p| format!("pod {}/{}", p.namespace, p.name))
-                    .unwrap_or_else(|| format!("view {}", h.id));
-                return Err(Error::Unavailable(format!(
-                    "cache {} is locked: {who} has it until its commit is in the store",
-                    spec.key
-                )));
-            }
-        }
-
-        let mut published = Published {
-            view: id.clone(),
-            ..Default::default()
-        };
-        let mut record = match self.load(&id) {
-            Some(r) if r.state == ViewState::Active => {
-                // Another pod's live view (shared): this pod joins it.
-                published.warm = true;
-                published.source = Some(match &r.base {
-                    Some(b) if b.key == spec.key => RestoreSource::Key {
-                        key: b.key.clone(),
-                        generation: b.generation,
-                    },
-                    Some(b) => RestoreSource::RestoreKey {
-                        key: b.key.clone(),
-                        generation: b.generation,
-                    },
-                    None => RestoreSource::Miss,
-                });
-                r
-            }
-            Some(_) => {
-                // A shared view whose pods are all gone and whose commit has not run yet: the
-                // new pod waits for it (kubelet retries), so it starts from those pods' writes
-                // and the commit is never lost.
-                return Err(Error::Busy(format!(
-                    "cache {}: the commit of the pods that used it before is pending",
-                    spec.key
-                )));
-            }
-            None => {
-                let engine = self.engine(spec)?;
-                let base = self
-                    .bases
-                    .ensure(&engine, spec, req.group, || self.used_bases())
-                    .await?;
-                published.source = Some(base.source.clone());
-                published.warm = base.warm;
-                published.form = base.form;
-                published.degraded = base.degraded.clone();
-                published.bytes = base.bytes;
-                published.downloaded = base.downloaded;
-                self.make_view(&id, &req, base, context).await?
-            }
-        };
-
-        std::fs::create_dir_all(&req.target).map_err(io("create", &req.target))?;
-        // Not published by this driver (the early return above): whatever is mounted there
-        // now is not this view, so the view is bound over it, never recorded in its place.
-        self.mounter
-            .bind(&self.view_dir(&id).join("view"), &req.target, req.read_only)
-            .map_err(io("bind-mount", &req.target))?;
-        record.targets.insert(req.target.clone(), req.pod.clone());
-        if let Some(p) = &req.pod {
-            if !record.pods.contains(p) {
-                record.pods.push(p.clone());
-            }
-        }
-        self.save(&record)?;
-        published.seconds = started.elapsed().as_secs_f64();
-        Ok(published)
+    /// As if the kernel had SELinux (`true`) or not: for tests of what reaches the mounts.
+    pub(super) fn set_selinux(&mut self, on: bool) {
+        self.selinux = on;
     }
 
-    /// Creates the view's directories and mounts (overlay, or a copy where overlay is refused),
-    /// with SELinux `context` if any: an option of the overlay mount, or the label of every
-    /// copied file (the bind mount of a copy cannot take one).
-    async fn make_view(
+    /// The SELinux context a view asked to have `requested` gets on this node (see
+    /// [`mount::view_context`]).
+    pub(super) fn context(&self, requested: Option<&str>) -> Option<String> {
+        mount::view_context(requested, self.selinux)
+    }
+
+    /// The directory of view `id`: `upper`, `work` and `view` in it.
+    pub(super) fn dir(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
+    }
+
+    /// The lock of view `id`, or of another name (a view id never contains NUL): publishes,
+    /// unpublishes and commits of one view take turns under it.
+    pub(super) fn lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.records.lock(name)
+    }
+
+    pub(super) fn load(&self, id: &str) -> Option<ViewRecord> {
+        self.records.get(id)
+    }
+
+    /// Every record, by id.
+    pub(super) fn all(&self) -> Vec<ViewRecord> {
+        self.records.all()
+    }
+
+    pub(super) fn save(&self, r: &ViewRecord) -> Result<()> {
+        self.records.save(r)
+    }
+
+    /// The view a target is published from.
+    pub(super) fn of_target(&self, target: &Path) -> Option<ViewRecord> {
+        self.records.find(|v| v.targets.contains_key(target))
+    }
+
+    /// Whether volume `id` is published at a target other than `target`.
+    pub(super) fn published_elsewhere(&self, id: &str, target: &Path) -> bool {
+        self.records
+            .find(|v| v.volume_id == id && v.targets.keys().any(|t| t != target))
+            .is_some()
+    }
+
+    /// The views pod `uid` has or had mounted.
+    pub(super) fn of_pod(&self, uid: &str) -> Vec<ViewRecord> {
+        self.records.filter(|v| v.pods.iter().any(|p| p.uid == uid))
+    }
+
+    /// Another view than `id` of the cache `spec` names (its store, scope and key).
+    pub(super) fn other_of_cache(&self, spec: &VolumeSpec, id: &str) -> Option<ViewRecord> {
+        self.records.find(|v| {
+            v.id != id
+                && v.spec.store == spec.store
+                && v.spec.scope == spec.scope
+                && v.spec.key == spec.key
+        })
+    }
+
+    /// The base directories views read: the base cache never evicts or drops those.
+    pub(super) fn used_bases(&self) -> Vec<PathBuf> {
+        self.all().into_iter().map(|v| v.base_dir).collect()
+    }
+
+    /// Whether `record` is published at `target` and it is mounted.
+    pub(super) fn is_published(&self, record: &ViewRecord, target: &Path) -> bool {
+        record.targets.contains_key(target) && self.mounter.is_mount_point(target).unwrap_or(false)
+    }
+
+    /// The node's mount table, as the view's mounter reads it.
+    pub(super) fn mount_table(&self) -> std::io::Result<Vec<PathBuf>> {
+        self.mounter.mount_points()
+    }
+
+    /// Creates view `id`'s directories and mounts over `base` (overlay, or a copy where overlay
+    /// is refused or `force_copy`), with SELinux `context` if any: an option of the overlay
+    /// mount, or the label of every copied file (the bind mount of a copy cannot take one).
+    /// `engine` records what a copy holds, to find what its pods changed. Returns the record,
+    /// unsaved: the caller saves it once a target is mounted ([`Views::attach`]); a crash before
+    /// that leaves a view mount without a record, which [`Views::recover`] removes.
+    pub(super) async fn make(
         &self,
+        engine: &Engine,
         id: &str,
         req: &Publish,
         base: Base,
         context: Option<String>,
     ) -> Result<ViewRecord> {
-        let dir = self.view_dir(id);
+        let dir = self.dir(id);
         let (upper, work, view) = (dir.join("upper"), dir.join("work"), dir.join("view"));
         if dir.exists() {
             let _ = self.mounter.unmount(&view);
-            self.trash(&dir)?;
+            self.trash.put(&dir)?;
         }
         for d in [&upper, &work, &view] {
             std::fs::create_dir_all(d).map_err(io("create", d))?;
@@ -206,7 +162,7 @@ impl Volumes {
                 .map_err(io("set the group of", &upper))?;
         }
         let mut kind = ViewKind::Copy;
-        if !self.cfg.force_copy {
+        if !self.force_copy {
             match self.mounter.overlay(
                 std::slice::from_ref(&base.dir),
                 &upper,
@@ -238,10 +194,10 @@ impl Volumes {
                 Ok::<(), Error>(())
             })
             .await?;
-            let (engine, from, to) = (self.engine(&req.spec)?, base.dir.clone(), view.clone());
+            let (engine, from, to) = (engine.clone(), base.dir.clone(), view.clone());
             blocking(move || engine.adopt_copy(&from, &to)).await?;
         }
-        let record = ViewRecord {
+        Ok(ViewRecord {
             id: id.to_string(),
             volume_id: req.volume_id.clone(),
             spec: req.spec.clone(),
@@ -263,20 +219,41 @@ impl Volumes {
             group: req.group,
             pending_since: None,
             selinux_context: context,
-        };
-        // Saved by the caller once the target is mounted; a crash before that leaves a view
-        // mount without a record, which `recover` removes.
-        Ok(record)
+        })
     }
 
-    /// Unpublishes `target`. Idempotent: a target that is not published (any more) is fine,
-    /// and is left alone: only targets a view record names were mounted by this driver, so
-    /// anything else at that path (another driver's mount, a directory) is not ours to unmount
-    /// or remove. When the last target of a view goes, the view becomes pending: its commit
-    /// decision is the caller's (`commit`), made from the pods' phases or, without a cluster,
-    /// right away. Returns the view when it became pending.
-    pub async fn unpublish(&self, volume_id: &str, target: &Path) -> Result<Option<ViewRecord>> {
-        let Some(record) = self.view_of_target(target) else {
+    /// Bind-mounts the view of `record` onto `target` (created if missing) and saves the record
+    /// with that target, for `pod`. Whatever is mounted at `target` now is not this view (the
+    /// caller checked [`Views::is_published`]): the view is bound over it, never recorded in
+    /// its place.
+    pub(super) fn attach(
+        &self,
+        record: &mut ViewRecord,
+        target: &Path,
+        read_only: bool,
+        pod: Option<&PodRef>,
+    ) -> Result<()> {
+        std::fs::create_dir_all(target).map_err(io("create", target))?;
+        self.mounter
+            .bind(&self.dir(&record.id).join("view"), target, read_only)
+            .map_err(io("bind-mount", target))?;
+        record.targets.insert(target.to_path_buf(), pod.cloned());
+        if let Some(p) = pod {
+            if !record.pods.contains(p) {
+                record.pods.push(p.clone());
+            }
+        }
+        self.save(record)
+    }
+
+    /// Unmounts `target` of volume `volume_id`; see [`super::Volumes::unpublish`]. Returns the
+    /// view when it became pending (its last target gone).
+    pub(super) async fn detach(
+        &self,
+        volume_id: &str,
+        target: &Path,
+    ) -> Result<Option<ViewRecord>> {
+        let Some(record) = self.of_target(target) else {
             return Ok(None);
         };
         if record.volume_id != volume_id {
@@ -303,8 +280,8 @@ impl Volumes {
         if record.targets.is_empty() {
             if record.kind == ViewKind::Overlay {
                 self.mounter
-                    .unmount(&self.view_dir(&record.id).join("view"))
-                    .map_err(io("unmount", &self.view_dir(&record.id)))?;
+                    .unmount(&self.dir(&record.id).join("view"))
+                    .map_err(io("unmount", &self.dir(&record.id)))?;
             }
             record.state = ViewState::Pending;
             record.pending_since = Some(super::unix_now());
@@ -316,11 +293,10 @@ impl Volumes {
     }
 
     /// Records how pod `uid` ended in the views it used; returns those views. The first ending
-    /// seen for a pod stays: a pod deleted while running and then reported Succeeded (its
-    /// containers handled SIGTERM) is still Aborted.
-    pub async fn record_ending(&self, uid: &str, ending: Ending) -> Result<Vec<ViewRecord>> {
+    /// seen for a pod stays.
+    pub(super) async fn record_ending(&self, uid: &str, ending: Ending) -> Result<Vec<ViewRecord>> {
         let mut out = Vec::new();
-        for v in self.views_of_pod(uid) {
+        for v in self.of_pod(uid) {
             if v.endings.contains_key(uid) {
                 // Already recorded (the first ending stays): no need to wait for the view's
                 // lock, which a commit holds for its whole upload.
@@ -346,17 +322,27 @@ impl Volumes {
         for t in record.targets.keys() {
             let _ = self.mounter.unmount(t);
         }
-        let dir = self.view_dir(&record.id);
+        let dir = self.dir(&record.id);
         let _ = self.mounter.unmount(&dir.join("view"));
         if dir.exists() {
-            self.trash(&dir)?;
+            self.trash.put(&dir)?;
         }
         self.records.remove(&record.id)
     }
 
-    /// Bytes and inodes used by the volume published at `target`.
-    pub fn usage(&self, target: &Path) -> Result<Usage> {
-        if self.view_of_target(target).is_none() {
+    /// Where the pods of a finished view wrote: an overlay's upper dir (the view itself is
+    /// unmounted by then), a copy's tree.
+    pub(super) fn writes(&self, record: &ViewRecord) -> PathBuf {
+        match record.kind {
+            ViewKind::Overlay => self.dir(&record.id).join("upper"),
+            ViewKind::Copy => self.dir(&record.id).join("view"),
+        }
+    }
+
+    /// Bytes and inodes used by the volume published at `target`, and the room left on the
+    /// file system of the views.
+    pub(super) fn usage(&self, target: &Path) -> Result<Usage> {
+        if self.of_target(target).is_none() {
             return Err(Error::NotPublished(
                 String::new(),
                 target.display().to_string(),
@@ -379,7 +365,9 @@ impl Volumes {
                 }
             }
         }
-        if let Ok(sv) = rustix::fs::statvfs(&self.cfg.state_dir) {
+        // The state dir's file system (the views dir is in it), as it always was.
+        let fs = self.dir.parent().unwrap_or(&self.dir);
+        if let Ok(sv) = rustix::fs::statvfs(fs) {
             u.available_bytes = sv.f_bavail * sv.f_frsize;
             u.total_bytes = sv.f_blocks * sv.f_frsize;
             u.available_inodes = sv.f_favail;
@@ -388,14 +376,14 @@ impl Volumes {
         Ok(u)
     }
 
-    /// After a restart of the node plugin: views whose targets are no longer mounted are
-    /// unpublished; returns the views that are pending a commit decision.
-    pub fn recover(&self) -> Vec<ViewRecord> {
+    /// After a restart of the node plugin: view mounts without a record are removed, views
+    /// whose targets are no longer mounted are unpublished; returns the views that are pending
+    /// a commit decision.
+    pub(super) fn recover(&self) -> Vec<ViewRecord> {
         let mounted: Vec<PathBuf> = self.mounter.mount_points().unwrap_or_default();
         // View mounts of views that never got a record (a crash during publish).
-        let views = self.cfg.state_dir.join("views");
         for m in &mounted {
-            if let Ok(rest) = m.strip_prefix(&views) {
+            if let Ok(rest) = m.strip_prefix(&self.dir) {
                 let id = rest
                     .iter()
                     .next()
@@ -408,11 +396,11 @@ impl Volumes {
             }
         }
         let mut pending = Vec::new();
-        for mut v in self.views() {
+        for mut v in self.all() {
             let before = v.targets.len();
             v.targets.retain(|t, _| mounted.contains(t));
             if v.state == ViewState::Active && v.targets.is_empty() {
-                let view = self.view_dir(&v.id).join("view");
+                let view = self.dir(&v.id).join("view");
                 let _ = self.mounter.unmount(&view);
                 v.state = ViewState::Pending;
                 v.pending_since = Some(super::unix_now());
@@ -425,5 +413,294 @@ impl Volumes {
             }
         }
         pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{CommitOptions, Store};
+    use crate::node::bases::Bases;
+    use crate::node::mount::fake::{Fake, Mount};
+    use crate::node::NoReport;
+    use crate::spec::{CommitOn, Mode, Policy};
+
+    struct Fixture {
+        tmp: tempfile::TempDir,
+        engine: Engine,
+        mounts: Arc<Fake>,
+        views: Views,
+    }
+
+    impl Fixture {
+        fn state(&self) -> PathBuf {
+            self.tmp.path().join("state")
+        }
+
+        /// The same views dir read again, as after a restart.
+        fn reloaded(&self) -> Views {
+            views(&self.state(), self.mounts.clone())
+        }
+
+        /// A base of generation 1 of `ci/npm` (one file `f`, "one"), restored by the base
+        /// cache as a publish gets it.
+        async fn base(&self) -> Base {
+            let bases = Bases::new(
+                self.state().join("bases"),
+                Trash(self.state().join("trash")),
+                None,
+                false,
+                self.mounts.clone(),
+            );
+            bases
+                .ensure(&self.engine, &spec(self), None, Vec::new)
+                .await
+                .unwrap()
+        }
+
+        fn req(&self, pod: &str) -> Publish {
+            Publish {
+                volume_id: "cv-1".into(),
+                target: self.tmp.path().join("pods").join(pod),
+                spec: spec(self),
+                read_only: false,
+                pod: Some(PodRef {
+                    name: pod.into(),
+                    namespace: "ci".into(),
+                    uid: format!("uid-{pod}"),
+                    service_account: "default".into(),
+                }),
+                group: None,
+                selinux_context: None,
+            }
+        }
+    }
+
+    fn views(state: &Path, mounts: Arc<Fake>) -> Views {
+        Views::new(
+            state.join("views"),
+            Trash(state.join("trash")),
+            mounts,
+            false,
+            false,
+            &NoReport,
+        )
+    }
+
+    fn spec(s: &Fixture) -> VolumeSpec {
+        VolumeSpec {
+            store: format!("file://{}", s.tmp.path().join("store").display()),
+            scope: "ci".into(),
+            key: "npm".into(),
+            restore_keys: vec![],
+            mode: Mode::Private,
+            policy: Policy::PullPush,
+            commit_on: CommitOn::Success,
+            merge: engine::Merge::Replace,
+            budget: None,
+        }
+    }
+
+    /// A view store over an empty state dir, whose store holds generation 1 of `ci/npm`.
+    async fn store(mounts: Fake) -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", tmp.path().join("store").display());
+        let src = tmp.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("f"), "one").unwrap();
+        Engine::new(Store::open(&url).unwrap(), "ci", tmp.path().join("cli"))
+            .unwrap()
+            .commit("npm", &src, &CommitOptions::default())
+            .await
+            .unwrap();
+        let state = tmp.path().join("state");
+        for d in ["engine", "bases", "views", "trash"] {
+            std::fs::create_dir_all(state.join(d)).unwrap();
+        }
+        let engine = Engine::new(Store::open(&url).unwrap(), "ci", state.join("engine")).unwrap();
+        let mounts = Arc::new(mounts);
+        let views = views(&state, mounts.clone());
+        Fixture {
+            tmp,
+            engine,
+            mounts,
+            views,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_overlay_view_gets_its_dirs_one_overlay_and_a_bind_per_target() {
+        let s = store(Fake::default()).await;
+        let base = s.base().await;
+        let base_dir = base.dir.clone();
+        let req = s.req("build-1");
+        let mut v = s
+            .views
+            .make(&s.engine, "p-1", &req, base, None)
+            .await
+            .unwrap();
+        assert_eq!(v.kind, ViewKind::Overlay);
+        assert_eq!(v.state, ViewState::Active);
+        assert_eq!(v.base.as_ref().map(|b| b.generation), Some(1));
+        let dir = s.views.dir("p-1");
+        for d in ["upper", "work", "view"] {
+            assert!(dir.join(d).is_dir(), "{d}");
+        }
+        assert_eq!(
+            *s.mounts.table.lock().unwrap(),
+            vec![(
+                dir.join("view"),
+                Mount::Overlay {
+                    lower: vec![base_dir.clone()],
+                    upper: dir.join("upper"),
+                    data: mount::overlay_data(
+                        &[base_dir],
+                        &dir.join("upper"),
+                        &dir.join("work"),
+                        None
+                    )
+                    .unwrap(),
+                }
+            )]
+        );
+        assert!(
+            s.views.load("p-1").is_none(),
+            "saved once a target is mounted"
+        );
+
+        s.views
+            .attach(&mut v, &req.target, true, req.pod.as_ref())
+            .unwrap();
+        assert_eq!(
+            s.mounts.at(&req.target),
+            Some(Mount::Bind {
+                source: dir.join("view"),
+                read_only: true
+            })
+        );
+        let saved = s.views.load("p-1").expect("saved with its target");
+        assert!(saved.targets.contains_key(&req.target));
+        assert_eq!(saved.pods, vec![req.pod.clone().unwrap()]);
+        assert!(s.views.is_published(&saved, &req.target));
+        assert_eq!(
+            s.views.of_target(&req.target).map(|v| v.id),
+            Some("p-1".into())
+        );
+        assert_eq!(s.views.of_pod("uid-build-1").len(), 1);
+        assert_eq!(s.views.used_bases(), vec![saved.base_dir.clone()]);
+        assert!(s.views.published_elsewhere("cv-1", Path::new("/elsewhere")));
+        assert!(!s.views.published_elsewhere("cv-1", &req.target));
+    }
+
+    #[tokio::test]
+    async fn where_overlay_is_refused_the_view_is_a_labelled_copy() {
+        let s = store(Fake {
+            refuse_overlay: true,
+            ..Fake::default()
+        })
+        .await;
+        let base = s.base().await;
+        let context = "system_u:object_r:container_file_t:s0:c1,c2".to_string();
+        let v = s
+            .views
+            .make(
+                &s.engine,
+                "p-1",
+                &s.req("build-1"),
+                base,
+                Some(context.clone()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(v.kind, ViewKind::Copy);
+        let view = s.views.dir("p-1").join("view");
+        assert_eq!(std::fs::read_to_string(view.join("f")).unwrap(), "one");
+        assert!(
+            s.mounts.table.lock().unwrap().is_empty(),
+            "a copy is no mount"
+        );
+        assert_eq!(
+            *s.mounts.labels.lock().unwrap(),
+            vec![(view, context.clone())]
+        );
+        assert_eq!(v.selinux_context, Some(context));
+    }
+
+    #[tokio::test]
+    async fn the_last_target_gone_leaves_a_pending_view_and_discard_removes_it() {
+        let s = store(Fake::default()).await;
+        let base = s.base().await;
+        let (a, b) = (s.req("build-1"), s.req("build-2"));
+        let mut v = s
+            .views
+            .make(&s.engine, "s-1", &a, base, None)
+            .await
+            .unwrap();
+        s.views
+            .attach(&mut v, &a.target, false, a.pod.as_ref())
+            .unwrap();
+        s.views
+            .attach(&mut v, &b.target, false, b.pod.as_ref())
+            .unwrap();
+        assert_eq!(s.views.load("s-1").unwrap().pods.len(), 2);
+
+        assert!(s.views.detach("cv-1", &a.target).await.unwrap().is_none());
+        assert!(matches!(
+            s.views.detach("cv-other", &b.target).await,
+            Err(Error::NotPublished(..))
+        ));
+        let pending = s.views.detach("cv-1", &b.target).await.unwrap().unwrap();
+        assert_eq!(pending.state, ViewState::Pending);
+        assert!(pending.pending_since.is_some());
+        assert!(
+            s.mounts.table.lock().unwrap().is_empty(),
+            "targets and the overlay unmounted"
+        );
+        assert_eq!(s.views.writes(&pending), s.views.dir("s-1").join("upper"));
+
+        s.views.discard(&pending).unwrap();
+        assert!(!s.views.dir("s-1").exists());
+        assert!(s.views.load("s-1").is_none());
+        assert!(!s.state().join("views").join("s-1.json").exists());
+        assert!(s.reloaded().all().is_empty(), "no record read back");
+    }
+
+    #[tokio::test]
+    async fn records_survive_a_reload_and_recover_finds_the_unmounted_ones() {
+        let s = store(Fake::default()).await;
+        let base = s.base().await;
+        let req = s.req("build-1");
+        let mut v = s
+            .views
+            .make(&s.engine, "p-1", &req, base, None)
+            .await
+            .unwrap();
+        s.views
+            .attach(&mut v, &req.target, false, req.pod.as_ref())
+            .unwrap();
+        s.views
+            .record_ending("uid-build-1", Ending::Succeeded)
+            .await
+            .unwrap();
+        // A view mount whose record was never saved (a crash during publish).
+        let orphan = s.views.dir("p-orphan").join("view");
+        s.mounts
+            .overlay(&[], &orphan, &orphan, &orphan, None)
+            .unwrap();
+
+        let again = s.reloaded();
+        let r = again.load("p-1").expect("read back");
+        assert_eq!(r.targets.keys().collect::<Vec<_>>(), vec![&req.target]);
+        assert_eq!(r.endings.get("uid-build-1"), Some(&Ending::Succeeded));
+        assert!(again.recover().is_empty(), "still mounted: nothing pending");
+        assert!(s.mounts.at(&orphan).is_none(), "the orphan mount is gone");
+
+        // The node restarted without its mounts: the view is pending.
+        s.mounts.table.lock().unwrap().clear();
+        let pending = again.recover();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].state, ViewState::Pending);
+        assert!(pending[0].targets.is_empty());
+        assert_eq!(s.reloaded().load("p-1").unwrap().state, ViewState::Pending);
     }
 }
