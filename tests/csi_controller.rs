@@ -74,19 +74,24 @@ impl Plugin {
 
     /// Starts the controller and waits until its socket accepts connections.
     fn start(d: &Dirs) -> Plugin {
-        let mut p = Plugin {
+        Plugin {
             child: Plugin::spawn(d),
             socket: d.socket(),
             log: d.root.join("controller.log"),
-        };
+        }
+        .listening()
+    }
+
+    /// Once the controller listens on its socket (it fails the test if it exits first).
+    fn listening(mut self) -> Plugin {
         common::wait_for_socket(
             "controller",
-            &mut p.child,
-            &p.socket,
-            &p.log,
+            &mut self.child,
+            &self.socket,
+            &self.log,
             Duration::from_secs(20),
         );
-        p
+        self
     }
 
     fn logs(&self) -> String {
@@ -865,18 +870,12 @@ async fn a_store_outage_keeps_probe_ready_and_shows_in_readyz_and_metrics() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let mut p = Plugin {
+    let p = Plugin {
         child,
         socket: d.socket(),
         log,
-    };
-    common::wait_for_socket(
-        "controller",
-        &mut p.child,
-        &p.socket,
-        &p.log,
-        Duration::from_secs(20),
-    );
+    }
+    .listening();
 
     let mut id = p.identity().await;
     let asked = Instant::now();

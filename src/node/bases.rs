@@ -776,9 +776,9 @@ fn sync_in_background(gen_dir: PathBuf) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{CommitOptions, Store};
+    use crate::engine::CommitOptions;
+    use crate::node::fixture;
     use crate::node::mount::fake::{Fake, Mount};
-    use crate::spec::{CommitOn, Mode};
 
     struct Cache {
         tmp: tempfile::TempDir,
@@ -791,21 +791,10 @@ mod tests {
     /// 300 bytes).
     async fn cache(mounts: Fake, budget: Option<u64>, images: bool) -> Cache {
         let tmp = tempfile::tempdir().unwrap();
-        let url = format!("file://{}", tmp.path().join("store").display());
-        let cli = Engine::new(Store::open(&url).unwrap(), "ci", tmp.path().join("cli")).unwrap();
         for key in ["npm", "pip"] {
-            let src = tmp.path().join("src").join(key);
-            std::fs::create_dir_all(&src).unwrap();
-            std::fs::write(src.join("f"), key.repeat(100)).unwrap();
-            cli.commit(key, &src, &CommitOptions::default())
-                .await
-                .unwrap();
+            fixture::commit(tmp.path(), key, &key.repeat(100)).await;
         }
-        let state = tmp.path().join("state");
-        for d in ["engine", "bases", "trash"] {
-            std::fs::create_dir_all(state.join(d)).unwrap();
-        }
-        let engine = Engine::new(Store::open(&url).unwrap(), "ci", state.join("engine")).unwrap();
+        let (state, engine) = fixture::state(tmp.path());
         let mounts = Arc::new(mounts);
         let bases = Bases::new(
             state.join("bases"),
@@ -823,17 +812,7 @@ mod tests {
     }
 
     fn spec(c: &Cache, key: &str) -> VolumeSpec {
-        VolumeSpec {
-            store: format!("file://{}", c.tmp.path().join("store").display()),
-            scope: "ci".into(),
-            key: key.into(),
-            restore_keys: vec![],
-            mode: Mode::Private,
-            policy: Policy::PullPush,
-            commit_on: CommitOn::Success,
-            merge: engine::Merge::Replace,
-            budget: None,
-        }
+        fixture::spec(c.tmp.path(), key)
     }
 
     fn none_used() -> Vec<PathBuf> {

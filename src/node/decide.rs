@@ -489,7 +489,7 @@ mod tests {
     /// generation 1 of `ci/npm` (`f`: "one"), mounts through the fake mounter, no Volumes.
     mod committer {
         use super::*;
-        use crate::engine::Store;
+        use crate::node::fixture;
         use crate::node::mount::fake::Fake;
         use crate::node::{NoReport, PodRef, Publish, Trash};
         use std::sync::Arc;
@@ -503,24 +503,12 @@ mod tests {
 
         async fn node() -> Node {
             let tmp = tempfile::tempdir().unwrap();
-            let url = format!("file://{}", tmp.path().join("store").display());
-            let src = tmp.path().join("src");
-            std::fs::create_dir_all(&src).unwrap();
-            std::fs::write(src.join("f"), "one").unwrap();
-            Engine::new(Store::open(&url).unwrap(), "ci", tmp.path().join("cli"))
-                .unwrap()
-                .commit("npm", &src, &CommitOptions::default())
-                .await
-                .unwrap();
-            let state = tmp.path().join("state");
-            for d in ["engine", "bases", "views", "trash"] {
-                std::fs::create_dir_all(state.join(d)).unwrap();
-            }
+            fixture::commit(tmp.path(), "npm", "one").await;
+            let (state, engine) = fixture::state(tmp.path());
             let mounts = Arc::new(Fake::default());
             let trash = Trash(state.join("trash"));
             Node {
-                engine: Engine::new(Store::open(&url).unwrap(), "ci", state.join("engine"))
-                    .unwrap(),
+                engine,
                 views: Views::new(
                     state.join("views"),
                     trash.clone(),
@@ -562,14 +550,7 @@ mod tests {
                 .ensure(&n.engine, spec, None, Vec::new)
                 .await
                 .unwrap();
-            let mut v = n
-                .views
-                .make(&n.engine, "p-1", &req, base, None)
-                .await
-                .unwrap();
-            n.views
-                .attach(&mut v, &req.target, false, req.pod.as_ref())
-                .unwrap();
+            n.views.make_mounted(&n.engine, "p-1", &req, base).await;
             std::fs::write(n.views.dir("p-1").join("upper").join("f2"), "two").unwrap();
             let pending = n.views.detach("cv-1", &req.target).await.unwrap();
             assert!(pending.is_some(), "pending once its last target is gone");

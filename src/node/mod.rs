@@ -23,6 +23,8 @@
 mod bases;
 pub mod condition;
 pub mod decide;
+#[cfg(test)]
+mod fixture;
 pub mod health;
 pub mod mount;
 mod publish;

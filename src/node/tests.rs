@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 use super::mount::fake::{Fake, Mount};
 use super::report::{CommitOutcome, EventType, RestoreLevel, RestoreOutcome};
 use super::*;
-use crate::engine::{self, CommitOptions, Engine, Store};
+use crate::engine::{self, Engine, Store};
 
 /// What the node reported, in order.
 #[derive(Default)]
@@ -84,7 +84,7 @@ fn node_with(tmp: tempfile::TempDir, mounts: Fake) -> Node {
 }
 
 fn node_of(tmp: tempfile::TempDir, mounts: Fake, base_images: bool) -> Node {
-    let store = format!("file://{}", tmp.path().join("store").display());
+    let store = super::fixture::store_url(tmp.path());
     let (mounts, seen) = (Arc::new(mounts), Arc::new(Seen::default()));
     let volumes = Volumes::with(
         NodeConfig {
@@ -111,15 +111,7 @@ fn node_of(tmp: tempfile::TempDir, mounts: Fake, base_images: bool) -> Node {
 /// A node whose store holds generation 1 of `ci/npm`: one file, `f`.
 async fn node(mounts: Fake) -> Node {
     let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    std::fs::create_dir_all(&src).unwrap();
-    std::fs::write(src.join("f"), "one").unwrap();
-    let url = format!("file://{}", tmp.path().join("store").display());
-    Engine::new(Store::open(&url).unwrap(), "ci", tmp.path().join("cli"))
-        .unwrap()
-        .commit("npm", &src, &CommitOptions::default())
-        .await
-        .unwrap();
+    super::fixture::commit(tmp.path(), "npm", "one").await;
     node_with(tmp, mounts)
 }
 

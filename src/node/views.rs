@@ -222,6 +222,22 @@ impl Views {
         })
     }
 
+    /// A view made for `req` and mounted at its target, read-write, as a publish leaves it:
+    /// for the owners' tests.
+    #[cfg(test)]
+    pub(super) async fn make_mounted(
+        &self,
+        engine: &Engine,
+        id: &str,
+        req: &Publish,
+        base: Base,
+    ) -> ViewRecord {
+        let mut v = self.make(engine, id, req, base, None).await.unwrap();
+        self.attach(&mut v, &req.target, false, req.pod.as_ref())
+            .unwrap();
+        v
+    }
+
     /// Bind-mounts the view of `record` onto `target` (created if missing) and saves the record
     /// with that target, for `pod`. Whatever is mounted at `target` now is not this view (the
     /// caller checked [`Views::is_published`]): the view is bound over it, never recorded in
@@ -419,11 +435,10 @@ impl Views {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{CommitOptions, Store};
     use crate::node::bases::Bases;
+    use crate::node::fixture;
     use crate::node::mount::fake::{Fake, Mount};
     use crate::node::NoReport;
-    use crate::spec::{CommitOn, Mode, Policy};
 
     struct Fixture {
         tmp: tempfile::TempDir,
@@ -488,36 +503,14 @@ mod tests {
     }
 
     fn spec(s: &Fixture) -> VolumeSpec {
-        VolumeSpec {
-            store: format!("file://{}", s.tmp.path().join("store").display()),
-            scope: "ci".into(),
-            key: "npm".into(),
-            restore_keys: vec![],
-            mode: Mode::Private,
-            policy: Policy::PullPush,
-            commit_on: CommitOn::Success,
-            merge: engine::Merge::Replace,
-            budget: None,
-        }
+        fixture::spec(s.tmp.path(), "npm")
     }
 
     /// A view store over an empty state dir, whose store holds generation 1 of `ci/npm`.
     async fn store(mounts: Fake) -> Fixture {
         let tmp = tempfile::tempdir().unwrap();
-        let url = format!("file://{}", tmp.path().join("store").display());
-        let src = tmp.path().join("src");
-        std::fs::create_dir_all(&src).unwrap();
-        std::fs::write(src.join("f"), "one").unwrap();
-        Engine::new(Store::open(&url).unwrap(), "ci", tmp.path().join("cli"))
-            .unwrap()
-            .commit("npm", &src, &CommitOptions::default())
-            .await
-            .unwrap();
-        let state = tmp.path().join("state");
-        for d in ["engine", "bases", "views", "trash"] {
-            std::fs::create_dir_all(state.join(d)).unwrap();
-        }
-        let engine = Engine::new(Store::open(&url).unwrap(), "ci", state.join("engine")).unwrap();
+        fixture::commit(tmp.path(), "npm", "one").await;
+        let (state, engine) = fixture::state(tmp.path());
         let mounts = Arc::new(mounts);
         let views = views(&state, mounts.clone());
         Fixture {
@@ -631,14 +624,7 @@ mod tests {
         let s = store(Fake::default()).await;
         let base = s.base().await;
         let (a, b) = (s.req("build-1"), s.req("build-2"));
-        let mut v = s
-            .views
-            .make(&s.engine, "s-1", &a, base, None)
-            .await
-            .unwrap();
-        s.views
-            .attach(&mut v, &a.target, false, a.pod.as_ref())
-            .unwrap();
+        let mut v = s.views.make_mounted(&s.engine, "s-1", &a, base).await;
         s.views
             .attach(&mut v, &b.target, false, b.pod.as_ref())
             .unwrap();
@@ -670,14 +656,7 @@ mod tests {
         let s = store(Fake::default()).await;
         let base = s.base().await;
         let req = s.req("build-1");
-        let mut v = s
-            .views
-            .make(&s.engine, "p-1", &req, base, None)
-            .await
-            .unwrap();
-        s.views
-            .attach(&mut v, &req.target, false, req.pod.as_ref())
-            .unwrap();
+        s.views.make_mounted(&s.engine, "p-1", &req, base).await;
         s.views
             .record_ending("uid-build-1", Ending::Succeeded)
             .await
