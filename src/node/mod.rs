@@ -3,12 +3,15 @@
 //! kubelet's target paths, and the commit of a view when its pod is done. No gRPC here: the CSI
 //! Node service (src/csi/node.rs) and the cluster agent are adapters around [`Volumes`].
 //!
-//! Rooms, one job each: [`records`] (the index of view records), [`bases`] (restore into bases,
-//! eviction, the store-keyed layout), [`views`] (the view store: overlay or copy views over a
-//! base dir, their records, mounts through a [`Mounter`]), [`publish`] (publish and unpublish:
-//! engine, base, view), [`decide`] (the commit decision and the commit), [`report`]
-//! (what the node tells metrics and Events through a [`Report`]), [`health`] (how each store
-//! answered the node's requests), [`condition`] (whether a published view is abnormal).
+//! [`Volumes`] is a façade over three owners, each with its own state and its own tests
+//! through the fake mounter: the base cache ([`bases::Bases`]: which generations are local and
+//! in which form, restores into them, eviction), the view store ([`views::Views`]: the views'
+//! directories, records and mounts) and the committer ([`decide::Committer`]: what a finished
+//! view becomes, after the one decision, [`verdict`]). None of them knows the others: the
+//! façade hands each what it needs. Around them: [`records`] (the index of view records),
+//! [`publish`] (publish and unpublish: engine, base, view), [`report`] (what the node tells
+//! metrics and Events through a [`Report`]), [`health`] (how each store answered the node's
+//! requests), [`condition`] (whether a published view is abnormal).
 //!
 //! State under the node's state dir, every record written atomically:
 //! - `engine/`: the engine's records of restored and committed trees;
