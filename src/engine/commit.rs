@@ -15,6 +15,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use tokio::task::JoinSet;
 
+use super::cancel::NoReturn;
 use super::error::{Error, IoError, Result};
 use super::format::{
     self, BaseRef, ChunkRef, Digest, Entry, Generation, Kind, PackBuilder, Provenance, Totals,
@@ -193,6 +194,9 @@ struct Generated {
     generation: u64,
     manifest: Vec<ChunkRef>,
     merged: u32,
+    /// The generation exists: a cancel request no longer stops this commit, which moves the
+    /// head and reports it as committed.
+    _no_return: NoReturn,
 }
 
 fn count_files(entries: &[Entry]) -> u64 {
@@ -263,6 +267,8 @@ impl Engine {
         let mut scanned = loop {
             tokio::select! {
                 r = &mut scanning => break r.expect("scan does not panic")?,
+                // Nothing is written before the plan: a cancelled walk leaves nothing.
+                e = self.cancel.requested(key) => return Err(e),
                 _ = tick.tick() => self.progress.scanning(seen.load(std::sync::atomic::Ordering::Relaxed)),
             }
         };
@@ -472,10 +478,18 @@ impl Engine {
             .chain(&plan.base_manifest)
             .map(|r| r.p)
             .collect();
+        // Checked before the marker is written: a commit asked to stop leaves nothing.
+        self.cancel.check(key)?;
         let inflight = self.begin_inflight(key, reused.iter().copied()).await?;
-        let res = self
-            .commit_protected(&c, plan, known, &reused, &inflight)
-            .await;
+        // A cancel request drops the commit at its next await (its uploads are aborted; packs
+        // already written are garbage for GC, after its grace) unless it passed its point of
+        // no return (`write_generation`); either way the marker is removed here, not left
+        // to go stale.
+        let res = tokio::select! {
+            biased;
+            r = self.commit_protected(&c, plan, known, &reused, &inflight) => r,
+            e = self.cancel.requested(key) => Err(e),
+        };
         inflight.end().await;
         res
     }
@@ -795,6 +809,10 @@ impl Engine {
             let body = Bytes::from(g.encode());
             let len = body.len() as u64;
             inflight.check_fresh(key)?;
+            // A create, once started, may land even if its future is dropped (a local store
+            // writes on a blocking thread): from here a cancel request waits for the commit,
+            // which then reports what it created.
+            let no_return = self.cancel.no_return(key)?;
             if self
                 .store
                 .put_create(&self.layout.generation(key, target), body)
@@ -805,8 +823,11 @@ impl Engine {
                     generation: target,
                     manifest: manifest_refs,
                     merged,
+                    _no_return: no_return,
                 });
             }
+            // Lost the race for this number: nothing of ours was created, we may stop again.
+            drop(no_return);
             let taken = self.newest(key).await?.unwrap_or(target).max(target);
             if opts.fence {
                 return Err(Error::Fenced {

@@ -132,6 +132,17 @@ pub enum Error {
     #[error("commit of {key:?} refused: {why}; nothing was published, commit again")]
     PacksGone { key: String, why: String },
 
+    /// Cancelled before its point of no return (a CLI that got SIGINT or SIGTERM): no
+    /// generation was created and the head did not move.
+    #[error("commit of {key:?} cancelled {by}: nothing was committed, the cache keeps its previous generation")]
+    Cancelled {
+        key: String,
+        /// Who asked, in words ("by SIGTERM").
+        by: String,
+        /// The signal that asked, when one did (the CLI exits 128 + it).
+        signal: Option<i32>,
+    },
+
     #[error("{0}")]
     Lock(String),
 }

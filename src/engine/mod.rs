@@ -7,6 +7,7 @@ pub mod format;
 pub mod names;
 pub mod store;
 
+mod cancel;
 mod commit;
 pub mod erofs;
 mod gc;
@@ -38,6 +39,7 @@ pub fn is_marker(path: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
+pub use cancel::Cancel;
 pub use commit::{CommitOptions, CommitOutcome, CommitReport, CommittedTree, Merge};
 pub use error::{io, Error, IoError, Result};
 pub use format::{Entry, Generation, Kind, Provenance};
@@ -88,6 +90,8 @@ pub struct Engine {
     layout: Layout,
     state_dir: PathBuf,
     progress: Arc<dyn Progress>,
+    /// Asked to stop commits (the CLI's signals); never asked unless `with_cancel` shared it.
+    cancel: Cancel,
 }
 
 impl Engine {
@@ -100,11 +104,19 @@ impl Engine {
             layout,
             state_dir: state_dir.into(),
             progress: Arc::new(Quiet),
+            cancel: Cancel::default(),
         })
     }
 
     pub fn with_progress(mut self, progress: Arc<dyn Progress>) -> Engine {
         self.progress = progress;
+        self
+    }
+
+    /// Commits of this engine stop (with [`Error::Cancelled`]) when `cancel` is requested,
+    /// unless they reached their point of no return (see [`Cancel`]).
+    pub fn with_cancel(mut self, cancel: Cancel) -> Engine {
+        self.cancel = cancel;
         self
     }
 
