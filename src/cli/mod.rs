@@ -10,6 +10,7 @@ mod bench;
 mod bench_node;
 mod output;
 mod run;
+mod signals;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -307,6 +308,11 @@ pub fn exit_code(e: &Error) -> i32 {
         | Error::Lock(_)
         | Error::Unsupported { .. } => exit::REFUSED,
         Error::Corrupt { .. } | Error::UnsupportedVersion { .. } => exit::CORRUPT,
+        // The shell's convention for a process ended by a signal, as if the signal had killed
+        // it: CI runners and `wait` read 130 and 143 as "interrupted" and "terminated".
+        Error::Cancelled {
+            signal: Some(sig), ..
+        } => 128 + sig,
         e if e.is_store_unavailable() => exit::UNAVAILABLE,
         _ => exit::ERROR,
     }
@@ -427,7 +433,10 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Error> {
             Ok(exit::OK)
         }
         Command::Commit { key, dir, opts } => {
-            let engine = g.engine(&bars)?;
+            // SIGINT or SIGTERM cancel the commit (Error::Cancelled: exit 130 or 143, nothing
+            // committed) unless it already created its generation, which is then reported.
+            let stop = signals::Stop::watch(out);
+            let engine = g.engine(&bars)?.with_cancel(stop.cancel());
             bars.cache(&key);
             let report = engine.commit(&key, &dir, &opts.options()).await?;
             out.commit(&report);

@@ -1,8 +1,10 @@
 //! `cachevol run`: restore every cache, run the command, commit per policy and the command's
 //! exit status, exit with the command's status. A cache never fails a build: a restore that
 //! fails is a warning and the command runs with what there is; a commit that fails is reported
-//! but does not change the exit status. `--mode locked` serializes runs on one machine with a
-//! lock file beside a `file://` store.
+//! but does not change the exit status. A commit cancelled by SIGINT or SIGTERM does (130,
+//! 143), and so does a SIGTERM to cachevol while the command runs (passed on to it; nothing is
+//! committed). `--mode locked` serializes runs on one machine with a lock file beside a
+//! `file://` store.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -270,12 +272,24 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
     }
 
     let status = run_command(&args.command, out).await;
-    let code = status.unwrap_or_else(|e| {
+    let (code, terminated) = status.unwrap_or_else(|e| {
         out.warn(&format!("could not run {:?}: {e}", args.command[0]));
-        127
+        (127, false)
     });
 
+    // From here SIGINT and SIGTERM cancel the commits: the command is over, so a signal is
+    // meant for cachevol (a runner cancelling the job, a Ctrl-C during a long upload).
+    let stop = super::signals::Stop::watch(out);
+    let engine = engine.with_cancel(stop.cancel());
+    let mut cancelled: Option<i32> = None;
+
     let skip = match (args.policy, args.commit_on) {
+        // Whatever the command's status: whoever sent SIGTERM wants the job stopped, not its
+        // caches published from a command that was cut short.
+        _ if terminated => Some(
+            "cachevol got SIGTERM while the command ran (it was passed on to the command); nothing is committed"
+                .to_string(),
+        ),
         (Policy::Pull, _) => Some("policy pull never commits".to_string()),
         (_, CommitOn::Success) if code != 0 => Some(format!(
             "the command exited {code}; commit-on success commits only successful runs"
@@ -294,7 +308,8 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
                 )
             });
         let marked = remove_marker(dir);
-        if let Some(why) = skip.as_ref().or(unmarked.as_ref()) {
+        let stopped = cancelled.map(|_| "the commits were cancelled; nothing is committed".into());
+        if let Some(why) = skip.as_ref().or(stopped.as_ref()).or(unmarked.as_ref()) {
             out.line(
                 &format!("{key}: not committed: {why}"),
                 &serde_json::json!({"key": key, "skipped": why}),
@@ -308,10 +323,22 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
         bars.cache(key);
         match engine.commit(key, dir, &opts).await {
             Ok(r) => out.commit(&r),
+            // Unlike a failed commit, a cancelled one changes the exit status: the signal
+            // asked for the run to stop, and the runner reads 130/143 as "interrupted".
+            Err(e @ Error::Cancelled { .. }) => {
+                out.error(&e);
+                cancelled = Some(super::exit_code(&e));
+            }
             Err(e) => out.warn(&format!("{key}: commit failed: {e}")),
         }
     }
+    drop(stop);
     drop(locks);
+    let code = match (cancelled, terminated) {
+        (Some(c), _) => c,
+        (None, true) => 128 + libc::SIGTERM,
+        (None, false) => code,
+    };
     if out.json() {
         out.json_line(&serde_json::json!({"exit_code": code, "cache_hit": all_hit}));
     }
@@ -330,9 +357,11 @@ fn remove_marker(dir: &std::path::Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Runs the command with inherited stdio; its exit code, or 128 + signal when killed.
-async fn run_command(command: &[String], out: &Out) -> std::io::Result<i32> {
+/// Runs the command with inherited stdio; its exit code, or 128 + signal when killed, and
+/// whether cachevol itself got SIGTERM meanwhile.
+async fn run_command(command: &[String], out: &Out) -> std::io::Result<(i32, bool)> {
     use std::os::unix::process::ExitStatusExt;
+    use tokio::signal::unix::{signal, SignalKind};
     out.info(&format!("running {}", shell_words(command)));
     let mut cmd = tokio::process::Command::new(&command[0]);
     cmd.args(&command[1..]);
@@ -341,17 +370,32 @@ async fn run_command(command: &[String], out: &Out) -> std::io::Result<i32> {
         use std::os::fd::AsFd;
         cmd.stdout(std::io::stderr().as_fd().try_clone_to_owned()?);
     }
+    // Registered before the spawn, so no signal falls between the two to kill cachevol.
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
     let mut child = cmd.spawn()?;
-    // Ctrl-C reaches the command (same process group); we wait for it to decide on the commit.
+    let mut terminated = false;
     let status = loop {
         tokio::select! {
             s = child.wait() => break s?,
-            _ = tokio::signal::ctrl_c() => continue,
+            // Ctrl-C reaches the command (same process group); we wait for it to decide on
+            // the commit.
+            _ = int.recv() => continue,
+            // A SIGTERM to cachevol alone (a CI runner cancelling the job) would leave the
+            // command running with nobody to wait for it: it is passed on, we wait for the
+            // command to end, and nothing is committed (see `run`).
+            _ = term.recv() => {
+                terminated = true;
+                if let Some(pid) = child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+                }
+            }
         }
     };
-    Ok(status
+    let code = status
         .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    Ok((code, terminated))
 }
 
 fn shell_words(words: &[String]) -> String {
