@@ -238,6 +238,21 @@ fn fault(point: &str) {
 #[inline(always)]
 fn fault(_point: &str) {}
 
+/// `CACHEVOL_FAULT=slow-upload`: every pack upload waits 3 s first, so tests can signal a
+/// commit in the middle of its upload (tests/signals.rs). Only with the `fault-injection`
+/// feature.
+#[cfg(feature = "fault-injection")]
+async fn fault_slow_upload() {
+    if std::env::var("CACHEVOL_FAULT").as_deref() == Ok("slow-upload") {
+        eprintln!("cachevol: CACHEVOL_FAULT=slow-upload: uploading a pack slowly");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+}
+
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+async fn fault_slow_upload() {}
+
 impl Engine {
     pub async fn commit(
         &self,
@@ -1274,6 +1289,7 @@ impl<'a> Packer<'a> {
         let store = self.engine.store.clone();
         let loc = self.engine.layout.pack(&id.to_hex());
         self.uploads.spawn(async move {
+            fault_slow_upload().await;
             let len = data.len() as u64;
             let created = store.put_create(&loc, Bytes::from(data)).await?;
             Ok((refs, if created { len } else { 0 }))
