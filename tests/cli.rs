@@ -1172,3 +1172,100 @@ fn bench_node_measures_a_fresh_node_against_extract_and_leaves_no_mount() {
         "mounts left under the work dir:\n{mounts}"
     );
 }
+
+// `{hashFiles:GLOB}` in a key: the key committed is the expanded one (the digest of the lock
+// files, the same from another directory holding the same files via --files-root), a restore
+// with the same placeholder hits it, and a glob matching nothing is exit 2 naming the glob.
+#[test]
+fn keys_from_files_are_expanded_before_anything_is_committed() {
+    let env = Env::new();
+    let app = env.dir("app");
+    std::fs::create_dir_all(app.join("web")).unwrap();
+    std::fs::write(app.join("package-lock.json"), "root").unwrap();
+    std::fs::write(app.join("web/package-lock.json"), "web").unwrap();
+    let d = env.dir("npm");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("f"), "cached").unwrap();
+    let key = "npm-{hashFiles:**/package-lock.json}";
+    let out = env
+        .cmd()
+        .args(["--json", "commit", key, s(&d)])
+        .current_dir(&app)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let caches = json(&env.run(&["--json", "ls"]))[0].clone();
+    let caches = caches
+        .pointer("/ls/caches")
+        .or_else(|| caches.get("caches"))
+        .unwrap()
+        .clone();
+    let committed = caches[0]["key"].as_str().unwrap().to_string();
+    assert!(
+        committed.starts_with("npm-") && committed.len() == 4 + 32 && !committed.contains('{'),
+        "{committed}"
+    );
+    // The same files elsewhere, named by --files-root from another working directory.
+    let copy = env.dir("copy");
+    std::fs::create_dir_all(copy.join("web")).unwrap();
+    std::fs::write(copy.join("web/package-lock.json"), "web").unwrap();
+    std::fs::write(copy.join("package-lock.json"), "root").unwrap();
+    let r = env.dir("r");
+    let out = env
+        .cmd()
+        .args(["restore", "--files-root", s(&copy), key, s(&r)])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(std::fs::read_to_string(r.join("f")).unwrap(), "cached");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&committed),
+        "{out:?}"
+    );
+    // One changed byte: another key, a miss.
+    std::fs::write(copy.join("web/package-lock.json"), "web!").unwrap();
+    let out = env
+        .cmd()
+        .args(["run", "--files-root", s(&copy), "--fail-on-miss"])
+        .args(["--cache", &format!("{key}={}", s(&env.dir("r2")))])
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    // A glob that matches nothing: exit 2, naming it, before anything is restored or run.
+    let ran = env.dir("ran");
+    let out = env
+        .cmd()
+        .args(["run", "--cache"])
+        .arg(format!(
+            "cargo-{{hashFiles:Cargo.lock}}={}",
+            s(&env.dir("c"))
+        ))
+        .args(["--", "touch", s(&ran)])
+        .current_dir(&app)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("\"Cargo.lock\""),
+        "{out:?}"
+    );
+    assert!(!ran.exists() && !env.dir("c").exists());
+    let out = env
+        .cmd()
+        .args([
+            "restore",
+            "k",
+            s(&r),
+            "--restore-key",
+            "k-{hashFiles:nope/*}",
+        ])
+        .current_dir(&app)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nope/*"),
+        "{out:?}"
+    );
+}

@@ -8,11 +8,13 @@
 mod bench;
 #[cfg(feature = "bench")]
 mod bench_node;
+mod failure;
+mod keys;
 mod output;
 mod run;
 mod signals;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
@@ -20,6 +22,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::daemon::{self, RetentionArgs};
 use crate::engine::{self, CommitOptions, Engine, Error, Merge, Store};
 use crate::spec::parse_size;
+use failure::Failure;
 use output::{Bars, Out};
 
 /// Exit codes of `cachevol` (besides `run`, which exits with its command's status).
@@ -92,7 +95,8 @@ enum Command {
     Run(run::RunArgs),
     /// Restore the newest snapshot of KEY (or of a restore key) into DIR.
     Restore {
-        /// The cache key (letters, digits, '.', '_', '-'; at most 128).
+        /// The cache key (letters, digits, '.', '_', '-'; at most 128), which may contain
+        /// {hashFiles:GLOB[,GLOB…]}.
         key: String,
         /// The directory to restore into (created if missing).
         dir: PathBuf,
@@ -102,6 +106,8 @@ enum Command {
         restore_keys: Vec<String>,
         #[command(flatten)]
         hit: HitArgs,
+        #[command(flatten)]
+        files: FilesRoot,
         /// Advanced (what a node does on its own): write the snapshot as one read-only EROFS
         /// image at the path DIR instead of a tree (`mount -t erofs -o ro,loop DIR MNT`).
         #[arg(long, hide = true)]
@@ -113,12 +119,15 @@ enum Command {
     },
     /// Commit DIR as the next generation of KEY (uploads only what changed).
     Commit {
-        /// The cache key (letters, digits, '.', '_', '-'; at most 128).
+        /// The cache key (letters, digits, '.', '_', '-'; at most 128), which may contain
+        /// {hashFiles:GLOB[,GLOB…]}.
         key: String,
         /// The directory whose tree becomes the next generation.
         dir: PathBuf,
         #[command(flatten)]
         opts: CommitArgs,
+        #[command(flatten)]
+        files: FilesRoot,
     },
     /// List the caches of the scope.
     Ls,
@@ -215,6 +224,29 @@ pub struct HitArgs {
     /// for run, the command does not run).
     #[arg(long)]
     fail_on_miss: bool,
+}
+
+/// Where the files of a key's `{hashFiles:…}` are (see `keys`).
+#[derive(Args, Debug, Clone)]
+pub struct FilesRoot {
+    /// The directory the globs of {hashFiles:GLOB} in a key are relative to (default: the
+    /// working directory).
+    #[arg(long, value_name = "DIR")]
+    files_root: Option<PathBuf>,
+}
+
+impl FilesRoot {
+    /// `key` with its `{hashFiles:…}` replaced by their digests.
+    pub fn expand(&self, key: &str) -> Result<String, Failure> {
+        match &self.files_root {
+            Some(root) => keys::expand(key, root),
+            None => {
+                let cwd = std::env::current_dir()
+                    .map_err(engine::io("read the working directory", Path::new(".")))?;
+                keys::expand(key, &cwd)
+            }
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -346,7 +378,7 @@ pub fn main() -> i32 {
         Ok(code) => code,
         Err(e) => {
             out.error(&e);
-            exit_code(&e)
+            e.exit_code()
         }
     }
 }
@@ -374,13 +406,13 @@ fn parse() -> Cli {
 /// print logs, not reports).
 const CLI_ONLY: &[&str] = &["scope", "json", "quiet"];
 
-async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Error> {
+async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Failure> {
     let g = cli.global;
     let bars = Arc::new(Bars::new(out.bars_enabled(), out.plain_progress()));
     match cli.command {
         Command::Run(args) => run::run(&g, args, out, bars).await,
         #[cfg(feature = "bench")]
-        Command::Bench(args) => bench::run(&g, args, out).await,
+        Command::Bench(args) => Ok(bench::run(&g, args, out).await?),
         Command::Node(args) => {
             Ok(daemon::node::run(args, g.store.clone(), g.state_dir.clone()).await)
         }
@@ -392,9 +424,15 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Error> {
             dir,
             restore_keys,
             hit,
+            files,
             image,
             image_group,
         } => {
+            let key = files.expand(&key)?;
+            let restore_keys = restore_keys
+                .iter()
+                .map(|k| files.expand(k))
+                .collect::<Result<Vec<_>, _>>()?;
             let engine = g.engine(&bars)?;
             engine::names::key(&key)?;
             for k in &restore_keys {
@@ -432,7 +470,13 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Error> {
             }
             Ok(exit::OK)
         }
-        Command::Commit { key, dir, opts } => {
+        Command::Commit {
+            key,
+            dir,
+            opts,
+            files,
+        } => {
+            let key = files.expand(&key)?;
             // SIGINT or SIGTERM cancel the commit (Error::Cancelled: exit 130 or 143, nothing
             // committed) unless it already created its generation, which is then reported.
             let stop = signals::Stop::watch(out);

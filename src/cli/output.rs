@@ -7,8 +7,9 @@ use std::sync::Mutex;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use super::failure::Failure;
 use crate::engine::{
-    CommitOutcome, CommitReport, Entry, Error, GcReport, Generation, KeyInfo, Kind, Progress,
+    CommitOutcome, CommitReport, Entry, GcReport, Generation, KeyInfo, Kind, Progress,
     RestoreReport, RestoreSource,
 };
 
@@ -199,10 +200,10 @@ impl Out {
         errln!("cachevol: warning: {text}");
     }
 
-    pub fn error(&self, e: &Error) {
+    pub fn error(&self, e: &Failure) {
         if self.json {
             self.json_line(
-                &serde_json::json!({"error": e.to_string(), "exit_code": super::exit_code(e)}),
+                &serde_json::json!({"error": e.to_string(), "exit_code": e.exit_code()}),
             );
         }
         errln!("cachevol: error: {e}");

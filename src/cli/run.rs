@@ -14,9 +14,10 @@ use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
 
+use super::failure::Failure;
 use super::output;
 use super::output::{Bars, Out};
-use super::{exit, CommitArgs, Global, HitArgs};
+use super::{exit, CommitArgs, FilesRoot, Global, HitArgs};
 use crate::engine::{self, io, names, Engine, Error, RestoreSource};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -49,8 +50,9 @@ pub enum CommitOn {
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// A cache as KEY=DIR; repeat for several caches. A KEY that is not a valid cache key (e.g.
-    /// a branch name with '/') is a warning: the command runs without that cache.
+    /// A cache as KEY=DIR; repeat for several caches. KEY may contain {hashFiles:GLOB[,GLOB…]}.
+    /// A KEY that is not a valid cache key (e.g. a branch name with '/') is a warning: the
+    /// command runs without that cache.
     #[arg(long = "cache", required = true, value_parser = parse_cache)]
     caches: Vec<(String, PathBuf)>,
     /// A fallback key tried when a cache's key has no snapshot: K for every cache, or KEY=K for
@@ -70,6 +72,8 @@ pub struct RunArgs {
     commit_on: CommitOn,
     #[command(flatten)]
     commit: CommitArgs,
+    #[command(flatten)]
+    files: FilesRoot,
     /// The command to run, after `--`.
     #[arg(last = true, required = true)]
     command: Vec<String>,
@@ -87,22 +91,51 @@ fn parse_cache(s: &str) -> Result<(String, PathBuf), String> {
     Ok((key.to_string(), PathBuf::from(dir)))
 }
 
-/// Restore keys per cache: `K` applies to every cache, `KEY=K` to one. An invalid one is left
-/// out with a warning: a restore key is a hint, never a reason to fail a build.
-fn restore_keys_for(key: &str, all: &[String], out: &Out) -> Vec<String> {
+/// A cache of the command line: its key as written and after `{hashFiles:…}`.
+struct Cache {
+    written: String,
+    key: String,
+    dir: PathBuf,
+}
+
+/// Restore keys per cache: `K` applies to every cache, `KEY=K` to one (KEY as written, or as
+/// expanded). An invalid one is left out with a warning: a restore key is a hint, never a reason
+/// to fail a build; but one whose `{hashFiles:…}` matches nothing is a usage error, like a
+/// cache key's.
+fn restore_keys_for(
+    cache: &Cache,
+    all: &[String],
+    files: &FilesRoot,
+    out: &Out,
+) -> Result<Vec<String>, Failure> {
     let mut keys = Vec::new();
     for rk in all {
-        let k = match rk.split_once('=') {
-            Some((k, v)) if k == key => v,
+        let k = match split_outside_braces(rk) {
+            Some((k, v)) if k == cache.written || k == cache.key => v,
             Some(_) => continue,
             None => rk.as_str(),
         };
-        match names::key(k) {
+        let k = files.expand(k)?;
+        match names::key(&k) {
             Ok(k) => keys.push(k.to_string()),
-            Err(e) => out.warn(&format!("{key}: restore key ignored: {e}")),
+            Err(e) => out.warn(&format!("{}: restore key ignored: {e}", cache.key)),
         }
     }
-    keys
+    Ok(keys)
+}
+
+/// `KEY=K` split at its first '=' outside `{…}` (a glob may hold one).
+fn split_outside_braces(s: &str) -> Option<(&str, &str)> {
+    let mut depth = 0usize;
+    for (i, c) in s.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => depth = depth.saturating_sub(1),
+            '=' if depth == 0 => return Some((&s[..i], &s[i + 1..])),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// An exclusive lock on one cache key, held from restore until its commit is in the store.
@@ -156,27 +189,42 @@ impl KeyLock {
     }
 }
 
-pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Result<i32, Error> {
+pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Result<i32, Failure> {
+    // Keys first: a {hashFiles:…} that matches nothing is a usage error before anything else.
+    let mut written = Vec::new();
+    for (key, dir) in &args.caches {
+        written.push(Cache {
+            written: key.clone(),
+            key: args.files.expand(key)?,
+            dir: dir.clone(),
+        });
+    }
     let engine = g.engine(&bars)?;
     let mut seen = HashMap::new();
-    for (key, dir) in &args.caches {
-        if let Some(other) = seen.insert(key.clone(), dir.clone()) {
+    for c in &written {
+        if let Some(other) = seen.insert(c.key.clone(), c.dir.clone()) {
             return Err(Error::Lock(format!(
-                "cache {key} is given twice ({} and {})",
+                "cache {} is given twice ({} and {})",
+                c.key,
                 other.display(),
-                dir.display()
-            )));
+                c.dir.display()
+            ))
+            .into());
         }
     }
     // A cache never fails a build: a key that cannot be a cache key (a branch name with '/')
     // leaves its directory uncached, and the command runs.
     let mut caches = Vec::new();
-    for (key, dir) in &args.caches {
-        match names::key(key) {
-            Ok(_) => caches.push((key.clone(), dir.clone())),
+    let mut restore_keys = Vec::new();
+    for c in written {
+        match names::key(&c.key) {
+            Ok(_) => {
+                restore_keys.push(restore_keys_for(&c, &args.restore_keys, &args.files, out)?);
+                caches.push((c.key, c.dir));
+            }
             Err(e) => out.warn(&format!(
                 "{e}: {} is neither restored nor committed; the command runs without this cache",
-                dir.display()
+                c.dir.display()
             )),
         }
     }
@@ -193,8 +241,7 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
 
     // What each cache would restore (nothing under policy push).
     let mut found = Vec::new();
-    for (key, dir) in &caches {
-        let restore_keys = restore_keys_for(key, &args.restore_keys, out);
+    for ((key, dir), restore_keys) in caches.iter().zip(restore_keys) {
         let source = if args.policy == Policy::Push {
             None
         } else {
@@ -326,8 +373,9 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
             // Unlike a failed commit, a cancelled one changes the exit status: the signal
             // asked for the run to stop, and the runner reads 130/143 as "interrupted".
             Err(e @ Error::Cancelled { .. }) => {
+                let e = Failure::from(e);
                 out.error(&e);
-                cancelled = Some(super::exit_code(&e));
+                cancelled = Some(e.exit_code());
             }
             Err(e) => out.warn(&format!("{key}: commit failed: {e}")),
         }
