@@ -1269,3 +1269,122 @@ fn keys_from_files_are_expanded_before_anything_is_committed() {
         "{out:?}"
     );
 }
+
+// actions/cache's outputs cache-primary-key (the key, expanded) and cache-matched-key (the key
+// restored from, empty on a miss): in the text, in --json and in $GITHUB_OUTPUT, for restore
+// and for run (unsuffixed with one cache, and per cache by the key as written).
+#[test]
+fn restore_and_run_report_the_primary_and_the_matched_key() {
+    let env = Env::new();
+    let src = env.dir("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a"), "a").unwrap();
+    std::fs::write(src.join("go.sum"), "sum").unwrap();
+    assert!(env.run(&["commit", "npm-main", s(&src)]).status.success());
+    let gh = env.dir("gh");
+    let outputs = || -> std::collections::HashMap<String, String> {
+        std::fs::read_to_string(&gh)
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    for (key, matched) in [
+        ("npm-main", "npm-main"),
+        ("npm-feature", "npm-main"),
+        ("pip", ""),
+    ] {
+        let _ = std::fs::remove_file(&gh);
+        let d = env.dir(&format!("d-{key}"));
+        let rk = if key.starts_with("npm") {
+            "npm-"
+        } else {
+            "pip-"
+        };
+        let out = env
+            .cmd()
+            .args(["restore", key, s(&d), "--restore-key", rk])
+            .env("GITHUB_OUTPUT", &gh)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(&format!(
+                "cache-primary-key={key} cache-matched-key={matched}\n"
+            )),
+            "{text}"
+        );
+        let o = outputs();
+        assert_eq!(o["cache-primary-key"], key, "{o:?}");
+        assert_eq!(o["cache-matched-key"], matched, "{o:?}");
+        let out = env
+            .cmd()
+            .args(["--json", "restore", key, s(&d), "--restore-key", rk])
+            .output()
+            .unwrap();
+        let r = json(&out).remove(0);
+        let r = r
+            .get("restore")
+            .filter(|r| r.get("hit").is_some())
+            .unwrap_or(&r);
+        assert_eq!(r["cache_primary_key"], key, "{r}");
+        let want = if matched.is_empty() {
+            serde_json::Value::Null
+        } else {
+            matched.into()
+        };
+        assert_eq!(r["cache_matched_key"], want, "{r}");
+    }
+
+    // run: one cache whose key comes from a file; the outputs name the expanded key, and the
+    // per-cache ones the key as written without its placeholder.
+    assert!(env
+        .cmd()
+        .args(["commit", "go-{hashFiles:go.sum}", s(&src)])
+        .current_dir(&src)
+        .status()
+        .unwrap()
+        .success());
+    let _ = std::fs::remove_file(&gh);
+    let out = env
+        .cmd()
+        .args(["--json", "run", "--files-root", s(&src), "--cache"])
+        .arg(format!("go-{{hashFiles:go.sum}}={}", s(&env.dir("go"))))
+        .args(["--", "true"])
+        .env("GITHUB_OUTPUT", &gh)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let o = outputs();
+    let primary = &o["cache-primary-key"];
+    assert!(
+        primary.starts_with("go-") && primary.len() == 3 + 32,
+        "{o:?}"
+    );
+    assert_eq!(&o["cache-matched-key"], primary, "a hit of the key itself");
+    assert_eq!(o["cache-hit-go"], "true", "{o:?}");
+    assert_eq!(&o["cache-primary-key-go"], primary, "{o:?}");
+    let r = json(&out).remove(0);
+    let r = r.get("run").unwrap_or(&r);
+    assert_eq!(&r["cache_primary_key"], primary.as_str(), "{r}");
+    // Two caches, one a miss: no unsuffixed key outputs, an empty matched key for the miss.
+    let _ = std::fs::remove_file(&gh);
+    let out = env
+        .cmd()
+        .args(["run", "--cache"])
+        .arg(format!("npm-main={}", s(&env.dir("n"))))
+        .arg("--cache")
+        .arg(format!("pip={}", s(&env.dir("p"))))
+        .args(["--", "true"])
+        .env("GITHUB_OUTPUT", &gh)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let o = outputs();
+    assert!(!o.contains_key("cache-primary-key"), "{o:?}");
+    assert_eq!(o["cache-matched-key-npm-main"], "npm-main", "{o:?}");
+    assert_eq!(o["cache-matched-key-pip"], "", "{o:?}");
+    assert_eq!(o["cache-primary-key-pip"], "pip", "{o:?}");
+}

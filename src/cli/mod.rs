@@ -444,6 +444,7 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Failure> {
                     "cache-hit".into(),
                     matches!(source, engine::RestoreSource::Key { .. }).to_string(),
                 ),
+                ("cache-primary-key".into(), key.clone()),
                 (
                     "cache-matched-key".into(),
                     output::matched_key(&source).unwrap_or("").into(),

@@ -109,14 +109,27 @@ pub fn matched_key(source: &RestoreSource) -> Option<&str> {
 }
 
 /// The fields every restore report has: `hit` (the level), `cache_hit` (true only for the key
-/// itself, as actions/cache's `cache-hit`) and `matched_key`.
+/// itself, as actions/cache's `cache-hit`) and `matched_key`; and actions/cache's other two
+/// outputs under their names, `cache_primary_key` (the key, `{hashFiles:…}` expanded) and
+/// `cache_matched_key` (null on a miss).
 fn hit_fields(key: &str, source: &RestoreSource) -> serde_json::Value {
     serde_json::json!({
         "key": key,
         "hit": hit_level(source),
         "cache_hit": matches!(source, RestoreSource::Key { .. }),
         "matched_key": matched_key(source),
+        "cache_primary_key": key,
+        "cache_matched_key": matched_key(source),
     })
+}
+
+/// The second line of a restore's text: actions/cache's outputs as `name=value`, for scripts
+/// of other CI systems to read (the matched key is empty on a miss).
+fn keys_text(key: &str, source: &RestoreSource) -> String {
+    format!(
+        "\n  cache-primary-key={key} cache-matched-key={}",
+        matched_key(source).unwrap_or("")
+    )
 }
 
 /// " (fallback from restore key K)", or "(... matched by prefix P)" for a prefix match.
@@ -224,7 +237,7 @@ impl Out {
         };
         let mut v = hit_fields(key, &r.source);
         v["restore"] = serde_json::json!(r);
-        self.line(&text, &v);
+        self.line(&(text + &keys_text(key, &r.source)), &v);
     }
 
     /// A restore written as an image (`restore --image`).
@@ -254,7 +267,7 @@ impl Out {
         };
         let mut v = hit_fields(key, &r.source);
         v["image"] = serde_json::json!(r);
-        self.line(&text, &v);
+        self.line(&(text + &keys_text(key, &r.source)), &v);
     }
 
     /// What a restore would bring (`--lookup-only`): nothing is written.
@@ -275,7 +288,7 @@ impl Out {
         {
             v["generation"] = (*generation).into();
         }
-        self.line(&text, &v);
+        self.line(&(text + &keys_text(key, source)), &v);
     }
 
     pub fn commit(&self, r: &CommitReport) {

@@ -124,6 +124,28 @@ fn restore_keys_for(
     Ok(keys)
 }
 
+/// What names a cache in `$GITHUB_OUTPUT` (`cache-hit-NAME`): its key, or for a key with
+/// `{hashFiles:…}` (whose digest a workflow cannot know in advance) the key as written without
+/// the placeholders and the separators they leave at its end (`npm-{hashFiles:…}` → `npm`).
+fn output_name(c: &Cache) -> String {
+    if c.written == c.key {
+        return c.key.clone();
+    }
+    let mut name = String::new();
+    let mut rest = c.written.as_str();
+    while let Some(start) = rest.find("{hashFiles:") {
+        name.push_str(&rest[..start]);
+        rest = rest[start..].split_once('}').map_or("", |(_, r)| r);
+    }
+    name.push_str(rest);
+    let name = name.trim_end_matches(['-', '_', '.']);
+    if name.is_empty() {
+        c.key.clone()
+    } else {
+        name.to_string()
+    }
+}
+
 /// `KEY=K` split at its first '=' outside `{…}` (a glob may hold one).
 fn split_outside_braces(s: &str) -> Option<(&str, &str)> {
     let mut depth = 0usize;
@@ -216,10 +238,12 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
     // leaves its directory uncached, and the command runs.
     let mut caches = Vec::new();
     let mut restore_keys = Vec::new();
+    let mut output_names = Vec::new();
     for c in written {
         match names::key(&c.key) {
             Ok(_) => {
                 restore_keys.push(restore_keys_for(&c, &args.restore_keys, &args.files, out)?);
+                output_names.push(output_name(&c));
                 caches.push((c.key, c.dir));
             }
             Err(e) => out.warn(&format!(
@@ -260,9 +284,22 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
     }
     let is_hit = |s: &Option<RestoreSource>| matches!(s, Some(RestoreSource::Key { .. }));
     let all_hit = !caches.is_empty() && found.iter().all(|(_, s)| is_hit(s));
+    let matched = |s: &Option<RestoreSource>| {
+        s.as_ref()
+            .and_then(output::matched_key)
+            .unwrap_or("")
+            .to_string()
+    };
     let mut outputs = vec![("cache-hit".to_string(), all_hit.to_string())];
-    for ((key, _), (_, s)) in caches.iter().zip(&found) {
-        outputs.push((format!("cache-hit-{key}"), is_hit(s).to_string()));
+    // actions/cache's two key outputs name one cache: unsuffixed only when there is one.
+    if let ([(key, _)], [(_, s)]) = (&caches[..], &found[..]) {
+        outputs.push(("cache-primary-key".into(), key.clone()));
+        outputs.push(("cache-matched-key".into(), matched(s)));
+    }
+    for ((name, (key, _)), (_, s)) in output_names.iter().zip(&caches).zip(&found) {
+        outputs.push((format!("cache-hit-{name}"), is_hit(s).to_string()));
+        outputs.push((format!("cache-primary-key-{name}"), key.clone()));
+        outputs.push((format!("cache-matched-key-{name}"), matched(s)));
     }
     output::github_output(&outputs);
     let missed: Vec<&str> = caches
