@@ -1388,3 +1388,56 @@ fn restore_and_run_report_the_primary_and_the_matched_key() {
     assert_eq!(o["cache-matched-key-pip"], "", "{o:?}");
     assert_eq!(o["cache-primary-key-pip"], "pip", "{o:?}");
 }
+
+// Each cache its own directory: two keys on one directory (however spelled), a directory
+// inside another cache's, or one key with two directories (one cache holding several paths is
+// not supported yet) are exit 2 before anything is restored or run.
+#[test]
+fn caches_that_share_a_directory_are_refused_before_anything_is_restored() {
+    let env = Env::new();
+    let src = env.dir("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a"), "a").unwrap();
+    assert!(env.run(&["commit", "npm", s(&src)]).status.success());
+    let ran = env.dir("ran");
+    let run = |caches: &[(&str, PathBuf)]| {
+        let mut c = env.cmd();
+        c.arg("run");
+        for (key, dir) in caches {
+            c.arg("--cache").arg(format!("{key}={}", s(dir)));
+        }
+        c.args(["--", "touch", s(&ran)]).output().unwrap()
+    };
+    let (npm, other) = (env.dir("npm"), env.dir("other"));
+    for (caches, needles) in [
+        (
+            vec![("npm", npm.clone()), ("yarn", env.dir("x/../npm/."))],
+            &["npm and yarn", "same directory"][..],
+        ),
+        (
+            vec![("pip", npm.join("sub/pip")), ("npm", npm.clone())],
+            &["cache pip", "inside", "cache npm"],
+        ),
+        (
+            vec![("npm", npm.clone()), ("npm", other.clone())],
+            &["two directories", "not supported yet"],
+        ),
+        (
+            vec![("npm", npm.clone()), ("npm", npm.clone())],
+            &["given twice"],
+        ),
+    ] {
+        let out = run(&caches);
+        assert_eq!(out.status.code(), Some(2), "{caches:?}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        for n in needles {
+            assert!(stderr.contains(n), "{caches:?}: {stderr}");
+        }
+        assert!(!ran.exists(), "the command did not run");
+        assert!(!npm.exists() && !other.exists(), "nothing restored");
+    }
+    // Siblings and a shared prefix that is not a parent are fine.
+    let out = run(&[("npm", npm.clone()), ("npm2", env.dir("npm2"))]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(ran.exists() && npm.join("a").exists());
+}

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
@@ -124,6 +124,98 @@ fn restore_keys_for(
     Ok(keys)
 }
 
+/// Each cache its own directory, refused as a usage error before anything is restored: a
+/// directory of two caches would get two snapshots written over each other, and one inside
+/// another cache's would be committed in both.
+fn check_paths(caches: &[Cache]) -> Result<(), Failure> {
+    let mut seen: HashMap<&str, &Path> = HashMap::new();
+    for c in caches {
+        match seen.insert(&c.key, &c.dir) {
+            Some(other) if other == c.dir => {
+                return Err(Failure::Usage(format!(
+                    "cache {} is given twice (--cache {}={}): give it once",
+                    c.key,
+                    c.written,
+                    c.dir.display()
+                )))
+            }
+            Some(other) => {
+                return Err(Failure::Usage(format!(
+                    "cache {} is given with two directories ({} and {}): one cache holding \
+                     several directories is not supported yet; give each directory its own key",
+                    c.key,
+                    other.display(),
+                    c.dir.display()
+                )))
+            }
+            None => {}
+        }
+    }
+    let resolved: Vec<PathBuf> = caches.iter().map(|c| resolve(&c.dir)).collect();
+    for (i, (a, pa)) in caches.iter().zip(&resolved).enumerate() {
+        for (b, pb) in caches.iter().zip(&resolved).skip(i + 1) {
+            let why = if pa == pb {
+                format!(
+                    "caches {} and {} name the same directory {}",
+                    a.key,
+                    b.key,
+                    a.dir.display()
+                )
+            } else if let Some((inner, outer)) = [(a, pa, b, pb), (b, pb, a, pa)]
+                .into_iter()
+                .find(|(_, pi, _, po)| pi.starts_with(po))
+                .map(|(i, _, o, _)| (i, o))
+            {
+                format!(
+                    "the directory of cache {} ({}) is inside that of cache {} ({}), which \
+                     would commit it too",
+                    inner.key,
+                    inner.dir.display(),
+                    outer.key,
+                    outer.dir.display()
+                )
+            } else {
+                continue;
+            };
+            return Err(Failure::Usage(format!(
+                "{why}: give each cache a directory of its own, outside the others"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `dir` as an absolute path without `.`, `..` or symlinks in the part that exists, so two
+/// spellings of one directory compare equal (it need not exist yet).
+fn resolve(dir: &Path) -> PathBuf {
+    let abs = std::env::current_dir().unwrap_or_default().join(dir);
+    let mut lexical = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                lexical.pop();
+            }
+            c => lexical.push(c),
+        }
+    }
+    // The deepest existing ancestor, with its symlinks resolved, then the rest as written.
+    let mut missing = Vec::new();
+    let mut base = lexical.as_path();
+    loop {
+        if let Ok(real) = base.canonicalize() {
+            return missing.iter().rev().fold(real, |p, c| p.join(c));
+        }
+        match (base.parent(), base.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_os_string());
+                base = parent;
+            }
+            _ => return lexical,
+        }
+    }
+}
+
 /// What names a cache in `$GITHUB_OUTPUT` (`cache-hit-NAME`): its key, or for a key with
 /// `{hashFiles:…}` (whose digest a workflow cannot know in advance) the key as written without
 /// the placeholders and the separators they leave at its end (`npm-{hashFiles:…}` → `npm`).
@@ -221,19 +313,8 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
             dir: dir.clone(),
         });
     }
+    check_paths(&written)?;
     let engine = g.engine(&bars)?;
-    let mut seen = HashMap::new();
-    for c in &written {
-        if let Some(other) = seen.insert(c.key.clone(), c.dir.clone()) {
-            return Err(Error::Lock(format!(
-                "cache {} is given twice ({} and {})",
-                c.key,
-                other.display(),
-                c.dir.display()
-            ))
-            .into());
-        }
-    }
     // A cache never fails a build: a key that cannot be a cache key (a branch name with '/')
     // leaves its directory uncached, and the command runs.
     let mut caches = Vec::new();
