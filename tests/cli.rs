@@ -41,11 +41,24 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-fn json(out: &Output) -> Vec<serde_json::Value> {
+/// Every JSON line of stdout as it is.
+fn json_lines(out: &Output) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| l.starts_with('{'))
         .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The reports of stdout's JSON lines: a result's fields (under the command's name), or a
+/// failure whole (tests/cli_json.rs checks the envelope).
+fn json(out: &Output) -> Vec<serde_json::Value> {
+    json_lines(out)
+        .into_iter()
+        .map(|v| match v["command"].as_str() {
+            Some(c) if v["ok"] == true => v[c].clone(),
+            _ => v,
+        })
         .collect()
 }
 
@@ -614,10 +627,11 @@ fn json_reports_share_one_shape() {
         (vec!["--json", "show", "nope"], "show"),
     ] {
         let out = env.run(&args);
-        let lines = json(&out);
+        let lines = json_lines(&out);
         assert_eq!(lines.len(), 1, "{args:?}: {out:?}");
         assert_eq!(lines[0]["command"], command, "{args:?}");
         assert_eq!(lines[0]["version"], 1, "{args:?}");
+        assert_eq!(lines[0]["ok"], out.status.success(), "{args:?}");
     }
     let show = json(&env.run(&["--json", "show", "k"])).remove(0);
     assert_eq!(show["generation"]["totals"]["files"], 1);
@@ -682,7 +696,11 @@ fn restore_reports_the_hit_level_and_writes_github_output() {
     // --fail-on-miss: exit 3 on a miss only.
     let (out, _) = restore("pip", &["--fail-on-miss"]);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
-    assert_eq!(json(&out)[0]["hit"], "miss");
+    let r = json(&out).remove(0);
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["error"]["kind"], "miss", "{r}");
+    assert_eq!(r["restore"]["hit"], "miss", "{r}");
+    assert!(r["restore"].get("lookup_only").is_none(), "{r}");
     let (out, d) = restore("npm-feature", &["--fail-on-miss"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(d.join("a").exists());
@@ -768,9 +786,9 @@ fn run_json_keeps_stdout_parseable() {
         .collect();
     assert!(lines
         .iter()
-        .all(|l| l["command"] == "run" && l["version"] == 1));
-    assert_eq!(lines[0]["hit"], "miss");
-    assert_eq!(lines.last().unwrap()["exit_code"], 0);
+        .all(|l| l["command"] == "run" && l["version"] == 1 && l["ok"] == true));
+    assert_eq!(lines[0]["run"]["hit"], "miss");
+    assert_eq!(lines.last().unwrap()["run"]["exit_code"], 0);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("hello from the command"), "{stderr}");
     assert!(stderr.contains("and its stderr"), "{stderr}");
@@ -1149,9 +1167,12 @@ fn bench_node_measures_a_fresh_node_against_extract_and_leaves_no_mount() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert_eq!(
+        json_lines(&out).last().expect("a JSON line")["command"],
+        "bench"
+    );
     let lines = json(&out);
     let report = lines.last().expect("a JSON line");
-    assert_eq!(report["command"], "bench");
     let row = &report["trees"][0];
     assert_eq!(row["files"], 40);
     for field in [

@@ -357,7 +357,10 @@ pub fn main() -> i32 {
     if let Some(code) = bench::child_main() {
         return code;
     }
-    let cli = parse();
+    let cli = match parse() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     let (format, bad_format) = match &cli.command {
         Command::Controller(a) => (a.cluster.log_format, None),
         Command::Node(a) => (a.cluster.log_format, None),
@@ -383,8 +386,9 @@ pub fn main() -> i32 {
     }
 }
 
-/// The command line, with the options only the CLI commands use hidden from the daemons' help.
-fn parse() -> Cli {
+/// The command line, with the options only the CLI commands use hidden from the daemons' help;
+/// or, when it is wrong, the exit status after saying so.
+fn parse() -> Result<Cli, i32> {
     use clap::{CommandFactory, FromArgMatches};
     let mut cmd = Cli::command();
     // Propagates the global options into every subcommand, so they can be hidden in some.
@@ -399,7 +403,47 @@ fn parse() -> Cli {
             })
         });
     }
-    Cli::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit())
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .collect();
+    cmd.try_get_matches_from(&args)
+        .and_then(|m| Cli::from_arg_matches(&m))
+        .map_err(|e| usage_error(e, &args, &names))
+}
+
+/// A command line clap refused: its text on stderr as clap prints it, and with `--json` the
+/// failure report on stdout too (a script reading stdout learns it as of any other failure).
+/// `--help` and `--version` stay text.
+fn usage_error(e: clap::Error, args: &[std::ffi::OsString], commands: &[String]) -> i32 {
+    use clap::error::ErrorKind;
+    // Before "--", which starts run's command (whose own --json is not ours).
+    let ours = args
+        .iter()
+        .skip(1)
+        .take_while(|a| *a != "--")
+        .filter_map(|a| a.to_str());
+    let json = ours.clone().any(|a| a == "--json");
+    let code = e.exit_code();
+    if !json || matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        e.exit()
+    }
+    let command = ours.clone().find(|a| commands.iter().any(|c| c == a));
+    let message = if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        "a command is required (cachevol --help lists them)".to_string()
+    } else {
+        // clap's first paragraph, without its "error: " and the usage and --help tips after it.
+        let text = e.render().to_string();
+        let first = text.split("\n\n").next().unwrap_or_default();
+        first.trim().trim_start_matches("error: ").to_string()
+    };
+    let _ = e.print();
+    output::say(format_args!(
+        "{}",
+        output::json_failure(command, code, failure::kind_of(code), &message, None)
+    ));
+    code
 }
 
 /// Global options that `node` and `controller` ignore (they serve volumes of any scope and
@@ -451,8 +495,15 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Failure> {
                 ),
             ]);
             bars.cache(&key);
-            let miss = source == engine::RestoreSource::Miss;
-            if hit.lookup_only || (miss && hit.fail_on_miss) {
+            if source == engine::RestoreSource::Miss && hit.fail_on_miss {
+                if !out.json() {
+                    out.lookup(&key, &restore_keys, &source);
+                }
+                let e = Failure::Miss(format!("{key}: cache miss (--fail-on-miss)"));
+                out.error_with(&e, Some(output::found(&key, &source)));
+                return Ok(e.exit_code());
+            }
+            if hit.lookup_only {
                 out.lookup(&key, &restore_keys, &source);
             } else if image {
                 let opts = engine::ImageOptions {
@@ -464,10 +515,6 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Failure> {
             } else {
                 let report = engine.restore_source(source, &dir).await?;
                 out.restore(&key, &restore_keys, &report);
-            }
-            if miss && hit.fail_on_miss {
-                output::errln!("cachevol: error: {key}: cache miss (--fail-on-miss)");
-                return Ok(exit::NOT_FOUND);
             }
             Ok(exit::OK)
         }
@@ -532,11 +579,10 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Failure> {
         }
         Command::Wipe { key, yes } => {
             if !yes {
-                output::errln!(
-                    "cachevol wipe: deletes every generation of {key:?} in scope {:?}; run again with --yes",
+                return Err(Failure::Usage(format!(
+                    "wipe deletes every generation of {key:?} in scope {:?}; run again with --yes",
                     g.scope
-                );
-                return Ok(exit::USAGE);
+                )));
             }
             let engine = g.engine(&bars)?;
             let n = engine.wipe(&key).await?;

@@ -13,9 +13,33 @@ use crate::engine::{
     RestoreReport, RestoreSource,
 };
 
-/// Version of the JSON reports: every line `--json` prints is an object with `"command"` (the
-/// subcommand that printed it) and this `"version"`, besides its own fields.
+/// Version of the JSON reports. Every line `--json` prints is one object: a result,
+/// `{"version":1,"command":C,"ok":true,C:{…}}` with the command's own fields under its name,
+/// or a failure, `{"version":1,"command":C,"ok":false,"exit_code":N,"error":{"kind":…,
+/// "message":…}}` (the kinds: `failure::Failure::kind`), N being the process's exit status.
 pub const JSON_VERSION: u32 = 1;
+
+/// A failure report (see `JSON_VERSION`); `command` is None when the command line named none.
+/// `context`, when there is one, goes under the command's name as a result's fields do.
+pub fn json_failure(
+    command: Option<&str>,
+    exit_code: i32,
+    kind: &str,
+    message: &str,
+    context: Option<serde_json::Value>,
+) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "version": JSON_VERSION,
+        "command": command,
+        "ok": false,
+        "exit_code": exit_code,
+        "error": {"kind": kind, "message": message},
+    });
+    if let (Some(c), Some(ctx)) = (command, context) {
+        v[c] = ctx;
+    }
+    v
+}
 
 /// Writes one line to stdout. A reader that went away (`cachevol show npm | head -3`) ends the
 /// process quietly with status 0: there is no one left to tell, and a panic (exit 101) would
@@ -45,7 +69,6 @@ macro_rules! outln {
 macro_rules! errln {
     ($($t:tt)*) => { $crate::cli::output::say_err(format_args!($($t)*)) };
 }
-pub(crate) use errln;
 
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -123,6 +146,17 @@ fn hit_fields(key: &str, source: &RestoreSource) -> serde_json::Value {
     })
 }
 
+/// What a lookup found, for a report: the hit fields and the generation, if any.
+pub fn found(key: &str, source: &RestoreSource) -> serde_json::Value {
+    let mut v = hit_fields(key, source);
+    if let RestoreSource::Key { generation, .. } | RestoreSource::RestoreKey { generation, .. } =
+        source
+    {
+        v["generation"] = (*generation).into();
+    }
+    v
+}
+
 /// The second line of a restore's text: actions/cache's outputs as `name=value`, for scripts
 /// of other CI systems to read (the matched key is empty on a miss).
 fn keys_text(key: &str, source: &RestoreSource) -> String {
@@ -174,13 +208,14 @@ impl Out {
         self.json
     }
 
-    /// `value` as one JSON line with the common fields `command` and `version`.
-    pub fn json_line<T: Serialize>(&self, value: &T) {
-        let mut v = serde_json::to_value(value).expect("reports serialize");
-        if let Some(map) = v.as_object_mut() {
-            map.insert("command".into(), self.command.into());
-            map.insert("version".into(), JSON_VERSION.into());
-        }
+    /// A result: `value` under the command's name (see `JSON_VERSION`).
+    pub fn json_ok<T: Serialize>(&self, value: &T) {
+        let mut v = serde_json::json!({
+            "version": JSON_VERSION,
+            "command": self.command,
+            "ok": true,
+        });
+        v[self.command] = serde_json::to_value(value).expect("reports serialize");
         outln!("{v}");
     }
 
@@ -196,7 +231,7 @@ impl Out {
     /// A text line on stdout, or the value as JSON.
     pub fn line<T: Serialize>(&self, text: &str, value: &T) {
         if self.json {
-            self.json_line(value);
+            self.json_ok(value);
         } else if !self.quiet {
             outln!("{text}");
         }
@@ -209,17 +244,47 @@ impl Out {
         }
     }
 
+    /// A warning on stderr, and with `--json` a result saying it (`{"warning":{"kind",
+    /// "message"}}`), so a script sees what a cache did not do without reading stderr.
     pub fn warn(&self, text: &str) {
-        errln!("cachevol: warning: {text}");
+        self.warn_about(None, "warning", text);
     }
 
-    pub fn error(&self, e: &Failure) {
+    /// A warning about one cache: `key` beside the warning in JSON.
+    pub fn warn_about(&self, key: Option<&str>, kind: &str, text: &str) {
+        errln!("cachevol: warning: {text}");
         if self.json {
-            self.json_line(
-                &serde_json::json!({"error": e.to_string(), "exit_code": e.exit_code()}),
-            );
+            let mut v = serde_json::json!({"warning": {"kind": kind, "message": text}});
+            if let Some(k) = key {
+                v["key"] = k.into();
+            }
+            self.json_ok(&v);
         }
+    }
+
+    /// A failure: its message on stderr, and with `--json` its report on stdout.
+    pub fn error(&self, e: &Failure) {
+        self.error_with(e, None);
+    }
+
+    /// A failure with the command's fields beside it (a miss says what was looked up).
+    pub fn error_with(&self, e: &Failure, context: Option<serde_json::Value>) {
+        self.json_failure(e.exit_code(), e.kind(), &e.to_string(), context);
         errln!("cachevol: error: {e}");
+    }
+
+    /// With `--json`, a failure report alone (its text, if any, is the caller's).
+    pub fn json_failure(
+        &self,
+        exit_code: i32,
+        kind: &str,
+        message: &str,
+        context: Option<serde_json::Value>,
+    ) {
+        if self.json {
+            let v = json_failure(Some(self.command), exit_code, kind, message, context);
+            outln!("{v}");
+        }
     }
 
     pub fn restore(&self, key: &str, restore_keys: &[String], r: &RestoreReport) {
@@ -281,13 +346,8 @@ impl Out {
                 from(source, restore_keys)
             ),
         };
-        let mut v = hit_fields(key, source);
+        let mut v = found(key, source);
         v["lookup_only"] = true.into();
-        if let RestoreSource::Key { generation, .. }
-        | RestoreSource::RestoreKey { generation, .. } = source
-        {
-            v["generation"] = (*generation).into();
-        }
         self.line(&(text + &keys_text(key, source)), &v);
     }
 

@@ -118,7 +118,11 @@ fn restore_keys_for(
         let k = files.expand(k)?;
         match names::key(&k) {
             Ok(k) => keys.push(k.to_string()),
-            Err(e) => out.warn(&format!("{}: restore key ignored: {e}", cache.key)),
+            Err(e) => out.warn_about(
+                Some(&cache.key),
+                "restore_key_ignored",
+                &format!("{}: restore key ignored: {e}", cache.key),
+            ),
         }
     }
     Ok(keys)
@@ -327,10 +331,14 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
                 output_names.push(output_name(&c));
                 caches.push((c.key, c.dir));
             }
-            Err(e) => out.warn(&format!(
-                "{e}: {} is neither restored nor committed; the command runs without this cache",
-                c.dir.display()
-            )),
+            Err(e) => out.warn_about(
+                Some(&c.key),
+                "invalid_key",
+                &format!(
+                    "{e}: {} is neither restored nor committed; the command runs without this cache",
+                    c.dir.display()
+                ),
+            ),
         }
     }
 
@@ -353,10 +361,14 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
             match engine.resolve(key, &restore_keys).await {
                 Ok(s) => Some(s),
                 Err(e) => {
-                    out.warn(&format!(
-                        "{key}: restore failed, running with what {} holds: {e}",
-                        dir.display()
-                    ));
+                    out.warn_about(
+                        Some(key),
+                        "restore_failed",
+                        &format!(
+                            "{key}: restore failed, running with what {} holds: {e}",
+                            dir.display()
+                        ),
+                    );
                     None
                 }
             }
@@ -396,18 +408,19 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
     let fail = args.hit.fail_on_miss && !missed.is_empty();
     if args.hit.lookup_only || fail {
         for ((key, _), (restore_keys, s)) in caches.iter().zip(&found) {
-            out.lookup(
-                key,
-                restore_keys,
-                s.as_ref().unwrap_or(&RestoreSource::Miss),
-            );
+            let s = s.as_ref().unwrap_or(&RestoreSource::Miss);
+            if fail && out.json() {
+                // What was found, not what "would be restored": nothing will be.
+                out.line("", &output::found(key, s));
+            } else {
+                out.lookup(key, restore_keys, s);
+            }
         }
         if fail {
-            output::errln!(
-                "cachevol: error: cache miss for {} (--fail-on-miss): the command was not run",
+            return Err(Failure::Miss(format!(
+                "cache miss for {} (--fail-on-miss): the command was not run",
                 missed.join(", ")
-            );
-            return Ok(exit::NOT_FOUND);
+            )));
         }
         return Ok(exit::OK);
     }
@@ -427,10 +440,14 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
         match engine.restore_source(source, dir).await {
             Ok(r) => out.restore(key, &restore_keys, &r),
             Err(e) => {
-                out.warn(&format!(
-                    "{key}: restore failed, running with what {} holds: {e}",
-                    dir.display()
-                ));
+                out.warn_about(
+                    Some(key),
+                    "restore_failed",
+                    &format!(
+                        "{key}: restore failed, running with what {} holds: {e}",
+                        dir.display()
+                    ),
+                );
                 engine.forget(dir);
             }
         }
@@ -438,7 +455,11 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
 
     let status = run_command(&args.command, out).await;
     let (code, terminated) = status.unwrap_or_else(|e| {
-        out.warn(&format!("could not run {:?}: {e}", args.command[0]));
+        out.warn_about(
+            None,
+            "command_not_started",
+            &format!("could not run {:?}: {e}", args.command[0]),
+        );
         (127, false)
     });
 
@@ -482,7 +503,11 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
             continue;
         }
         if let Err(e) = marked {
-            out.warn(&format!("{key}: commit failed: {e}"));
+            out.warn_about(
+                Some(key),
+                "commit_failed",
+                &format!("{key}: commit failed: {e}"),
+            );
             continue;
         }
         bars.cache(key);
@@ -495,7 +520,11 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
                 out.error(&e);
                 cancelled = Some(e.exit_code());
             }
-            Err(e) => out.warn(&format!("{key}: commit failed: {e}")),
+            Err(e) => out.warn_about(
+                Some(key),
+                "commit_failed",
+                &format!("{key}: commit failed: {e}"),
+            ),
         }
     }
     drop(stop);
@@ -505,10 +534,25 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
         (None, true) => 128 + libc::SIGTERM,
         (None, false) => code,
     };
-    if out.json() {
-        out.json_line(&serde_json::json!({"exit_code": code, "cache_hit": all_hit}));
+    // The run's own report: a failure when its status is one, saying whose.
+    let summary = serde_json::json!({"exit_code": code, "cache_hit": all_hit});
+    if code == exit::OK {
+        out.line("", &summary);
+    } else {
+        let (kind, why) = match (cancelled, terminated) {
+            (Some(_), _) => (
+                "cancelled",
+                "the commits were cancelled: nothing was committed".to_string(),
+            ),
+            (None, true) => (
+                "cancelled",
+                "cachevol got SIGTERM while the command ran: nothing was committed".to_string(),
+            ),
+            (None, false) => ("command_failed", format!("the command exited {code}")),
+        };
+        out.json_failure(code, kind, &why, Some(summary));
     }
-    Ok(if code == exit::OK { exit::OK } else { code })
+    Ok(code)
 }
 
 /// Removes the commit marker from a cache directory, if there is one.
