@@ -1462,3 +1462,81 @@ fn caches_that_share_a_directory_are_refused_before_anything_is_restored() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(ran.exists() && npm.join("a").exists());
 }
+
+// A miss says what it looked for (the key and the restore keys tried), and "starting empty"
+// only when the directory is empty; a directory with files of its own is "kept as it was".
+// One generation is "1 generation".
+#[test]
+fn a_miss_names_what_it_tried_and_what_the_directory_holds() {
+    let env = Env::new();
+    let out = env.run(&[
+        "restore",
+        "npm-feature",
+        s(&env.dir("new")),
+        "--restore-key",
+        "npm-main",
+        "--restore-key",
+        "npm-",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            "npm-feature: no snapshot of npm-feature or restore keys npm-main, npm- yet; starting empty"
+        ),
+        "{text}"
+    );
+    let full = env.dir("full");
+    std::fs::create_dir_all(&full).unwrap();
+    std::fs::write(full.join("mine"), "not cachevol's").unwrap();
+    let out = env.run(&["restore", "pip", s(&full)]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "pip: no snapshot of pip yet; {} is kept as it was",
+            s(&full)
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("starting empty"), "{text}");
+    assert!(full.join("mine").exists());
+    let out = env.run(&[
+        "restore",
+        "pip",
+        s(&full),
+        "--fail-on-miss",
+        "--restore-key",
+        "pip-",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no snapshot of pip or restore key pip-"),
+        "{out:?}"
+    );
+    let out = env.run(&[
+        "--json",
+        "restore",
+        "pip",
+        s(&full),
+        "--restore-key",
+        "pip-",
+    ]);
+    assert_eq!(json(&out)[0]["restore_keys"], serde_json::json!(["pip-"]));
+
+    // Singular and plural.
+    let full = env.dir("other");
+    std::fs::create_dir_all(&full).unwrap();
+    std::fs::write(full.join("f"), "f").unwrap();
+    assert!(env.run(&["commit", "one", s(&full)]).status.success());
+    let out = env.run(&["wipe", "one", "--yes"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("one: 1 generation deleted"), "{out:?}");
+    assert!(env.run(&["commit", "two", s(&full)]).status.success());
+    std::fs::write(full.join("more"), "x").unwrap();
+    assert!(env.run(&["commit", "two", s(&full)]).status.success());
+    let out = env.run(&["wipe", "two", "--yes"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("two: 2 generations deleted"),
+        "{out:?}"
+    );
+}

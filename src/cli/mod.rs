@@ -499,8 +499,11 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Failure> {
                 if !out.json() {
                     out.lookup(&key, &restore_keys, &source);
                 }
-                let e = Failure::Miss(format!("{key}: cache miss (--fail-on-miss)"));
-                out.error_with(&e, Some(output::found(&key, &source)));
+                let e = Failure::Miss(format!(
+                    "{key}: cache miss (--fail-on-miss): no snapshot of {}",
+                    output::tried(&key, &restore_keys)
+                ));
+                out.error_with(&e, Some(output::found(&key, &restore_keys, &source)));
                 return Ok(e.exit_code());
             }
             if hit.lookup_only {
@@ -514,7 +517,7 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Failure> {
                 out.image(&key, &restore_keys, &dir, &report);
             } else {
                 let report = engine.restore_source(source, &dir).await?;
-                out.restore(&key, &restore_keys, &report);
+                out.restore(&key, &restore_keys, &dir, &report);
             }
             Ok(exit::OK)
         }
@@ -587,7 +590,10 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Failure> {
             let engine = g.engine(&bars)?;
             let n = engine.wipe(&key).await?;
             out.line(
-                &format!("{key}: {n} generations deleted; `cachevol gc` deletes their packs after the grace period"),
+                &format!(
+                    "{key}: {} deleted; `cachevol gc` deletes their packs after the grace period",
+                    output::generations(n as u64)
+                ),
                 &serde_json::json!({"key": key, "generations_deleted": n}),
             );
             Ok(exit::OK)

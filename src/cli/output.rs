@@ -135,9 +135,10 @@ pub fn matched_key(source: &RestoreSource) -> Option<&str> {
 /// itself, as actions/cache's `cache-hit`) and `matched_key`; and actions/cache's other two
 /// outputs under their names, `cache_primary_key` (the key, `{hashFiles:…}` expanded) and
 /// `cache_matched_key` (null on a miss).
-fn hit_fields(key: &str, source: &RestoreSource) -> serde_json::Value {
+fn hit_fields(key: &str, restore_keys: &[String], source: &RestoreSource) -> serde_json::Value {
     serde_json::json!({
         "key": key,
+        "restore_keys": restore_keys,
         "hit": hit_level(source),
         "cache_hit": matches!(source, RestoreSource::Key { .. }),
         "matched_key": matched_key(source),
@@ -147,8 +148,8 @@ fn hit_fields(key: &str, source: &RestoreSource) -> serde_json::Value {
 }
 
 /// What a lookup found, for a report: the hit fields and the generation, if any.
-pub fn found(key: &str, source: &RestoreSource) -> serde_json::Value {
-    let mut v = hit_fields(key, source);
+pub fn found(key: &str, restore_keys: &[String], source: &RestoreSource) -> serde_json::Value {
+    let mut v = hit_fields(key, restore_keys, source);
     if let RestoreSource::Key { generation, .. } | RestoreSource::RestoreKey { generation, .. } =
         source
     {
@@ -164,6 +165,24 @@ fn keys_text(key: &str, source: &RestoreSource) -> String {
         "\n  cache-primary-key={key} cache-matched-key={}",
         matched_key(source).unwrap_or("")
     )
+}
+
+/// What a miss looked for: "npm", "npm or restore keys npm-main, npm-".
+pub fn tried(key: &str, restore_keys: &[String]) -> String {
+    match restore_keys {
+        [] => key.to_string(),
+        [one] => format!("{key} or restore key {one}"),
+        more => format!("{key} or restore keys {}", more.join(", ")),
+    }
+}
+
+/// "1 generation", "2 generations".
+pub fn generations(n: u64) -> String {
+    if n == 1 {
+        "1 generation".into()
+    } else {
+        format!("{n} generations")
+    }
 }
 
 /// " (fallback from restore key K)", or "(... matched by prefix P)" for a prefix match.
@@ -287,9 +306,28 @@ impl Out {
         }
     }
 
-    pub fn restore(&self, key: &str, restore_keys: &[String], r: &RestoreReport) {
+    /// A restore into `dir`. A miss leaves in the directory what cachevol did not put there,
+    /// so it says "starting empty" only when nothing is left.
+    pub fn restore(
+        &self,
+        key: &str,
+        restore_keys: &[String],
+        dir: &std::path::Path,
+        r: &RestoreReport,
+    ) {
         let text = match &r.source {
-            RestoreSource::Miss => format!("{key}: no snapshot yet, starting empty"),
+            RestoreSource::Miss => {
+                let empty = std::fs::read_dir(dir).map_or(true, |mut d| d.next().is_none());
+                format!(
+                    "{key}: no snapshot of {} yet; {}",
+                    tried(key, restore_keys),
+                    if empty {
+                        "starting empty".to_string()
+                    } else {
+                        format!("{} is kept as it was", dir.display())
+                    }
+                )
+            }
             RestoreSource::Key { generation, .. }
             | RestoreSource::RestoreKey { generation, .. } => format!(
                 "{key}: restored generation {generation}{}: {}, {} in {:.2}s ({} fetched)",
@@ -300,7 +338,7 @@ impl Out {
                 human_bytes(r.downloaded)
             ),
         };
-        let mut v = hit_fields(key, &r.source);
+        let mut v = hit_fields(key, restore_keys, &r.source);
         v["restore"] = serde_json::json!(r);
         self.line(&(text + &keys_text(key, &r.source)), &v);
     }
@@ -330,7 +368,7 @@ impl Out {
                 human_bytes(r.downloaded)
             ),
         };
-        let mut v = hit_fields(key, &r.source);
+        let mut v = hit_fields(key, restore_keys, &r.source);
         v["image"] = serde_json::json!(r);
         self.line(&(text + &keys_text(key, &r.source)), &v);
     }
@@ -338,7 +376,10 @@ impl Out {
     /// What a restore would bring (`--lookup-only`): nothing is written.
     pub fn lookup(&self, key: &str, restore_keys: &[String], source: &RestoreSource) {
         let text = match source {
-            RestoreSource::Miss => format!("{key}: miss: no snapshot of the key or its restore keys; nothing would be restored"),
+            RestoreSource::Miss => format!(
+                "{key}: miss: no snapshot of {}; nothing would be restored",
+                tried(key, restore_keys)
+            ),
             RestoreSource::Key { generation, .. }
             | RestoreSource::RestoreKey { generation, .. } => format!(
                 "{key}: {}: would restore generation {generation}{}",
@@ -346,7 +387,7 @@ impl Out {
                 from(source, restore_keys)
             ),
         };
-        let mut v = found(key, source);
+        let mut v = found(key, restore_keys, source);
         v["lookup_only"] = true.into();
         self.line(&(text + &keys_text(key, source)), &v);
     }
@@ -464,8 +505,8 @@ impl Out {
     pub fn gc(&self, scope: &str, r: &GcReport) {
         let verb = if r.dry_run { "would delete" } else { "deleted" };
         let mut text = format!(
-            "scope {scope}: {verb} {} generations and {} packs ({}); kept {} packs ({}); {} young packs left for later",
-            r.generations_deleted,
+            "scope {scope}: {verb} {} and {} packs ({}); kept {} packs ({}); {} young packs left for later",
+            generations(r.generations_deleted as u64),
             r.packs_deleted,
             human_bytes(r.bytes_freed),
             r.packs_kept,

@@ -411,7 +411,7 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
             let s = s.as_ref().unwrap_or(&RestoreSource::Miss);
             if fail && out.json() {
                 // What was found, not what "would be restored": nothing will be.
-                out.line("", &output::found(key, s));
+                out.line("", &output::found(key, restore_keys, s));
             } else {
                 out.lookup(key, restore_keys, s);
             }
@@ -438,7 +438,7 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
         };
         bars.cache(key);
         match engine.restore_source(source, dir).await {
-            Ok(r) => out.restore(key, &restore_keys, &r),
+            Ok(r) => out.restore(key, &restore_keys, dir, &r),
             Err(e) => {
                 out.warn_about(
                     Some(key),
