@@ -1359,19 +1359,39 @@ fn restore_and_run_report_the_primary_and_the_matched_key() {
         assert_eq!(r["cache_matched_key"], want, "{r}");
     }
 
-    // run: one cache whose key comes from a file; the outputs name the expanded key, and the
-    // per-cache ones the key as written without its placeholder.
-    assert!(env
+    // A cache's own files never key it: a root that is the cache itself hashes nothing.
+    let refused = env
         .cmd()
         .args(["commit", "go-{hashFiles:go.sum}", s(&src)])
         .current_dir(&src)
-        .status()
-        .unwrap()
-        .success());
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("outside the caches' own directories"),
+        "{refused:?}"
+    );
+    // run: one cache whose key comes from a file; the outputs name the expanded key, and the
+    // per-cache ones the key as written without its placeholder.
+    let lock = env.dir("lock");
+    std::fs::create_dir_all(&lock).unwrap();
+    std::fs::write(lock.join("go.sum"), "sum").unwrap();
+    let out = env
+        .cmd()
+        .args([
+            "commit",
+            "--files-root",
+            s(&lock),
+            "go-{hashFiles:go.sum}",
+            s(&src),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
     let _ = std::fs::remove_file(&gh);
     let out = env
         .cmd()
-        .args(["--json", "run", "--files-root", s(&src), "--cache"])
+        .args(["--json", "run", "--files-root", s(&lock), "--cache"])
         .arg(format!("go-{{hashFiles:go.sum}}={}", s(&env.dir("go"))))
         .args(["--", "true"])
         .env("GITHUB_OUTPUT", &gh)
@@ -1538,5 +1558,41 @@ fn a_miss_names_what_it_tried_and_what_the_directory_holds() {
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("two: 2 generations deleted"),
         "{out:?}"
+    );
+}
+
+// A warm runner computes the key a fresh one did: the cache's own directory (node_modules,
+// restored with its packages' lock files) is not hashed, so the second run hits the key the
+// first one committed.
+#[test]
+fn a_keys_files_never_include_its_caches_own_directory() {
+    let env = Env::new();
+    let app = env.dir("app");
+    std::fs::create_dir_all(&app).unwrap();
+    std::fs::write(app.join("package-lock.json"), "lock").unwrap();
+    let run = || {
+        env.cmd()
+            .args(["--json", "run", "--cache"])
+            .arg("npm-{hashFiles:**/package-lock.json}=node_modules")
+            .args([
+                "--",
+                "sh",
+                "-c",
+                "mkdir -p node_modules/p && echo own > node_modules/p/package-lock.json",
+            ])
+            .current_dir(&app)
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    assert_eq!(first.status.code(), Some(0), "{first:?}");
+    assert_eq!(json(&first)[0]["hit"], "miss");
+    assert!(app.join("node_modules/p/package-lock.json").exists());
+    let second = run();
+    assert_eq!(second.status.code(), Some(0), "{second:?}");
+    assert_eq!(json(&second)[0]["hit"], "key", "{second:?}");
+    assert_eq!(
+        json(&first)[0]["cache_primary_key"],
+        json(&second)[0]["cache_primary_key"]
     );
 }

@@ -236,14 +236,15 @@ pub struct FilesRoot {
 }
 
 impl FilesRoot {
-    /// `key` with its `{hashFiles:…}` replaced by their digests.
-    pub fn expand(&self, key: &str) -> Result<String, Failure> {
+    /// `key` with its `{hashFiles:…}` replaced by their digests, the command's cache
+    /// directories `caches` not hashed.
+    pub fn expand(&self, key: &str, caches: &[&Path]) -> Result<String, Failure> {
         match &self.files_root {
-            Some(root) => keys::expand(key, root),
+            Some(root) => keys::expand(key, root, caches),
             None => {
                 let cwd = std::env::current_dir()
                     .map_err(engine::io("read the working directory", Path::new(".")))?;
-                keys::expand(key, &cwd)
+                keys::expand(key, &cwd, caches)
             }
         }
     }
@@ -472,10 +473,10 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Failure> {
             image,
             image_group,
         } => {
-            let key = files.expand(&key)?;
+            let key = files.expand(&key, &[&dir])?;
             let restore_keys = restore_keys
                 .iter()
-                .map(|k| files.expand(k))
+                .map(|k| files.expand(k, &[&dir]))
                 .collect::<Result<Vec<_>, _>>()?;
             let engine = g.engine(&bars)?;
             engine::names::key(&key)?;
@@ -527,7 +528,7 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Failure> {
             opts,
             files,
         } => {
-            let key = files.expand(&key)?;
+            let key = files.expand(&key, &[&dir])?;
             // SIGINT or SIGTERM cancel the commit (Error::Cancelled: exit 130 or 143, nothing
             // committed) unless it already created its generation, which is then reported.
             let stop = signals::Stop::watch(out);

@@ -106,6 +106,7 @@ fn restore_keys_for(
     cache: &Cache,
     all: &[String],
     files: &FilesRoot,
+    dirs: &[&Path],
     out: &Out,
 ) -> Result<Vec<String>, Failure> {
     let mut keys = Vec::new();
@@ -115,7 +116,7 @@ fn restore_keys_for(
             Some(_) => continue,
             None => rk.as_str(),
         };
-        let k = files.expand(k)?;
+        let k = files.expand(k, dirs)?;
         match names::key(&k) {
             Ok(k) => keys.push(k.to_string()),
             Err(e) => out.warn_about(
@@ -309,11 +310,12 @@ impl KeyLock {
 
 pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Result<i32, Failure> {
     // Keys first: a {hashFiles:…} that matches nothing is a usage error before anything else.
+    let dirs: Vec<&Path> = args.caches.iter().map(|(_, d)| d.as_path()).collect();
     let mut written = Vec::new();
     for (key, dir) in &args.caches {
         written.push(Cache {
             written: key.clone(),
-            key: args.files.expand(key)?,
+            key: args.files.expand(key, &dirs)?,
             dir: dir.clone(),
         });
     }
@@ -327,7 +329,13 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
     for c in written {
         match names::key(&c.key) {
             Ok(_) => {
-                restore_keys.push(restore_keys_for(&c, &args.restore_keys, &args.files, out)?);
+                restore_keys.push(restore_keys_for(
+                    &c,
+                    &args.restore_keys,
+                    &args.files,
+                    &dirs,
+                    out,
+                )?);
                 output_names.push(output_name(&c));
                 caches.push((c.key, c.dir));
             }
