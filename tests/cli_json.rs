@@ -372,3 +372,34 @@ fn usage_errors_are_json_but_help_and_version_stay_text() {
         );
     }
 }
+
+// A warning is a result of its own in JSON, as on stderr: here $GITHUB_OUTPUT that cannot be
+// written, which never fails the restore.
+#[test]
+fn warnings_are_results_too() {
+    let env = Env::new();
+    let out = Command::new(env!("CARGO_BIN_EXE_cachevol"))
+        .arg("--store")
+        .arg(format!("file://{}", env.root.join("store").display()))
+        .arg("--state-dir")
+        .arg(env.root.join("state"))
+        .args(["--json", "restore", "k", s(&env.dir("r"))])
+        .env("GITHUB_OUTPUT", env.dir("no/such/dir/out"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let lines = reports(&out, "restore");
+    assert_eq!(lines.len(), 2, "the warning, then the restore: {lines:?}");
+    let w = &lines[0]["restore"]["warning"];
+    assert_eq!(w["kind"], "github_output", "{w}");
+    assert!(
+        w["message"].as_str().unwrap().contains("GITHUB_OUTPUT"),
+        "{w}"
+    );
+    assert_eq!(lines[1]["restore"]["hit"], "miss");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cachevol: warning: could not write GITHUB_OUTPUT"),
+        "{stderr}"
+    );
+}

@@ -484,17 +484,20 @@ async fn dispatch(cli: Cli, out: &Out) -> Result<i32, Failure> {
                 engine::names::key(k)?;
             }
             let source = engine.resolve(&key, &restore_keys).await?;
-            output::github_output(&[
-                (
-                    "cache-hit".into(),
-                    matches!(source, engine::RestoreSource::Key { .. }).to_string(),
-                ),
-                ("cache-primary-key".into(), key.clone()),
-                (
-                    "cache-matched-key".into(),
-                    output::matched_key(&source).unwrap_or("").into(),
-                ),
-            ]);
+            output::github_output(
+                out,
+                &[
+                    (
+                        "cache-hit".into(),
+                        matches!(source, engine::RestoreSource::Key { .. }).to_string(),
+                    ),
+                    ("cache-primary-key".into(), key.clone()),
+                    (
+                        "cache-matched-key".into(),
+                        output::matched_key(&source).unwrap_or("").into(),
+                    ),
+                ],
+            );
             bars.cache(&key);
             if source == engine::RestoreSource::Miss && hit.fail_on_miss {
                 if !out.json() {

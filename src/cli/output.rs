@@ -87,7 +87,7 @@ pub fn human_bytes(n: u64) -> String {
 
 /// Appends `name=value` lines to the file `$GITHUB_OUTPUT` names (GitHub Actions step outputs),
 /// when it is set; a file that cannot be written is a warning, never a failure.
-pub fn github_output(lines: &[(String, String)]) {
+pub fn github_output(out: &Out, lines: &[(String, String)]) {
     let Some(path) = std::env::var_os("GITHUB_OUTPUT").filter(|p| !p.is_empty()) else {
         return;
     };
@@ -98,9 +98,13 @@ pub fn github_output(lines: &[(String, String)]) {
         .open(&path)
         .and_then(|mut f| f.write_all(text.as_bytes()));
     if let Err(e) = res {
-        errln!(
-            "cachevol: warning: could not write GITHUB_OUTPUT {}: {e}",
-            std::path::Path::new(&path).display()
+        out.warn_about(
+            None,
+            "github_output",
+            &format!(
+                "could not write GITHUB_OUTPUT {}: {e}",
+                std::path::Path::new(&path).display()
+            ),
         );
     }
 }
@@ -353,7 +357,8 @@ impl Out {
     ) {
         let text = match &r.source {
             RestoreSource::Miss => format!(
-                "{key}: no snapshot yet: wrote an empty image to {}",
+                "{key}: no snapshot of {} yet: wrote an empty image to {}",
+                tried(key, restore_keys),
                 path.display()
             ),
             RestoreSource::Key { generation, .. }

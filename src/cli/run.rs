@@ -402,7 +402,7 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
         outputs.push((format!("cache-primary-key-{name}"), key.clone()));
         outputs.push((format!("cache-matched-key-{name}"), matched(s)));
     }
-    output::github_output(&outputs);
+    output::github_output(out, &outputs);
     let missed: Vec<&str> = caches
         .iter()
         .zip(&found)
