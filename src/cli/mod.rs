@@ -415,7 +415,7 @@ fn parse() -> Result<Cli, i32> {
 }
 
 /// A command line clap refused: its text on stderr as clap prints it, and with `--json` the
-/// failure report on stdout too (a script reading stdout learns it as of any other failure).
+/// failure report on stdout too (a script reading stdout learns of it as of any other failure).
 /// `--help` and `--version` stay text.
 fn usage_error(e: clap::Error, args: &[std::ffi::OsString], commands: &[String]) -> i32 {
     use clap::error::ErrorKind;

@@ -223,19 +223,25 @@ fn resolve(dir: &Path) -> PathBuf {
 
 /// What names a cache in `$GITHUB_OUTPUT` (`cache-hit-NAME`): its key, or for a key with
 /// `{hashFiles:…}` (whose digest a workflow cannot know in advance) the key as written without
-/// the placeholders and the separators they leave at its end (`npm-{hashFiles:…}` → `npm`).
+/// the placeholders and the separators they leave doubled or at its end (`npm-{hashFiles:…}`
+/// → `npm`).
 fn output_name(c: &Cache) -> String {
     if c.written == c.key {
         return c.key.clone();
     }
     let mut name = String::new();
     let mut rest = c.written.as_str();
+    let sep = |c: char| matches!(c, '-' | '_' | '.');
     while let Some(start) = rest.find("{hashFiles:") {
         name.push_str(&rest[..start]);
         rest = rest[start..].split_once('}').map_or("", |(_, r)| r);
+        // One separator where the placeholder stood between two: `go-{…}-linux` → `go-linux`.
+        if name.ends_with(sep) && rest.starts_with(sep) {
+            rest = &rest[1..];
+        }
     }
     name.push_str(rest);
-    let name = name.trim_end_matches(['-', '_', '.']);
+    let name = name.trim_end_matches(sep);
     if name.is_empty() {
         c.key.clone()
     } else {
@@ -630,4 +636,54 @@ fn shell_words(words: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(written: &str, key: &str) -> Cache {
+        Cache {
+            written: written.into(),
+            key: key.into(),
+            dir: PathBuf::from("/d"),
+        }
+    }
+
+    #[test]
+    fn output_names_drop_the_placeholders_a_workflow_cannot_know() {
+        assert_eq!(output_name(&cache("npm", "npm")), "npm");
+        let d = "0123456789abcdef0123456789abcdef";
+        for (written, name) in [
+            ("npm-{hashFiles:**/package-lock.json}", "npm"),
+            ("go-{hashFiles:go.sum}-linux", "go-linux"),
+            ("{hashFiles:Cargo.lock}", d),
+        ] {
+            assert_eq!(output_name(&cache(written, d)), name, "{written}");
+        }
+    }
+
+    #[test]
+    fn a_restore_key_for_one_cache_splits_outside_the_globs() {
+        assert_eq!(
+            split_outside_braces("npm=npm-main"),
+            Some(("npm", "npm-main"))
+        );
+        assert_eq!(split_outside_braces("npm-main"), None);
+        assert_eq!(split_outside_braces("k-{hashFiles:a=b}"), None);
+        assert_eq!(
+            split_outside_braces("npm-{hashFiles:x}=npm-{hashFiles:a=b}"),
+            Some(("npm-{hashFiles:x}", "npm-{hashFiles:a=b}"))
+        );
+    }
+
+    #[test]
+    fn two_spellings_of_one_directory_resolve_alike() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("a")).unwrap();
+        let real = d.path().join("a/new");
+        assert_eq!(resolve(&d.path().join("a/./b/../new")), resolve(&real));
+        std::os::unix::fs::symlink(d.path().join("a"), d.path().join("link")).unwrap();
+        assert_eq!(resolve(&d.path().join("link/new")), resolve(&real));
+    }
 }
