@@ -537,6 +537,16 @@ impl Out {
     }
 }
 
+/// A bar's time left: "-" until there is a rate to estimate it from (indicatif's own estimate
+/// shows 0s, or hours, for the first moments of a phase).
+fn eta_text(pos: u64, elapsed: std::time::Duration, eta: std::time::Duration) -> String {
+    if pos == 0 || elapsed < std::time::Duration::from_secs(1) {
+        "-".into()
+    } else {
+        format!("{:#}", indicatif::HumanDuration(eta))
+    }
+}
+
 /// Progress of the engine's long operations: a bar when stderr is a terminal, else (a CI log)
 /// a plain line every few seconds (`CACHEVOL_PROGRESS_INTERVAL`, default 5) naming the cache,
 /// and one when the phase ends.
@@ -647,6 +657,12 @@ impl Progress for Bars {
                 "{msg:>8} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
             )
             .expect("valid template")
+            .with_key(
+                "eta",
+                |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = w.write_str(&eta_text(s.pos(), s.elapsed(), s.eta()));
+                },
+            )
             .progress_chars("=> "),
         );
         let cache = self.cache_name();
@@ -714,5 +730,19 @@ impl Progress for Bars {
         if let Some(b) = self.bar.lock().expect("not poisoned").take() {
             b.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_bar_has_no_eta_before_it_has_a_rate() {
+        let s = Duration::from_secs;
+        assert_eq!(eta_text(0, s(5), s(0)), "-", "nothing done yet");
+        assert_eq!(eta_text(10, Duration::from_millis(200), s(86_400)), "-");
+        assert_eq!(eta_text(50, s(2), s(2)), "2s");
     }
 }
