@@ -61,6 +61,15 @@ pub fn expand(key: &str, root: &Path, skip: &[&Path]) -> Result<String, Failure>
 pub fn digest(globs: &[&str], root: &Path, skip: &[&Path]) -> Result<String, Failure> {
     let mut sets = Vec::with_capacity(globs.len());
     for g in globs {
+        if g.starts_with('/') {
+            return Err(Failure::Usage(format!(
+                "glob {g:?} in {OPEN}…}}: globs are relative to the files root ({}; \
+                 --files-root to change it)",
+                root.display()
+            )));
+        }
+        // `./package-lock.json` is the file at the root, as a shell would read it.
+        let g = &g.trim_start_matches("./");
         // `*` stops at '/', `**` crosses directories: the globs of hashFiles and .gitignore.
         let glob = GlobBuilder::new(g)
             .literal_separator(true)
@@ -264,6 +273,12 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.exit_code(), super::super::exit::USAGE);
         assert!(e.to_string().contains("\"**/yarn.lock\""), "{e}");
+        let e = expand("k-{hashFiles:/etc/passwd}", d.path(), &[]).unwrap_err();
+        assert!(e.to_string().contains("relative"), "{e}");
+        assert_eq!(
+            expand("{hashFiles:./package-lock.json}", d.path(), &[]).unwrap(),
+            expand("{hashFiles:package-lock.json}", d.path(), &[]).unwrap()
+        );
         let e = expand("k-{hashFiles:x", d.path(), &[]).unwrap_err();
         assert!(e.to_string().contains("not closed"), "{e}");
         assert_eq!(e.exit_code(), super::super::exit::USAGE);
