@@ -35,7 +35,7 @@ pub mod exit {
     pub const REFUSED: i32 = 4;
     /// The store holds something invalid: a corrupt, hostile or too new snapshot.
     pub const CORRUPT: i32 = 5;
-    /// The store could not be reached or timed out.
+    /// The store could not be reached, timed out, or gave no credentials to use it with.
     pub const UNAVAILABLE: i32 = 6;
 }
 
@@ -295,10 +295,9 @@ impl Global {
 /// The exit code for an engine error.
 pub fn exit_code(e: &Error) -> i32 {
     match e {
-        Error::InvalidName { .. }
-        | Error::InvalidStore { .. }
-        | Error::NoSuchBucket { .. }
-        | Error::NoCredentials { .. } => exit::USAGE,
+        Error::InvalidName { .. } | Error::InvalidStore { .. } | Error::NoSuchBucket { .. } => {
+            exit::USAGE
+        }
         Error::NoSuchGeneration { .. } | Error::NoSuchKey { .. } => exit::NOT_FOUND,
         Error::Fenced { .. }
         | Error::OverBudget { .. }
