@@ -22,6 +22,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "charts" / "cachevol"
 MANIFESTS = REPO / "manifests"
+# One example per CI system (README, "Use it from your CI"); tests/examples.rs parses their
+# caches with the driver's own parser, this file validates their Kubernetes objects.
+EXAMPLES = REPO / "examples"
 INSTALL = MANIFESTS / "install.yaml"
 README = REPO / "README.md"
 # The chart rendered with every branch on, for tests/chart_args.rs (flags that only appear when a
@@ -508,15 +511,24 @@ def check_rendered(label: str, values: dict, objs: list[dict], rendered: dict[st
 
 def check_examples(f: Findings) -> None:
     claims: set[str] = set()
-    for path in sorted(MANIFESTS.glob("*.yaml")):
-        if path == INSTALL:
+    # manifests/ first: its claims are what the runner examples may name.
+    paths = [p for p in sorted(MANIFESTS.glob("*.yaml")) if p != INSTALL]
+    paths += sorted(p for p in EXAMPLES.iterdir() if p.is_file())
+    for path in paths:
+        where = str(path.relative_to(REPO))
+        if path.suffix == ".toml":
+            check_gitlab(path.read_text(), where, claims, f)
             continue
-        where = path.name
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
         if not docs:
             f.fail(f"{where}: empty")
         for doc in docs:
-            if "apiVersion" in doc and "kind" in doc:
+            api = doc.get("apiVersion", "")
+            if api.startswith("tekton.dev/"):
+                check_tekton(doc, docs, where, f)
+            elif api.startswith("argoproj.io/"):
+                check_argo(doc, where, f)
+            elif "apiVersion" in doc and "kind" in doc:
                 validate_object(doc, where, f)
                 check_cachevol_usage(doc, where, f)
                 if doc["kind"] == "PersistentVolumeClaim":
@@ -529,8 +541,84 @@ def check_examples(f: Findings) -> None:
                 check_cachevol_usage(pod, where + " (template)", f)
             elif "runners" in doc and "config" in doc["runners"]:
                 check_gitlab(doc["runners"]["config"], where, claims, f)
+            elif path.name == "gitlab-ci.yml":
+                jobs = {k: v for k, v in doc.items() if isinstance(v, dict) and "script" in v}
+                (f.ok if jobs and all(isinstance(j["script"], list) for j in jobs.values())
+                 else lambda: f.fail(f"{where}: no GitLab job with a script list"))()
             else:
                 f.fail(f"{where}: neither a Kubernetes object nor a known runner values file")
+
+
+def as_pod(name: str, containers: list[dict], volumes: list[dict]) -> dict:
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+           "spec": {"containers": containers}}
+    if volumes:
+        pod["spec"]["volumes"] = volumes
+    return pod
+
+
+def check_mounts(pod: dict, where: str, f: Findings) -> None:
+    """Every volumeMount names a volume of the pod (the API server checks it; the schemas do not)."""
+    volumes = {v["name"] for v in pod["spec"].get("volumes", [])}
+    for c in pod["spec"]["containers"]:
+        for m in c.get("volumeMounts", []):
+            (f.ok if m["name"] in volumes
+             else lambda m=m, c=c: f.fail(f"{where}: container {c['name']} mounts "
+                                          f"{m['name']}, which is no volume"))()
+
+
+def check_tekton(doc: dict, docs: list[dict], where: str, f: Findings) -> None:
+    """A Tekton Task (its steps as containers) or TaskRun (its workspace bindings: claim templates
+    as claims, bound to the workspaces its Task declares). No schema for Tekton's CRDs here."""
+    kind = doc.get("kind")
+    name = f"{where}: {kind}/{doc.get('metadata', {}).get('name') or '(generated)'}"
+    spec = doc.get("spec", {})
+    if kind == "Task":
+        # `script` is Tekton's own (it becomes the container's command); the rest is a Container.
+        steps = [{k: v for k, v in s.items() if k != "script"} for s in spec.get("steps", [])]
+        (f.ok if steps else lambda: f.fail(f"{name}: no steps"))()
+        validate_object(as_pod("task", steps, []), name + " (steps as a Pod)", f)
+        return
+    if kind != "TaskRun":
+        f.fail(f"{name}: only Task and TaskRun are checked")
+        return
+    ref = spec.get("taskRef", {}).get("name")
+    tasks = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "Task"}
+    task = tasks.get(ref)
+    if task is None:
+        f.fail(f"{name}: taskRef {ref!r} is not a Task of the file")
+        return
+    declared = {w["name"] for w in task["spec"].get("workspaces", [])}
+    bound = set()
+    for w in spec.get("workspaces", []):
+        bound.add(w["name"])
+        if "volumeClaimTemplate" in w:
+            tmpl = w["volumeClaimTemplate"]
+            pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                   "metadata": {"name": w["name"], **tmpl.get("metadata", {})},
+                   "spec": tmpl["spec"]}
+            validate_object(pvc, f"{name} workspace {w['name']}", f)
+            check_cachevol_usage(pvc, f"{name} workspace {w['name']}", f)
+    (f.ok if declared == bound
+     else lambda: f.fail(f"{name}: binds workspaces {sorted(bound)}, its Task declares "
+                         f"{sorted(declared)}"))()
+
+
+def check_argo(doc: dict, where: str, f: Findings) -> None:
+    """An Argo Workflow: each container template with the workflow's volumes, as a Pod (which is
+    what Argo runs it as, besides its own init and wait containers)."""
+    name = f"{where}: {doc.get('kind')}/{doc.get('metadata', {}).get('generateName', '')}"
+    spec = doc.get("spec", {})
+    templates = {t["name"]: t for t in spec.get("templates", [])}
+    (f.ok if spec.get("entrypoint") in templates
+     else lambda: f.fail(f"{name}: entrypoint {spec.get('entrypoint')!r} is no template"))()
+    containers = [t for t in templates.values() if "container" in t]
+    (f.ok if containers else lambda: f.fail(f"{name}: no container template"))()
+    for t in containers:
+        pod = as_pod(t["name"], [{"name": "main", **t["container"]}], spec.get("volumes", []))
+        validate_object(pod, f"{name} template {t['name']}", f)
+        check_cachevol_usage(pod, f"{name} template {t['name']}", f)
+        check_mounts(pod, f"{name} template {t['name']}", f)
 
 
 def check_gitlab(config: str, where: str, claims: set[str], f: Findings) -> None:
