@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import re
 import sys
 import tomllib
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import helm_python as helm
 import kubernetes_validate
+import promql_parser
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,6 +29,11 @@ MANIFESTS = REPO / "manifests"
 EXAMPLES = REPO / "examples"
 INSTALL = MANIFESTS / "install.yaml"
 README = REPO / "README.md"
+DASHBOARD = CHART / "dashboards" / "cachevol.json"
+# Grafana's variables in the dashboard's queries, replaced by a value of their kind before the
+# query is parsed as PromQL.
+GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1d",
+                     "$namespace": "cachevol"}
 # The chart rendered with every branch on, for tests/chart_args.rs (flags that only appear when a
 # value is set are not in install.yaml).
 EVERYTHING_ON_RENDER = REPO / "target" / "chart-check" / "everything-on.yaml"
@@ -109,7 +116,11 @@ EVERYTHING_ON = {
                  "livenessProbe": {"image": {"digest": "sha256:" + "cd" * 32}},
                  "nodeDriverRegistrar": {"httpPort": 9909}},
     "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
-                "service": {"annotations": {"example.com/scrape": "true"}}},
+                "service": {"annotations": {"example.com/scrape": "true"}},
+                "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"},
+                                   "staleAfter": "3d", "lockWaitFor": "45m"},
+                "grafanaDashboard": {"enabled": True,
+                                     "annotations": {"grafana_folder": "CI"}}},
     "storageClass": {"name": "ci-cache", "isDefaultClass": True,
                      "annotations": {"example.com/owner": "platform"},
                      "parameters": {"store": "gs://ci-caches/a", "scope": "cluster",
@@ -153,6 +164,8 @@ BAD_VALUES = [
     ({"driver": {"name": "canary_cachevol.dev"}}, "driver name with an underscore"),
     ({"driver": {"name": "a" * 64}}, "driver name over 63 characters"),
     ({"node": {"stateDir": "var/lib/cachevol"}}, "relative state dir"),
+    ({"metrics": {"prometheusRule": {"staleAfter": "a week"}}}, "Prometheus duration"),
+    ({"metrics": {"prometheusRule": {"lockWaitFor": "30"}}}, "duration without a unit"),
 ]
 
 
@@ -217,12 +230,18 @@ def validate_object(obj: dict, where: str, f: Findings) -> None:
         # A CRD: kubernetes-validate has no schema for it; check what the chart relies on.
         spec = obj.get("spec", {})
         eps = spec.get("endpoints") or []
+        rules = [r for g in spec.get("groups") or [] for r in g.get("rules") or []]
         if (kind == "ServiceMonitor" and api == "monitoring.coreos.com/v1"
                 and spec.get("selector", {}).get("matchLabels")
                 and eps and all(e.get("port") == "metrics" for e in eps)):
             f.ok()
+        elif (kind == "PrometheusRule" and api == "monitoring.coreos.com/v1" and rules
+              and all(set(r) <= {"alert", "expr", "for", "labels", "annotations"}
+                      and r.get("alert") and isinstance(r.get("expr"), str)
+                      and r["labels"].get("severity") for r in rules)):
+            f.ok()
         else:
-            f.fail(f"{name}: not the ServiceMonitor expected (structural check)")
+            f.fail(f"{name}: not the {kind} expected (structural check)")
         return
     try:
         kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
@@ -284,6 +303,45 @@ def check_cachevol_usage(obj: dict, where: str, f: Findings) -> None:
         attrs = {k.split("/", 1)[1]: val for k, val in (meta.get("annotations") or {}).items()
                  if k.startswith(DRIVER + "/")}
         check_user_attributes(attrs, w, f, inline=False)
+
+
+def check_promql(expr: str, where: str, f: Findings) -> None:
+    """`expr` parses as PromQL (which metrics it names is tests/dashboards.rs's to check)."""
+    for var, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(var, value)
+    try:
+        promql_parser.parse(expr)
+        f.ok()
+    except ValueError as e:
+        f.fail(f"{where}: not PromQL ({e}): {expr}")
+
+
+def check_dashboard(f: Findings) -> None:
+    """The Grafana dashboard: JSON, every query PromQL, on the dashboard's data source
+    variable, panel ids unique and panels inside Grafana's 24-column grid."""
+    try:
+        dash = json.loads(DASHBOARD.read_text())
+    except json.JSONDecodeError as e:
+        f.fail(f"{DASHBOARD.relative_to(REPO)}: not JSON: {e}")
+        return
+    where = str(DASHBOARD.relative_to(REPO))
+    variables = {v["name"]: v for v in dash.get("templating", {}).get("list", [])}
+    (f.ok if variables.get("datasource", {}).get("type") == "datasource"
+     else lambda: f.fail(f"{where}: no datasource variable"))()
+    panels = dash.get("panels", [])
+    ids = [p["id"] for p in panels]
+    (f.ok if len(ids) == len(set(ids)) else lambda: f.fail(f"{where}: panel ids repeat"))()
+    queries = 0
+    for p in panels:
+        g = p["gridPos"]
+        (f.ok if g["x"] >= 0 and g["w"] > 0 and g["x"] + g["w"] <= 24
+         else lambda p=p: f.fail(f"{where}: panel {p['title']!r} leaves the grid"))()
+        for t in p.get("targets", []):
+            queries += 1
+            (f.ok if t.get("datasource", {}).get("uid") == "${datasource}"
+             else lambda p=p: f.fail(f"{where}: panel {p['title']!r} has another data source"))()
+            check_promql(t["expr"], f"{where}: panel {p['title']!r}", f)
+    (f.ok if queries else lambda: f.fail(f"{where}: no queries"))()
 
 
 def flatten(values: dict, prefix: str = "") -> list[str]:
@@ -502,6 +560,36 @@ def check_rendered(label: str, values: dict, objs: list[dict], rendered: dict[st
         expect(f"--store={store}" in c["args"], f"{name} --store={store}")
         # GetPluginInfo's name, and what the binary names its Leases and lock label after.
         expect(f"--driver-name={driver}" in c["args"], f"{name} --driver-name={driver}")
+    # The alerts and the dashboard: only when asked for, with the values they take.
+    metrics = values.get("metrics", {})
+    rule_values = metrics.get("prometheusRule", {})
+    rules = by_kind.get("PrometheusRule", [])
+    expect(len(rules) == (1 if rule_values.get("enabled") else 0),
+           f"{len(rules)} PrometheusRules with prometheusRule.enabled={rule_values.get('enabled')}")
+    for r in rules:
+        exprs = {x["alert"]: x for g in r["spec"]["groups"] for x in g["rules"]}
+        stale, wait = exprs.get("CachevolCachesStale"), exprs.get("CachevolLockWaitLong")
+        expect(bool(stale) and f"[{rule_values['staleAfter']}]" in stale["expr"],
+               f"CachevolCachesStale over staleAfter ({rule_values['staleAfter']})")
+        expect(bool(wait) and wait.get("for") == rule_values["lockWaitFor"],
+               f"CachevolLockWaitLong for lockWaitFor ({rule_values['lockWaitFor']})")
+        expect(all(f'namespace="{NAMESPACE}"' in x["expr"] for x in exprs.values()),
+               "every alert selects the release's namespace")
+        for name, x in exprs.items():
+            check_promql(x["expr"], f"render ({label}): alert {name}", f)
+        expect(r["metadata"]["labels"].get("release") == rule_values["labels"]["release"],
+               "PrometheusRule labels")
+    dash_values = metrics.get("grafanaDashboard", {})
+    dashboards = [c for c in by_kind.get("ConfigMap", []) if "cachevol.json" in c.get("data", {})]
+    expect(len(dashboards) == (1 if dash_values.get("enabled") else 0),
+           f"{len(dashboards)} dashboard ConfigMaps with "
+           f"grafanaDashboard.enabled={dash_values.get('enabled')}")
+    shipped = (CHART / "dashboards" / "cachevol.json").read_text()
+    for c in dashboards:
+        data = c["data"]["cachevol.json"]
+        expect(json.loads(data) == json.loads(shipped), "the ConfigMap holds dashboards/cachevol.json")
+        expect(c["metadata"]["labels"].get("grafana_dashboard") == "1",
+               "the dashboard ConfigMap has the sidecar's label")
     if secret and not store_values.get("existingSecret"):
         expect(any(s["metadata"]["name"] == secret for s in by_kind.get("Secret", [])),
                "the chart makes the credentials Secret")
@@ -651,6 +739,7 @@ def main() -> int:
     args = ap.parse_args()
     f = Findings()
     check_chart(args.update, f)
+    check_dashboard(f)
     check_examples(f)
     for e in f.errors:
         print(f"FAIL {e}", file=sys.stderr)
