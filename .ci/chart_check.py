@@ -84,6 +84,8 @@ EVERYTHING_ON = {
     "imagePullSecrets": [{"name": "regcred"}],
     "kubeletDir": "/var/lib/k0s/kubelet",
     "logLevel": "info,cachevol=debug",
+    "logFormat": "json",
+    "commonLabels": {"team": "platform", "example.com/cost-center": "ci"},
     "store": {
         "url": "s3://ci-caches/cluster-a",
         "credentials": {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "secret",
@@ -164,6 +166,9 @@ BAD_VALUES = [
     ({"driver": {"name": "canary_cachevol.dev"}}, "driver name with an underscore"),
     ({"driver": {"name": "a" * 64}}, "driver name over 63 characters"),
     ({"node": {"stateDir": "var/lib/cachevol"}}, "relative state dir"),
+    ({"logFormat": "yaml"}, "logFormat enum"),
+    ({"commonLabels": {"app.kubernetes.io/name": "x"}}, "commonLabels naming a chart label"),
+    ({"commonLabels": {"team": 1}}, "commonLabels value not a string"),
     ({"metrics": {"prometheusRule": {"staleAfter": "a week"}}}, "Prometheus duration"),
     ({"metrics": {"prometheusRule": {"lockWaitFor": "30"}}}, "duration without a unit"),
 ]
@@ -560,6 +565,22 @@ def check_rendered(label: str, values: dict, objs: list[dict], rendered: dict[st
         expect(f"--store={store}" in c["args"], f"{name} --store={store}")
         # GetPluginInfo's name, and what the binary names its Leases and lock label after.
         expect(f"--driver-name={driver}" in c["args"], f"{name} --driver-name={driver}")
+    # commonLabels on every object and every pod; the log format passed to both daemons.
+    common = values.get("commonLabels", {})
+    for o in objs:
+        labels = o["metadata"].get("labels") or {}
+        expect(common.items() <= labels.items(),
+               f"{o['kind']}/{o['metadata']['name']}: labels {labels} lack commonLabels")
+        component = {"DaemonSet": "node", "Deployment": "controller"}.get(o["kind"])
+        if component:
+            # A component's podLabels win over commonLabels where both name a label.
+            want = {**common, **values.get(component, {}).get("podLabels", {})}
+            pod_labels = o["spec"]["template"]["metadata"].get("labels") or {}
+            expect(want.items() <= pod_labels.items(),
+                   f"{o['kind']}/{o['metadata']['name']}: pod labels {pod_labels}, want {want}")
+    log_format = values.get("logFormat", "text")
+    for name, c in (("node", node["cachevol"]), ("controller", ctl["cachevol"])):
+        expect(f"--log-format={log_format}" in c["args"], f"{name} --log-format={log_format}")
     # The alerts and the dashboard: only when asked for, with the values they take.
     metrics = values.get("metrics", {})
     rule_values = metrics.get("prometheusRule", {})
