@@ -640,6 +640,8 @@ def check_examples(f: Findings) -> None:
             elif "apiVersion" in doc and "kind" in doc:
                 validate_object(doc, where, f)
                 check_cachevol_usage(doc, where, f)
+                for spec in pod_specs(doc):
+                    check_mounts({"spec": spec}, where, f)
                 if doc["kind"] == "PersistentVolumeClaim":
                     claims.add(doc["metadata"]["name"])
             elif "template" in doc and "spec" in doc["template"]:
@@ -648,6 +650,7 @@ def check_examples(f: Findings) -> None:
                        "spec": doc["template"]["spec"]}
                 validate_object(pod, where + " (template)", f)
                 check_cachevol_usage(pod, where + " (template)", f)
+                check_mounts(pod, where + " (template)", f)
             elif "runners" in doc and "config" in doc["runners"]:
                 check_gitlab(doc["runners"]["config"], where, claims, f)
             elif path.name == "gitlab-ci.yml":
@@ -687,6 +690,13 @@ def check_tekton(doc: dict, docs: list[dict], where: str, f: Findings) -> None:
         steps = [{k: v for k, v in s.items() if k != "script"} for s in spec.get("steps", [])]
         (f.ok if steps else lambda: f.fail(f"{name}: no steps"))()
         validate_object(as_pod("task", steps, []), name + " (steps as a Pod)", f)
+        # $(workspaces.NAME.…) and $(params.NAME) name what the Task declares.
+        declared = {"workspaces": {w["name"] for w in spec.get("workspaces", [])},
+                    "params": {p["name"] for p in spec.get("params", [])}}
+        refs = re.findall(r"\$\((workspaces|params)\.([A-Za-z0-9_-]+)", json.dumps(spec))
+        for kind_, ref in refs:
+            (f.ok if ref in declared[kind_]
+             else lambda k=kind_, r=ref: f.fail(f"{name}: $({k}.{r}…) is not declared"))()
         return
     if kind != "TaskRun":
         f.fail(f"{name}: only Task and TaskRun are checked")

@@ -2,7 +2,8 @@
 //! them — CSI inline `volumeAttributes` (GitLab's `volume_attributes`), claims and claim
 //! templates of the chart's StorageClass with their `cachevol.dev/*` annotations, StorageClass
 //! parameters — goes through the driver's own parser (`VolumeSpec`, as CreateVolume and
-//! NodePublishVolume read them), and what comes out is the mode and commit-on the example means.
+//! NodePublishVolume read them), and what comes out is the mode and commit-on the example means;
+//! a claim's access modes are ones CreateVolume accepts.
 //! A cache committed on a marker is marked somewhere in its example, at its mount path. Every
 //! example is linked from the README. The hand-written examples under `manifests/` are parsed
 //! the same way. Kubernetes schema validation of the same files is .ci/chart-check's.
@@ -186,6 +187,7 @@ fn walk(v: &Value, name: Option<&str>, chart: &Chart, where_: &str, out: &mut Ve
                 });
             }
             if v["spec"]["storageClassName"].as_str() == Some(chart.class.as_str()) {
+                capabilities(&v["spec"], &at);
                 let storage = v["spec"]["resources"]["requests"]["storage"].as_str();
                 let annotations = strings(&v["metadata"]["annotations"], &at);
                 out.push(Found {
@@ -208,6 +210,39 @@ fn walk(v: &Value, name: Option<&str>, chart: &Chart, where_: &str, out: &mut Ve
             }
         }
         _ => {}
+    }
+}
+
+/// A claim's access modes and volume mode, as csi-provisioner turns them into the
+/// CreateVolume capabilities, are ones the driver serves.
+fn capabilities(spec: &Value, at: &str) {
+    use cachevol::csi::pb::volume_capability::{access_mode, AccessMode, AccessType};
+    use cachevol::csi::pb::volume_capability::{BlockVolume, MountVolume};
+    use cachevol::csi::pb::VolumeCapability;
+    let modes = spec["accessModes"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    assert!(!modes.is_empty(), "{at}: a claim needs accessModes");
+    let access_type = match spec["volumeMode"].as_str().unwrap_or("Filesystem") {
+        "Block" => AccessType::Block(BlockVolume::default()),
+        _ => AccessType::Mount(MountVolume::default()),
+    };
+    for m in modes {
+        let mode = match m.as_str() {
+            Some("ReadWriteOnce") => access_mode::Mode::SingleNodeWriter,
+            Some("ReadWriteOncePod") => access_mode::Mode::SingleNodeSingleWriter,
+            Some("ReadOnlyMany") => access_mode::Mode::MultiNodeReaderOnly,
+            Some("ReadWriteMany") => access_mode::Mode::MultiNodeMultiWriter,
+            other => panic!("{at}: {other:?} is no Kubernetes access mode"),
+        };
+        let cap = VolumeCapability {
+            access_type: Some(access_type.clone()),
+            access_mode: Some(AccessMode { mode: mode as i32 }),
+        };
+        if let Err(e) = cachevol::csi::capability::check(&cap) {
+            panic!("{at}: CreateVolume refuses the claim's {m}: {e}");
+        }
     }
 }
 
