@@ -608,7 +608,8 @@ def check_rendered(label: str, values: dict, objs: list[dict], rendered: dict[st
     shipped = (CHART / "dashboards" / "cachevol.json").read_text()
     for c in dashboards:
         data = c["data"]["cachevol.json"]
-        expect(json.loads(data) == json.loads(shipped), "the ConfigMap holds dashboards/cachevol.json")
+        expect(json.loads(data) == json.loads(shipped),
+               "the ConfigMap holds dashboards/cachevol.json")
         expect(c["metadata"]["labels"].get("grafana_dashboard") == "1",
                "the dashboard ConfigMap has the sidecar's label")
     if secret and not store_values.get("existingSecret"):
@@ -670,7 +671,8 @@ def as_pod(name: str, containers: list[dict], volumes: list[dict]) -> dict:
 
 
 def check_mounts(pod: dict, where: str, f: Findings) -> None:
-    """Every volumeMount names a volume of the pod (the API server checks it; the schemas do not)."""
+    """Every volumeMount names a volume of the pod (the API server checks that, the schemas
+    do not)."""
     volumes = {v["name"] for v in pod["spec"].get("volumes", [])}
     for c in pod["spec"]["containers"]:
         for m in c.get("volumeMounts", []):
