@@ -186,7 +186,18 @@ fn walk(v: &Value, name: Option<&str>, chart: &Chart, where_: &str, out: &mut Ve
                     spec: inline(&strings(attrs, &at), &at),
                 });
             }
-            if v["spec"]["storageClassName"].as_str() == Some(chart.class.as_str()) {
+            let ours = v["spec"]["storageClassName"].as_str() == Some(chart.class.as_str());
+            let annotated = v["metadata"]["annotations"]
+                .as_object()
+                .is_some_and(|a| a.keys().any(|k| k.starts_with(user::ANNOTATION_PREFIX)));
+            // Settings on a claim of another class (or of the default one) are never read.
+            assert!(
+                ours || !annotated,
+                "{at}: a claim with {}* annotations must name storageClassName {}",
+                user::ANNOTATION_PREFIX,
+                chart.class
+            );
+            if ours {
                 capabilities(&v["spec"], &at);
                 let storage = v["spec"]["resources"]["requests"]["storage"].as_str();
                 let annotations = strings(&v["metadata"]["annotations"], &at);
