@@ -3,7 +3,7 @@
 //! long operations draw progress bars when stderr is a terminal.
 
 // The benchmark is a tool for working on cachevol, not part of the product: only with the
-// `bench` feature (README, "Benchmark").
+// `bench` feature (docs/benchmarks.md).
 #[cfg(feature = "bench")]
 mod bench;
 #[cfg(feature = "bench")]
