@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import re
 import sys
 import tomllib
@@ -17,13 +18,22 @@ from pathlib import Path
 
 import helm_python as helm
 import kubernetes_validate
+import promql_parser
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "charts" / "cachevol"
 MANIFESTS = REPO / "manifests"
+# One example per CI system (README, "Use it from your CI"); tests/examples.rs parses their
+# caches with the driver's own parser, this file validates their Kubernetes objects.
+EXAMPLES = REPO / "examples"
 INSTALL = MANIFESTS / "install.yaml"
 README = REPO / "README.md"
+DASHBOARD = CHART / "dashboards" / "cachevol.json"
+# Grafana's variables in the dashboard's queries, replaced by a value of their kind before the
+# query is parsed as PromQL.
+GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1d",
+                     "$namespace": "cachevol"}
 # The chart rendered with every branch on, for tests/chart_args.rs (flags that only appear when a
 # value is set are not in install.yaml).
 EVERYTHING_ON_RENDER = REPO / "target" / "chart-check" / "everything-on.yaml"
@@ -74,6 +84,8 @@ EVERYTHING_ON = {
     "imagePullSecrets": [{"name": "regcred"}],
     "kubeletDir": "/var/lib/k0s/kubelet",
     "logLevel": "info,cachevol=debug",
+    "logFormat": "json",
+    "commonLabels": {"team": "platform", "example.com/cost-center": "ci"},
     "store": {
         "url": "s3://ci-caches/cluster-a",
         "credentials": {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "secret",
@@ -106,7 +118,11 @@ EVERYTHING_ON = {
                  "livenessProbe": {"image": {"digest": "sha256:" + "cd" * 32}},
                  "nodeDriverRegistrar": {"httpPort": 9909}},
     "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
-                "service": {"annotations": {"example.com/scrape": "true"}}},
+                "service": {"annotations": {"example.com/scrape": "true"}},
+                "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"},
+                                   "staleAfter": "3d", "lockWaitFor": "45m"},
+                "grafanaDashboard": {"enabled": True,
+                                     "annotations": {"grafana_folder": "CI"}}},
     "storageClass": {"name": "ci-cache", "isDefaultClass": True,
                      "annotations": {"example.com/owner": "platform"},
                      "parameters": {"store": "gs://ci-caches/a", "scope": "cluster",
@@ -150,6 +166,11 @@ BAD_VALUES = [
     ({"driver": {"name": "canary_cachevol.dev"}}, "driver name with an underscore"),
     ({"driver": {"name": "a" * 64}}, "driver name over 63 characters"),
     ({"node": {"stateDir": "var/lib/cachevol"}}, "relative state dir"),
+    ({"logFormat": "yaml"}, "logFormat enum"),
+    ({"commonLabels": {"app.kubernetes.io/name": "x"}}, "commonLabels naming a chart label"),
+    ({"commonLabels": {"team": 1}}, "commonLabels value not a string"),
+    ({"metrics": {"prometheusRule": {"staleAfter": "a week"}}}, "Prometheus duration"),
+    ({"metrics": {"prometheusRule": {"lockWaitFor": "30"}}}, "duration without a unit"),
 ]
 
 
@@ -214,12 +235,18 @@ def validate_object(obj: dict, where: str, f: Findings) -> None:
         # A CRD: kubernetes-validate has no schema for it; check what the chart relies on.
         spec = obj.get("spec", {})
         eps = spec.get("endpoints") or []
+        rules = [r for g in spec.get("groups") or [] for r in g.get("rules") or []]
         if (kind == "ServiceMonitor" and api == "monitoring.coreos.com/v1"
                 and spec.get("selector", {}).get("matchLabels")
                 and eps and all(e.get("port") == "metrics" for e in eps)):
             f.ok()
+        elif (kind == "PrometheusRule" and api == "monitoring.coreos.com/v1" and rules
+              and all(set(r) <= {"alert", "expr", "for", "labels", "annotations"}
+                      and r.get("alert") and isinstance(r.get("expr"), str)
+                      and r["labels"].get("severity") for r in rules)):
+            f.ok()
         else:
-            f.fail(f"{name}: not the ServiceMonitor expected (structural check)")
+            f.fail(f"{name}: not the {kind} expected (structural check)")
         return
     try:
         kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
@@ -281,6 +308,45 @@ def check_cachevol_usage(obj: dict, where: str, f: Findings) -> None:
         attrs = {k.split("/", 1)[1]: val for k, val in (meta.get("annotations") or {}).items()
                  if k.startswith(DRIVER + "/")}
         check_user_attributes(attrs, w, f, inline=False)
+
+
+def check_promql(expr: str, where: str, f: Findings) -> None:
+    """`expr` parses as PromQL (which metrics it names is tests/dashboards.rs's to check)."""
+    for var, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(var, value)
+    try:
+        promql_parser.parse(expr)
+        f.ok()
+    except ValueError as e:
+        f.fail(f"{where}: not PromQL ({e}): {expr}")
+
+
+def check_dashboard(f: Findings) -> None:
+    """The Grafana dashboard: JSON, every query PromQL, on the dashboard's data source
+    variable, panel ids unique and panels inside Grafana's 24-column grid."""
+    try:
+        dash = json.loads(DASHBOARD.read_text())
+    except json.JSONDecodeError as e:
+        f.fail(f"{DASHBOARD.relative_to(REPO)}: not JSON: {e}")
+        return
+    where = str(DASHBOARD.relative_to(REPO))
+    variables = {v["name"]: v for v in dash.get("templating", {}).get("list", [])}
+    (f.ok if variables.get("datasource", {}).get("type") == "datasource"
+     else lambda: f.fail(f"{where}: no datasource variable"))()
+    panels = dash.get("panels", [])
+    ids = [p["id"] for p in panels]
+    (f.ok if len(ids) == len(set(ids)) else lambda: f.fail(f"{where}: panel ids repeat"))()
+    queries = 0
+    for p in panels:
+        g = p["gridPos"]
+        (f.ok if g["x"] >= 0 and g["w"] > 0 and g["x"] + g["w"] <= 24
+         else lambda p=p: f.fail(f"{where}: panel {p['title']!r} leaves the grid"))()
+        for t in p.get("targets", []):
+            queries += 1
+            (f.ok if t.get("datasource", {}).get("uid") == "${datasource}"
+             else lambda p=p: f.fail(f"{where}: panel {p['title']!r} has another data source"))()
+            check_promql(t["expr"], f"{where}: panel {p['title']!r}", f)
+    (f.ok if queries else lambda: f.fail(f"{where}: no queries"))()
 
 
 def flatten(values: dict, prefix: str = "") -> list[str]:
@@ -499,6 +565,53 @@ def check_rendered(label: str, values: dict, objs: list[dict], rendered: dict[st
         expect(f"--store={store}" in c["args"], f"{name} --store={store}")
         # GetPluginInfo's name, and what the binary names its Leases and lock label after.
         expect(f"--driver-name={driver}" in c["args"], f"{name} --driver-name={driver}")
+    # commonLabels on every object and every pod; the log format passed to both daemons.
+    common = values.get("commonLabels", {})
+    for o in objs:
+        labels = o["metadata"].get("labels") or {}
+        expect(common.items() <= labels.items(),
+               f"{o['kind']}/{o['metadata']['name']}: labels {labels} lack commonLabels")
+        component = {"DaemonSet": "node", "Deployment": "controller"}.get(o["kind"])
+        if component:
+            # A component's podLabels win over commonLabels where both name a label.
+            want = {**common, **values.get(component, {}).get("podLabels", {})}
+            pod_labels = o["spec"]["template"]["metadata"].get("labels") or {}
+            expect(want.items() <= pod_labels.items(),
+                   f"{o['kind']}/{o['metadata']['name']}: pod labels {pod_labels}, want {want}")
+    log_format = values.get("logFormat", "text")
+    for name, c in (("node", node["cachevol"]), ("controller", ctl["cachevol"])):
+        expect(f"--log-format={log_format}" in c["args"], f"{name} --log-format={log_format}")
+    # The alerts and the dashboard: only when asked for, with the values they take.
+    metrics = values.get("metrics", {})
+    rule_values = metrics.get("prometheusRule", {})
+    rules = by_kind.get("PrometheusRule", [])
+    expect(len(rules) == (1 if rule_values.get("enabled") else 0),
+           f"{len(rules)} PrometheusRules with prometheusRule.enabled={rule_values.get('enabled')}")
+    for r in rules:
+        exprs = {x["alert"]: x for g in r["spec"]["groups"] for x in g["rules"]}
+        stale, wait = exprs.get("CachevolCachesStale"), exprs.get("CachevolLockWaitLong")
+        expect(bool(stale) and f"[{rule_values['staleAfter']}]" in stale["expr"],
+               f"CachevolCachesStale over staleAfter ({rule_values['staleAfter']})")
+        expect(bool(wait) and wait.get("for") == rule_values["lockWaitFor"],
+               f"CachevolLockWaitLong for lockWaitFor ({rule_values['lockWaitFor']})")
+        expect(all(f'namespace="{NAMESPACE}"' in x["expr"] for x in exprs.values()),
+               "every alert selects the release's namespace")
+        for name, x in exprs.items():
+            check_promql(x["expr"], f"render ({label}): alert {name}", f)
+        expect(r["metadata"]["labels"].get("release") == rule_values["labels"]["release"],
+               "PrometheusRule labels")
+    dash_values = metrics.get("grafanaDashboard", {})
+    dashboards = [c for c in by_kind.get("ConfigMap", []) if "cachevol.json" in c.get("data", {})]
+    expect(len(dashboards) == (1 if dash_values.get("enabled") else 0),
+           f"{len(dashboards)} dashboard ConfigMaps with "
+           f"grafanaDashboard.enabled={dash_values.get('enabled')}")
+    shipped = (CHART / "dashboards" / "cachevol.json").read_text()
+    for c in dashboards:
+        data = c["data"]["cachevol.json"]
+        expect(json.loads(data) == json.loads(shipped),
+               "the ConfigMap holds dashboards/cachevol.json")
+        expect(c["metadata"]["labels"].get("grafana_dashboard") == "1",
+               "the dashboard ConfigMap has the sidecar's label")
     if secret and not store_values.get("existingSecret"):
         expect(any(s["metadata"]["name"] == secret for s in by_kind.get("Secret", [])),
                "the chart makes the credentials Secret")
@@ -508,17 +621,28 @@ def check_rendered(label: str, values: dict, objs: list[dict], rendered: dict[st
 
 def check_examples(f: Findings) -> None:
     claims: set[str] = set()
-    for path in sorted(MANIFESTS.glob("*.yaml")):
-        if path == INSTALL:
+    # manifests/ first: its claims are what the runner examples may name.
+    paths = [p for p in sorted(MANIFESTS.glob("*.yaml")) if p != INSTALL]
+    paths += sorted(p for p in EXAMPLES.iterdir() if p.is_file())
+    for path in paths:
+        where = str(path.relative_to(REPO))
+        if path.suffix == ".toml":
+            check_gitlab(path.read_text(), where, claims, f)
             continue
-        where = path.name
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
         if not docs:
             f.fail(f"{where}: empty")
         for doc in docs:
-            if "apiVersion" in doc and "kind" in doc:
+            api = doc.get("apiVersion", "")
+            if api.startswith("tekton.dev/"):
+                check_tekton(doc, docs, where, f)
+            elif api.startswith("argoproj.io/"):
+                check_argo(doc, where, f)
+            elif "apiVersion" in doc and "kind" in doc:
                 validate_object(doc, where, f)
                 check_cachevol_usage(doc, where, f)
+                for spec in pod_specs(doc):
+                    check_mounts({"spec": spec}, where, f)
                 if doc["kind"] == "PersistentVolumeClaim":
                     claims.add(doc["metadata"]["name"])
             elif "template" in doc and "spec" in doc["template"]:
@@ -527,10 +651,95 @@ def check_examples(f: Findings) -> None:
                        "spec": doc["template"]["spec"]}
                 validate_object(pod, where + " (template)", f)
                 check_cachevol_usage(pod, where + " (template)", f)
+                check_mounts(pod, where + " (template)", f)
             elif "runners" in doc and "config" in doc["runners"]:
                 check_gitlab(doc["runners"]["config"], where, claims, f)
+            elif path.name == "gitlab-ci.yml":
+                jobs = {k: v for k, v in doc.items() if isinstance(v, dict) and "script" in v}
+                (f.ok if jobs and all(isinstance(j["script"], list) for j in jobs.values())
+                 else lambda: f.fail(f"{where}: no GitLab job with a script list"))()
             else:
                 f.fail(f"{where}: neither a Kubernetes object nor a known runner values file")
+
+
+def as_pod(name: str, containers: list[dict], volumes: list[dict]) -> dict:
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+           "spec": {"containers": containers}}
+    if volumes:
+        pod["spec"]["volumes"] = volumes
+    return pod
+
+
+def check_mounts(pod: dict, where: str, f: Findings) -> None:
+    """Every volumeMount names a volume of the pod (the API server checks that, the schemas
+    do not)."""
+    volumes = {v["name"] for v in pod["spec"].get("volumes", [])}
+    for c in pod["spec"]["containers"]:
+        for m in c.get("volumeMounts", []):
+            (f.ok if m["name"] in volumes
+             else lambda m=m, c=c: f.fail(f"{where}: container {c['name']} mounts "
+                                          f"{m['name']}, which is no volume"))()
+
+
+def check_tekton(doc: dict, docs: list[dict], where: str, f: Findings) -> None:
+    """A Tekton Task (its steps as containers) or TaskRun (its workspace bindings: claim templates
+    as claims, bound to the workspaces its Task declares). No schema for Tekton's CRDs here."""
+    kind = doc.get("kind")
+    name = f"{where}: {kind}/{doc.get('metadata', {}).get('name') or '(generated)'}"
+    spec = doc.get("spec", {})
+    if kind == "Task":
+        # `script` is Tekton's own (it becomes the container's command); the rest is a Container.
+        steps = [{k: v for k, v in s.items() if k != "script"} for s in spec.get("steps", [])]
+        (f.ok if steps else lambda: f.fail(f"{name}: no steps"))()
+        validate_object(as_pod("task", steps, []), name + " (steps as a Pod)", f)
+        # $(workspaces.NAME.…) and $(params.NAME) name what the Task declares.
+        declared = {"workspaces": {w["name"] for w in spec.get("workspaces", [])},
+                    "params": {p["name"] for p in spec.get("params", [])}}
+        refs = re.findall(r"\$\((workspaces|params)\.([A-Za-z0-9_-]+)", json.dumps(spec))
+        for kind_, ref in refs:
+            (f.ok if ref in declared[kind_]
+             else lambda k=kind_, r=ref: f.fail(f"{name}: $({k}.{r}…) is not declared"))()
+        return
+    if kind != "TaskRun":
+        f.fail(f"{name}: only Task and TaskRun are checked")
+        return
+    ref = spec.get("taskRef", {}).get("name")
+    tasks = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "Task"}
+    task = tasks.get(ref)
+    if task is None:
+        f.fail(f"{name}: taskRef {ref!r} is not a Task of the file")
+        return
+    declared = {w["name"] for w in task["spec"].get("workspaces", [])}
+    bound = set()
+    for w in spec.get("workspaces", []):
+        bound.add(w["name"])
+        if "volumeClaimTemplate" in w:
+            tmpl = w["volumeClaimTemplate"]
+            pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                   "metadata": {"name": w["name"], **tmpl.get("metadata", {})},
+                   "spec": tmpl["spec"]}
+            validate_object(pvc, f"{name} workspace {w['name']}", f)
+            check_cachevol_usage(pvc, f"{name} workspace {w['name']}", f)
+    (f.ok if declared == bound
+     else lambda: f.fail(f"{name}: binds workspaces {sorted(bound)}, its Task declares "
+                         f"{sorted(declared)}"))()
+
+
+def check_argo(doc: dict, where: str, f: Findings) -> None:
+    """An Argo Workflow: each container template with the workflow's volumes, as a Pod (which is
+    what Argo runs it as, besides its own init and wait containers)."""
+    name = f"{where}: {doc.get('kind')}/{doc.get('metadata', {}).get('generateName', '')}"
+    spec = doc.get("spec", {})
+    templates = {t["name"]: t for t in spec.get("templates", [])}
+    (f.ok if spec.get("entrypoint") in templates
+     else lambda: f.fail(f"{name}: entrypoint {spec.get('entrypoint')!r} is no template"))()
+    containers = [t for t in templates.values() if "container" in t]
+    (f.ok if containers else lambda: f.fail(f"{name}: no container template"))()
+    for t in containers:
+        pod = as_pod(t["name"], [{"name": "main", **t["container"]}], spec.get("volumes", []))
+        validate_object(pod, f"{name} template {t['name']}", f)
+        check_cachevol_usage(pod, f"{name} template {t['name']}", f)
+        check_mounts(pod, f"{name} template {t['name']}", f)
 
 
 def check_gitlab(config: str, where: str, claims: set[str], f: Findings) -> None:
@@ -563,6 +772,7 @@ def main() -> int:
     args = ap.parse_args()
     f = Findings()
     check_chart(args.update, f)
+    check_dashboard(f)
     check_examples(f)
     for e in f.errors:
         print(f"FAIL {e}", file=sys.stderr)

@@ -1,7 +1,7 @@
 //! cachevol: persistent, incremental, deduplicated cache volumes for ephemeral CI pods.
 //!
-//! Layers, each importing only those below it (checked by `tests/layers.rs`; see the README's
-//! "Architecture"):
+//! Layers, each importing only those below it (checked by `tests/layers.rs`; see
+//! docs/architecture.md):
 //!
 //! - [`engine`]: snapshots of directories in object storage (no gRPC, no Kubernetes).
 //! - [`spec`]: the volume model: attributes, modes, pods, endings, sizes, retention.

@@ -60,7 +60,12 @@ fn every_flag_of_the_chart_with_every_value_set_is_accepted() {
     );
     match std::fs::read_to_string(path) {
         Ok(text) => {
-            for flag in ["--base-budget", "--copy-views", "--scope-budget"] {
+            for flag in [
+                "--base-budget",
+                "--copy-views",
+                "--scope-budget",
+                "--log-format=json",
+            ] {
                 assert!(text.contains(flag), "{flag} is not in {path}");
             }
             accepted(&text);

@@ -1538,7 +1538,7 @@ impl Cluster {
         }
     }
 
-    /// The lock Leases (by the label the README's troubleshooting command uses).
+    /// The lock Leases (by the label the troubleshooting command in docs/kubernetes.md uses).
     async fn lock_leases(&self) -> Vec<k8s_openapi::api::coordination::v1::Lease> {
         let api: Api<k8s_openapi::api::coordination::v1::Lease> =
             Api::namespaced(self.client.clone(), NS);

@@ -8,7 +8,7 @@
 //! `GOOGLE_*` credentials (`GOOGLE_SERVICE_ACCOUNT` with a service-account key file, or
 //! application default credentials). Without the URL every test is skipped with a message,
 //! **also under CI**: no GCS emulator that .ci/run can install serves the XML API object_store
-//! writes through (README, "Testing gs://"), so these run only where a bucket is configured:
+//! writes through (docs/storage.md, "Testing gs://"), so these run only where a bucket is configured:
 //! they are opt-in, `common::Provider::OptIn`, the one exception to the CI rule of
 //! `common::required`.
 

@@ -11,6 +11,7 @@ use cachevol::engine::format::{
     compress_chunk, encode_entries, ChunkRef, Digest, Entry, Generation, Kind, PackBuilder,
     Provenance, Totals,
 };
+use cachevol::engine::{format, pages};
 use cachevol::engine::{CommitOptions, Engine, Error};
 use common::*;
 
@@ -70,6 +71,7 @@ impl Lab {
             manifest_hash: Digest::of(stream),
             manifest_len: stream.len() as u64,
             manifest: refs,
+            pages: vec![],
         };
         let path = self
             .store
@@ -301,6 +303,7 @@ async fn chunks_that_do_not_match_their_digest_are_refused() {
         manifest_hash: Digest::of(b"some other manifest"),
         manifest_len: stream.len() as u64,
         manifest: refs,
+        pages: vec![],
     };
     write(
         &lab.store
@@ -419,7 +422,7 @@ async fn unknown_format_versions_are_refused() {
         err,
         Error::UnsupportedVersion {
             found: 99,
-            supported: 1,
+            supported: 2,
             ..
         }
     ));
@@ -643,6 +646,7 @@ fn a_chunk_referenced_many_times_costs_bounded_memory() {
         manifest_hash: Digest::of(b"whatever: the length alone is refused"),
         manifest_len: 48 * (64 << 20),
         manifest: vec![zeros.clone(); 48],
+        pages: vec![],
     };
     let obj = lab
         .store
@@ -873,4 +877,142 @@ fn a_missing_bucket_is_one_configuration_error_for_every_command() {
         );
         assert!(!err.contains("<?xml"), "{err}");
     }
+}
+
+impl Lab {
+    /// Writes generation `gen` of `key` in format version 2, its pages as `pages` encodes
+    /// `entries` (so a test can alter them), all pages in one pack; returns its path.
+    fn paged(
+        &self,
+        key: &str,
+        gen: u64,
+        entries: &[Entry],
+        alter: impl FnOnce(&mut Vec<pages::Page>),
+    ) -> PathBuf {
+        let mut pages = pages::encode_pages(entries).unwrap();
+        alter(&mut pages);
+        let chunks: Vec<(&[u8], Digest)> = pages
+            .iter()
+            .map(|p| (&p.raw[..], Digest::of(&p.raw)))
+            .collect();
+        let (_, refs) = self.pack(&chunks);
+        let g = Generation {
+            key: key.into(),
+            generation: gen,
+            provenance: Provenance::default(),
+            totals: Totals::of(entries),
+            manifest_hash: Generation::pages_hash(&refs),
+            manifest_len: pages.iter().map(|p| p.raw.len() as u64).sum(),
+            manifest: refs,
+            pages: pages.iter().map(|p| p.info.clone()).collect(),
+        };
+        let path = self
+            .store
+            .join("default/manifests")
+            .join(key)
+            .join(format!("{gen:020}"));
+        write(&path, &g.encode());
+        path
+    }
+}
+
+/// A tree of `n` files (each its own chunk of one shared pack) in directories of 100.
+fn many_files(lab: &Lab, n: usize) -> Vec<Entry> {
+    let data = b"the same small file\n";
+    let one = lab.file("x", data).chunks;
+    let mut entries = Vec::new();
+    for d in 0..n.div_ceil(100) {
+        entries.push(dir_entry(&format!("d{d:05}")));
+        for f in 0..100.min(n - d * 100) {
+            entries.push(file_of(&format!("d{d:05}/f{f:03}"), one.clone()));
+        }
+    }
+    entries
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paged_snapshots_are_validated_like_any_other() {
+    let lab = Lab::new();
+    // Valid: restores.
+    let f = lab.file("dir/ok.txt", b"fine\n");
+    let valid = vec![dir_entry("dir"), f, symlink_entry("link", "dir/ok.txt")];
+    lab.paged("valid", 1, &valid, |_| {});
+    let target = lab.target("valid");
+    lab.engine.restore("valid", &[], &target).await.unwrap();
+    assert_eq!(std::fs::read(target.join("dir/ok.txt")).unwrap(), b"fine\n");
+
+    // The tree checks of version 1 apply to what pages hold.
+    let bad_trees: Vec<(&str, Vec<Entry>, &str)> = vec![
+        ("abs", vec![dir_entry("/etc")], "absolute"),
+        ("dotdot", vec![dir_entry("a"), dir_entry("a/../b")], "'..'"),
+        (
+            "through-link",
+            vec![symlink_entry("a", "/etc"), dir_entry("a/x")],
+            "not a directory",
+        ),
+        ("orphan", vec![dir_entry("x/y")], "not a directory"),
+    ];
+    for (key, entries, want) in bad_trees {
+        lab.paged(key, 1, &entries, |_| {});
+        lab.refused(key, &[want]).await;
+    }
+
+    // Pages that lie about themselves.
+    let tree = many_files(&lab, 3000);
+    lab.paged("count", 1, &tree, |p| {
+        p[1].info.n -= 1;
+        p[2].info.n += 1;
+    });
+    lab.refused("count", &["more entries than"]).await;
+    lab.paged("first", 1, &tree, |p| p[1].info.first = "d00007/zzz".into());
+    lab.refused("first", &["first entry"]).await;
+    lab.paged("swapped", 1, &tree, |p| p.swap(1, 2));
+    lab.refused("swapped", &["out of order"]).await;
+    lab.paged("missing", 1, &tree, |p| {
+        p.remove(1);
+    });
+    lab.refused("missing", &["totals"]).await;
+    lab.paged("garbage", 1, &tree, |p| p[2].raw.truncate(40));
+    lab.refused("garbage", &["manifest page", "packs in a page"])
+        .await;
+    // The same page twice: the second copy's first path cannot also be the next page's.
+    lab.paged("twice", 1, &tree, |p| {
+        let dup = pages::Page {
+            raw: p[1].raw.clone(),
+            info: p[1].info.clone(),
+        };
+        p.insert(2, dup);
+    });
+    lab.refused("twice", &["out of order"]).await;
+}
+
+#[test]
+fn a_paged_generation_over_the_limits_is_refused_before_its_pages_are_read() {
+    let lab = Lab::new();
+    let tree = many_files(&lab, 1000);
+    // A page table declaring more entries than the format allows, in pages that each claim the
+    // most a page may hold: refused from the generation object alone (exit 5, bounded memory).
+    let per = pages::MAX_PAGE_ENTRIES;
+    let count = (format::MAX_ENTRIES / per as u64 + 1) as usize;
+    lab.paged("too-many", 1, &tree, |p| {
+        let one = p.remove(0);
+        *p = (0..count)
+            .map(|i| pages::Page {
+                raw: one.raw.clone(),
+                info: pages::PageInfo {
+                    n: per,
+                    first: format!("p{i:06}"),
+                },
+            })
+            .collect();
+    });
+    lab.bounded("too-many", 5, "over the format's limit");
+    // Pages that leave entries out of what the generation's totals count.
+    lab.paged("fewer", 1, &tree, |p| p[0].info.n -= 1);
+    lab.bounded("fewer", 5, "totals count");
+    // One page longer than a page may be.
+    lab.paged("long-page", 1, &tree, |p| {
+        p[0].raw.resize(pages::MAX_PAGE_LEN as usize + 1, 0)
+    });
+    lab.bounded("long-page", 5, "over the format's limits");
 }

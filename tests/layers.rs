@@ -235,7 +235,7 @@ fn no_arrow_points_up() {
     }
     assert!(
         bad.is_empty(),
-        "arrows that break the layers (README, \"Architecture\"):\n{}",
+        "arrows that break the layers (docs/architecture.md):\n{}",
         bad.join("\n")
     );
     // Every layer named here exists, so the table cannot silently drift from the tree.

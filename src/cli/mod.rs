@@ -3,7 +3,7 @@
 //! long operations draw progress bars when stderr is a terminal.
 
 // The benchmark is a tool for working on cachevol, not part of the product: only with the
-// `bench` feature (README, "Benchmark").
+// `bench` feature (docs/benchmarks.md).
 #[cfg(feature = "bench")]
 mod bench;
 #[cfg(feature = "bench")]
@@ -38,7 +38,7 @@ pub mod exit {
     pub const REFUSED: i32 = 4;
     /// The store holds something invalid: a corrupt, hostile or too new snapshot.
     pub const CORRUPT: i32 = 5;
-    /// The store could not be reached or timed out.
+    /// The store could not be reached, timed out, or gave no credentials to use it with.
     pub const UNAVAILABLE: i32 = 6;
 }
 
@@ -328,10 +328,9 @@ impl Global {
 /// The exit code for an engine error.
 pub fn exit_code(e: &Error) -> i32 {
     match e {
-        Error::InvalidName { .. }
-        | Error::InvalidStore { .. }
-        | Error::NoSuchBucket { .. }
-        | Error::NoCredentials { .. } => exit::USAGE,
+        Error::InvalidName { .. } | Error::InvalidStore { .. } | Error::NoSuchBucket { .. } => {
+            exit::USAGE
+        }
         Error::NoSuchGeneration { .. } | Error::NoSuchKey { .. } => exit::NOT_FOUND,
         Error::Fenced { .. }
         | Error::OverBudget { .. }

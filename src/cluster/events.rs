@@ -1,5 +1,16 @@
 //! Events on pods: what a cache did for a pod is visible in `kubectl describe pod`. Posting an
 //! event never fails or delays the caller for long: it is best effort, logged when it fails.
+//!
+//! Why not kube-runtime's `events::Recorder` (kube 5), which we already depend on: its
+//! aggregation keys a repeat by type, reason, action, reporter and object but not by message,
+//! and a repeat patches the *first* event's series count while keeping that event's note. Our
+//! messages change while the reason stays: "number 2 in line" becomes "number 1 in line", a
+//! store that was unreachable names the next error. With that recorder the pod would show the
+//! first message with a growing count, which is wrong where it matters most (a pod waiting on a
+//! lock). What we need instead is small: the same reason *and* message for the same pod at most
+//! once a minute, and a new message posted at once. Its events also go to `events.k8s.io/v1`
+//! and need `patch` on them; ours are core/v1 creates only, which every cluster version and
+//! the chart's RBAC allow and `kubectl describe` shows alike.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -22,6 +22,7 @@ use super::format::{
 };
 use super::localstate::{self, DirState, Stat};
 use super::overlay::{self, remove_under};
+use super::pages::{self, PageInfo};
 use super::protect::InFlight;
 use super::scan::{self, Scanned};
 use super::{io_concurrency, names, Engine, PACK_TARGET};
@@ -30,8 +31,6 @@ use super::{io_concurrency, names, Engine, PACK_TARGET};
 const CDC_MIN: u32 = 128 << 10;
 const CDC_AVG: u32 = 512 << 10;
 const CDC_MAX: u32 = 2 << 20;
-/// The manifest stream is chunked finer, so a small change re-uploads little of it.
-const MANIFEST_CDC: (u32, u32, u32) = (16 << 10, 64 << 10, 256 << 10);
 /// Files up to this size are read whole; larger ones are streamed through the chunker.
 const READ_WHOLE: u64 = 8 << 20;
 const MAX_ATTEMPTS: u32 = 64;
@@ -804,9 +803,10 @@ impl Engine {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let (manifest_refs, stream_hash, stream_len) = self
+            let manifest = self
                 .pack_manifest(t.read_root, &entries, t.known, t.base_manifest, packer)
                 .await?;
+            let manifest_refs = manifest.refs.clone();
             let g = Generation {
                 key: key.to_string(),
                 generation: target,
@@ -817,9 +817,10 @@ impl Engine {
                     note: opts.note.clone(),
                 },
                 totals: Totals::of(&entries),
-                manifest_hash: stream_hash,
-                manifest_len: stream_len,
-                manifest: manifest_refs.clone(),
+                manifest_hash: manifest.hash,
+                manifest_len: manifest.len,
+                manifest: manifest.refs,
+                pages: manifest.pages,
             };
             let body = Bytes::from(g.encode());
             let len = body.len() as u64;
@@ -1015,8 +1016,9 @@ impl Engine {
         }
     }
 
-    /// Encodes the manifest stream, chunks it, packs the chunks the base does not have, and
-    /// returns the refs of its chunks and the stream's digest and length.
+    /// Encodes the manifest as pages (format version 2), packs the pages the base (or the
+    /// store, as far as this commit knows) does not have, and returns the generation's manifest
+    /// chunks, page table, digest and length.
     async fn pack_manifest(
         &self,
         dir: &Path,
@@ -1024,51 +1026,66 @@ impl Engine {
         known: &HashMap<Digest, ChunkRef>,
         base_manifest: &[ChunkRef],
         packer: &mut Packer<'_>,
-    ) -> Result<(Vec<ChunkRef>, Digest, u64)> {
-        let stream = format::encode_entries(entries);
-        if stream.len() as u64 > format::MAX_MANIFEST_LEN {
-            // Restore refuses such a manifest (its memory is bounded): never say "committed"
-            // for a generation that cannot be restored.
-            return Err(Error::Unsupported {
-                path: dir.to_path_buf(),
-                why: format!(
-                    "a tree of {} entries has a manifest of {} bytes, over the format's limit of {} bytes: split it into several caches",
-                    entries.len(),
-                    stream.len(),
-                    format::MAX_MANIFEST_LEN
-                ),
-            });
+    ) -> Result<Manifest> {
+        // Restore refuses such a manifest (its memory is bounded): never say "committed" for a
+        // generation that cannot be restored.
+        let refuse = |why: String| Error::Unsupported {
+            path: dir.to_path_buf(),
+            why,
+        };
+        if entries.len() as u64 > format::MAX_ENTRIES {
+            return Err(refuse(format!(
+                "a tree of {} entries is over the format's limit of {} entries: split it into several caches",
+                entries.len(),
+                format::MAX_ENTRIES
+            )));
         }
+        let pages = pages::encode_pages(entries).map_err(refuse)?;
         let mut reusable: HashMap<Digest, ChunkRef> =
             base_manifest.iter().map(|r| (r.h, r.clone())).collect();
         for (h, r) in known {
             reusable.entry(*h).or_insert_with(|| r.clone());
         }
-        let (min, avg, max) = MANIFEST_CDC;
-        let mut order = Vec::new();
-        for c in fastcdc::v2020::FastCDC::new(&stream, min, avg, max) {
-            let raw = &stream[c.offset..c.offset + c.length];
-            let h = Digest::of(raw);
+        let mut order = Vec::with_capacity(pages.len());
+        let mut infos = Vec::with_capacity(pages.len());
+        let mut len = 0u64;
+        for page in pages {
+            let h = Digest::of(&page.raw);
             if !reusable.contains_key(&h) && !packer.has(&h) {
                 packer
-                    .add(h, raw.len() as u32, format::compress_chunk(raw))
+                    .add(h, page.raw.len() as u32, format::compress_chunk(&page.raw))
                     .await?;
             }
+            len += page.raw.len() as u64;
             order.push(h);
+            infos.push(page.info);
         }
         let new_refs = packer.finish_data().await?;
-        let refs = order
+        let refs: Vec<ChunkRef> = order
             .into_iter()
             .map(|h| {
                 new_refs
                     .get(&h)
                     .or_else(|| reusable.get(&h))
                     .cloned()
-                    .expect("every manifest chunk was packed or known")
+                    .expect("every manifest page was packed or known")
             })
             .collect();
-        Ok((refs, Digest::of(&stream), stream.len() as u64))
+        Ok(Manifest {
+            hash: Generation::pages_hash(&refs),
+            len,
+            refs,
+            pages: infos,
+        })
     }
+}
+
+/// A manifest packed for a generation.
+struct Manifest {
+    refs: Vec<ChunkRef>,
+    pages: Vec<PageInfo>,
+    hash: Digest,
+    len: u64,
 }
 
 enum Msg {

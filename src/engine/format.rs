@@ -1,16 +1,22 @@
-//! The on-store format, version 1: chunk digests, packs, manifests and generation objects, their
-//! encodings, and the validation every one of them passes on read. Anything here that a newer
-//! cachevol changes must bump `FORMAT_VERSION` and keep reading the older versions.
+//! The on-store format, version 2 (and the version 1 it still reads): chunk digests, packs,
+//! manifests and generation objects, their encodings, and the validation every one of them
+//! passes on read. Anything here that a newer cachevol changes must bump `FORMAT_VERSION` and
+//! keep reading the older versions.
 //!
 //! - A **pack** is `CVPACK01` followed by zstd frames, one per chunk, back to back. Chunk refs
 //!   name the pack, the frame's offset and length, and the chunk's BLAKE3 digest and raw length;
 //!   every chunk is verified against its digest after decompression.
-//! - A **manifest** is the list of entries of one tree, one JSON object per line, sorted by path.
-//!   It is itself content-defined-chunked and stored in packs like file data, so a small change
-//!   to a large tree uploads only the manifest chunks around the change.
+//! - A **manifest** is the list of entries of one tree. Since version 2 it is a sequence of
+//!   binary *pages* in directory order, each page one chunk in a pack, cut where the content
+//!   says ([`super::pages`]): a small change to a large tree uploads only the pages around the
+//!   change, and a reader can fetch the pages of one directory alone. In version 1 it was one
+//!   JSON object per line, sorted by path, content-defined-chunked into packs; a generation of
+//!   version 1 is still read.
 //! - A **generation object** is `CVGEN\0\0\0`, a little-endian u32 format version, the BLAKE3
-//!   digest of the body, then the zstd-compressed JSON body: provenance, totals and the refs of
-//!   the manifest's chunks. It is created with a create-only put at a name that depends only on
+//!   digest of the body, then the zstd-compressed JSON body: provenance, totals, the refs of
+//!   the manifest's chunks and, since version 2, the page table (each page's entry count and
+//!   first path). A generation without pages (an empty tree) is written as version 1, which
+//!   every cachevol reads. It is created with a create-only put at a name that depends only on
 //!   the key and the generation number, so two writers of one generation collide.
 
 use std::collections::HashSet;
@@ -19,8 +25,9 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use super::error::{Error, Result};
+use super::pages::{self, PageInfo};
 
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 pub const PACK_MAGIC: &[u8; 8] = b"CVPACK01";
 pub const GEN_MAGIC: &[u8; 8] = b"CVGEN\0\0\0";
 /// Refuse absurd inputs before allocating for them.
@@ -30,10 +37,14 @@ pub const MAX_GENERATION_OBJECT: usize = 64 << 20;
 /// 20-digit object name, and the next one can always be computed). A store object with a larger
 /// number blocks its key: it is an invalid snapshot until `wipe` or `rollback` removes it.
 pub const MAX_GENERATION: u64 = 9_999_999_999_999_999_999;
-/// The longest manifest stream a generation may declare (about 130,000 entries): the manifest is
-/// held and parsed in memory, so this bounds a restore's memory whatever a generation claims.
-/// Commit refuses a tree whose manifest would be longer.
+/// The longest manifest stream a version 1 generation may declare (about 130,000 entries): that
+/// manifest is held and parsed in memory as one piece, so this bounds a restore's memory whatever
+/// a generation claims. Version 2 bounds each page instead ([`super::pages::MAX_PAGE_LEN`]).
 pub const MAX_MANIFEST_LEN: u64 = 32 << 20;
+/// The most entries a generation (version 2) may declare: a restore holds every entry in memory
+/// (about 200 bytes each), so this bounds its memory whatever the pages claim. Commit refuses a
+/// larger tree.
+pub const MAX_ENTRIES: u64 = 2 << 20;
 /// Chunks longer than this (raw or compressed) are never held whole in memory: they are streamed
 /// from the store, decompressed in small blocks and verified before anything is written. Commit
 /// writes chunks of at most 2 MiB, so only hostile or foreign snapshots take this path.
@@ -227,20 +238,44 @@ pub struct Generation {
     pub generation: u64,
     pub provenance: Provenance,
     pub totals: Totals,
-    /// BLAKE3 and length of the whole manifest stream.
+    /// Version 1: BLAKE3 of the whole manifest stream. Version 2: BLAKE3 of the pages' digests,
+    /// in order (32 bytes each), so that the page table is checked without fetching a page.
     pub manifest_hash: Digest,
+    /// The manifest's raw length (the sum of its chunks' raw lengths).
     pub manifest_len: u64,
-    /// The manifest stream's chunks, in order.
+    /// The manifest's chunks, in order: the stream's in version 1, one page each in version 2.
     pub manifest: Vec<ChunkRef>,
+    /// Version 2: one per chunk of `manifest`, sorted in directory order by first path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pages: Vec<PageInfo>,
 }
 
 impl Generation {
+    /// The format version this generation is written in: 2 when its manifest is paged, 1 for
+    /// the JSON manifest of older generations and for an empty tree (no manifest at all).
+    pub fn version(&self) -> u32 {
+        if self.pages.is_empty() {
+            1
+        } else {
+            FORMAT_VERSION
+        }
+    }
+
+    /// `manifest_hash` of a version 2 generation: the digest of its pages' digests.
+    pub fn pages_hash(manifest: &[ChunkRef]) -> Digest {
+        let mut h = blake3::Hasher::new();
+        for r in manifest {
+            h.update(&r.h.0);
+        }
+        Digest(*h.finalize().as_bytes())
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let json = serde_json::to_vec(self).expect("generation serializes");
         let body = zstd::bulk::compress(&json, 3).expect("zstd compresses in memory");
         let mut out = Vec::with_capacity(body.len() + 44);
         out.extend_from_slice(GEN_MAGIC);
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&self.version().to_le_bytes());
         out.extend_from_slice(&Digest::of(&body).0);
         out.extend_from_slice(&body);
         out
@@ -253,7 +288,7 @@ impl Generation {
             return Err(bad("not a cachevol generation object (bad magic)"));
         }
         let version = u32::from_le_bytes(data[8..12].try_into().expect("4 bytes"));
-        if version != FORMAT_VERSION {
+        if !(1..=FORMAT_VERSION).contains(&version) {
             return Err(Error::UnsupportedVersion {
                 location: location.to_string(),
                 found: version,
@@ -270,11 +305,20 @@ impl Generation {
             .map_err(|e| bad(&format!("generation body does not decompress: {e}")))?;
         let g: Generation = serde_json::from_slice(&json)
             .map_err(|e| bad(&format!("generation body is not valid: {e}")))?;
-        if g.manifest_len > MAX_MANIFEST_LEN {
+        if g.version() != version {
+            return Err(bad(&format!(
+                "a version {version} generation {} a page table",
+                if version == 1 { "with" } else { "without" }
+            )));
+        }
+        if version == 1 && g.manifest_len > MAX_MANIFEST_LEN {
             return Err(bad(&format!(
                 "manifest of {} bytes is over the format's limit of {MAX_MANIFEST_LEN} bytes",
                 g.manifest_len
             )));
+        }
+        if version >= 2 {
+            check_page_table(location, &g)?;
         }
         if g.manifest.iter().map(|c| c.n as u64).sum::<u64>() != g.manifest_len {
             return Err(bad(
@@ -286,6 +330,59 @@ impl Generation {
         }
         Ok(g)
     }
+}
+
+/// Checks a version 2 generation's page table against its manifest before any page is fetched:
+/// one page per chunk, each within the page limits, the entries within [`MAX_ENTRIES`], first
+/// paths valid and in directory order, and the pages' digest.
+fn check_page_table(location: &str, g: &Generation) -> Result<()> {
+    let bad = |why: String| Error::corrupt(location, why);
+    if g.pages.len() != g.manifest.len() {
+        return Err(bad(format!(
+            "{} manifest pages but {} manifest chunks",
+            g.pages.len(),
+            g.manifest.len()
+        )));
+    }
+    let mut total = 0u64;
+    for (i, (p, r)) in g.pages.iter().zip(&g.manifest).enumerate() {
+        if p.n == 0 || p.n > pages::MAX_PAGE_ENTRIES || r.n > pages::MAX_PAGE_LEN {
+            return Err(bad(format!(
+                "manifest page {i} declares {} entries in {} bytes, over the format's limits ({} entries, {} bytes)",
+                p.n,
+                r.n,
+                pages::MAX_PAGE_ENTRIES,
+                pages::MAX_PAGE_LEN
+            )));
+        }
+        check_path(&p.first).map_err(|w| bad(format!("manifest page {i}: {w}")))?;
+        if i > 0 && pages::dir_cmp(&g.pages[i - 1].first, &p.first) != std::cmp::Ordering::Less {
+            return Err(bad(format!("manifest page {i} is out of order")));
+        }
+        total += p.n as u64;
+    }
+    if total > MAX_ENTRIES {
+        return Err(bad(format!(
+            "{total} entries, over the format's limit of {MAX_ENTRIES}"
+        )));
+    }
+    let t = &g.totals;
+    if t.files
+        .checked_add(t.dirs)
+        .and_then(|n| n.checked_add(t.symlinks))
+        != Some(total)
+    {
+        return Err(bad(format!(
+            "manifest pages hold {total} entries but the generation's totals count {} files, {} directories and {} symlinks",
+            t.files, t.dirs, t.symlinks
+        )));
+    }
+    if Generation::pages_hash(&g.manifest) != g.manifest_hash {
+        return Err(bad(
+            "manifest pages do not match the manifest's digest".into()
+        ));
+    }
+    Ok(())
 }
 
 /// The head hint: names the newest generation of a key. Never trusted over the generations.
@@ -629,6 +726,7 @@ mod tests {
             manifest_hash: Digest::of(b""),
             manifest_len: 0,
             manifest: vec![],
+            pages: vec![],
         };
         let enc = g.encode();
         assert_eq!(Generation::decode("x", &enc).unwrap(), g);
@@ -636,9 +734,14 @@ mod tests {
         *bad.last_mut().unwrap() ^= 1;
         assert!(Generation::decode("x", &bad).is_err());
         let mut newer = enc.clone();
-        newer[8] = 2;
+        newer[8] = 3;
         let err = Generation::decode("x", &newer).unwrap_err().to_string();
-        assert!(err.contains("format version 2"), "{err}");
+        assert!(err.contains("format version 3"), "{err}");
+        // A version 2 header on a generation without pages is refused, not read as JSON lines.
+        let mut paged = enc.clone();
+        paged[8] = 2;
+        let err = Generation::decode("x", &paged).unwrap_err().to_string();
+        assert!(err.contains("without a page table"), "{err}");
     }
 
     #[test]

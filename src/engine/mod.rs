@@ -15,6 +15,7 @@ mod image;
 mod inspect;
 mod localstate;
 pub mod overlay;
+pub mod pages;
 mod par;
 mod protect;
 mod restore;
@@ -262,10 +263,117 @@ impl Engine {
         Ok(g)
     }
 
-    /// Fetches, verifies and parses the manifest of a generation. The stream is assembled in
-    /// one buffer of the declared length (bounded by the format), each distinct chunk
-    /// decompressed once and copied to every place it is used.
+    /// Fetches, verifies and parses the manifest of a generation: its entries, validated as a
+    /// tree and sorted by path, whatever the generation's format version.
     pub async fn load_entries(&self, g: &Generation) -> Result<Vec<Entry>> {
+        if g.version() >= 2 {
+            return self.load_pages(g).await;
+        }
+        self.load_stream(g).await
+    }
+
+    /// A version 2 manifest: every page fetched (several packs at once, each pack's pages in
+    /// coalesced ranged reads), verified and decoded on its own as it arrives, so memory is the
+    /// entries plus the pages in flight, never the whole encoded manifest.
+    async fn load_pages(&self, g: &Generation) -> Result<Vec<Entry>> {
+        let location = format!("{}/{}#manifest", g.key, g.generation);
+        // Which pages each distinct chunk is, grouped by pack (the generation's decode checked
+        // the page table: one page per chunk, within the format's limits).
+        let mut by_pack: HashMap<Digest, HashMap<u64, (ChunkRef, Vec<usize>)>> = HashMap::new();
+        for (i, r) in g.manifest.iter().enumerate() {
+            let (known, places) = by_pack
+                .entry(r.p)
+                .or_default()
+                .entry(r.o)
+                .or_insert_with(|| (r.clone(), Vec::new()));
+            if known != r {
+                return Err(one_chunk_per_offset(&self.layout, r));
+            }
+            places.push(i);
+        }
+        let infos = Arc::new(g.pages.clone());
+        let decoded: Arc<std::sync::Mutex<Vec<Option<Vec<Entry>>>>> =
+            Arc::new(std::sync::Mutex::new(vec![None; infos.len()]));
+        futures::stream::iter(by_pack)
+            .map(|(pack, needs)| {
+                let (infos, decoded, location) = (infos.clone(), decoded.clone(), location.clone());
+                // A page comes whole unless its frame is long enough to be streamed: then its
+                // verified pieces are put together here first.
+                let partial: std::sync::Mutex<HashMap<u64, Vec<u8>>> = Default::default();
+                async move {
+                    let mut needs: Vec<_> = needs.into_values().collect();
+                    needs.sort_by_key(|(r, _)| r.o);
+                    self.read_chunks(
+                        pack,
+                        needs,
+                        |(r, _)| r,
+                        ReadCtl::default(),
+                        Arc::new(Each(
+                            move |(r, places): &(ChunkRef, Vec<usize>), at, data: &[u8]| {
+                                let whole;
+                                let raw = if at == 0 && data.len() == r.n as usize {
+                                    data
+                                } else {
+                                    let mut parts = partial.lock().expect("not poisoned");
+                                    let buf = parts.entry(r.o).or_default();
+                                    buf.extend_from_slice(data);
+                                    if buf.len() < r.n as usize {
+                                        return Ok(());
+                                    }
+                                    whole = parts.remove(&r.o).expect("just filled");
+                                    &whole[..]
+                                };
+                                for &i in places {
+                                    let entries = pages::decode_page(&location, &infos[i], raw)?;
+                                    decoded.lock().expect("not poisoned")[i] = Some(entries);
+                                }
+                                Ok(())
+                            },
+                        )),
+                    )
+                    .await
+                }
+            })
+            .buffer_unordered(io_concurrency())
+            .try_collect::<Vec<u64>>()
+            .await?;
+        let decoded = Arc::try_unwrap(decoded)
+            .expect("every reader is done")
+            .into_inner()
+            .expect("not poisoned");
+        let total: usize = g.pages.iter().map(|p| p.n as usize).sum();
+        let mut entries: Vec<Entry> = Vec::with_capacity(total);
+        for (i, page) in decoded.into_iter().enumerate() {
+            let page = page.ok_or_else(|| {
+                Error::corrupt(&location, format!("manifest page {i} was not read"))
+            })?;
+            // Each page is in order and the pages' first paths are: what is left to check is
+            // that a page ends before the next one begins.
+            if let (Some(last), Some(first)) = (entries.last(), page.first()) {
+                if pages::dir_cmp(&last.path, &first.path) != std::cmp::Ordering::Less {
+                    return Err(Error::corrupt(
+                        &location,
+                        format!("manifest page {i} overlaps the page before it"),
+                    ));
+                }
+            }
+            entries.extend(page);
+        }
+        entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+        format::validate_tree(&location, &mut entries)?;
+        if format::Totals::of(&entries) != g.totals {
+            return Err(Error::corrupt(
+                &location,
+                "the manifest does not hold what the generation's totals say",
+            ));
+        }
+        Ok(entries)
+    }
+
+    /// A version 1 manifest: the stream is assembled in one buffer of the declared length
+    /// (bounded by the format), each distinct chunk decompressed once and copied to every place
+    /// it is used.
+    async fn load_stream(&self, g: &Generation) -> Result<Vec<Entry>> {
         let location = format!("{}/{}#manifest", g.key, g.generation);
         let len = usize::try_from(g.manifest_len)
             .ok()

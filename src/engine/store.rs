@@ -31,10 +31,10 @@ pub struct Store {
     local: Option<(PathBuf, Arc<object_store::local::LocalFileSystem>)>,
     timeout: Duration,
     conditional_update: bool,
-    /// An S3 store whose only source of credentials is the instance metadata service (no
-    /// `AWS_*` credentials in the environment): a failed metadata request means "no
-    /// credentials", not a raw HTTP error about a token endpoint.
-    metadata_credentials_only: bool,
+    /// A cloud store whose only source of credentials is the instance metadata service (none
+    /// in the environment): a failed metadata request means "no credentials", said in the
+    /// user's terms with what to set, not a raw HTTP error about a token endpoint.
+    metadata_only: Option<&'static Credentials>,
     /// Told of each failed or timed-out request (its op: get, head, put, delete, list, copy,
     /// other), for whoever counts them; the engine itself keeps no metrics.
     on_error: Option<ErrorHook>,
@@ -160,7 +160,16 @@ impl Store {
             }
             Err(_) => Path::default(),
         };
-        let s3 = parsed == StoreUrl::S3;
+        let metadata_only = Credentials::of(&parsed).filter(|c| !(c.in_env)());
+        if let Some(c) = metadata_only {
+            if !(c.metadata_allowed)() {
+                return Err(Error::NoCredentials {
+                    url: redact_url(url),
+                    scheme: c.scheme,
+                    hint: c.hint,
+                });
+            }
+        }
         let inner: Arc<dyn ObjectStore> = match parsed {
             StoreUrl::Local(path) => return Self::open_local(path, timeout),
             StoreUrl::S3 => Arc::new(
@@ -180,7 +189,19 @@ impl Store {
                 object_store::azure::MicrosoftAzureBuilder::from_env()
                     .with_url(url)
                     .build()
-                    .map_err(|e| invalid(e.to_string()))?,
+                    .map_err(|e| match e {
+                        // "Account must be specified": the account is how Azure names a store.
+                        object_store::Error::Generic { .. }
+                            if e.to_string().contains("Account must be specified") =>
+                        {
+                            Error::NoCredentials {
+                                url: redact_url(url),
+                                scheme: "az",
+                                hint: AZURE.hint,
+                            }
+                        }
+                        e => invalid(e.to_string()),
+                    })?,
             ),
         };
         Ok(Store {
@@ -195,7 +216,7 @@ impl Store {
             // Every object store cachevol opens (S3 with ETag matches, GCS, Azure) can
             // compare-and-swap; only the local directory cannot.
             conditional_update: true,
-            metadata_credentials_only: s3 && !aws_credentials_in_env(),
+            metadata_only,
         })
     }
 
@@ -225,7 +246,7 @@ impl Store {
             on_latency: None,
             on_answer: None,
             conditional_update: false,
-            metadata_credentials_only: false,
+            metadata_only: None,
         })
     }
 
@@ -320,13 +341,11 @@ impl Store {
                             .unwrap_or_default(),
                     });
                 }
-                if self.metadata_credentials_only && is_metadata_failure(&source) {
+                if let Some(c) = self.metadata_only.filter(|c| (c.metadata_failure)(&source)) {
                     return Err(Error::NoCredentials {
                         url: self.display.clone(),
-                        scheme: "s3",
-                        hint: "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or \
-                               AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN (IRSA), or run where \
-                               the instance metadata service grants a role",
+                        scheme: c.scheme,
+                        hint: c.hint,
                     });
                 }
                 Err(Error::Store {
@@ -517,6 +536,106 @@ impl Store {
 /// Whether the environment names AWS credentials object_store uses before it falls back to the
 /// instance metadata service: static keys, a web identity (IRSA), a container credentials
 /// endpoint (ECS, EKS Pod Identity), or unsigned requests.
+/// Where a cloud store's credentials come from when none are in the environment (the instance
+/// metadata service: EC2's, GCE's, Azure's managed identity), how to tell a failed request to
+/// it, and what to tell the user.
+pub(crate) struct Credentials {
+    scheme: &'static str,
+    hint: &'static str,
+    in_env: fn() -> bool,
+    metadata_allowed: fn() -> bool,
+    metadata_failure: fn(&object_store::Error) -> bool,
+}
+
+/// Turns instance-metadata credentials off for every store (`off`): a cloud store without
+/// credentials in the environment is refused at once, without a request to a metadata address.
+/// For tests and for machines where a request to 169.254.169.254 must never be sent.
+pub const INSTANCE_METADATA_ENV: &str = "CACHEVOL_INSTANCE_METADATA";
+
+fn env_true(var: &str) -> bool {
+    std::env::var(var).is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
+fn env_set(var: &str) -> bool {
+    std::env::var_os(var).is_some_and(|v| !v.is_empty())
+}
+
+fn metadata_on() -> bool {
+    !std::env::var(INSTANCE_METADATA_ENV).is_ok_and(|v| v.eq_ignore_ascii_case("off"))
+}
+
+static AWS: Credentials = Credentials {
+    scheme: "s3",
+    hint: "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_WEB_IDENTITY_TOKEN_FILE and \
+           AWS_ROLE_ARN (IRSA), or run where the instance metadata service grants a role",
+    in_env: aws_credentials_in_env,
+    // The AWS SDKs' own switch is honoured too.
+    metadata_allowed: || metadata_on() && !env_true("AWS_EC2_METADATA_DISABLED"),
+    metadata_failure: is_metadata_failure,
+};
+
+static GCS: Credentials = Credentials {
+    scheme: "gs",
+    hint: "set GOOGLE_APPLICATION_CREDENTIALS or GOOGLE_SERVICE_ACCOUNT_KEY to a service \
+           account key, or run where the metadata server grants a service account (Workload \
+           Identity)",
+    in_env: || {
+        [
+            "GOOGLE_SERVICE_ACCOUNT",
+            "GOOGLE_SERVICE_ACCOUNT_PATH",
+            "GOOGLE_SERVICE_ACCOUNT_KEY",
+            "GOOGLE_APPLICATION_CREDENTIALS",
+        ]
+        .iter()
+        .any(|v| env_set(v))
+            // gcloud's application default credentials, which object_store reads too.
+            || std::env::var_os("HOME").is_some_and(|h| {
+                std::path::Path::new(&h)
+                    .join(".config/gcloud/application_default_credentials.json")
+                    .exists()
+            })
+    },
+    // google-auth's switch for "not on GCE".
+    metadata_allowed: || metadata_on() && !env_true("NO_GCE_CHECK"),
+    metadata_failure: |e| e.to_string().contains("computeMetadata"),
+};
+
+static AZURE: Credentials = Credentials {
+    scheme: "az",
+    hint: "set AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY (or a SAS token, a \
+           client secret, or workload identity's AZURE_FEDERATED_TOKEN_FILE), or run where a \
+           managed identity is granted the container",
+    in_env: || {
+        env_true("AZURE_STORAGE_USE_EMULATOR")
+            || [
+                "AZURE_STORAGE_ACCOUNT_KEY",
+                "AZURE_STORAGE_ACCESS_KEY",
+                "AZURE_STORAGE_MASTER_KEY",
+                "AZURE_STORAGE_SAS_KEY",
+                "AZURE_STORAGE_SAS_TOKEN",
+                "AZURE_STORAGE_TOKEN",
+                "AZURE_CLIENT_SECRET",
+                "AZURE_FEDERATED_TOKEN_FILE",
+            ]
+            .iter()
+            .any(|v| env_set(v))
+            || env_true("AZURE_SKIP_SIGNATURE")
+    },
+    metadata_allowed: metadata_on,
+    metadata_failure: |e| e.to_string().contains("/metadata/identity/"),
+};
+
+impl Credentials {
+    fn of(url: &StoreUrl) -> Option<&'static Credentials> {
+        match url {
+            StoreUrl::S3 => Some(&AWS),
+            StoreUrl::Gcs => Some(&GCS),
+            StoreUrl::Azure => Some(&AZURE),
+            StoreUrl::Local(_) => None,
+        }
+    }
+}
+
 fn aws_credentials_in_env() -> bool {
     [
         "AWS_ACCESS_KEY_ID",

@@ -33,12 +33,26 @@ default driver (where installs before driver.name keep their bases and records) 
 {{- end }}
 {{- end }}
 
+{{/* Labels of every object: the chart's, then commonLabels (which the schema keeps from
+naming the chart's own). */}}
 {{- define "cachevol.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 app.kubernetes.io/name: {{ include "cachevol.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Labels of a component's pods besides its selector labels: commonLabels and the
+component's podLabels (which win where both name a label); call with
+(dict "ctx" . "podLabels" map). Never in a selector, so changing them never orphans pods. */}}
+{{- define "cachevol.podLabels" -}}
+{{- with merge (dict) .podLabels .ctx.Values.commonLabels }}
+{{- toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/* Selector labels of one component; call with (dict "ctx" . "component" "node"). */}}
