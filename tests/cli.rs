@@ -165,6 +165,9 @@ fn exit_codes_say_what_went_wrong() {
             "true",
         ])
         .env("AWS_REGION", "us-east-1")
+        // Credentials, so that the store opens and the refusal is the mode's.
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(4), "{out:?}");

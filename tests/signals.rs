@@ -300,7 +300,7 @@ fn sigint_with_json_reports_the_cancel_as_an_error_object() {
     assert_eq!(line["command"], "commit");
     assert_eq!(line["exit_code"], 130);
     assert!(
-        line["error"]
+        line["error"]["message"]
             .as_str()
             .unwrap()
             .contains("cancelled by SIGINT"),
