@@ -152,9 +152,9 @@ impl Engine {
         let Some((level, from_key, generation)) = found else {
             if let Some(prev) = previous {
                 let d = dir.clone();
-                tokio::task::spawn_blocking(move || reconcile(&d, &prev, &[]))
+                tokio::task::spawn_blocking(move || remove_recorded(&d, &prev))
                     .await
-                    .expect("reconcile does not panic")?;
+                    .expect("remove_recorded does not panic")?;
             }
             DirState {
                 header: self.header(&dir, None, vec![]),
@@ -545,6 +545,46 @@ fn reconcile(dir: &Path, prev: &DirState, entries: &[Entry]) -> Result<Vec<Optio
         };
     }
     Ok(present)
+}
+
+/// A miss into a directory cachevol restored or committed before: what that record says
+/// cachevol put there is removed (files and links, then directories once empty), and nothing
+/// else. A miss never deletes what cachevol did not write: after a first miss that kept a
+/// directory's files as they were, a second one must not delete them.
+fn remove_recorded(dir: &Path, prev: &DirState) -> Result<()> {
+    let recorded: HashMap<&str, Kind> = prev
+        .entries
+        .iter()
+        .map(|e| (e.path.as_str(), e.kind))
+        .collect();
+    if recorded.is_empty() {
+        return Ok(());
+    }
+    let mut scanned = super::scan::scan(dir)?;
+    // Children before their parents: a path sorts after each of its prefixes.
+    scanned.sort_unstable_by(|a, b| b.path.cmp(&a.path));
+    for s in &scanned {
+        if recorded.get(s.path.as_str()) != Some(&s.kind) {
+            continue;
+        }
+        let path = dir.join(&s.path);
+        let res = match s.kind {
+            // Kept when it holds what cachevol did not put there.
+            Kind::Dir => match std::fs::remove_dir(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => Ok(()),
+                r => r,
+            },
+            // The scan never follows a link: this removes the link, never its target.
+            Kind::File | Kind::Symlink => std::fs::remove_file(&path),
+        };
+        match res {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io("remove", &path)(e).into());
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// The process umask, read without changing it (`umask(2)` can only set it); all bits set
