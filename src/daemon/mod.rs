@@ -158,7 +158,9 @@ pub struct RetentionArgs {
     /// Evict least recently used keys while the scope stores more than this (e.g. 50Gi).
     #[arg(long, value_parser = spec::parse_size)]
     scope_budget: Option<u64>,
-    /// Unreferenced packs younger than this are kept (in-flight commits).
+    /// Unreferenced packs younger than this are kept. Running commits do not depend on it
+    /// (their in-flight markers protect what they use, whatever the grace); quarantined packs
+    /// are deleted at once.
     #[arg(long, value_parser = spec::parse_duration, default_value = "1h")]
     grace: Duration,
 }
