@@ -156,6 +156,10 @@ impl Report for ClusterReport {
         self.metrics.base_written(form, secs)
     }
 
+    fn base_evicted(&self, reason: crate::node::report::EvictionReason) {
+        self.metrics.base_evicted(reason)
+    }
+
     fn commit(&self, outcome: CommitOutcome, uploaded_bytes: u64, secs: f64) {
         self.metrics.commit(outcome, uploaded_bytes, secs)
     }
