@@ -161,7 +161,7 @@ impl StoreUrl {
             let lower = scheme.to_ascii_lowercase();
             return Err(
                 if lower == "file" || BUCKET_SCHEMES.iter().any(|(s, ..)| *s == lower) {
-                    format!("write the scheme in lowercase: {lower}://")
+                    format!("the scheme {scheme:?} must be written in lowercase: {lower}://")
                 } else {
                     format!("unsupported scheme {scheme:?} (use file://, s3://, gs:// or az://)")
                 },
@@ -186,8 +186,9 @@ impl StoreUrl {
             || !bucket.ends_with(edge)
             || !bucket.chars().all(|c| edge(c) || extra.contains(c))
         {
+            let also: String = extra.chars().map(|c| format!(", '{c}'")).collect();
             return Err(format!(
-                "bucket or container {bucket:?}: lowercase letters, digits and {extra:?} only, \
+                "bucket or container {bucket:?}: lowercase letters, digits{also} only, \
                  starting and ending with a letter or digit"
             ));
         }
