@@ -155,6 +155,12 @@ BAD_VALUES = [
     ({"storageClass": {"reclaimPolicy": "Recycle"}}, "reclaimPolicy enum"),
     ({"store": {"url": "https://bucket.example.com"}}, "store scheme"),
     ({"store": {"url": "s3://AKIA:secret@bucket/p"}}, "credentials in the URL"),
+    # The binary refuses these too (tests/store_urls.rs holds the whole corpus); here Helm's
+    # own regex engine reads the pattern.
+    ({"store": {"url": "file://relative/dir"}}, "file:// URL with a host, not an absolute path"),
+    ({"store": {"url": "S3://bucket/p"}}, "uppercase scheme"),
+    ({"storageClass": {"parameters": {"store": "s3://bucket/../p"}}}, "store path with .."),
+    ({"storageClass": {"parameters": {"store": "az://my.container/p"}}}, "container with a dot"),
     ({"node": {"baseBudget": "lots"}}, "size"),
     ({"controller": {"gc": {"ttl": "forever"}}}, "duration"),
     ({"node": {"copyView": True}}, "misspelt value"),

@@ -24,7 +24,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-pub use crate::node::report::{CommitOutcome, RestoreLevel, RestoreOutcome};
+pub use crate::node::report::{CommitOutcome, EvictionReason, RestoreLevel, RestoreOutcome};
 pub use crate::node::BaseForm;
 
 /// The store operations `op` of [`store_error`] may name; anything else is counted as `other`.
@@ -88,6 +88,7 @@ pub struct Metrics {
     restore_duration: Histogram,
     base_writes: IntCounterVec,
     base_write_duration: HistogramVec,
+    base_evictions: IntCounterVec,
     commits: IntCounterVec,
     commit_uploaded_bytes: IntCounter,
     commit_duration: Histogram,
@@ -180,6 +181,11 @@ impl Metrics {
                     &["form"],
                 )
                 .expect("valid histogram"),
+            ),
+            base_evictions: counter_vec(
+                "cachevol_node_base_evictions_total",
+                "Bases a node evicted, by reason: budget (its bases were over --base-budget; the least recently used one no view read went).",
+                &["reason"],
             ),
             commits: counter_vec(
                 "cachevol_commits_total",
@@ -329,6 +335,9 @@ impl Metrics {
             m.base_writes.with_label_values(&[form.label()]);
             m.base_write_duration.with_label_values(&[form.label()]);
         }
+        for reason in EvictionReason::ALL {
+            m.base_evictions.with_label_values(&[reason.label()]);
+        }
         for outcome in CommitOutcome::ALL {
             m.commits.with_label_values(&[outcome.label()]);
         }
@@ -381,6 +390,13 @@ impl Metrics {
         self.base_write_duration
             .with_label_values(&[form.label()])
             .observe(non_negative(seconds));
+    }
+
+    /// Counts one base evicted from the node, by reason.
+    pub fn base_evicted(&self, reason: EvictionReason) {
+        self.base_evictions
+            .with_label_values(&[reason.label()])
+            .inc();
     }
 
     /// Counts one commit: how it ended, the bytes it uploaded and how long it took.
@@ -493,6 +509,10 @@ impl crate::node::Report for Metrics {
 
     fn base_written(&self, form: BaseForm, secs: f64) {
         Metrics::base_written(self, form, secs)
+    }
+
+    fn base_evicted(&self, reason: EvictionReason) {
+        Metrics::base_evicted(self, reason)
     }
 
     fn commit(&self, outcome: CommitOutcome, uploaded_bytes: u64, secs: f64) {
@@ -723,6 +743,7 @@ mod tests {
             "cachevol_node_oldest_pending_commit_age_seconds",
             "cachevol_node_base_writes_total",
             "cachevol_node_base_write_duration_seconds",
+            "cachevol_node_base_evictions_total",
             "process_cpu_seconds_total",
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
@@ -741,6 +762,10 @@ mod tests {
                 &format!("cachevol_node_base_writes_total{{form=\"{form}\"}}"),
             );
         }
+        value(
+            &text,
+            "cachevol_node_base_evictions_total{reason=\"budget\"}",
+        );
         for outcome in [
             "committed",
             "unchanged",
@@ -856,6 +881,29 @@ mod tests {
     }
 
     #[test]
+    fn base_evictions_count_their_reason() {
+        let m = Metrics::new();
+        let text = m.render();
+        assert_eq!(
+            value(
+                &text,
+                "cachevol_node_base_evictions_total{reason=\"budget\"}"
+            ),
+            0.0
+        );
+        crate::node::Report::base_evicted(&m, EvictionReason::Budget);
+        m.base_evicted(EvictionReason::Budget);
+        let text = m.render();
+        assert_eq!(
+            value(
+                &text,
+                "cachevol_node_base_evictions_total{reason=\"budget\"}"
+            ),
+            2.0
+        );
+    }
+
+    #[test]
     fn registries_are_independent() {
         // Two daemons' registries (or two tests') do not see each other's observations.
         let (a, b) = (Metrics::new(), Metrics::new());
@@ -948,6 +996,7 @@ mod tests {
             "version" => value == env!("CARGO_PKG_VERSION"),
             "state" => ["active", "pending"].contains(&value),
             "form" => ["image", "tree"].contains(&value),
+            "reason" => EvictionReason::ALL.iter().any(|r| r.label() == value),
             "le" => true, // histogram buckets: fixed by the bucket lists
             _ => false,
         };

@@ -372,7 +372,7 @@ fn every_alert_asks_for_series_cachevol_exports() {
         ("CachevolCommitsFenced", "outcome=\"fenced\""),
         (
             "CachevolBaseBudgetPressure",
-            "cachevol_node_base_budget_bytes",
+            "cachevol_node_base_evictions_total{namespace=\"cachevol\",reason=\"budget\"}",
         ),
         ("CachevolLockWaitLong", "cachevol_lock_waiting_pods"),
         ("CachevolStoreErrors", "cachevol_store_request_errors_total"),

@@ -156,6 +156,10 @@ impl Report for ClusterReport {
         self.metrics.base_written(form, secs)
     }
 
+    fn base_evicted(&self, reason: crate::node::report::EvictionReason) {
+        self.metrics.base_evicted(reason)
+    }
+
     fn commit(&self, outcome: CommitOutcome, uploaded_bytes: u64, secs: f64) {
         self.metrics.commit(outcome, uploaded_bytes, secs)
     }
@@ -196,5 +200,64 @@ impl Report for ClusterReport {
         message: String,
     ) -> BoxFuture<'a, ()> {
         Box::pin(self.events.pod(pod, kind, reason, message))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::node::report::EvictionReason;
+    use crate::node::BaseForm;
+
+    // Report's methods do nothing by default, so a method ClusterReport does not pass on is a
+    // metric that silently stays at 0 in every cluster: what it records must be what the
+    // metrics record themselves.
+    #[tokio::test]
+    async fn the_cluster_reporter_passes_every_metric_on() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        // Never asked: no Event is posted here.
+        let config = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
+        let client = kube::Client::try_from(config).unwrap();
+        let through = Metrics::new();
+        let report = ClusterReport {
+            metrics: Arc::new(through.clone()),
+            events: Recorder::new(client, "cachevol-node", "n1"),
+        };
+        let direct = Metrics::new();
+        let gauges = crate::node::NodeGauges {
+            base_bytes: 7,
+            base_budget: Some(9),
+            active_views: 2,
+            pending_views: 1,
+            oldest_pending_secs: 3.0,
+        };
+        for r in [&report as &dyn Report, &direct as &dyn Report] {
+            r.restore(RestoreLevel::RestoreKey, RestoreOutcome::Warm, 5, 0.5);
+            r.base_written(BaseForm::Image, 0.2);
+            r.base_evicted(EvictionReason::Budget);
+            r.commit(CommitOutcome::Fenced, 11, 0.3);
+            r.lock_waiting();
+            r.lock_waiters(1);
+            r.lock_acquired(1.5);
+            r.store_error("put");
+            r.store_latency("get", 0.01);
+            r.unreadable_record();
+            r.node_gauges(&gauges);
+        }
+        let cachevol = |m: &Metrics| -> Vec<String> {
+            m.render()
+                .lines()
+                .filter(|l| l.starts_with("cachevol_"))
+                .map(str::to_string)
+                .collect()
+        };
+        assert_eq!(cachevol(&through), cachevol(&direct));
+        assert!(
+            cachevol(&direct)
+                .contains(&"cachevol_node_base_evictions_total{reason=\"budget\"} 1".to_string()),
+            "{:?}",
+            cachevol(&direct)
+        );
     }
 }

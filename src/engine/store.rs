@@ -92,19 +92,57 @@ pub enum StoreUrl {
     Azure,
 }
 
+/// The schemes of the object stores, each with what it opens and the characters its bucket
+/// (container) name may hold besides lowercase letters and digits (which it must start and
+/// end with): the rules S3, GCS and Azure give their names, so a name the store would refuse
+/// is refused before anything is sent. Besides these, a store is `file:///dir` or `/dir`.
+///
+/// The one list of what a store URL may be: the chart's values schema states the same grammar
+/// (tests/store_urls.rs checks its patterns against this table and [`StoreUrl::parse`]).
+pub const BUCKET_SCHEMES: &[(&str, StoreUrl, &str)] = &[
+    ("s3", StoreUrl::S3, ".-"),
+    // Hadoop's spelling, which object_store reads as s3.
+    ("s3a", StoreUrl::S3, ".-"),
+    ("gs", StoreUrl::Gcs, "._-"),
+    ("az", StoreUrl::Azure, "-"),
+    // object_store's other spellings of a container (`abfss://container@account...` carries
+    // user info, which no store URL may).
+    ("azure", StoreUrl::Azure, "-"),
+    ("abfs", StoreUrl::Azure, "-"),
+    ("abfss", StoreUrl::Azure, "-"),
+];
+
+/// What a path segment of an object store's URL may hold besides ASCII letters and digits
+/// (RFC 3986's unreserved characters): nothing a URL parser would escape, rewrite or read as
+/// user info, query or fragment, so the prefix cachevol writes under is the text the user wrote.
+pub const PATH_CHARS: &str = "-._~";
+
+/// What a local store's path (`/dir` or `file:///dir`) may not hold besides control
+/// characters: what would make its `file://` form mean another directory (a query, a fragment,
+/// a percent escape). Anything else a directory's name may hold, so `$HOME` with a space or an
+/// `@` is a store.
+pub const LOCAL_PATH_REFUSED: &str = "?#%";
+
 impl StoreUrl {
     /// Checks a store URL: the one test of which URLs are stores, shared by [`Store::open`] and
     /// the volume model (which adds its own rule: no credentials in volume attributes). The
     /// reason given on refusal does not repeat the URL; callers name it (redacted).
+    ///
+    /// One spelling per store: a lowercase scheme, `file:///dir` (no host), a prefix without
+    /// empty, `.` or `..` segments. The store URL names the node's bases and the volume
+    /// attributes, and a second spelling of one store would be a second set of them.
     pub fn parse(url: &str) -> Result<StoreUrl, String> {
         if url.is_empty() {
             return Err("must not be empty".into());
         }
-        if !url.contains("://") {
+        if url.chars().any(char::is_control) {
+            return Err("must not contain control characters".into());
+        }
+        let Some((scheme, rest)) = url.split_once("://") else {
             // Only an absolute path is a local store: `s3:/bucket` or `bucket/prefix` is a
             // mistyped URL far more often than a directory under the working directory.
             return if url.starts_with('/') {
-                Ok(StoreUrl::Local(PathBuf::from(url)))
+                check_path(url, local_char).map(|()| StoreUrl::Local(PathBuf::from(url)))
             } else {
                 Err(
                     "neither a URL (file:///dir, s3://bucket/prefix, gs://bucket/prefix, \
@@ -112,28 +150,84 @@ impl StoreUrl {
                         .into(),
                 )
             };
-        }
-        let u = url::Url::parse(url).map_err(|e| format!("not a valid URL: {e}"))?;
-        let bucket = |backend| {
-            if u.host_str().unwrap_or("").is_empty() {
-                Err("names no bucket or container".to_string())
-            } else {
-                Ok(backend)
-            }
         };
-        match u.scheme() {
-            "file" => u
-                .to_file_path()
-                .map(StoreUrl::Local)
-                .map_err(|_| "a file:// URL needs an absolute path".into()),
-            "s3" | "s3a" => bucket(StoreUrl::S3),
-            "gs" => bucket(StoreUrl::Gcs),
-            "az" | "azure" | "abfs" | "abfss" => bucket(StoreUrl::Azure),
-            other => Err(format!(
-                "unsupported scheme {other:?} (use file://, s3://, gs:// or az://)"
-            )),
+        if scheme == "file" {
+            if !rest.starts_with('/') {
+                return Err("a file:// URL needs an absolute path and no host: file:///dir".into());
+            }
+            return check_path(rest, local_char).map(|()| StoreUrl::Local(PathBuf::from(rest)));
+        }
+        let Some((_, store, extra)) = BUCKET_SCHEMES.iter().find(|(s, ..)| *s == scheme) else {
+            let lower = scheme.to_ascii_lowercase();
+            return Err(
+                if lower == "file" || BUCKET_SCHEMES.iter().any(|(s, ..)| *s == lower) {
+                    format!("the scheme {scheme:?} must be written in lowercase: {lower}://")
+                } else {
+                    format!("unsupported scheme {scheme:?} (use file://, s3://, gs:// or az://)")
+                },
+            );
+        };
+        if rest.contains(['@', '?', '#']) {
+            return Err(
+                "carries credentials, a query or a fragment, which cachevol never \
+                        reads: give credentials and options through the environment"
+                    .into(),
+            );
+        }
+        let (bucket, path) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        if bucket.is_empty() {
+            return Err("names no bucket or container".into());
+        }
+        let edge = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+        if !bucket.starts_with(edge)
+            || !bucket.ends_with(edge)
+            || !bucket.chars().all(|c| edge(c) || extra.contains(c))
+        {
+            let also: String = extra.chars().map(|c| format!(", '{c}'")).collect();
+            return Err(format!(
+                "bucket or container {bucket:?}: lowercase letters, digits{also} only, \
+                 starting and ending with a letter or digit"
+            ));
+        }
+        if !path.is_empty() {
+            check_path(path, |c| {
+                c.is_ascii_alphanumeric() || PATH_CHARS.contains(c)
+            })?;
+        }
+        Ok(store.clone())
+    }
+}
+
+fn local_char(c: char) -> bool {
+    !LOCAL_PATH_REFUSED.contains(c)
+}
+
+/// Checks the path of a store URL (or a local store's absolute path), from its leading `/`:
+/// segments of characters `allowed` allows, none empty or of dots only (`.`, `..`); one
+/// trailing `/` is allowed (`s3://bucket/prefix/`).
+fn check_path(path: &str, allowed: impl Fn(char) -> bool) -> Result<(), String> {
+    let inner = path.strip_prefix('/').unwrap_or(path);
+    if inner.is_empty() {
+        return Ok(());
+    }
+    let inner = inner.strip_suffix('/').unwrap_or(inner);
+    for segment in inner.split('/') {
+        if segment.is_empty() {
+            return Err("the path has an empty segment (//)".into());
+        }
+        // `..` would be resolved away by a URL parser (and `.` dropped): the prefix would not
+        // be the one written. No store's path needs a segment of dots only, so none may be.
+        if segment.chars().all(|c| c == '.') {
+            return Err(format!("the path has a {segment:?} segment"));
+        }
+        if let Some(c) = segment.chars().find(|c| !allowed(*c)) {
+            return Err(format!("the path must not contain {c:?}"));
         }
     }
+    Ok(())
 }
 
 impl Store {
@@ -801,6 +895,11 @@ mod tests {
             "s3:///prefix",
             "ftp://x/y",
             "file://host/x",
+            "file://rel",
+            "S3://b/p",
+            "s3://b//p",
+            "s3://b/../p",
+            "az://c.d/p",
         ] {
             let why = StoreUrl::parse(bad).unwrap_err();
             match Store::open(bad) {

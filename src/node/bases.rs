@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::report::{EvictionReason, Report};
 use super::{blocking, hash_id, io, lock_of, IoError, Mounter, Result, Trash};
 use crate::engine::{self, Engine, RestoreSource};
 use crate::spec::{Policy, VolumeSpec};
@@ -66,6 +67,9 @@ pub(super) struct Bases {
     /// One lock per base directory: pods asking at once share one download.
     locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
     mounter: Arc<dyn Mounter>,
+    /// Told of each eviction: the one sign an operator has that the budget is too small for
+    /// the caches the node's pods use (they restore cold again).
+    report: Arc<dyn Report>,
 }
 
 /// A finished view, as the base cache sees it after its commit: the base it read, its pods'
@@ -97,6 +101,7 @@ impl Bases {
         budget: Option<u64>,
         images: bool,
         mounter: Arc<dyn Mounter>,
+        report: Arc<dyn Report>,
     ) -> Bases {
         Bases {
             root,
@@ -106,6 +111,7 @@ impl Bases {
             images_refused: AtomicBool::new(false),
             locks: Mutex::default(),
             mounter,
+            report,
         }
     }
 
@@ -579,6 +585,7 @@ impl Bases {
             self.unmount(&tree);
             if self.trash.put(&gen_dir).is_ok() {
                 tracing::info!(base = %tree.display(), bytes = size, "evicted base");
+                self.report.base_evicted(EvictionReason::Budget);
                 total -= size;
             }
         }
@@ -785,6 +792,23 @@ mod tests {
         engine: Engine,
         mounts: Arc<Fake>,
         bases: Bases,
+        evictions: Arc<Evictions>,
+    }
+
+    /// Counts the evictions the base cache reports, by reason.
+    #[derive(Default)]
+    struct Evictions(Mutex<Vec<EvictionReason>>);
+
+    impl Report for Evictions {
+        fn base_evicted(&self, reason: EvictionReason) {
+            self.0.lock().unwrap().push(reason);
+        }
+    }
+
+    impl Evictions {
+        fn seen(&self) -> Vec<EvictionReason> {
+            self.0.lock().unwrap().clone()
+        }
     }
 
     /// A base cache whose store holds generation 1 of `ci/npm` and of `ci/pip` (one file each,
@@ -796,18 +820,21 @@ mod tests {
         }
         let (state, engine) = fixture::state(tmp.path());
         let mounts = Arc::new(mounts);
+        let evictions = Arc::new(Evictions::default());
         let bases = Bases::new(
             state.join("bases"),
             Trash(state.join("trash")),
             budget,
             images,
             mounts.clone(),
+            evictions.clone(),
         );
         Cache {
             tmp,
             engine,
             mounts,
             bases,
+            evictions,
         }
     }
 
@@ -874,12 +901,17 @@ mod tests {
             "a base a view reads is never evicted"
         );
         assert_eq!(c.bases.bytes().await, 600);
+        assert_eq!(c.evictions.seen(), [], "over budget, nothing evicted yet");
         // No view reads it any more: the next restore evicts it (pip was used last).
         std::fs::remove_dir_all(pip.dir.parent().unwrap()).unwrap();
         c.engine.forget(&pip.dir);
         ensure(&c, "pip", None).await;
         assert!(!npm.dir.exists(), "evicted");
         assert_eq!(c.bases.bytes().await, 300);
+        assert_eq!(c.evictions.seen(), [EvictionReason::Budget]);
+        // Within the budget, a restore evicts nothing more.
+        ensure(&c, "pip", None).await;
+        assert_eq!(c.evictions.seen(), [EvictionReason::Budget]);
     }
 
     #[tokio::test]

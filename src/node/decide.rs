@@ -517,7 +517,14 @@ mod tests {
                     false,
                     &NoReport,
                 ),
-                bases: Bases::new(state.join("bases"), trash, None, false, mounts),
+                bases: Bases::new(
+                    state.join("bases"),
+                    trash,
+                    None,
+                    false,
+                    mounts,
+                    Arc::new(NoReport),
+                ),
                 tmp,
             }
         }

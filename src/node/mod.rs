@@ -257,6 +257,7 @@ impl Volumes {
             cfg.base_budget,
             cfg.base_images,
             mounter.clone(),
+            report.clone(),
         );
         let views = views::Views::new(
             cfg.state_dir.join("views"),

@@ -132,6 +132,25 @@ impl CommitOutcome {
     }
 }
 
+/// Why a node evicted a base (removed a generation it kept, which its next pod then restores
+/// cold).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EvictionReason {
+    /// Its bases were over the node's `--base-budget`: the least recently used one no view
+    /// reads went.
+    Budget,
+}
+
+impl EvictionReason {
+    pub const ALL: [EvictionReason; 1] = [Self::Budget];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Budget => "budget",
+        }
+    }
+}
+
 /// Where the node reports. Every method does nothing unless implemented; none may block for
 /// long (an Event is best effort).
 pub trait Report: Send + Sync + 'static {
@@ -139,6 +158,8 @@ pub trait Report: Send + Sync + 'static {
     fn restore(&self, _level: RestoreLevel, _outcome: RestoreOutcome, _bytes: u64, _secs: f64) {}
     /// A publish wrote a base (a cold restore) in `form`; the publish took `secs`.
     fn base_written(&self, _form: super::BaseForm, _secs: f64) {}
+    /// A base was evicted from the node, for `reason`.
+    fn base_evicted(&self, _reason: EvictionReason) {}
     /// One commit decision carried out.
     fn commit(&self, _outcome: CommitOutcome, _uploaded_bytes: u64, _secs: f64) {}
     /// A publish found its locked cache held by another pod.

@@ -466,6 +466,7 @@ mod tests {
                 None,
                 false,
                 self.mounts.clone(),
+                Arc::new(NoReport),
             );
             bases
                 .ensure(&self.engine, &spec(self), None, Vec::new)

@@ -537,19 +537,21 @@ fn parse_key_list(name: &str, value: &str) -> Result<Vec<String>, Error> {
 /// volume attributes, which anyone who can read PersistentVolumes sees.
 pub fn check_store_url(url: &str) -> Result<(), String> {
     let shown = redact_url(url);
+    // Said before the URL check refuses user info or a query for its own reason: here the
+    // reason that matters is who can read them.
+    if let Ok(u) = url::Url::parse(url) {
+        if !u.username().is_empty() || u.password().is_some() || u.query().is_some() {
+            return Err(format!(
+                "{shown:?} carries credentials or a query string; volume attributes are not \
+                 secret, so give credentials through the provisioner/node-publish secrets or \
+                 the environment"
+            ));
+        }
+    }
     match StoreUrl::parse(url) {
         Err(why) if url.is_empty() => Err(why),
         Err(why) => Err(format!("{shown:?}: {why}")),
-        Ok(_) => match url::Url::parse(url) {
-            Ok(u) if !u.username().is_empty() || u.password().is_some() || u.query().is_some() => {
-                Err(format!(
-                    "{shown:?} carries credentials or a query string; volume attributes are not \
-                     secret, so give credentials through the provisioner/node-publish secrets \
-                     or the environment"
-                ))
-            }
-            _ => Ok(()),
-        },
+        Ok(_) => Ok(()),
     }
 }
 
