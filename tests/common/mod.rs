@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 pub mod apiserver;
 pub mod conditional;
+pub mod faultproxy;
 pub mod store_suite;
 
 use std::collections::BTreeMap;
