@@ -269,6 +269,7 @@ impl Store {
             StoreUrl::S3 => Arc::new(
                 object_store::aws::AmazonS3Builder::from_env()
                     .with_url(url)
+                    .with_retry(retry_config(timeout))
                     .with_conditional_put(object_store::aws::S3ConditionalPut::ETagMatch)
                     .build()
                     .map_err(|e| invalid(e.to_string()))?,
@@ -276,12 +277,14 @@ impl Store {
             StoreUrl::Gcs => Arc::new(
                 object_store::gcp::GoogleCloudStorageBuilder::from_env()
                     .with_url(url)
+                    .with_retry(retry_config(timeout))
                     .build()
                     .map_err(|e| invalid(e.to_string()))?,
             ),
             StoreUrl::Azure => Arc::new(
                 object_store::azure::MicrosoftAzureBuilder::from_env()
                     .with_url(url)
+                    .with_retry(retry_config(timeout))
                     .build()
                     .map_err(|e| match e {
                         // "Account must be specified": the account is how Azure names a store.
@@ -624,6 +627,29 @@ impl Store {
             .collect();
         out.sort();
         Ok(out)
+    }
+}
+
+/// object_store's own retries of a request (5xx such as S3's 503 SlowDown, 429, dropped
+/// connections), fitted to the per-request `timeout` so that it, not a retry count, is what a
+/// throttle must outlast. object_store's default stops after 10 retries, and its jittered
+/// backoff (each sleep drawn from [100 ms, 2 × the last)) adds up to 1.4 s to 12 s for those,
+/// 2.6 s typically: a store throttling for 2 s failed a commit about one time in four (tests/
+/// store_faults.rs), long before the 60 s the timeout allows. Base 3 (decorrelated jitter as
+/// AWS describes it) makes the sleeps grow rather than hover near 100 ms, so a minute of
+/// throttling costs a request some 20 retries, not 90. Retries stop at 70% of the timeout and
+/// no sleep exceeds 20% of it, so the last attempt starts before the timeout and its answer
+/// (the store's own error) is what is reported, rather than a bare "timed out".
+fn retry_config(timeout: Duration) -> object_store::RetryConfig {
+    let max_backoff = Duration::from_secs(15).min(timeout.mul_f64(0.2));
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig {
+            init_backoff: Duration::from_millis(100).min(max_backoff),
+            max_backoff,
+            base: 3.0,
+        },
+        max_retries: 1000,
+        retry_timeout: timeout.mul_f64(0.7),
     }
 }
 

@@ -1,0 +1,525 @@
+//! An S3 store that throttles (503 SlowDown, 429), answers slowly or drops connections, put
+//! between cachevol and the tests' S3 server by a proxy on 127.0.0.1 (tests/common/faultproxy.rs).
+//! Each test states the outcome it asserts: a commit through a short throttle finishes once the
+//! store recovers (object_store's retries, backoff with jitter); one through a throttle longer
+//! than the retry budget fails as "store unavailable" and moves no head; a slow store that drops
+//! connections still restores and commits correctly; a warm restore under a throttle fails fast
+//! as "unavailable" and leaves the directory and its local state as they were (DESIGN.md §1: a
+//! cache must never fail or hang a build; callers degrade to the stale copy).
+//!
+//! The S3 client reads its endpoint from the environment, which is process-wide: every test
+//! holds [`ENV`] for its whole run, so they run one at a time and each sees its own settings.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use cachevol::engine::{CommitOptions, CommitOutcome, Engine, RestoreSource, Store};
+use common::faultproxy::{Fault, FaultProxy};
+use common::Provider;
+
+static ENV: Mutex<()> = Mutex::new(());
+
+/// The S3 server's address, read once from `AWS_ENDPOINT_URL` before any test points that at
+/// a proxy.
+fn upstream() -> Option<SocketAddr> {
+    static UPSTREAM: OnceLock<Option<SocketAddr>> = OnceLock::new();
+    *UPSTREAM.get_or_init(|| {
+        let endpoint = common::env_nonempty("AWS_ENDPOINT_URL")?;
+        let u = url::Url::parse(&endpoint).ok()?;
+        let host = u.host_str()?;
+        format!("{host}:{}", u.port()?).parse().ok()
+    })
+}
+
+/// One test's world: the S3 URL (a fresh prefix), the proxy in front of the S3 server, and a
+/// temporary directory. The environment points the S3 client at the proxy while it lives.
+struct World {
+    url: String,
+    upstream: SocketAddr,
+    proxy: FaultProxy,
+    tmp: tempfile::TempDir,
+    _env: MutexGuard<'static, ()>,
+}
+
+/// Sets up `test` with a per-request timeout of `timeout` seconds; None (after `required`'s
+/// skip message) without the S3 server.
+async fn world(test: &str, timeout: &str) -> Option<World> {
+    let env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    let url = common::s3_url(test)?;
+    let upstream = common::required(
+        test,
+        upstream(),
+        "AWS_ENDPOINT_URL names no host:port of an S3 server",
+        Provider::CiRun(".ci/run starts moto's S3 server and sets AWS_ENDPOINT_URL"),
+    )?;
+    let proxy = FaultProxy::start(upstream).await;
+    std::env::set_var("AWS_ENDPOINT_URL", proxy.endpoint());
+    std::env::set_var("AWS_ALLOW_HTTP", "true");
+    std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+    std::env::set_var("CACHEVOL_STORE_TIMEOUT", timeout);
+    Some(World {
+        url,
+        upstream,
+        proxy,
+        tmp: tempfile::tempdir().unwrap(),
+        _env: env,
+    })
+}
+
+impl World {
+    fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    /// An engine whose requests go through the proxy.
+    fn engine(&self, state: &str) -> Engine {
+        Engine::new(Store::open(&self.url).unwrap(), "default", self.path(state)).unwrap()
+    }
+
+    /// An engine that talks to the S3 server directly, with a fresh local state: what another
+    /// node sees.
+    fn direct_engine(&self, state: &str) -> Engine {
+        std::env::set_var("AWS_ENDPOINT_URL", format!("http://{}", self.upstream));
+        let store = Store::open(&self.url);
+        std::env::set_var("AWS_ENDPOINT_URL", self.proxy.endpoint());
+        Engine::new(store.unwrap(), "default", self.path(state)).unwrap()
+    }
+
+    /// Every object below the URL's prefix, listed directly from the S3 server.
+    async fn listing(&self) -> Vec<String> {
+        use futures::TryStreamExt;
+        use object_store::ObjectStore;
+        let parsed = url::Url::parse(&self.url).unwrap();
+        let prefix =
+            object_store::path::Path::parse(parsed.path().trim_start_matches('/')).unwrap();
+        let s3 = object_store::aws::AmazonS3Builder::from_env()
+            .with_url(&self.url)
+            .with_endpoint(format!("http://{}", self.upstream))
+            .build()
+            .unwrap();
+        let mut names: Vec<String> = s3
+            .list(Some(&prefix))
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .unwrap();
+        names.sort();
+        names
+    }
+
+    /// The generation objects of `key`, by name, listed directly.
+    async fn generation_objects(&self, key: &str) -> Vec<String> {
+        let marker = format!("/default/manifests/{key}/");
+        self.listing()
+            .await
+            .into_iter()
+            .filter(|n| n.contains(&marker))
+            .collect()
+    }
+
+    /// Restores the newest generation of `key` on a fresh engine, straight from the S3 server,
+    /// and checks it equals `expected`, naming `what`.
+    async fn assert_restores(&self, key: &str, expected: &Path, generation: u64, what: &str) {
+        let state = format!("verify-state-{}", common::unique());
+        let dir = self.path(&format!("verify-{}", common::unique()));
+        let report = self
+            .direct_engine(&state)
+            .restore(key, &[], &dir)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: the fresh restore failed: {e}"));
+        assert_eq!(
+            report.source,
+            RestoreSource::Key {
+                key: key.into(),
+                generation
+            },
+            "{what}"
+        );
+        common::assert_trees_equal(expected, &dir);
+    }
+
+    /// A summary of the proxy's log for messages: how many requests got each fault.
+    fn faults_seen(&self) -> String {
+        let log = self.proxy.log();
+        let count = |f| log.iter().filter(|s| s.fault == f).count();
+        format!(
+            "{} requests seen, {} forwarded; slowdown {}, 429 {}, dropped {}, cut {}",
+            self.proxy.seen(),
+            self.proxy.forwarded(),
+            count(Fault::SlowDown),
+            count(Fault::TooMany),
+            count(Fault::Drop),
+            count(Fault::Cut)
+        )
+    }
+}
+
+fn committed(outcome: &CommitOutcome) -> u64 {
+    match outcome {
+        CommitOutcome::Committed { generation } => *generation,
+        other => panic!("expected a new generation, got {other:?}"),
+    }
+}
+
+/// A small tree: a few files, one of a few chunks, so a commit is several requests.
+fn small_tree(root: &Path, seed: u64) {
+    common::write(&root.join("README"), format!("seed {seed}\n").as_bytes());
+    common::write(&root.join("big.bin"), &common::noise(seed, 3 << 20));
+    for i in 0..10 {
+        common::write(
+            &root.join(format!("many/f{i:02}.json")),
+            format!("{{\"i\":{i},\"seed\":{seed}}}").as_bytes(),
+        );
+    }
+}
+
+/// Commits a tree while the proxy answers every request with `fault` for `window`, from the
+/// moment the first pack upload went through (so the throttle meets the commit's parallel pack
+/// uploads, and what follows them), then lets everything pass: the commit must finish on
+/// object_store's own retries, the requests it retried seen by the proxy but not forwarded.
+async fn commit_through_throttle(test: &str, fault: Fault, window: Duration) {
+    let Some(w) = world(test, "60").await else {
+        return;
+    };
+    let src = w.path("src");
+    common::make_rich_tree(&src, 7);
+    let e = w.engine("state");
+    let started = Instant::now();
+    let lift = {
+        let proxy = w.proxy.handle();
+        tokio::spawn(async move {
+            while !proxy
+                .log()
+                .iter()
+                .any(|s| s.method == "PUT" && s.path.contains("/packs/"))
+            {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            proxy.set(fault);
+            let began = Instant::now();
+            tokio::time::sleep(window).await;
+            proxy.set(Fault::Pass);
+            (began, Instant::now())
+        })
+    };
+    let report = e
+        .commit("npm", &src, &CommitOptions::default())
+        .await
+        .unwrap_or_else(|err| {
+            panic!(
+                "{test}: the commit failed under a {window:?} throttle: {err} ({})",
+                w.faults_seen()
+            )
+        });
+    let (began, lifted) = lift.await.unwrap();
+    let took = started.elapsed();
+    let throttled: std::collections::BTreeSet<String> = w
+        .proxy
+        .log()
+        .iter()
+        .filter(|s| s.fault == fault)
+        .map(|s| {
+            format!(
+                "{} {}",
+                s.method,
+                s.path.rsplit("/default/").next().unwrap()
+            )
+        })
+        .collect();
+    let generation = committed(&report.outcome);
+    let refused = w.proxy.log().iter().filter(|s| s.fault == fault).count() as u64;
+    eprintln!(
+        "{test}: committed generation {generation} in {took:?}, {:?} after the throttle ended; {}; \
+         throttled: {throttled:?}",
+        Instant::now().duration_since(lifted),
+        w.faults_seen()
+    );
+    // The commit really met the throttle and got through it by retrying.
+    assert!(refused > 0, "{test}: no request was throttled");
+    assert!(
+        w.proxy.seen() > w.proxy.forwarded(),
+        "{test}: {}",
+        w.faults_seen()
+    );
+    assert_eq!(w.proxy.seen(), w.proxy.forwarded() + refused);
+    // It was still running when the throttle ended: it rode the whole throttle out.
+    assert!(
+        Instant::now().duration_since(began) >= window,
+        "{test}: finished before the store recovered"
+    );
+    assert_eq!(
+        w.generation_objects("npm").await.len(),
+        1,
+        "{test}: exactly one generation"
+    );
+    w.assert_restores("npm", &src, generation, test).await;
+}
+
+/// A 4 s burst of 503 SlowDown from the start of a commit: the commit finishes once the store
+/// recovers, and the generation restores whole elsewhere. (With object_store's default of 10
+/// retries, about 2.6 s of backoff, this failed four times in five; see `retry_config` in
+/// src/engine/store.rs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_through_a_short_slowdown_throttle_succeeds() {
+    commit_through_throttle("faults-slowdown", Fault::SlowDown, Duration::from_secs(4)).await;
+}
+
+/// The same with 429 Too Many Requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_through_a_short_429_throttle_succeeds() {
+    commit_through_throttle("faults-429", Fault::TooMany, Duration::from_secs(4)).await;
+}
+
+/// A throttle that outlasts the retry budget (a 3 s per-request timeout here) fails the commit as
+/// "store unavailable", quickly, after it had begun uploading packs; no new generation object
+/// exists, so the previous generation is still the newest and restores whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_through_a_long_throttle_fails_unavailable_and_moves_no_head() {
+    let test = "faults-long-throttle";
+    let Some(w) = world(test, "3").await else {
+        return;
+    };
+    let src = w.path("src");
+    small_tree(&src, 1);
+    let e = w.engine("state");
+    let g1 = committed(
+        &e.commit("npm", &src, &CommitOptions::default())
+            .await
+            .unwrap()
+            .outcome,
+    );
+    // What generation 1 holds, to compare with after the failed commit.
+    let first = w.path("first");
+    w.assert_restores("npm", &src, g1, test).await;
+    w.direct_engine("first-state")
+        .restore("npm", &[], &first)
+        .await
+        .unwrap();
+    let before = w.listing().await;
+
+    // Changed content: new packs to upload. The throttle starts once the first pack upload went
+    // through, so the commit is caught half way.
+    common::write(&src.join("big.bin"), &common::noise(2, 3 << 20));
+    common::write(&src.join("new.txt"), b"new\n");
+    w.proxy.reset_counts();
+    let watcher = {
+        let proxy = w.proxy.handle();
+        tokio::spawn(async move {
+            loop {
+                if proxy
+                    .log()
+                    .iter()
+                    .any(|s| s.method == "PUT" && s.path.contains("/packs/"))
+                {
+                    proxy.set(Fault::SlowDown);
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let started = Instant::now();
+    let err = e
+        .commit("npm", &src, &CommitOptions::default())
+        .await
+        .expect_err("a commit through a throttle longer than the retry budget fails");
+    let took = started.elapsed();
+    watcher.abort();
+    eprintln!("{test}: failed after {took:?}: {err}; {}", w.faults_seen());
+    assert!(
+        err.is_store_unavailable(),
+        "{test}: not recognized as unavailable: {err:?}"
+    );
+    assert!(
+        w.proxy.log().iter().any(|s| s.fault == Fault::SlowDown),
+        "{test}: the throttle never started"
+    );
+    // Bounded by the per-request timeout (3 s), plus a margin for the requests before it.
+    assert!(took < Duration::from_secs(8), "{test}: took {took:?}");
+
+    w.proxy.set(Fault::Pass);
+    let after = w.listing().await;
+    let new: Vec<&String> = after.iter().filter(|n| !before.contains(n)).collect();
+    assert!(
+        new.iter()
+            .all(|n| !n.contains("/manifests/") && !n.contains("/heads/")),
+        "{test}: the failed commit left a generation or head object: {new:?}"
+    );
+    assert_eq!(
+        w.generation_objects("npm").await.len(),
+        1,
+        "{test}: {after:?}"
+    );
+    assert_eq!(
+        w.direct_engine("check").newest("npm").await.unwrap(),
+        Some(g1)
+    );
+    w.assert_restores("npm", &first, g1, test).await;
+}
+
+/// A slow store (300 ms a request) that drops every 4th connection without answering: a restore
+/// and a commit both complete, retried by object_store, and what they moved is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_store_dropping_connections_restores_and_commits_correctly() {
+    let test = "faults-slow-drops";
+    let Some(w) = world(test, "60").await else {
+        return;
+    };
+    let src = w.path("src");
+    small_tree(&src, 3);
+    let g1 = committed(
+        &w.direct_engine("writer")
+            .commit("npm", &src, &CommitOptions::default())
+            .await
+            .unwrap()
+            .outcome,
+    );
+
+    w.proxy.delay(Duration::from_millis(300));
+    w.proxy.every(4, Fault::Drop);
+    let e = w.engine("state");
+    let dir = w.path("dir");
+    let started = Instant::now();
+    let report = e
+        .restore("npm", &[], &dir)
+        .await
+        .unwrap_or_else(|err| panic!("{test}: restore failed: {err} ({})", w.faults_seen()));
+    eprintln!(
+        "{test}: restore took {:?}; {}",
+        started.elapsed(),
+        w.faults_seen()
+    );
+    assert_eq!(
+        report.source,
+        RestoreSource::Key {
+            key: "npm".into(),
+            generation: g1
+        }
+    );
+    common::assert_trees_equal(&src, &dir);
+    let dropped_restoring = w
+        .proxy
+        .log()
+        .iter()
+        .filter(|s| s.fault == Fault::Drop)
+        .count();
+    assert!(dropped_restoring > 0, "{test}: nothing was dropped");
+
+    common::write(&dir.join("big.bin"), &common::noise(4, 3 << 20));
+    common::write(&dir.join("many/extra.json"), b"{}");
+    let started = Instant::now();
+    let g2 = committed(
+        &e.commit("npm", &dir, &CommitOptions::default())
+            .await
+            .unwrap_or_else(|err| panic!("{test}: commit failed: {err} ({})", w.faults_seen()))
+            .outcome,
+    );
+    eprintln!(
+        "{test}: commit took {:?}; {}",
+        started.elapsed(),
+        w.faults_seen()
+    );
+    assert_eq!(g2, g1 + 1);
+    assert!(w.proxy.seen() > w.proxy.forwarded(), "{}", w.faults_seen());
+    w.proxy.every(0, Fault::Pass);
+    w.proxy.delay(Duration::ZERO);
+    assert_eq!(w.generation_objects("npm").await.len(), 2);
+    w.assert_restores("npm", &dir, g2, test).await;
+}
+
+/// A warm restore (the directory already holds the newest generation, and the engine's local
+/// state says so) reads only the head and the generation's manifest, no pack. While the store
+/// throttles, it fails within the retry budget as "store unavailable", and the directory and
+/// its local state are as they were: the caller degrades to the stale copy (DESIGN.md §1), and
+/// once the store is back the unchanged directory commits as unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_restore_under_a_throttle_fails_fast_and_keeps_the_copy() {
+    let test = "faults-warm-restore";
+    let Some(w) = world(test, "3").await else {
+        return;
+    };
+    let src = w.path("src");
+    small_tree(&src, 5);
+    let g1 = committed(
+        &w.direct_engine("writer")
+            .commit("npm", &src, &CommitOptions::default())
+            .await
+            .unwrap()
+            .outcome,
+    );
+    let e = w.engine("state");
+    let dir = w.path("dir");
+    e.restore("npm", &[], &dir).await.unwrap();
+    let cold = w.proxy.log();
+    assert!(cold.iter().any(|s| s.path.contains("/packs/")), "{cold:?}");
+
+    // Warm, with the store answering: no file data is fetched; the only pack reads are ranged
+    // reads of the generation's manifest pages (format 2 keeps them in packs), a few KiB.
+    w.proxy.reset_counts();
+    let report = e.restore("npm", &[], &dir).await.unwrap();
+    let warm = w.proxy.log();
+    eprintln!(
+        "{test}: warm restore, {} requests: {:?}",
+        warm.len(),
+        warm.iter()
+            .map(|s| format!(
+                "{} {}",
+                s.method,
+                s.path.rsplit("/default/").next().unwrap()
+            ))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(report.downloaded, 0);
+    let page_bytes: u64 =
+        warm.iter()
+            .filter(|s| s.path.contains("/packs/"))
+            .map(|s| {
+                let range = s.range.as_deref().unwrap_or_else(|| {
+                    panic!("{test}: a warm restore read a whole pack: {warm:?}")
+                });
+                let (a, b) = range.trim_start_matches("bytes=").split_once('-').unwrap();
+                b.parse::<u64>().unwrap() + 1 - a.parse::<u64>().unwrap()
+            })
+            .sum();
+    assert!(
+        page_bytes < 64 << 10,
+        "{test}: {page_bytes} bytes of packs read: {warm:?}"
+    );
+    common::assert_trees_equal(&src, &dir);
+
+    // Warm, with the store throttling.
+    w.proxy.reset_counts();
+    w.proxy.set(Fault::SlowDown);
+    let started = Instant::now();
+    let err = e
+        .restore("npm", &[], &dir)
+        .await
+        .expect_err("a restore from a throttling store fails");
+    let took = started.elapsed();
+    eprintln!(
+        "{test}: throttled warm restore failed after {took:?}: {err}; {}",
+        w.faults_seen()
+    );
+    assert!(err.is_store_unavailable(), "{test}: {err:?}");
+    assert!(took < Duration::from_secs(5), "{test}: took {took:?}");
+    common::assert_trees_equal(&src, &dir);
+
+    // The local state still knows the directory: with the store back, nothing to upload.
+    w.proxy.set(Fault::Pass);
+    let report = e
+        .commit("npm", &dir, &CommitOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        report.outcome,
+        CommitOutcome::Unchanged {
+            generation: Some(g1)
+        }
+    );
+    assert_eq!(report.uploaded, 0);
+    assert_eq!(w.generation_objects("npm").await.len(), 1);
+}
