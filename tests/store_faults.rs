@@ -361,78 +361,109 @@ async fn commit_through_a_long_throttle_fails_unavailable_and_moves_no_head() {
     w.assert_restores("npm", &first, g1, test).await;
 }
 
-/// A slow store (300 ms a request) that drops every 4th connection without answering: a restore
-/// and a commit both complete, retried by object_store, and what they moved is exact.
+/// A slow store (300 ms a request) that loses every 4th request: first by closing the
+/// connection without answering (the request never reached the store), then by cutting the
+/// answer in half after the store did it (so object_store resends creates, puts, deletes and
+/// reads the store already served). Each time a restore on a fresh node and a commit from it
+/// complete, retried by object_store, and what they moved is exact: the restored tree, one new
+/// generation per commit, which restores whole elsewhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_store_dropping_connections_restores_and_commits_correctly() {
+async fn slow_store_losing_requests_restores_and_commits_correctly() {
     let test = "faults-slow-drops";
     let Some(w) = world(test, "60").await else {
         return;
     };
     let src = w.path("src");
     small_tree(&src, 3);
-    let g1 = committed(
+    let mut newest = committed(
         &w.direct_engine("writer")
             .commit("npm", &src, &CommitOptions::default())
             .await
             .unwrap()
             .outcome,
     );
-
+    let mut expected = src;
     w.proxy.delay(Duration::from_millis(300));
-    w.proxy.every(4, Fault::Drop);
-    let e = w.engine("state");
-    let dir = w.path("dir");
-    let started = Instant::now();
-    let report = e
-        .restore("npm", &[], &dir)
-        .await
-        .unwrap_or_else(|err| panic!("{test}: restore failed: {err} ({})", w.faults_seen()));
-    eprintln!(
-        "{test}: restore took {:?}; {}",
-        started.elapsed(),
-        w.faults_seen()
-    );
-    assert_eq!(
-        report.source,
-        RestoreSource::Key {
-            key: "npm".into(),
-            generation: g1
-        }
-    );
-    common::assert_trees_equal(&src, &dir);
-    let dropped_restoring = w
-        .proxy
-        .log()
-        .iter()
-        .filter(|s| s.fault == Fault::Drop)
-        .count();
-    assert!(dropped_restoring > 0, "{test}: nothing was dropped");
+    for (round, fault) in [Fault::Drop, Fault::Cut].into_iter().enumerate() {
+        w.proxy.reset_counts();
+        w.proxy.every(4, fault);
+        let e = w.engine(&format!("state-{round}"));
+        let dir = w.path(&format!("dir-{round}"));
+        let started = Instant::now();
+        let report = e.restore("npm", &[], &dir).await.unwrap_or_else(|err| {
+            panic!(
+                "{test}: {fault:?}: restore failed: {err} ({})",
+                w.faults_seen()
+            )
+        });
+        eprintln!(
+            "{test}: {fault:?}: restore took {:?}; {}",
+            started.elapsed(),
+            w.faults_seen()
+        );
+        assert_eq!(
+            report.source,
+            RestoreSource::Key {
+                key: "npm".into(),
+                generation: newest
+            }
+        );
+        common::assert_trees_equal(&expected, &dir);
 
-    common::write(&dir.join("big.bin"), &common::noise(4, 3 << 20));
-    common::write(&dir.join("many/extra.json"), b"{}");
-    let started = Instant::now();
-    let g2 = committed(
-        &e.commit("npm", &dir, &CommitOptions::default())
-            .await
-            .unwrap_or_else(|err| panic!("{test}: commit failed: {err} ({})", w.faults_seen()))
-            .outcome,
-    );
-    eprintln!(
-        "{test}: commit took {:?}; {}",
-        started.elapsed(),
-        w.faults_seen()
-    );
-    assert_eq!(g2, g1 + 1);
-    assert!(w.proxy.seen() > w.proxy.forwarded(), "{}", w.faults_seen());
-    w.proxy.every(0, Fault::Pass);
-    w.proxy.delay(Duration::ZERO);
-    assert_eq!(w.generation_objects("npm").await.len(), 2);
-    w.assert_restores("npm", &dir, g2, test).await;
+        common::write(
+            &dir.join("big.bin"),
+            &common::noise(4 + round as u64, 3 << 20),
+        );
+        common::write(&dir.join(format!("many/extra{round}.json")), b"{}");
+        let started = Instant::now();
+        let g = committed(
+            &e.commit("npm", &dir, &CommitOptions::default())
+                .await
+                .unwrap_or_else(|err| {
+                    panic!(
+                        "{test}: {fault:?}: commit failed: {err} ({})",
+                        w.faults_seen()
+                    )
+                })
+                .outcome,
+        );
+        let hit: Vec<String> = w
+            .proxy
+            .log()
+            .iter()
+            .filter(|s| s.fault == fault)
+            .map(|s| {
+                format!(
+                    "{} {}",
+                    s.method,
+                    s.path.rsplit("/default/").next().unwrap()
+                )
+            })
+            .collect();
+        eprintln!(
+            "{test}: {fault:?}: commit took {:?}; {}; {fault:?}: {hit:?}",
+            started.elapsed(),
+            w.faults_seen()
+        );
+        let lost = w.proxy.log().iter().filter(|s| s.fault == fault).count();
+        assert!(lost > 1, "{test}: {fault:?}: {}", w.faults_seen());
+        assert_eq!(
+            g,
+            newest + 1,
+            "{test}: {fault:?}: one commit, one generation"
+        );
+        assert_eq!(
+            w.generation_objects("npm").await.len() as u64,
+            g,
+            "{test}: {fault:?}"
+        );
+        w.assert_restores("npm", &dir, g, test).await;
+        (newest, expected) = (g, dir);
+    }
 }
 
 /// A warm restore (the directory already holds the newest generation, and the engine's local
-/// state says so) reads only the head and the generation's manifest, no pack. While the store
+/// state says so) reads the head, the generation and its manifest pages, no file data. While the store
 /// throttles, it fails within the retry budget as "store unavailable", and the directory and
 /// its local state are as they were: the caller degrades to the stale copy (DESIGN.md §1), and
 /// once the store is back the unchanged directory commits as unchanged.
@@ -522,4 +553,103 @@ async fn warm_restore_under_a_throttle_fails_fast_and_keeps_the_copy() {
     );
     assert_eq!(report.uploaded, 0);
     assert_eq!(w.generation_objects("npm").await.len(), 1);
+}
+
+/// The store creates a generation, then the connection drops in the middle of its answer:
+/// object_store sends the create again and the store refuses it (the object exists: ours).
+/// The commit must still report the generation it created, once: not a second generation of
+/// the same tree (before the fix: generations 2 and 3 for one commit), and not a refusal as if
+/// another writer had taken the number (before the fix: a fenced commit reported `Fenced`
+/// though its generation was in the store). And a listing whose answer is cut half way does
+/// not fail the commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_answers_to_a_generation_create_or_a_listing_commit_exactly_once() {
+    let test = "faults-cut-create";
+    let Some(w) = world(test, "60").await else {
+        return;
+    };
+    let src = w.path("src");
+    small_tree(&src, 8);
+    let e = w.engine("state");
+    let g1 = committed(
+        &e.commit("npm", &src, &CommitOptions::default())
+            .await
+            .unwrap()
+            .outcome,
+    );
+    for fence in [false, true] {
+        common::write(&src.join("README"), format!("fence {fence}\n").as_bytes());
+        w.proxy.reset_counts();
+        w.proxy
+            .fail_next_matching(1, "PUT", "/default/manifests/npm/", Fault::Cut);
+        let opts = CommitOptions {
+            fence,
+            ..CommitOptions::default()
+        };
+        let result = e.commit("npm", &src, &opts).await;
+        let creates: Vec<_> = w
+            .proxy
+            .log()
+            .into_iter()
+            .filter(|s| s.method == "PUT" && s.path.contains("/manifests/"))
+            .map(|s| (s.path.rsplit('/').next().unwrap().to_string(), s.fault))
+            .collect();
+        let gens = w.generation_objects("npm").await;
+        eprintln!(
+            "{test}: fence {fence}: {:?}; creates {creates:?}; generations {:?}",
+            result.as_ref().map(|r| &r.outcome),
+            gens.iter()
+                .map(|g| g.rsplit('/').next().unwrap())
+                .collect::<Vec<_>>()
+        );
+        let expected = g1 + 1 + fence as u64;
+        let name = format!("{expected:020}");
+        // The fault happened as meant: the create was cut, then sent again, and nothing else.
+        assert_eq!(
+            creates,
+            [(name.clone(), Fault::Cut), (name.clone(), Fault::Pass)],
+            "{test}: fence {fence}"
+        );
+        let report = result.unwrap_or_else(|e| panic!("{test}: fence {fence}: {e}"));
+        assert_eq!(
+            report.outcome,
+            CommitOutcome::Committed {
+                generation: expected
+            },
+            "{test}: fence {fence}"
+        );
+        assert_eq!(
+            gens.len() as u64,
+            expected,
+            "{test}: fence {fence}: {gens:?}"
+        );
+        w.assert_restores("npm", &src, expected, test).await;
+    }
+
+    // A listing cut half way: object_store reads a list body once, so cachevol asks again.
+    common::write(&src.join("README"), b"after a cut listing\n");
+    w.proxy.reset_counts();
+    w.proxy
+        .fail_next_matching(1, "GET", "list-type=2", Fault::Cut);
+    let report = e
+        .commit("npm", &src, &CommitOptions::default())
+        .await
+        .unwrap_or_else(|err| panic!("{test}: a cut listing failed the commit: {err}"));
+    let lists: Vec<Fault> = w
+        .proxy
+        .log()
+        .into_iter()
+        .filter(|s| s.method == "GET" && !s.path.contains("/default/"))
+        .map(|s| s.fault)
+        .collect();
+    assert_eq!(lists.first(), Some(&Fault::Cut), "{test}: {lists:?}");
+    assert!(
+        lists.len() >= 2,
+        "{test}: the listing was not asked again: {lists:?}"
+    );
+    assert_eq!(
+        report.outcome,
+        CommitOutcome::Committed { generation: g1 + 3 }
+    );
+    w.assert_restores("npm", &src, g1 + 3, test).await;
 }

@@ -538,22 +538,32 @@ impl Store {
 
     /// Creates the object only if nothing is there yet; `Ok(false)` when it already existed.
     pub async fn put_create(&self, location: &Path, data: Bytes) -> Result<bool> {
-        match self
-            .put_mode("create", location, data, PutMode::Create)
+        let refused = match self
+            .put_mode("create", location, data.clone(), PutMode::Create)
             .await
         {
-            Ok(_) => Ok(true),
-            Err(Error::Store {
-                source: object_store::Error::AlreadyExists { .. },
-                ..
-            }) => Ok(false),
+            Ok(_) => return Ok(true),
             // Some S3 implementations answer a lost If-None-Match race with 412 instead of 409.
             Err(Error::Store {
-                source: object_store::Error::Precondition { .. },
+                source:
+                    source @ (object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::Precondition { .. }),
                 ..
-            }) => Ok(false),
-            Err(e) => Err(e),
+            }) => source,
+            Err(e) => return Err(e),
+        };
+        // object_store sends a create again when the connection dropped before its answer, even
+        // though the store may have created the object by then: the resend is refused by our
+        // own first attempt. Counted as a lost race, a commit would take the next generation
+        // number for the same tree, or a fenced one would report itself fenced. Only a resent
+        // create can be refused so, and then only the content tells ours from a rival's.
+        if !was_retried(&refused) {
+            return Ok(false);
         }
+        Ok(self
+            .get(location)
+            .await?
+            .is_some_and(|(there, _)| there == data))
     }
 
     /// Replaces the object if it is still at `expected` (or creates it if `expected` is None and
@@ -610,7 +620,7 @@ impl Store {
         self.timed(
             "list",
             prefix,
-            self.inner.list(Some(prefix)).try_collect::<Vec<_>>(),
+            again_if_cut(|| self.inner.list(Some(prefix)).try_collect::<Vec<_>>()),
         )
         .await
     }
@@ -618,7 +628,11 @@ impl Store {
     /// The names of the "directories" directly below `prefix`.
     pub async fn list_dirs(&self, prefix: &Path) -> Result<Vec<String>> {
         let res = self
-            .timed("list", prefix, self.inner.list_with_delimiter(Some(prefix)))
+            .timed(
+                "list",
+                prefix,
+                again_if_cut(|| self.inner.list_with_delimiter(Some(prefix))),
+            )
             .await?;
         let mut out: Vec<String> = res
             .common_prefixes
@@ -651,6 +665,40 @@ fn retry_config(timeout: Duration) -> object_store::RetryConfig {
         max_retries: 1000,
         retry_timeout: timeout.mul_f64(0.7),
     }
+}
+
+/// A listing, asked again when the connection dropped in the middle of an answer: object_store
+/// retries a list request that got no answer, and resumes a cut GET body, but reads a list
+/// body once (tests/store_faults.rs: a commit failed on a listing cut half way). Listing is
+/// safe to repeat; the caller's timeout still bounds all the tries.
+async fn again_if_cut<T, F, Fut>(list: F) -> object_store::Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = object_store::Result<T>>,
+{
+    let mut tries = 0u32;
+    loop {
+        match list().await {
+            Err(e) if tries < 3 && e.to_string().contains("Error getting list response body") => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100) * tries).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Whether object_store sent the request more than once before this answer (its error then
+/// says "after N retries"; it has no accessor for the count).
+fn was_retried(e: &object_store::Error) -> bool {
+    let mut next: Option<&dyn std::error::Error> = Some(e);
+    while let Some(err) = next {
+        if err.to_string().contains(" retries, max_retries: ") {
+            return true;
+        }
+        next = err.source();
+    }
+    false
 }
 
 /// Whether the environment names AWS credentials object_store uses before it falls back to the

@@ -71,13 +71,29 @@ struct State {
     every_n: AtomicU64,
     /// Added before each request is handled, whatever is done with it.
     delay_ms: AtomicU64,
+    /// Applied to the next requests of a method whose target (path and query) contains a
+    /// string (checked first).
+    targeted: Mutex<Option<Target>>,
     seen: AtomicU64,
     forwarded: AtomicU64,
     log: Mutex<Vec<Seen>>,
 }
 
+struct Target {
+    method: String,
+    contains: String,
+    fault: Fault,
+    left: u64,
+}
+
 impl State {
-    fn choose(&self, n: u64) -> Fault {
+    fn choose(&self, n: u64, method: &str, target: &str) -> Fault {
+        if let Some(t) = self.targeted.lock().unwrap().as_mut() {
+            if t.left > 0 && t.method == method && target.contains(&t.contains) {
+                t.left -= 1;
+                return t.fault;
+            }
+        }
         let always = Fault::from_u8(self.always.load(SeqCst));
         if always != Fault::Pass {
             return always;
@@ -171,6 +187,17 @@ impl FaultHandle {
         self.state.next_left.store(k, SeqCst);
     }
 
+    /// Applies `fault` to the next `k` requests with `method` whose target (path and query)
+    /// contains `contains` (before any other rule), then passes them again.
+    pub fn fail_next_matching(&self, k: u64, method: &str, contains: &str, fault: Fault) {
+        *self.state.targeted.lock().unwrap() = Some(Target {
+            method: method.to_string(),
+            contains: contains.to_string(),
+            fault,
+            left: k,
+        });
+    }
+
     /// Applies `fault` to every `n`th request seen (0: none).
     pub fn every(&self, n: u64, fault: Fault) {
         self.state.every.store(fault as u8, SeqCst);
@@ -213,9 +240,10 @@ async fn serve(mut client: TcpStream, upstream: SocketAddr, st: Arc<State>) -> i
         };
         let framing = request_framing(&head)?;
         let body = read_body(&mut client, &mut buf, framing).await?;
-        let (method, path) = request_line(&head);
+        let (method, target) = request_line(&head);
+        let path = target.split('?').next().unwrap_or("").to_string();
         let n = st.seen.fetch_add(1, SeqCst) + 1;
-        let fault = st.choose(n);
+        let fault = st.choose(n, &method, &target);
         st.log.lock().unwrap().push(Seen {
             method: method.clone(),
             path,
@@ -428,12 +456,11 @@ fn response_framing(head: &[u8], method: &str) -> io::Result<Framing> {
     })
 }
 
-/// The method and the path (without its query) of a request head.
+/// The method and the target (path and query) of a request head.
 fn request_line(head: &[u8]) -> (String, String) {
     let text = String::from_utf8_lossy(head);
     let mut parts = text.split(' ');
     let method = parts.next().unwrap_or("").to_string();
-    let target = parts.next().unwrap_or("");
-    let path = target.split('?').next().unwrap_or("").to_string();
-    (method, path)
+    let target = parts.next().unwrap_or("").to_string();
+    (method, target)
 }
