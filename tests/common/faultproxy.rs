@@ -106,7 +106,7 @@ impl State {
             return Fault::from_u8(self.next.load(SeqCst));
         }
         let every = self.every_n.load(SeqCst);
-        if every > 0 && n % every == 0 {
+        if every > 0 && n.is_multiple_of(every) {
             return Fault::from_u8(self.every.load(SeqCst));
         }
         Fault::Pass
