@@ -469,10 +469,10 @@ async fn slow_store_losing_requests_restores_and_commits_correctly() {
 }
 
 /// A warm restore (the directory already holds the newest generation, and the engine's local
-/// state says so) reads the head, the generation and its manifest pages, no file data. While the store
-/// throttles, it fails within the retry budget as "store unavailable", and the directory and
-/// its local state are as they were: the caller degrades to the stale copy (DESIGN.md §1), and
-/// once the store is back the unchanged directory commits as unchanged.
+/// state says so) reads the head, the generation and its manifest pages, no file data. While
+/// the store throttles, it fails within the retry budget as "store unavailable", and the
+/// directory and its local state are as they were: the caller degrades to the stale copy
+/// (DESIGN.md §1), and once the store is back the unchanged directory commits as unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_restore_under_a_throttle_fails_fast_and_keeps_the_copy() {
     let test = "faults-warm-restore";
