@@ -669,3 +669,73 @@ async fn cut_answers_to_a_generation_create_or_a_listing_commit_exactly_once() {
     );
     w.assert_restores("npm", &src, g1 + 3, test).await;
 }
+
+/// The proxy itself: it frames chunked bodies both ways and decides per request on one
+/// keep-alive connection (a chunked PUT forwarded and its chunked answer passed back whole,
+/// then a GET on the same connection refused with 503). No S3 server needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_proxy_frames_chunked_messages_and_decides_per_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that reads one chunked request per connection and answers in chunks.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = upstream.local_addr().unwrap();
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let got = received.clone();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = upstream.accept().await {
+            let mut req = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !req.ends_with(b"0\r\n\r\n") {
+                let n = c.read(&mut buf).await.unwrap();
+                assert!(
+                    n > 0,
+                    "request cut short: {:?}",
+                    String::from_utf8_lossy(&req)
+                );
+                req.extend_from_slice(&buf[..n]);
+            }
+            got.lock().unwrap().extend_from_slice(&req);
+            c.write_all(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nTrailer: t\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        }
+    });
+    let proxy = FaultProxy::start(addr).await;
+    proxy.fail_next_matching(1, "GET", "/second", Fault::SlowDown);
+    let mut c = tokio::net::TcpStream::connect(proxy.endpoint().trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let put = b"PUT /first HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+                3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n";
+    c.write_all(put).await.unwrap();
+    let answer: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                          5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nTrailer: t\r\n\r\n";
+    let mut first = vec![0u8; answer.len()];
+    c.read_exact(&mut first).await.unwrap();
+    assert_eq!(first, answer);
+    assert_eq!(received.lock().unwrap().as_slice(), &put[..]);
+
+    c.write_all(b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut second = Vec::new();
+    c.read_to_end(&mut second).await.unwrap();
+    let second = String::from_utf8(second).unwrap();
+    assert!(second.starts_with("HTTP/1.1 503 "), "{second}");
+    assert!(second.contains("<Code>SlowDown</Code>"), "{second}");
+    assert!(second.contains("Connection: close"), "{second}");
+    assert_eq!((proxy.seen(), proxy.forwarded()), (2, 1));
+    let log = proxy.log();
+    assert_eq!(
+        log.iter()
+            .map(|s| (s.method.as_str(), s.path.as_str(), s.fault))
+            .collect::<Vec<_>>(),
+        [
+            ("PUT", "/first", Fault::Pass),
+            ("GET", "/second", Fault::SlowDown)
+        ]
+    );
+}
