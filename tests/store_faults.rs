@@ -190,17 +190,13 @@ async fn commit_through_throttle(test: &str, fault: Fault, window: Duration) {
     common::make_rich_tree(&src, 7);
     let e = w.engine("state");
     let started = Instant::now();
+    w.proxy.set_after("PUT", "/packs/", fault);
     let lift = {
         let proxy = w.proxy.handle();
         tokio::spawn(async move {
-            while !proxy
-                .log()
-                .iter()
-                .any(|s| s.method == "PUT" && s.path.contains("/packs/"))
-            {
+            while !proxy.fired() {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            proxy.set(fault);
             let began = Instant::now();
             tokio::time::sleep(window).await;
             proxy.set(Fault::Pass);
@@ -216,6 +212,7 @@ async fn commit_through_throttle(test: &str, fault: Fault, window: Duration) {
                 w.faults_seen()
             )
         });
+    assert!(w.proxy.fired(), "{test}: no pack upload, so no throttle");
     let (began, lifted) = lift.await.unwrap();
     let took = started.elapsed();
     let throttled: std::collections::BTreeSet<String> = w
@@ -307,29 +304,13 @@ async fn commit_through_a_long_throttle_fails_unavailable_and_moves_no_head() {
     common::write(&src.join("big.bin"), &common::noise(2, 3 << 20));
     common::write(&src.join("new.txt"), b"new\n");
     w.proxy.reset_counts();
-    let watcher = {
-        let proxy = w.proxy.handle();
-        tokio::spawn(async move {
-            loop {
-                if proxy
-                    .log()
-                    .iter()
-                    .any(|s| s.method == "PUT" && s.path.contains("/packs/"))
-                {
-                    proxy.set(Fault::SlowDown);
-                    return true;
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        })
-    };
+    w.proxy.set_after("PUT", "/packs/", Fault::SlowDown);
     let started = Instant::now();
     let err = e
         .commit("npm", &src, &CommitOptions::default())
         .await
         .expect_err("a commit through a throttle longer than the retry budget fails");
     let took = started.elapsed();
-    watcher.abort();
     eprintln!("{test}: failed after {took:?}: {err}; {}", w.faults_seen());
     assert!(
         err.is_store_unavailable(),

@@ -74,6 +74,10 @@ struct State {
     /// Applied to the next requests of a method whose target (path and query) contains a
     /// string (checked first).
     targeted: Mutex<Option<Target>>,
+    /// Once a request of this method whose path contains this string has been passed, every
+    /// later request gets the fault (as [`FaultHandle::set`]); cleared when it fires.
+    trigger: Mutex<Option<(String, String, Fault)>>,
+    fired: std::sync::atomic::AtomicBool,
     seen: AtomicU64,
     forwarded: AtomicU64,
     log: Mutex<Vec<Seen>>,
@@ -198,6 +202,20 @@ impl FaultHandle {
         });
     }
 
+    /// Applies `fault` to every request after the first one with `method` whose path contains
+    /// `contains` (which itself passes): a fault that starts at a chosen point of a commit, with
+    /// no race against it.
+    pub fn set_after(&self, method: &str, contains: &str, fault: Fault) {
+        self.state.fired.store(false, SeqCst);
+        *self.state.trigger.lock().unwrap() =
+            Some((method.to_string(), contains.to_string(), fault));
+    }
+
+    /// Whether the fault armed by [`FaultHandle::set_after`] has started.
+    pub fn fired(&self) -> bool {
+        self.state.fired.load(SeqCst)
+    }
+
     /// Applies `fault` to every `n`th request seen (0: none).
     pub fn every(&self, n: u64, fault: Fault) {
         self.state.every.store(fault as u8, SeqCst);
@@ -244,6 +262,16 @@ async fn serve(mut client: TcpStream, upstream: SocketAddr, st: Arc<State>) -> i
         let path = target.split('?').next().unwrap_or("").to_string();
         let n = st.seen.fetch_add(1, SeqCst) + 1;
         let fault = st.choose(n, &method, &target);
+        {
+            let mut trigger = st.trigger.lock().unwrap();
+            if let Some((m, contains, then)) = trigger.as_ref() {
+                if fault == Fault::Pass && *m == method && path.contains(contains.as_str()) {
+                    st.always.store(*then as u8, SeqCst);
+                    st.fired.store(true, SeqCst);
+                    *trigger = None;
+                }
+            }
+        }
         st.log.lock().unwrap().push(Seen {
             method: method.clone(),
             path,
