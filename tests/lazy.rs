@@ -11,7 +11,7 @@ mod common;
 
 use cachevol::engine::{CommitOptions, CommitOutcome, Engine, Entry, Kind};
 use cachevol::node::lazy::{self, Attrs, LazyFs, LazyMount};
-use common::{Node, Provider};
+use common::Provider;
 
 struct Setup {
     // Dropped last: mounts below it are gone by then.
@@ -255,4 +255,186 @@ fn the_lazy_tree_is_the_committed_tree_and_reads_fetch_only_their_file() {
         !cachevol::node::mount::is_mount_point(&mnt).unwrap(),
         "unmounted"
     );
+}
+
+#[test]
+fn an_overlay_view_over_the_lazy_tree_takes_writes_and_leaves_it_unchanged() {
+    let test = "an_overlay_view_over_the_lazy_tree_takes_writes_and_leaves_it_unchanged";
+    let s = setup();
+    let fs = s.lazy("b", None);
+    let Some(m) = s.mount(&fs, "b", test) else {
+        return;
+    };
+    let ov = Overlay::mount(m.target(), &s.dir("b"));
+    let view = ov.0.clone();
+
+    // A pod's work: a new file, an append to a file not yet local (a copy-up, which reads
+    // the whole lower file), a deleted file and a deleted directory.
+    common::write(&view.join("new.txt"), b"made by the pod\n");
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(view.join("a/log.txt"))
+            .unwrap();
+        f.write_all(b"one more line\n").unwrap();
+    }
+    std::fs::remove_file(view.join("README")).unwrap();
+    std::fs::remove_dir_all(view.join("many")).unwrap();
+    let st = fs.stats();
+    assert_eq!(
+        (st.files_local, st.bytes_on_demand),
+        (1, s.size("a/log.txt")),
+        "the copy-up fetched the file it copied, and only that"
+    );
+
+    // The view is the source with the same changes.
+    let expected = s.dir("expected");
+    cachevol::node::mount::copy_tree(&s.src, &expected).unwrap();
+    common::write(&expected.join("new.txt"), b"made by the pod\n");
+    let mut log = std::fs::read(s.src.join("a/log.txt")).unwrap();
+    log.extend_from_slice(b"one more line\n");
+    std::fs::write(expected.join("a/log.txt"), &log).unwrap();
+    std::fs::remove_file(expected.join("README")).unwrap();
+    std::fs::remove_dir_all(expected.join("many")).unwrap();
+    assert_eq!(common::find_listing(&view), common::find_listing(&expected));
+
+    // The changes are in the upper dir (a whiteout for each deletion); the lazy tree, and so
+    // the base, is as committed.
+    let upper = s.dir("b").join("upper");
+    assert_eq!(std::fs::read(upper.join("a/log.txt")).unwrap(), log);
+    for gone in ["README", "many"] {
+        use std::os::unix::fs::FileTypeExt;
+        let md = std::fs::symlink_metadata(upper.join(gone)).unwrap();
+        assert!(md.file_type().is_char_device(), "{gone} is a whiteout");
+    }
+    common::assert_tree_maps_equal(
+        &common::tree(&s.src),
+        &common::tree(m.target()),
+        "lazy tree under a view",
+    );
+    drop(ov);
+    m.unmount().unwrap();
+}
+
+#[test]
+fn hydration_makes_the_local_copy_the_tree_and_a_restart_keeps_it() {
+    let test = "hydration_makes_the_local_copy_the_tree_and_a_restart_keeps_it";
+    let s = setup();
+    let fs = s.lazy("c", None);
+    let Some(m) = s.mount(&fs, "c", test) else {
+        return;
+    };
+    let mnt = m.target().to_path_buf();
+    let source = common::tree(&s.src);
+    let total: u64 = s.entries.iter().map(|e| e.size).sum();
+    let files = s.entries.iter().filter(|e| e.kind == Kind::File).count() as u64;
+
+    // Readers of one file at once while hydration runs: one fetch serves them all.
+    let hydration = fs.hydrate();
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let p = mnt.join("five.bin");
+            std::thread::spawn(move || std::fs::read(p).unwrap())
+        })
+        .collect();
+    let want = common::noise(5, 5 << 20);
+    for r in readers {
+        assert!(r.join().unwrap() == want, "five.bin read through the mount");
+    }
+    s.rt.block_on(async { tokio::time::timeout(Duration::from_secs(120), fs.hydrated()).await })
+        .expect("hydration ends within two minutes")
+        .unwrap();
+    s.rt.block_on(hydration).unwrap();
+    let st = fs.stats();
+    assert_eq!((st.files_local, st.files), (files, files));
+    assert_eq!(
+        st.bytes_on_demand + st.bytes_prefetched,
+        total,
+        "every byte fetched once: {st:?}"
+    );
+    assert_eq!(st.fetch_failures, 0);
+    // The copy is the tree: modes, mtimes, links, empty directories, contents.
+    common::assert_tree_maps_equal(&source, &common::tree(fs.local_root()), "local copy");
+    // And the mount still serves it.
+    common::assert_tree_maps_equal(&source, &common::tree(&mnt), "lazy tree");
+    m.unmount().unwrap();
+
+    // A restart: the journal says every file is local, so nothing is fetched again.
+    let again = s.lazy("c", None);
+    let st = again.stats();
+    assert_eq!((st.files_local, st.bytes_downloaded), (files, 0));
+    let Some(m) = s.mount(&again, "c", test) else {
+        return;
+    };
+    common::assert_tree_maps_equal(&source, &common::tree(m.target()), "after a restart");
+    assert_eq!(again.stats().bytes_downloaded, 0, "served from the copy");
+    m.unmount().unwrap();
+}
+
+#[test]
+fn a_corrupt_chunk_fails_the_read_and_serves_nothing() {
+    let test = "a_corrupt_chunk_fails_the_read_and_serves_nothing";
+    let s = setup();
+    // The pack that holds the second chunk of five.bin, one byte of that chunk flipped.
+    let five = s.entries.iter().find(|e| e.path == "five.bin").unwrap();
+    let bad = &five.chunks[1];
+    let pack = walk_files(&s.dir("store"))
+        .into_iter()
+        .find(|p| p.file_name().unwrap().to_str() == Some(bad.p.to_hex().as_str()))
+        .expect("the pack file");
+    let mut data = std::fs::read(&pack).unwrap();
+    data[(bad.o + bad.c as u64 / 2) as usize] ^= 0x55;
+    std::fs::write(&pack, data).unwrap();
+
+    let fs = s.lazy("d", None);
+    let Some(m) = s.mount(&fs, "d", test) else {
+        return;
+    };
+    let err = std::fs::read(m.target().join("five.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let st = fs.stats();
+    assert_eq!(st.files_local, 0);
+    assert!(st.fetch_failures >= 1);
+    // Another file still reads; the bad one fails again (it is never taken as local).
+    assert_eq!(
+        std::fs::read(m.target().join("a/b/c/deep.txt")).unwrap(),
+        b"deep content\n"
+    );
+    assert!(std::fs::read(m.target().join("five.bin")).is_err());
+    m.unmount().unwrap();
+}
+
+#[test]
+fn a_group_gets_the_modes_and_group_of_a_tree_base() {
+    let test = "a_group_gets_the_modes_and_group_of_a_tree_base";
+    let s = setup();
+    let fs = s.lazy("e", Some(4321));
+    let Some(m) = s.mount(&fs, "e", test) else {
+        return;
+    };
+    // What grant_group makes of a restored tree, entry by entry.
+    let restored = s.dir("restored");
+    s.rt.block_on(s.engine.restore("k", &[], &restored))
+        .unwrap();
+    cachevol::node::grant_group(&restored, 4321).unwrap();
+    assert_eq!(metadata(m.target()), metadata(&restored));
+    assert_eq!(uids_gids(m.target()), [(0, 4321)].into());
+    m.unmount().unwrap();
+}
+
+fn walk_files(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
 }
