@@ -438,3 +438,68 @@ fn walk_files(root: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+#[test]
+fn after_hydration_reads_through_the_view_pass_through_to_the_local_copy() {
+    use std::os::unix::fs::FileExt;
+    let test = "after_hydration_reads_through_the_view_pass_through_to_the_local_copy";
+    let s = setup();
+    let fs = s.lazy("f", None);
+    let Some(m) = s.mount(&fs, "f", test) else {
+        return;
+    };
+    let passthrough = common::required(
+        test,
+        fs.passthrough().then_some(()),
+        "the kernel offers no FUSE passthrough",
+        Provider::CiRun(".ci/run runs on Linux 6.9 or later with CONFIG_FUSE_PASSTHROUGH"),
+    );
+    if passthrough.is_none() {
+        return;
+    }
+    let want = common::noise(5, 5 << 20);
+    let mut buf = vec![0u8; 4096];
+
+    // Opened before it was local: through the page cache. A second open while the first is
+    // still open must be one too (the kernel refuses to mix the two on one inode), and both
+    // read right.
+    let first = std::fs::File::open(m.target().join("five.bin")).unwrap();
+    first.read_exact_at(&mut buf, 1 << 20).unwrap();
+    assert_eq!(buf, want[1 << 20..(1 << 20) + 4096]);
+    let second = std::fs::File::open(m.target().join("five.bin")).unwrap();
+    second.read_exact_at(&mut buf, 2 << 20).unwrap();
+    assert_eq!(buf, want[2 << 20..(2 << 20) + 4096]);
+    first.read_exact_at(&mut buf, 4 << 20).unwrap();
+    assert_eq!(buf, want[4 << 20..(4 << 20) + 4096]);
+    assert_eq!(fs.stats().passthrough_opens, 0);
+    drop((first, second));
+
+    s.rt.block_on(async {
+        fs.hydrate();
+        tokio::time::timeout(Duration::from_secs(120), fs.hydrated()).await
+    })
+    .expect("hydration ends within two minutes")
+    .unwrap();
+    let ov = Overlay::mount(m.target(), &s.dir("f"));
+    let before = fs.stats();
+    // Never read through the mount before: without passthrough its pages would come here.
+    let big = std::fs::read(ov.0.join("big.bin")).unwrap();
+    assert!(
+        big == std::fs::read(s.src.join("big.bin")).unwrap(),
+        "big.bin through the view"
+    );
+    let after = fs.stats();
+    assert_eq!(after.passthrough_opens, before.passthrough_opens + 1);
+    assert_eq!(after.reads, before.reads, "no READ came to the server");
+    // Once its cached opens are closed, five.bin opens with passthrough too.
+    let third = std::fs::File::open(m.target().join("five.bin")).unwrap();
+    third.read_exact_at(&mut buf, 3 << 20).unwrap();
+    assert_eq!(buf, want[3 << 20..(3 << 20) + 4096]);
+    assert_eq!(fs.stats().passthrough_opens, after.passthrough_opens + 1);
+    drop(third);
+    // Everything through the view, and no READ for any of it.
+    common::assert_tree_maps_equal(&common::tree(&s.src), &common::tree(&ov.0), "the view");
+    assert_eq!(fs.stats().reads, before.reads, "every file passed through");
+    drop(ov);
+    m.unmount().unwrap();
+}

@@ -47,8 +47,11 @@ pub struct Counters {
     pub files_fetched: AtomicU64,
     /// Fetches that failed (a corrupt chunk, a store that did not answer).
     pub fetch_failures: AtomicU64,
-    /// Reads answered by the kernel from the local file with no FUSE READ (passthrough opens).
+    /// Opens of a local file with passthrough: the kernel reads the local file itself and
+    /// no READ of that open comes to this process.
     pub passthrough_opens: AtomicU64,
+    /// READ requests that came to this process.
+    pub reads: AtomicU64,
 }
 
 /// A copy of [`Counters`] at one moment.
@@ -61,6 +64,7 @@ pub struct Stats {
     pub files_fetched: u64,
     pub fetch_failures: u64,
     pub passthrough_opens: u64,
+    pub reads: u64,
     pub files_local: u64,
     pub files: u64,
 }
@@ -154,6 +158,7 @@ impl Local {
             files_fetched: get(&c.files_fetched),
             fetch_failures: get(&c.fetch_failures),
             passthrough_opens: get(&c.passthrough_opens),
+            reads: get(&c.reads),
             files_local: self.local_files.load(Ordering::Relaxed) as u64,
             files: self.files as u64,
         }

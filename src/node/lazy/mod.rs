@@ -29,11 +29,13 @@
 mod local;
 mod tree;
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fuser::{
@@ -65,7 +67,28 @@ struct Inner {
     tree: Tree,
     local: Arc<local::Local>,
     runtime: tokio::runtime::Handle,
+    /// The kernel agreed to passthrough at INIT: opens are counted per inode from then on.
+    passthrough: AtomicBool,
+    /// Passthrough still works here (a backing file on a stacked file system, for one, is
+    /// refused with ELOOP): cleared at the first refusal, and files are then served by reads.
+    passthrough_usable: AtomicBool,
+    opens: Mutex<HashMap<u64, Opens>>,
 }
+
+/// The open files of one inode. The kernel puts an inode in one I/O mode at a time: while it
+/// has opens through the page cache, an open with passthrough fails, and the other way round.
+/// So a file is opened with passthrough only when it is local and has no cached opens, and
+/// all its passthrough opens share one backing id, closed with the last of them.
+#[derive(Default)]
+struct Opens {
+    cached: u32,
+    passthrough: u32,
+    backing: Option<fuser::BackingId>,
+}
+
+/// The file handles of opens: which kind each is, for its release.
+const CACHED: FileHandle = FileHandle(0);
+const PASSTHROUGH: FileHandle = FileHandle(1);
 
 impl LazyFs {
     /// The tree of `entries` (a generation's, as [`Engine::load_entries`] returns them: they
@@ -87,6 +110,9 @@ impl LazyFs {
                 tree: Tree::new(entries, attrs),
                 local: Arc::new(copy),
                 runtime,
+                passthrough: AtomicBool::new(false),
+                passthrough_usable: AtomicBool::new(true),
+                opens: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -123,6 +149,52 @@ impl LazyFs {
     /// The counters so far (bytes on demand and prefetched, reads that waited, files local).
     pub fn stats(&self) -> Stats {
         self.inner.local.stats()
+    }
+
+    /// Whether files that are local are opened with FUSE passthrough (their reads then go
+    /// from the kernel to the local file without coming here): the kernel agreed at INIT and
+    /// no backing file was refused since.
+    pub fn passthrough(&self) -> bool {
+        self.inner.passthrough.load(Ordering::Relaxed)
+            && self.inner.passthrough_usable.load(Ordering::Relaxed)
+    }
+
+    /// Opens local file `e` (inode `ino`) with passthrough if it can, counting the open; None:
+    /// open it through the page cache (also counted, when passthrough is on).
+    fn open_passthrough(&self, ino: u64, e: &Entry, reply: &ReplyOpen) -> Option<()> {
+        let inner = &self.inner;
+        if !inner.passthrough.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut opens = inner.opens.lock().expect("not poisoned");
+        let o = opens.entry(ino).or_default();
+        let usable = inner.passthrough_usable.load(Ordering::Relaxed);
+        if o.cached == 0 && usable && o.backing.is_none() {
+            let backing =
+                std::fs::File::open(inner.local.path(e)).and_then(|f| reply.open_backing(&f));
+            match backing {
+                Ok(id) => o.backing = Some(id),
+                Err(err) => {
+                    tracing::warn!(
+                        local = %inner.local.root.display(),
+                        error = %err,
+                        "lazy base: the kernel refused a local file for passthrough; its files are served by reads instead"
+                    );
+                    inner.passthrough_usable.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+        if o.cached == 0 && o.backing.is_some() {
+            o.passthrough += 1;
+            inner
+                .local
+                .counters
+                .passthrough_opens
+                .fetch_add(1, Ordering::Relaxed);
+            return Some(());
+        }
+        o.cached += 1;
+        None
     }
 
     /// The local copy's root.
@@ -166,6 +238,14 @@ impl Filesystem for LazyFs {
         ] {
             let _ = config.add_capabilities(flag);
         }
+        // Passthrough with a stacking depth of 1: the backing files sit on the node's own
+        // file system (depth 0) and an overlay view can still be mounted over this tree
+        // (depth 2, the kernel's limit).
+        if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok()
+        {
+            self.inner.passthrough.store(true, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -202,11 +282,21 @@ impl Filesystem for LazyFs {
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
-        match self.file(ino) {
-            // The content never changes: what the page cache holds stays valid across opens.
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(e),
+        let (i, e) = match self.file(ino) {
+            Ok(f) => f,
+            Err(e) => return reply.error(e),
+        };
+        if self.inner.local.is_local(i) && self.open_passthrough(ino.0, e, &reply).is_some() {
+            let opens = self.inner.opens.lock().expect("not poisoned");
+            let id = opens[&ino.0].backing.as_ref().expect("opened with one");
+            return reply.opened_passthrough(PASSTHROUGH, FopenFlags::empty(), id);
         }
+        if !self.inner.local.is_local(i) && self.inner.passthrough.load(Ordering::Relaxed) {
+            let mut opens = self.inner.opens.lock().expect("not poisoned");
+            opens.entry(ino.0).or_default().cached += 1;
+        }
+        // The content never changes: what the page cache holds stays valid across opens.
+        reply.opened(CACHED, FopenFlags::FOPEN_KEEP_CACHE)
     }
 
     fn read(
@@ -225,6 +315,7 @@ impl Filesystem for LazyFs {
             Err(e) => return reply.error(e),
         };
         let inner = self.inner.clone();
+        inner.local.counters.reads.fetch_add(1, Ordering::Relaxed);
         self.inner.runtime.spawn(async move {
             let entries = inner.tree.entries.clone();
             if let Err(e) = inner.local.ensure(&entries, i, true).await {
@@ -249,13 +340,31 @@ impl Filesystem for LazyFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
+        ino: INodeNo,
+        fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        if self.inner.passthrough.load(Ordering::Relaxed) {
+            let mut opens = self.inner.opens.lock().expect("not poisoned");
+            if let Some(o) = opens.get_mut(&ino.0) {
+                if fh == PASSTHROUGH {
+                    o.passthrough = o.passthrough.saturating_sub(1);
+                    if o.passthrough == 0 {
+                        // Closes the backing id: the kernel keeps its own reference while
+                        // the file is open, and no open of the inode needs it any more.
+                        o.backing = None;
+                    }
+                } else {
+                    o.cached = o.cached.saturating_sub(1);
+                }
+                if o.cached == 0 && o.passthrough == 0 {
+                    opens.remove(&ino.0);
+                }
+            }
+        }
         reply.ok();
     }
 
