@@ -1,8 +1,10 @@
 //! The lazy base's local copy: a staging tree at the snapshot's own paths, filled file by file
 //! (on demand, or by hydration in manifest order), so that once every file is there it is an
-//! ordinary tree base. A file counts as local once its verified bytes are on disk (fdatasync)
-//! and its number is appended to the journal beside the tree: a restarted server trusts the
-//! journal, never a file's mere presence (a crash can leave a file half written).
+//! ordinary tree base. A file is served from the copy as soon as its verified bytes are
+//! written; it is recorded in the journal beside the tree only after a sync of the file system
+//! made them durable, in batches (one sync per file would cost more than fetching a small
+//! file). A restarted server trusts the journal, never a file's mere presence (a crash can
+//! leave a file half written), and fetches again what the journal does not name.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -16,6 +18,9 @@ use futures::StreamExt;
 use tokio::sync::watch;
 
 use crate::engine::{Engine, Entry, Kind};
+
+/// Files journaled per sync of the file system, at most (hydration of many small files).
+const JOURNAL_BATCH: usize = 256;
 
 /// How a fetch of one file ended, as every reader waiting for it sees it.
 type Outcome = Result<(), Arc<str>>;
@@ -73,6 +78,11 @@ pub(super) struct Local {
     engine: Engine,
     pub root: PathBuf,
     journal: Mutex<File>,
+    /// Files written since the last sync, not yet journaled.
+    pending: Mutex<Vec<usize>>,
+    /// Held by the one flush running: a flush that follows waits, so that when it returns
+    /// everything pending before it is journaled.
+    flushing: tokio::sync::Mutex<()>,
     /// Per entry: its file is complete in the copy.
     local: Vec<AtomicBool>,
     files: usize,
@@ -129,6 +139,8 @@ impl Local {
             engine,
             root: root.to_path_buf(),
             journal: Mutex::new(journal),
+            pending: Mutex::new(Vec::new()),
+            flushing: tokio::sync::Mutex::new(()),
             local,
             files,
             local_files: AtomicUsize::new(local_files),
@@ -232,7 +244,37 @@ impl Local {
         outcome
     }
 
-    async fn fetch(&self, e: &Entry, i: usize, demand: bool) -> Outcome {
+    /// Makes the files written so far durable (one sync of the file system) and journals
+    /// them. A failure is only logged: those files are served all the same, and fetched again
+    /// after a restart.
+    pub async fn flush(self: &Arc<Self>) {
+        let _one = self.flushing.lock().await;
+        let batch = std::mem::take(&mut *self.pending.lock().expect("not poisoned"));
+        if batch.is_empty() {
+            return;
+        }
+        let this = self.clone();
+        let done = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            rustix::fs::syncfs(File::open(&this.root)?)?;
+            let mut lines = String::with_capacity(batch.len() * 8);
+            for i in batch {
+                lines.push_str(&format!("{i}\n"));
+            }
+            let mut j = this.journal.lock().expect("not poisoned");
+            j.write_all(lines.as_bytes())
+        })
+        .await
+        .expect("does not panic");
+        if let Err(e) = done {
+            tracing::warn!(
+                local = %self.root.display(),
+                error = %e,
+                "lazy base: files of the local copy could not be journaled; a restart fetches them again"
+            );
+        }
+    }
+
+    async fn fetch(self: &Arc<Self>, e: &Entry, i: usize, demand: bool) -> Outcome {
         let path = self.path(e);
         let size = e.size;
         let file = tokio::task::spawn_blocking({
@@ -262,19 +304,23 @@ impl Local {
         let (mode, mtime) = (e.mode, e.mtime);
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             use std::os::unix::fs::PermissionsExt;
-            // Durable before the journal says so: a crash never leaves a journaled file wrong.
-            file.sync_data()?;
             file.set_permissions(std::fs::Permissions::from_mode(mode))?;
             file.set_times(std::fs::FileTimes::new().set_modified(super::tree::time(mtime)))
         })
         .await
         .expect("does not panic")
         .map_err(|err| describe(e, "finish", &err))?;
-        {
-            let mut j = self.journal.lock().expect("not poisoned");
-            writeln!(j, "{i}").map_err(|err| describe(e, "journal", &err))?;
-        }
         self.local[i].store(true, Ordering::Release);
+        let batch = {
+            let mut pending = self.pending.lock().expect("not poisoned");
+            pending.push(i);
+            pending.len()
+        };
+        // Off the read's path: a demand read is answered while its file is made durable.
+        if demand || batch >= JOURNAL_BATCH {
+            let this = self.clone();
+            tokio::spawn(async move { this.flush().await });
+        }
         let left = self.files - 1 - self.local_files.fetch_add(1, Ordering::AcqRel);
         let c = &self.counters;
         c.files_fetched.fetch_add(1, Ordering::Relaxed);
@@ -323,6 +369,7 @@ impl Local {
                 }
             })
             .await;
+        self.flush().await;
         if let Some(e) = failed.into_inner().expect("not poisoned") {
             tracing::warn!(error = %e, "lazy base: hydration stopped");
             self.hydration.send_replace(Hydration::Failed(e));
@@ -412,4 +459,51 @@ fn complete(root: &Path, entries: &[Entry]) -> std::io::Result<()> {
     let dir = File::open(root)?;
     rustix::fs::syncfs(&dir)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str, size: u64) -> Entry {
+        Entry {
+            path: path.into(),
+            kind: Kind::File,
+            mode: 0o644,
+            size,
+            mtime: 0,
+            target: None,
+            chunks: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn only_journaled_files_of_the_right_size_are_local_after_a_restart() {
+        let t = tempfile::tempdir().unwrap();
+        let store = crate::engine::Store::open(&format!("file://{}", t.path().join("s").display()))
+            .unwrap();
+        let engine = Engine::new(store, "default", t.path().join("state")).unwrap();
+        let entries = vec![
+            file("a", 3),
+            file("b", 3),
+            file("c", 3),
+            file("d", 3),
+            file("e", 3),
+        ];
+        let root = t.path().join("copy");
+        std::fs::create_dir_all(&root).unwrap();
+        for (name, data) in [("a", "aaa"), ("b", "bb"), ("d", "ddd"), ("e", "eee")] {
+            std::fs::write(root.join(name), data).unwrap();
+        }
+        // b was cut short, c is gone, d was never journaled, e's line was torn by a crash;
+        // a line of garbage and a number past the end name nothing.
+        let journal = t.path().join("journal");
+        std::fs::write(&journal, "0\n1\n2\nnot a number\n99\n4").unwrap();
+        let local = Local::open(engine, &entries, &root, &journal).unwrap();
+        let is: Vec<bool> = (0..entries.len()).map(|i| local.is_local(i)).collect();
+        assert_eq!(is, [true, false, false, false, false]);
+        let st = local.stats();
+        assert_eq!((st.files_local, st.files), (1, 5));
+        assert_eq!(*local.hydration.borrow(), Hydration::Running { left: 4 });
+    }
 }

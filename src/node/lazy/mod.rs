@@ -146,6 +146,12 @@ impl LazyFs {
         }
     }
 
+    /// Journals every file written so far, after one sync of the file system: a server that
+    /// stops cleanly calls it, so that its successor fetches none of them again.
+    pub async fn flush(&self) {
+        self.inner.local.flush().await
+    }
+
     /// The counters so far (bytes on demand and prefetched, reads that waited, files local).
     pub fn stats(&self) -> Stats {
         self.inner.local.stats()
@@ -212,19 +218,33 @@ impl LazyFs {
         }
     }
 
-    /// The entries of directory `ino` as readdir lists them: `.`, `..`, then the children in
-    /// name order; each with its inode, type and name.
-    fn listing(&self, ino: INodeNo) -> Result<Vec<(u64, Kind, &str)>, Errno> {
+    /// The entries of directory `ino` as readdir lists them from position `offset` on: `.`,
+    /// `..`, then the children in name order; each with its position, inode, type and name.
+    fn listing(
+        &self,
+        ino: INodeNo,
+        offset: u64,
+    ) -> Result<impl Iterator<Item = (u64, u64, Kind, &str)>, Errno> {
         let t = &self.inner.tree;
         let kids = t.children(ino.0).ok_or(Errno::ENOTDIR)?;
-        let mut out = Vec::with_capacity(kids.len() + 2);
-        out.push((ino.0, Kind::Dir, "."));
-        out.push((t.parent(ino.0), Kind::Dir, ".."));
-        for &i in kids {
+        let dots = [(ino.0, Kind::Dir, "."), (t.parent(ino.0), Kind::Dir, "..")];
+        let skip = usize::try_from(offset).unwrap_or(usize::MAX);
+        let kids = kids.get(skip.saturating_sub(2)..).unwrap_or_default();
+        let entries = kids.iter().map(move |&i| {
             let e = &t.entries[i as usize];
-            out.push((2 + i as u64, e.kind, Tree::name(e)));
-        }
-        Ok(out)
+            (2 + i as u64, e.kind, Tree::name(e))
+        });
+        let first = offset.max(2);
+        Ok(dots
+            .into_iter()
+            .enumerate()
+            .skip(skip)
+            .map(|(k, (ino, kind, name))| (k as u64, ino, kind, name))
+            .chain(
+                entries
+                    .enumerate()
+                    .map(move |(k, (ino, kind, name))| (first + k as u64, ino, kind, name)),
+            ))
     }
 }
 
@@ -384,12 +404,12 @@ impl Filesystem for LazyFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let list = match self.listing(ino) {
+        let list = match self.listing(ino, offset) {
             Ok(l) => l,
             Err(e) => return reply.error(e),
         };
-        for (k, (child, kind, name)) in list.into_iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(child), k as u64 + 1, Tree::file_type(kind), name) {
+        for (k, child, kind, name) in list {
+            if reply.add(INodeNo(child), k + 1, Tree::file_type(kind), name) {
                 break;
             }
         }
@@ -404,21 +424,14 @@ impl Filesystem for LazyFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let list = match self.listing(ino) {
+        let list = match self.listing(ino, offset) {
             Ok(l) => l,
             Err(e) => return reply.error(e),
         };
         let t = &self.inner.tree;
-        for (k, (child, _, name)) in list.into_iter().enumerate().skip(offset as usize) {
+        for (k, child, _, name) in list {
             let attr = t.attr(child).expect("a listed inode exists");
-            if reply.add(
-                INodeNo(child),
-                k as u64 + 1,
-                name,
-                &TTL,
-                &attr,
-                Generation(0),
-            ) {
+            if reply.add(INodeNo(child), k + 1, name, &TTL, &attr, Generation(0)) {
                 break;
             }
         }
@@ -438,9 +451,8 @@ impl Filesystem for LazyFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let t = &self.inner.tree;
-        let bytes: u64 = t.entries.iter().map(|e| e.size).sum();
         let files = t.entries.len() as u64 + 1;
-        reply.statfs(bytes.div_ceil(4096), 0, 0, files, 0, 4096, 255, 4096);
+        reply.statfs(t.bytes.div_ceil(4096), 0, 0, files, 0, 4096, 255, 4096);
     }
 
     // No extended attributes: ENOSYS once, and the kernel stops asking (an overlay over the

@@ -35,6 +35,10 @@ pub(super) struct Tree {
     children: HashMap<u64, Vec<u32>>,
     /// The parent inode of each entry.
     parent: Vec<u64>,
+    /// How many subdirectories each directory has (its link count is 2 more), by inode.
+    subdirs: HashMap<u64, u32>,
+    /// The bytes of all files, for statfs.
+    pub bytes: u64,
     attrs: Attrs,
 }
 
@@ -46,6 +50,8 @@ impl Tree {
         children.insert(ROOT, Vec::new());
         let mut by_path: HashMap<&str, u64> = HashMap::new();
         let mut parent = Vec::with_capacity(entries.len());
+        let mut subdirs: HashMap<u64, u32> = HashMap::new();
+        let mut bytes = 0;
         for (i, e) in entries.iter().enumerate() {
             let ino = 2 + i as u64;
             let p = match e.path.rsplit_once('/') {
@@ -54,7 +60,9 @@ impl Tree {
             };
             parent.push(p);
             children.entry(p).or_default().push(i as u32);
+            bytes += e.size;
             if e.kind == Kind::Dir {
+                *subdirs.entry(p).or_default() += 1;
                 by_path.insert(&e.path, ino);
                 children.entry(ino).or_default();
             }
@@ -64,6 +72,8 @@ impl Tree {
             entries: Arc::new(entries),
             children,
             parent,
+            subdirs,
+            bytes,
             attrs,
         }
     }
@@ -118,10 +128,7 @@ impl Tree {
             Kind::File => (FileType::RegularFile, size, 1),
             Kind::Symlink => (FileType::Symlink, size, 1),
             Kind::Dir => {
-                let subdirs = self.children[&ino]
-                    .iter()
-                    .filter(|&&i| self.entries[i as usize].kind == Kind::Dir)
-                    .count() as u32;
+                let subdirs = self.subdirs.get(&ino).copied().unwrap_or(0);
                 (FileType::Directory, 4096, 2 + subdirs)
             }
         };
