@@ -518,3 +518,122 @@ fn after_hydration_reads_through_the_view_pass_through_to_the_local_copy() {
     drop(ov);
     m.unmount().unwrap();
 }
+
+#[test]
+fn a_read_waiting_for_the_store_holds_up_no_other_request() {
+    let test = "a_read_waiting_for_the_store_holds_up_no_other_request";
+    let s = setup();
+    // five.bin's first pack becomes a FIFO: a read of it blocks in open(2) until a writer
+    // comes, as a store that does not answer would.
+    let five = s.entries.iter().find(|e| e.path == "five.bin").unwrap();
+    let stuck = five.chunks[0].p;
+    let pack = walk_files(&s.dir("store"))
+        .into_iter()
+        .find(|p| p.file_name().unwrap().to_str() == Some(stuck.to_hex().as_str()))
+        .expect("the pack file");
+    // The real pack waits beside it; the FIFO has a second name to be opened by later.
+    let real = pack.with_extension("real");
+    std::fs::rename(&pack, &real).unwrap();
+    let st = std::process::Command::new("mkfifo")
+        .arg(&pack)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let fifo_link = pack.with_extension("fifo");
+    std::fs::hard_link(&pack, &fifo_link).unwrap();
+    // A file none of whose chunks are in that pack.
+    let other = s
+        .entries
+        .iter()
+        .find(|e| e.kind == Kind::File && e.size > 0 && e.chunks.iter().all(|c| c.p != stuck))
+        .expect("a file in another pack");
+
+    // However the test ends, the blocked read is let go (the runtime waits for it).
+    let fifo = Unblock(fifo_link);
+
+    let fs = s.lazy("g", None);
+    let Some(m) = s.mount(&fs, "g", test) else {
+        return;
+    };
+    let mnt = m.target().to_path_buf();
+    // Two reads of different parts of the file (the same pages would wait for each other in
+    // the kernel and never both come here).
+    let readers: Vec<_> = [0u64, 4 << 20]
+        .into_iter()
+        .map(|at: u64| {
+            let p = mnt.join("five.bin");
+            std::thread::spawn(move || {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; 4096];
+                std::fs::File::open(p)?.read_exact_at(&mut buf, at)?;
+                Ok::<_, std::io::Error>(buf)
+            })
+        })
+        .collect();
+    // Both readers are waiting (the one fetch, and the read that waits for it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while fs.stats().reads_waited < 2 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", fs.stats());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Meanwhile every name, attribute and link, and another file's data, are served.
+    assert_eq!(metadata(&mnt), metadata(&s.src));
+    assert_eq!(
+        std::fs::read(mnt.join(&other.path)).unwrap(),
+        std::fs::read(s.src.join(&other.path)).unwrap()
+    );
+    assert!(
+        readers.iter().all(|r| !r.is_finished()),
+        "the readers of five.bin still wait"
+    );
+    // The store comes back (the real pack in place), then the blocked request fails: that
+    // fetch fails both reads at once. The kernel may read again, which then fetches the file
+    // from the real pack. Either way a reader gets the right bytes or EIO, never others.
+    std::fs::rename(&real, &pack).unwrap();
+    assert!(
+        fifo.release(Duration::from_secs(30)),
+        "the fetch opened the pack"
+    );
+    let want = common::noise(5, 5 << 20);
+    for (r, at) in readers.into_iter().zip([0usize, 4 << 20]) {
+        match r.join().unwrap() {
+            Ok(buf) => assert!(buf == want[at..at + 4096], "five.bin at {at}"),
+            Err(err) => assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}"),
+        }
+    }
+    assert_eq!(fs.stats().fetch_failures, 1, "one fetch for both readers");
+    assert_eq!(std::fs::read(mnt.join("five.bin")).unwrap(), want);
+    m.unmount().unwrap();
+}
+
+/// A FIFO standing for a pack: [`Unblock::release`] lets go a reader blocked opening it.
+struct Unblock(PathBuf);
+
+impl Unblock {
+    /// Opens the FIFO for writing once a reader waits on it (within `wait`) and closes it at
+    /// once: the reader reads nothing. False if no reader came.
+    fn release(&self, wait: Duration) -> bool {
+        use std::os::unix::fs::OpenOptionsExt;
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            // Without a reader, a non-blocking open for writing fails (ENXIO).
+            let opened = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&self.0);
+            if opened.is_ok() {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Unblock {
+    fn drop(&mut self) {
+        self.release(Duration::ZERO);
+    }
+}
