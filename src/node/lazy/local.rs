@@ -97,7 +97,9 @@ pub(super) struct Local {
 
 impl Local {
     /// The copy at `root` (created if missing) with its journal at `journal`: files the
-    /// journal names and that are on disk at their size count as local.
+    /// journal names and that are on disk at their size count as local. The journal starts
+    /// with the tree's fingerprint: one written for another tree (a directory reused for
+    /// another generation) names nothing and is started again.
     pub fn open(
         engine: Engine,
         entries: &[Entry],
@@ -111,8 +113,11 @@ impl Local {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(e),
         };
+        let header = format!("tree {}\n", fingerprint(entries));
+        let ours = text.starts_with(&header);
         // A torn last line (a crash in the middle of an append) names nothing.
-        let complete_lines = text.rsplit_once('\n').map_or("", |(done, _)| done);
+        let body = text.get(header.len()..).filter(|_| ours).unwrap_or("");
+        let complete_lines = body.rsplit_once('\n').map_or("", |(done, _)| done);
         for line in complete_lines.lines() {
             let Some(e) = line
                 .parse::<usize>()
@@ -128,10 +133,18 @@ impl Local {
                 local[i].store(true, Ordering::Relaxed);
             }
         }
-        let journal = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(journal)?;
+        let journal = if ours {
+            std::fs::OpenOptions::new().append(true).open(journal)?
+        } else {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(journal)?;
+            f.write_all(header.as_bytes())?;
+            f.sync_data()?;
+            f
+        };
         let files = entries.iter().filter(|e| e.kind == Kind::File).count();
         let local_files = local.iter().filter(|l| l.load(Ordering::Relaxed)).count();
         let left = (files - local_files) as u64;
@@ -411,6 +424,21 @@ impl Local {
     }
 }
 
+/// What identifies a tree for its journal: a hash of every entry's path, kind, size and
+/// chunks, in order (the journal names entries by position).
+pub(super) fn fingerprint(entries: &[Entry]) -> String {
+    let mut h = blake3::Hasher::new();
+    for e in entries {
+        h.update(e.path.as_bytes());
+        h.update(&[0, e.kind as u8]);
+        h.update(&e.size.to_le_bytes());
+        for c in &e.chunks {
+            h.update(c.h.to_hex().as_bytes());
+        }
+    }
+    h.finalize().to_hex().to_string()
+}
+
 fn describe(e: &Entry, what: &str, err: &std::io::Error) -> Arc<str> {
     format!("{what} the local copy of {:?}: {err}", e.path).into()
 }
@@ -498,12 +526,22 @@ mod tests {
         // b was cut short, c is gone, d was never journaled, e's line was torn by a crash;
         // a line of garbage and a number past the end name nothing.
         let journal = t.path().join("journal");
-        std::fs::write(&journal, "0\n1\n2\nnot a number\n99\n4").unwrap();
-        let local = Local::open(engine, &entries, &root, &journal).unwrap();
+        let header = format!("tree {}\n", fingerprint(&entries));
+        std::fs::write(&journal, format!("{header}0\n1\n2\nnot a number\n99\n4")).unwrap();
+        let local = Local::open(engine.clone(), &entries, &root, &journal).unwrap();
         let is: Vec<bool> = (0..entries.len()).map(|i| local.is_local(i)).collect();
         assert_eq!(is, [true, false, false, false, false]);
         let st = local.stats();
         assert_eq!((st.files_local, st.files), (1, 5));
         assert_eq!(*local.hydration.borrow(), Hydration::Running { left: 4 });
+        drop(local);
+
+        // The journal of another tree (here: one more file) names nothing, and is replaced.
+        let mut other = entries.clone();
+        other.push(file("f", 3));
+        let local = Local::open(engine, &other, &root, &journal).unwrap();
+        assert_eq!(local.stats().files_local, 0);
+        let text = std::fs::read_to_string(&journal).unwrap();
+        assert_eq!(text, format!("tree {}\n", fingerprint(&other)));
     }
 }
