@@ -306,12 +306,14 @@ impl Filesystem for LazyFs {
             Ok(f) => f,
             Err(e) => return reply.error(e),
         };
-        if self.inner.local.is_local(i) && self.open_passthrough(ino.0, e, &reply).is_some() {
+        // Asked once: a file that turns local meanwhile must still count as a cached open.
+        let local = self.inner.local.is_local(i);
+        if local && self.open_passthrough(ino.0, e, &reply).is_some() {
             let opens = self.inner.opens.lock().expect("not poisoned");
             let id = opens[&ino.0].backing.as_ref().expect("opened with one");
             return reply.opened_passthrough(PASSTHROUGH, FopenFlags::empty(), id);
         }
-        if !self.inner.local.is_local(i) && self.inner.passthrough.load(Ordering::Relaxed) {
+        if !local && self.inner.passthrough.load(Ordering::Relaxed) {
             let mut opens = self.inner.opens.lock().expect("not poisoned");
             opens.entry(ino.0).or_default().cached += 1;
         }
@@ -523,14 +525,23 @@ impl LazyMount {
         &self.target
     }
 
-    /// Unmounts the tree (detached if still in use: it then goes once its last user does) and
-    /// waits for the serving thread to end.
+    /// Unmounts the tree and waits (a second at most) for the serving thread to end. An
+    /// overlay view over the tree holds a mount of its own, so unmounting succeeds while a
+    /// view still reads it: the tree is then served until the last view goes, and the thread
+    /// is not waited for.
     pub fn unmount(mut self) -> io::Result<()> {
         crate::node::mount::unmount(&self.target)?;
-        match self.session.take() {
-            Some(s) => s.join(),
-            None => Ok(()),
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        while !session.guard.is_finished() {
+            if std::time::Instant::now() >= deadline {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
+        session.join()
     }
 }
 
