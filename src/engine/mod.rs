@@ -10,6 +10,7 @@ pub mod store;
 mod cancel;
 mod commit;
 pub mod erofs;
+mod fetch;
 mod gc;
 mod image;
 mod inspect;
@@ -43,6 +44,7 @@ pub fn is_marker(path: &str) -> bool {
 pub use cancel::Cancel;
 pub use commit::{CommitOptions, CommitOutcome, CommitReport, CommittedTree, Merge};
 pub use error::{io, Error, IoError, Result};
+pub use fetch::Fetched;
 pub use format::{Entry, Generation, Kind, Provenance};
 pub use gc::{GcPolicy, GcReport};
 pub use image::{ImageOptions, ImageReport};

@@ -29,6 +29,7 @@ pub mod decide;
 #[cfg(test)]
 mod fixture;
 pub mod health;
+pub mod lazy;
 pub mod mount;
 mod publish;
 mod records;
