@@ -279,66 +279,39 @@ impl Engine {
     /// entries plus the pages in flight, never the whole encoded manifest.
     async fn load_pages(&self, g: &Generation) -> Result<Vec<Entry>> {
         let location = format!("{}/{}#manifest", g.key, g.generation);
-        // Which pages each distinct chunk is, grouped by pack (the generation's decode checked
-        // the page table: one page per chunk, within the format's limits).
-        let mut by_pack: HashMap<Digest, HashMap<u64, (ChunkRef, Vec<usize>)>> = HashMap::new();
-        for (i, r) in g.manifest.iter().enumerate() {
-            let (known, places) = by_pack
-                .entry(r.p)
-                .or_default()
-                .entry(r.o)
-                .or_insert_with(|| (r.clone(), Vec::new()));
-            if known != r {
-                return Err(one_chunk_per_offset(&self.layout, r));
-            }
-            places.push(i);
-        }
+        // The generation's decode checked the page table: one page per chunk, within the
+        // format's limits.
+        let by_pack = self.manifest_reads(g.manifest.iter().enumerate().map(|(i, r)| (r, i)))?;
         let infos = Arc::new(g.pages.clone());
         let decoded: Arc<std::sync::Mutex<Vec<Option<Vec<Entry>>>>> =
             Arc::new(std::sync::Mutex::new(vec![None; infos.len()]));
-        futures::stream::iter(by_pack)
-            .map(|(pack, needs)| {
-                let (infos, decoded, location) = (infos.clone(), decoded.clone(), location.clone());
-                // A page comes whole unless its frame is long enough to be streamed: then its
-                // verified pieces are put together here first.
-                let partial: std::sync::Mutex<HashMap<u64, Vec<u8>>> = Default::default();
-                async move {
-                    let mut needs: Vec<_> = needs.into_values().collect();
-                    needs.sort_by_key(|(r, _)| r.o);
-                    self.read_chunks(
-                        pack,
-                        needs,
-                        |(r, _)| r,
-                        ReadCtl::default(),
-                        Arc::new(Each(
-                            move |(r, places): &(ChunkRef, Vec<usize>), at, data: &[u8]| {
-                                let whole;
-                                let raw = if at == 0 && data.len() == r.n as usize {
-                                    data
-                                } else {
-                                    let mut parts = partial.lock().expect("not poisoned");
-                                    let buf = parts.entry(r.o).or_default();
-                                    buf.extend_from_slice(data);
-                                    if buf.len() < r.n as usize {
-                                        return Ok(());
-                                    }
-                                    whole = parts.remove(&r.o).expect("just filled");
-                                    &whole[..]
-                                };
-                                for &i in places {
-                                    let entries = pages::decode_page(&location, &infos[i], raw)?;
-                                    decoded.lock().expect("not poisoned")[i] = Some(entries);
-                                }
-                                Ok(())
-                            },
-                        )),
-                    )
-                    .await
+        // A page comes whole unless its frame is long enough to be streamed: then its verified
+        // pieces are put together here first.
+        let partial = Arc::new(std::sync::Mutex::new(
+            HashMap::<(Digest, u64), Vec<u8>>::new(),
+        ));
+        let (out, loc) = (decoded.clone(), location.clone());
+        self.read_manifest(by_pack, move |(r, places), at, data| {
+            let whole;
+            let raw = if at == 0 && data.len() == r.n as usize {
+                data
+            } else {
+                let mut parts = partial.lock().expect("not poisoned");
+                let buf = parts.entry((r.p, r.o)).or_default();
+                buf.extend_from_slice(data);
+                if buf.len() < r.n as usize {
+                    return Ok(());
                 }
-            })
-            .buffer_unordered(io_concurrency())
-            .try_collect::<Vec<u64>>()
-            .await?;
+                whole = parts.remove(&(r.p, r.o)).expect("just filled");
+                &whole[..]
+            };
+            for &i in places {
+                let entries = pages::decode_page(&loc, &infos[i], raw)?;
+                out.lock().expect("not poisoned")[i] = Some(entries);
+            }
+            Ok(())
+        })
+        .await?;
         let decoded = Arc::try_unwrap(decoded)
             .expect("every reader is done")
             .into_inner()
@@ -381,21 +354,13 @@ impl Engine {
             .ok()
             .filter(|n| *n as u64 <= format::MAX_MANIFEST_LEN)
             .ok_or_else(|| Error::corrupt(&location, "manifest is over the format's limit"))?;
-        // Where each distinct chunk goes in the stream, grouped by pack.
-        let mut by_pack: HashMap<Digest, HashMap<u64, (ChunkRef, Vec<usize>)>> = HashMap::new();
+        // Where each distinct chunk goes in the stream.
         let mut at = 0usize;
-        for r in &g.manifest {
-            let (known, places) = by_pack
-                .entry(r.p)
-                .or_default()
-                .entry(r.o)
-                .or_insert_with(|| (r.clone(), Vec::new()));
-            if known != r {
-                return Err(one_chunk_per_offset(&self.layout, r));
-            }
-            places.push(at);
+        let by_pack = self.manifest_reads(g.manifest.iter().map(|r| {
+            let place = at;
             at += r.n as usize;
-        }
+            (r, place)
+        }))?;
         if at != len {
             return Err(Error::corrupt(
                 location,
@@ -403,34 +368,16 @@ impl Engine {
             ));
         }
         let stream = Arc::new(std::sync::Mutex::new(vec![0u8; len]));
-        futures::stream::iter(by_pack)
-            .map(|(pack, needs)| {
-                let stream = stream.clone();
-                async move {
-                    let mut needs: Vec<_> = needs.into_values().collect();
-                    needs.sort_by_key(|(r, _)| r.o);
-                    self.read_chunks(
-                        pack,
-                        needs,
-                        |(r, _)| r,
-                        ReadCtl::default(),
-                        Arc::new(Each(
-                            move |(_, places): &(ChunkRef, Vec<usize>), at, data: &[u8]| {
-                                let mut s = stream.lock().expect("not poisoned");
-                                for &p in places {
-                                    let from = p + at as usize;
-                                    s[from..from + data.len()].copy_from_slice(data);
-                                }
-                                Ok(())
-                            },
-                        )),
-                    )
-                    .await
-                }
-            })
-            .buffer_unordered(io_concurrency())
-            .try_collect::<Vec<u64>>()
-            .await?;
+        let out = stream.clone();
+        self.read_manifest(by_pack, move |(_, places), at, data| {
+            let mut s = out.lock().expect("not poisoned");
+            for &p in places {
+                let from = p + at as usize;
+                s[from..from + data.len()].copy_from_slice(data);
+            }
+            Ok(())
+        })
+        .await?;
         let stream = Arc::try_unwrap(stream)
             .expect("every reader is done")
             .into_inner()
@@ -442,6 +389,52 @@ impl Engine {
             ));
         }
         format::decode_entries(&location, &stream)
+    }
+
+    /// A manifest's distinct chunks grouped by pack and offset, each with the places it fills
+    /// (stream offsets in version 1, page indexes in version 2); two different chunks claiming
+    /// one frame are refused.
+    fn manifest_reads<'a>(
+        &self,
+        chunks: impl Iterator<Item = (&'a ChunkRef, usize)>,
+    ) -> Result<ManifestReads> {
+        let mut by_pack: ManifestReads = HashMap::new();
+        for (r, place) in chunks {
+            let (known, places) = by_pack
+                .entry(r.p)
+                .or_default()
+                .entry(r.o)
+                .or_insert_with(|| (r.clone(), Vec::new()));
+            if known != r {
+                return Err(one_chunk_per_offset(&self.layout, r));
+            }
+            places.push(place);
+        }
+        Ok(by_pack)
+    }
+
+    /// Reads every chunk of `by_pack` (several packs at once), handing each verified piece to
+    /// `put` as [`Engine::read_chunks`] does.
+    async fn read_manifest(
+        &self,
+        by_pack: ManifestReads,
+        put: impl Fn(&(ChunkRef, Vec<usize>), u64, &[u8]) -> Result<()> + Send + Sync + 'static,
+    ) -> Result<()> {
+        let put = Arc::new(Each(put));
+        futures::stream::iter(by_pack)
+            .map(|(pack, needs)| {
+                let put = put.clone();
+                async move {
+                    let mut needs: Vec<_> = needs.into_values().collect();
+                    needs.sort_by_key(|(r, _)| r.o);
+                    self.read_chunks(pack, needs, |(r, _)| r, ReadCtl::default(), put)
+                        .await
+                }
+            })
+            .buffer_unordered(io_concurrency())
+            .try_collect::<Vec<u64>>()
+            .await?;
+        Ok(())
     }
 
     /// Reads, decompresses and verifies the chunks `items` name, all in `pack` and sorted by
@@ -554,6 +547,9 @@ async fn read_pack_range(
 
 /// The error for two chunk refs that name one frame of a pack but differ (digest or lengths):
 /// one of them lies, and the data of one must never be taken for the other.
+/// A manifest's chunks to read: per pack, per frame offset, the chunk and the places it fills.
+type ManifestReads = HashMap<Digest, HashMap<u64, (ChunkRef, Vec<usize>)>>;
+
 pub(crate) fn one_chunk_per_offset(layout: &Layout, r: &ChunkRef) -> Error {
     Error::corrupt(
         layout.pack(&r.p.to_hex()).to_string(),
