@@ -73,11 +73,16 @@ impl Lab {
             manifest: refs,
             pages: vec![],
         };
+        self.put_generation(&g)
+    }
+
+    /// Stores `g` where the engine looks for it; returns its path.
+    fn put_generation(&self, g: &Generation) -> PathBuf {
         let path = self
             .store
             .join("default/manifests")
-            .join(key)
-            .join(format!("{gen:020}"));
+            .join(&g.key)
+            .join(format!("{:020}", g.generation));
         write(&path, &g.encode());
         path
     }
@@ -906,13 +911,7 @@ impl Lab {
             manifest: refs,
             pages: pages.iter().map(|p| p.info.clone()).collect(),
         };
-        let path = self
-            .store
-            .join("default/manifests")
-            .join(key)
-            .join(format!("{gen:020}"));
-        write(&path, &g.encode());
-        path
+        self.put_generation(&g)
     }
 }
 

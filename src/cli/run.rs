@@ -375,14 +375,7 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
             match engine.resolve(key, &restore_keys).await {
                 Ok(s) => Some(s),
                 Err(e) => {
-                    out.warn_about(
-                        Some(key),
-                        "restore_failed",
-                        &format!(
-                            "{key}: restore failed, running with what {} holds: {e}",
-                            dir.display()
-                        ),
-                    );
+                    restore_failed(out, key, dir, &e);
                     None
                 }
             }
@@ -454,14 +447,7 @@ pub async fn run(g: &Global, args: RunArgs, out: &Out, bars: Arc<Bars>) -> Resul
         match engine.restore_source(source, dir).await {
             Ok(r) => out.restore(key, &restore_keys, dir, &r),
             Err(e) => {
-                out.warn_about(
-                    Some(key),
-                    "restore_failed",
-                    &format!(
-                        "{key}: restore failed, running with what {} holds: {e}",
-                        dir.display()
-                    ),
-                );
+                restore_failed(out, key, dir, &e);
                 engine.forget(dir);
             }
         }
@@ -636,6 +622,19 @@ fn shell_words(words: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// A cache whose lookup or restore failed: a warning, and the command runs with what the
+/// directory holds (a cache never fails a build).
+fn restore_failed(out: &Out, key: &str, dir: &Path, e: &Error) {
+    out.warn_about(
+        Some(key),
+        "restore_failed",
+        &format!(
+            "{key}: restore failed, running with what {} holds: {e}",
+            dir.display()
+        ),
+    );
 }
 
 #[cfg(test)]
